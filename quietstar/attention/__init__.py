@@ -1,0 +1,97 @@
+"""The "quietstar" attention function, registered with transformers' AttentionInterface.
+
+A model loaded with ``attn_implementation="quietstar"`` calls :func:`quietstar_attention` in every
+layer. Without a ``thought_layout`` keyword it is ordinary causal attention (with the 2-D padding
+mask that :func:`padding_mask` hands over instead of a dense 4-D mask); with one, it applies the
+thought visibility rule of :mod:`quietstar.attention.layout`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from . import eager
+from .layout import ThoughtLayout, branch_visibility, prefix_visibility
+
+ATTENTION_NAME = "quietstar"
+
+__all__ = [
+    "ATTENTION_NAME",
+    "ThoughtLayout",
+    "branch_visibility",
+    "padding_mask",
+    "prefix_visibility",
+    "quietstar_attention",
+]
+
+
+def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
+    """Mask function for AttentionMaskInterface: pass the 2-D padding mask through, build nothing dense."""
+    return attention_mask
+
+
+def _check_span(sliding_window, span: int) -> None:
+    if sliding_window is not None and sliding_window < span:
+        raise ValueError(
+            f"This model uses sliding-window attention (window {sliding_window}) but a row here spans {span} "
+            "positions; the quietstar attention does not implement sliding windows. Use rows no longer than the "
+            "window (max_length), or a model with full attention."
+        )
+
+
+def quietstar_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    thought_layout: ThoughtLayout | None = None,
+    **kwargs,
+):
+    """Attention with transformers' calling convention: q ``[B, H, n, d]``, k/v ``[B, Hkv, n, d]`` -> ``[B, n, H, d]``."""
+    if softcap is not None:
+        raise ValueError("The quietstar attention does not implement attention-logit soft-capping.")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    training = module.training and dropout > 0
+    layout = thought_layout
+    if layout is None:
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                "The quietstar attention takes a 2-D padding mask [batch, keys]; got a "
+                f"{attention_mask.dim()}-D mask. Pass attention_mask as transformers' usual [batch, length] tensor."
+            )
+        _check_span(sliding_window, key.shape[2])
+        return eager.causal_attention(query, key, value, attention_mask, scaling, dropout, training), None
+
+    if key.shape[2] != layout.expected_length():
+        raise ValueError(
+            f"The quietstar '{layout.phase}' layout expects {layout.expected_length()} tokens per row, the model "
+            f"call held {key.shape[2]}. Do not pass past_key_values together with a thought layout."
+        )
+    layer = module.layer_idx
+    if layout.phase == "prefix":
+        _check_span(sliding_window, layout.num_text)
+        layout.text_cache[layer] = (key, value)
+        return eager.causal_attention(query, key, value, layout.key_padding, scaling), None
+    if layout.phase == "sample":
+        if layout.step == 0:
+            B, hkv, _, d = key.shape
+            shape = (B, hkv, layout.num_thoughts, layout.num_text, layout.branch_length, d)
+            layout.branch_cache[layer] = (key.new_zeros(shape), value.new_zeros(shape))
+        k_text, v_text = layout.text_cache[layer]
+        k_buf, v_buf = layout.branch_cache[layer]
+        out = eager.sample_step_attention(query, key, value, k_buf, v_buf, k_text, v_text, layout, scaling)
+        return out, None
+    _check_span(sliding_window, layout.num_text + layout.branch_length)
+    return eager.expanded_attention(query, key, value, layout, scaling, dropout, training), None
+
+
+AttentionInterface.register(ATTENTION_NAME, quietstar_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, padding_mask)

@@ -1,0 +1,118 @@
+"""Exact PyTorch backend of the "quietstar" attention; the reference every other backend is tested against.
+
+Shapes: B batch, H query heads, Hkv key/value heads (H = Hkv * G, grouped-query attention),
+L text tokens, N thought samples, S branch tokens, d head dim. Queries arrive as ``[B, H, n, d]``
+and keys/values as ``[B, Hkv, n, d]`` (after RoPE), as transformers passes them. Scores are
+computed in fp32 and masked with the most negative finite value, so a query with nothing to see
+(a padding query) yields finite garbage that the losses mask out, never NaN.
+
+Work per head: O(L^2 N S + L N S^2); no tensor of size (N L S) x (N L S) is ever built.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .layout import ThoughtLayout, branch_visibility, prefix_visibility
+
+_NEG = torch.finfo(torch.float32).min
+
+
+def _grouped(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[B, H, n, d] -> [B, Hkv, G, n, d]; head h reads key/value head h // G (as transformers' repeat_kv)."""
+    b, h, n, d = x.shape
+    return x.view(b, num_kv_heads, h // num_kv_heads, n, d)
+
+
+def _ungrouped(x: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, G, n, d] -> [B, n, H, d], the layout attention functions return."""
+    b, hkv, g, n, d = x.shape
+    return x.reshape(b, hkv * g, n, d).transpose(1, 2).contiguous()
+
+
+def _softmax(scores: torch.Tensor, visible: torch.Tensor, dropout: float, training: bool) -> torch.Tensor:
+    probs = torch.softmax(scores.masked_fill(~visible, _NEG), dim=-1)
+    return F.dropout(probs, p=dropout, training=training) if dropout > 0 else probs
+
+
+def causal_attention(q, k, v, key_padding, scaling, dropout=0.0, training=False):
+    """Ordinary causal attention; queries are the last q.shape[2] of the k.shape[2] key positions.
+
+    key_padding: ``[B, n_kv]`` bool (True = real token) or None. Returns ``[B, n_q, H, d]``.
+    """
+    hkv, n_q, n_kv = k.shape[1], q.shape[2], k.shape[2]
+    qg = _grouped(q, hkv)
+    scores = torch.matmul(qg.float(), k.float().unsqueeze(2).transpose(-1, -2)) * scaling
+    visible = torch.ones(n_q, n_kv, dtype=torch.bool, device=q.device).tril(diagonal=n_kv - n_q)
+    visible = visible[None, None, None]
+    if key_padding is not None:
+        visible = visible & key_padding[:, None, None, None, :].bool()
+    probs = _softmax(scores, visible, dropout, training).to(v.dtype)
+    return _ungrouped(torch.matmul(probs, v.unsqueeze(2)))
+
+
+def expanded_attention(q, k, v, layout: ThoughtLayout, scaling, dropout=0.0, training=False):
+    """Attention over a thought-expanded row: L text tokens, then N*L*S branch tokens.
+
+    Text queries attend causally to text; branch queries of position j attend jointly (one
+    softmax) to text keys 0..j and to their own branch's keys 0..k.
+    """
+    B, hkv, _, d = k.shape
+    L, N, S = layout.num_text, layout.num_thoughts, layout.branch_length
+    qg = _grouped(q, hkv).float()
+    g = qg.shape[2]
+    k_text, v_text = k[:, :, :L].unsqueeze(2), v[:, :, :L].unsqueeze(2)  # [B, Hkv, 1, L, d]
+    k_branch = k[:, :, L:].reshape(B, hkv, 1, N, L, S, d)
+    v_branch = v[:, :, L:].reshape(B, hkv, 1, N, L, S, d)
+    prefix_visible = prefix_visibility(layout.key_padding.bool())  # [B, L(j), L(i)]
+
+    # Text queries.
+    text_scores = torch.matmul(qg[:, :, :, :L], k_text.float().transpose(-1, -2)) * scaling
+    text_probs = _softmax(text_scores, prefix_visible[:, None, None], dropout, training).to(v.dtype)
+    text_out = torch.matmul(text_probs, v_text)  # [B, Hkv, G, L, d]
+
+    # Branch queries: scores against the prefix and against their own branch, one softmax over both.
+    q_branch = qg[:, :, :, L:].reshape(B, hkv, g, N, L, S, d)
+    to_prefix = torch.matmul(q_branch.reshape(B, hkv, g, N * L * S, d), k_text.float().transpose(-1, -2))
+    to_prefix = to_prefix.view(B, hkv, g, N, L, S, L) * scaling
+    to_branch = torch.matmul(q_branch, k_branch.float().transpose(-1, -2)) * scaling  # [..., N, L, S, S]
+    visible = torch.cat(
+        [
+            prefix_visible[:, None, None, None, :, None, :].expand(B, 1, 1, 1, L, S, L),
+            branch_visibility(S, q.device).expand(B, 1, 1, 1, L, S, S),
+        ],
+        dim=-1,
+    )
+    probs = _softmax(torch.cat([to_prefix, to_branch], dim=-1), visible, dropout, training).to(v.dtype)
+    prefix_probs, branch_probs = probs.split([L, S], dim=-1)
+    branch_out = torch.matmul(prefix_probs.reshape(B, hkv, g, N * L * S, L), v_text)
+    branch_out = branch_out.view(B, hkv, g, N, L, S, d) + torch.matmul(branch_probs, v_branch)
+    out = torch.cat([text_out, branch_out.reshape(B, hkv, g, N * L * S, d)], dim=3)
+    return _ungrouped(out)
+
+
+def sample_step_attention(q, k_new, v_new, k_buffer, v_buffer, k_text, v_text, layout: ThoughtLayout, scaling):
+    """One sampling step: N*L queries b_{j,step+1}; no gradient.
+
+    ``k_new``/``v_new`` ``[B, Hkv, N*L, d]`` are first written into slot ``layout.step`` of the
+    branch buffers ``[B, Hkv, N, L, T, d]``; the queries then attend to the text prefix
+    ``[B, Hkv, L, d]`` (keys 0..j) and to their own branch slots 0..step.
+    """
+    B, hkv, N, L, _, d = k_buffer.shape
+    m = layout.step
+    k_buffer[:, :, :, :, m] = k_new.view(B, hkv, N, L, d)
+    v_buffer[:, :, :, :, m] = v_new.view(B, hkv, N, L, d)
+    qg = _grouped(q, hkv).float()
+    g = qg.shape[2]
+    to_prefix = torch.matmul(qg, k_text.float().unsqueeze(2).transpose(-1, -2)).view(B, hkv, g, N, L, L) * scaling
+    q_step = qg.view(B, hkv, g, N, L, 1, d)
+    k_seen, v_seen = k_buffer[:, :, :, :, : m + 1], v_buffer[:, :, :, :, : m + 1]
+    to_branch = torch.matmul(q_step, k_seen.float().unsqueeze(2).transpose(-1, -2)).squeeze(-2) * scaling
+    prefix_visible = prefix_visibility(layout.key_padding.bool())[:, None, None, None]  # [B, 1, 1, 1, L, L]
+    visible = torch.cat([prefix_visible.expand(B, 1, 1, 1, L, L), prefix_visible.new_ones(B, 1, 1, 1, L, m + 1)], -1)
+    probs = torch.softmax(torch.cat([to_prefix, to_branch], dim=-1).masked_fill(~visible, _NEG), dim=-1)
+    prefix_probs, branch_probs = probs.to(v_text.dtype).split([L, m + 1], dim=-1)
+    out = torch.matmul(prefix_probs.reshape(B, hkv, g, N * L, L), v_text.unsqueeze(2))
+    out = out.view(B, hkv, g, N, L, d) + torch.matmul(branch_probs.unsqueeze(-2), v_seen.unsqueeze(2)).squeeze(-2)
+    return _ungrouped(out.reshape(B, hkv, g, N * L, d))

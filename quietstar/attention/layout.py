@@ -1,0 +1,77 @@
+"""The thought layout: which tokens a model call holds and who may see whom (DESIGN §1, "Visibility").
+
+A row of L text tokens grows, at every position j and for each of N thought samples, a branch of
+S tokens b_{j,1..S} with position ids j + 1 .. j + S. The visibility rule, in one place:
+
+* text token x_j sees text tokens x_0..x_j (causal), never a branch;
+* branch token b_{j,k} (sample n) sees text tokens x_0..x_j and b_{j,1..k} of its own sample;
+* padding keys are seen by nobody.
+
+Branch tokens are laid out sample-major then position-major: flat index ((n * L) + j) * S + k - 1,
+so all S tokens of one branch sit together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+PHASES = ("prefix", "sample", "expanded")
+
+
+def prefix_visibility(key_padding: torch.Tensor) -> torch.Tensor:
+    """Which text keys each position may see: ``[B, L, L]`` bool, entry (j, i) = i <= j and x_i is not padding.
+
+    This serves both the causal text-to-text attention and branch-to-prefix attention, since
+    b_{j,k} sees exactly the text that x_j sees.
+    """
+    length = key_padding.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=key_padding.device).tril()
+    return causal[None] & key_padding[:, None, :]
+
+
+def branch_visibility(length: int, device: torch.device) -> torch.Tensor:
+    """Causal visibility inside one branch: ``[S, S]`` bool, entry (k, k') = k' <= k."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+
+@dataclass
+class ThoughtLayout:
+    """Travels to the "quietstar" attention function as the ``thought_layout`` keyword of a model call.
+
+    phase:
+      * ``"prefix"``: the call holds the L text tokens; attention is causal and every layer's
+        text K/V is stored in ``text_cache`` for the sampling steps (no gradient).
+      * ``"sample"``: the call holds the N*L branch tokens b_{.,step+1} (one per sample and
+        position, order (n, j)); their K/V go into slot ``step`` of the preallocated
+        ``branch_cache`` buffer ``[B, Hkv, N, L, T, d]`` and they attend to the cached prefix
+        plus their own branch so far (no gradient).
+      * ``"expanded"``: the call holds the L text tokens followed by the N*L*S branch tokens of
+        the thought-expanded row; the gradient pass.
+    """
+
+    phase: str
+    key_padding: torch.Tensor  # [B, L] bool, True for real tokens
+    num_thoughts: int  # N
+    branch_length: int  # S in the expanded phase; T (buffer slots) in the sampling phases
+    step: int = 0
+    text_cache: dict = field(default_factory=dict)  # layer_idx -> (k, v), each [B, Hkv, L, d]
+    branch_cache: dict = field(default_factory=dict)  # layer_idx -> (k, v), each [B, Hkv, N, L, T, d]
+
+    def __post_init__(self):
+        if self.phase not in PHASES:
+            raise ValueError(f"ThoughtLayout.phase must be one of {PHASES}, got {self.phase!r}.")
+
+    @property
+    def num_text(self) -> int:
+        return self.key_padding.shape[-1]
+
+    def expected_length(self) -> int:
+        """Number of tokens a model call in this phase must hold."""
+        L, N = self.num_text, self.num_thoughts
+        if self.phase == "prefix":
+            return L
+        if self.phase == "sample":
+            return N * L
+        return L + N * L * self.branch_length

@@ -1,0 +1,49 @@
+"""The mixing head: how much to trust the thought-conditioned prediction (DESIGN §1, "Mixing head")."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MixingHead(nn.Module):
+    """w = MLP([h_base ; h_thought]): Linear(2D, D) -> ReLU -> Linear(D, D) -> ReLU -> Linear(D, 1, bias=False).
+
+    The last layer starts at zero, so w = 0 and training starts exactly at the base model.
+    Input ``[..., D]`` twice; output ``[...]``.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(2 * hidden_size, hidden_size),
+            nn.ReLU(),
+            nn.Linear(hidden_size, hidden_size),
+            nn.ReLU(),
+            nn.Linear(hidden_size, 1, bias=False),
+        )
+        nn.init.zeros_(self.net[-1].weight)
+
+    def forward(self, base_hidden: torch.Tensor, thought_hidden: torch.Tensor) -> torch.Tensor:
+        head_dtype = self.net[0].weight.dtype
+        features = torch.cat([base_hidden, thought_hidden], dim=-1).to(head_dtype)
+        return self.net(features).squeeze(-1)
+
+
+def thought_weight(raw: torch.Tensor, mode: str) -> torch.Tensor:
+    """Weight on the thought path: the raw head output ('logits') or its sigmoid ('logprobs')."""
+    return raw if mode == "logits" else torch.sigmoid(raw)
+
+
+def mix(base_logits: torch.Tensor, thought_logits: torch.Tensor, weight: torch.Tensor, mode: str) -> torch.Tensor:
+    """Mixed logits ``[..., V]`` from base and thought logits ``[..., V]`` and the thought weight ``[...]``.
+
+    'logits':   z = (1 - w) z_base + w z_thought            (official code)
+    'logprobs': z = (1 - w) log p_base + w log p_thought    (the paper's text; w = sigmoid of the head)
+    """
+    w = weight.unsqueeze(-1).to(base_logits.dtype)
+    if mode == "logprobs":
+        base_logits = torch.log_softmax(base_logits.float(), dim=-1)
+        thought_logits = torch.log_softmax(thought_logits.float(), dim=-1)
+        w = w.float()
+    return (1 - w) * base_logits + w * thought_logits

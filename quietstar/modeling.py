@@ -1,0 +1,256 @@
+"""QuietStarForCausalLM: a transformers causal LM, two thought tokens, a mixing head; save and load."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AddedToken, AutoModelForCausalLM, AutoTokenizer
+
+from . import attention  # noqa: F401  (registers the "quietstar" attention with transformers)
+from .attention import ATTENTION_NAME
+from .compat import check_model_supported
+from .config import QuietStarConfig
+from .losses import IGNORE_INDEX, quietstar_loss
+from .mixing import MixingHead, mix, thought_weight
+from .thoughts import expanded_pass, sample_thoughts
+from .vocab import mask_thought_tokens
+
+CONFIG_FILE = "quietstar_config.json"
+WEIGHTS_FILE = "quietstar.safetensors"
+
+
+@dataclass
+class QuietStarOutput:
+    """What a forward pass returns (DESIGN §4). Logits of thought tokens are -inf in ``logits``."""
+
+    loss: torch.Tensor | None = None
+    metrics: dict = field(default_factory=dict)
+    base_logits: torch.Tensor | None = None  # [B, L, V]
+    thought_logits: torch.Tensor | None = None  # [B, N, L, A, V], at b_{j,T+2+s}, before mixing
+    mixing_weights: torch.Tensor | None = None  # [B, N, L, A], weight on the thought path
+    logits: torch.Tensor | None = None  # [B, N, L, A, V], mixed
+    thoughts: torch.Tensor | None = None  # [B, N, L, T]
+
+
+def _add_thought_tokens(tokenizer, config: QuietStarConfig) -> tuple[int, int]:
+    """Add the two thought tokens as special tokens (reusing them if present); return their ids."""
+    wanted = [config.start_thought_token, config.end_thought_token]
+    missing = [t for t in wanted if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    return tuple(tokenizer.convert_tokens_to_ids(t) for t in wanted)
+
+
+class QuietStarForCausalLM(nn.Module):
+    """Wraps a causal LM (``self.base``) so it thinks at every position (DESIGN §1-2).
+
+    Trainable parts: the LM itself, ``thought_embeddings`` (the input vectors of <|startofthought|>
+    and <|endofthought|>, a separate parameter so they can get their own learning rate) and
+    ``mixing_head``. ``config`` is the LM's config; ``quietstar_config`` the thought hyperparameters.
+    """
+
+    def __init__(self, base, tokenizer, quietstar_config: QuietStarConfig, thought_token_ids, pad_token_id: int):
+        super().__init__()
+        self.base = base
+        self.tokenizer = tokenizer
+        self.quietstar_config = quietstar_config
+        self.thought_token_ids = tuple(int(i) for i in thought_token_ids)
+        self.pad_token_id = int(pad_token_id)
+        hidden_size = base.get_input_embeddings().embedding_dim
+        weight = base.get_input_embeddings().weight
+        self.thought_embeddings = nn.Parameter(weight.new_zeros(2, hidden_size, dtype=torch.float32))
+        self.mixing_head = MixingHead(hidden_size).to(device=weight.device)
+
+    # ----------------------------------------------------------------------------------------- build
+    @classmethod
+    def from_base(cls, base, tokenizer, config: QuietStarConfig | None = None) -> "QuietStarForCausalLM":
+        """Add the thought tokens to ``tokenizer`` and ``base`` and switch ``base`` to the quietstar attention."""
+        config = config or QuietStarConfig()
+        if tokenizer.pad_token is None:
+            warnings.warn("The tokenizer has no pad token; using its eos token as pad.", stacklevel=2)
+            tokenizer.pad_token = tokenizer.eos_token
+        init_ids = tokenizer(config.thought_init_text, add_special_tokens=False).input_ids
+        if not init_ids:
+            raise ValueError(f"thought_init_text {config.thought_init_text!r} tokenizes to nothing.")
+        thought_ids = _add_thought_tokens(tokenizer, config)
+        if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+            base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        base.set_attn_implementation(ATTENTION_NAME)
+        check_model_supported(base)
+        model = cls(base, tokenizer, config, thought_ids, tokenizer.pad_token_id)
+        with torch.no_grad():
+            init = base.get_input_embeddings().weight[init_ids[0]].float()
+            model.thought_embeddings.copy_(init.expand(2, -1))
+            model.write_thought_embeddings()
+        return model
+
+    # ------------------------------------------------------------------------------------ components
+    @property
+    def config(self):
+        return self.base.config
+
+    @property
+    def body(self):
+        """The decoder stack: ids/embeddings -> final (post-norm) hidden states."""
+        return self.base.get_decoder()
+
+    @property
+    def lm_head(self):
+        return self.base.get_output_embeddings()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings ``[..., D]``, thought tokens mapped to ``thought_embeddings``."""
+        module = self.base.get_input_embeddings()
+        out = module(input_ids)
+        vectors = self.thought_embeddings.to(out.dtype) * getattr(module, "embed_scale", 1.0)
+        for slot, token_id in enumerate(self.thought_token_ids):
+            out = torch.where((input_ids == token_id).unsqueeze(-1), vectors[slot], out)
+        return out
+
+    @torch.no_grad()
+    def write_thought_embeddings(self) -> None:
+        """Copy ``thought_embeddings`` into the LM's embedding matrix, so the LM alone uses them too."""
+        weight = self.base.get_input_embeddings().weight
+        weight[list(self.thought_token_ids)] = self.thought_embeddings.to(weight.dtype)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        self.base.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False}
+        )
+
+    def gradient_checkpointing_disable(self):
+        self.base.gradient_checkpointing_disable()
+
+    # ---------------------------------------------------------------------------------------- thinking
+    def _key_padding(self, input_ids, attention_mask):
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}.")
+        if attention_mask is None:
+            return torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}.")
+        return attention_mask.bool()
+
+    def sample_thoughts(self, input_ids, attention_mask=None, generator=None, greedy=False):
+        """Thoughts at every position: ``[B, N, L, T]`` token ids (no gradient). ``greedy`` takes the argmax."""
+        key_padding = self._key_padding(input_ids, attention_mask)
+        return sample_thoughts(self, input_ids, key_padding, temperature=self.quietstar_config.thought_temperature,
+                               greedy=greedy, generator=generator)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, thoughts=None, output_logits=True,
+                generator=None) -> QuietStarOutput:
+        """Think at every position, mix, and (with ``labels``) compute the Quiet-STaR loss.
+
+        input_ids/attention_mask/labels ``[B, L]`` (labels: IGNORE_INDEX where not scored; the target
+        of position j is labels[j+1]). ``thoughts [B, N, L, T]`` replays given thoughts instead of
+        sampling. ``output_logits=False`` skips ``thought_logits`` and keeps only what the loss needs.
+        """
+        cfg = self.quietstar_config
+        T, A = cfg.num_thought_tokens, cfg.num_lookahead_tokens
+        key_padding = self._key_padding(input_ids, attention_mask)
+        shortest = int(key_padding.sum(dim=1).min())
+        if shortest < A + 2:
+            raise ValueError(f"A row has {shortest} real tokens; Quiet-STaR needs at least num_lookahead_tokens + 2 = "
+                             f"{A + 2}. Drop or merge short documents, or lower num_lookahead_tokens.")
+        if thoughts is None:
+            thoughts = self.sample_thoughts(input_ids, attention_mask, generator=generator)
+        expected = (input_ids.shape[0], cfg.num_thoughts, input_ids.shape[1], T)
+        if tuple(thoughts.shape) != expected:
+            raise ValueError(f"thoughts must have shape [B, N, L, T] = {expected}, got {tuple(thoughts.shape)}.")
+
+        text_hidden, branch_hidden = expanded_pass(self, input_ids, key_padding, thoughts)
+        base_logits = self.lm_head(text_hidden)
+        sample_logits = mask_thought_tokens(self.lm_head(branch_hidden[..., :T, :]), self.thought_token_ids)
+        thought_hidden = branch_hidden[..., T + 1 : T + 1 + A, :]  # [B, N, L, A, D]
+        L = input_ids.shape[1]
+        shifted = (torch.arange(L, device=input_ids.device)[:, None] + torch.arange(A, device=input_ids.device))
+        shifted = shifted.clamp(max=L - 1)  # h^base_{j+s}; out-of-row entries are never scored
+        base_hidden = text_hidden[:, shifted].unsqueeze(1).expand_as(thought_hidden)
+        weights = thought_weight(self.mixing_head(base_hidden, thought_hidden), cfg.mixing)
+        thought_logits = self.lm_head(thought_hidden) if (output_logits or cfg.mixing == "logprobs") else None
+        if cfg.mixing == "logits":
+            # lm_head is affine, so mixing hidden states equals mixing logits at a fraction of the cost.
+            w = weights.unsqueeze(-1).to(thought_hidden.dtype)
+            mixed = self.lm_head((1 - w) * base_hidden + w * thought_hidden)
+        else:
+            mixed = mix(base_logits[:, shifted].unsqueeze(1), thought_logits, weights, cfg.mixing)
+        mixed = mask_thought_tokens(mixed, self.thought_token_ids)
+
+        out = QuietStarOutput(base_logits=base_logits, thought_logits=thought_logits if output_logits else None,
+                              mixing_weights=weights, logits=mixed, thoughts=thoughts)
+        if labels is not None:
+            labels = labels.masked_fill(~key_padding, IGNORE_INDEX)
+            out.loss, out.metrics = quietstar_loss(
+                mask_thought_tokens(base_logits, self.thought_token_ids), mixed, sample_logits, thoughts, weights,
+                labels, key_padding,
+                base_loss_weight=cfg.base_loss_weight, policy_weight=cfg.policy_weight,
+                reinforce_temperature=cfg.reinforce_temperature,
+                clip_negative_advantage=cfg.clip_negative_advantage,
+            )
+        return out
+
+    # ------------------------------------------------------------------------------------- save/load
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write a folder that ``AutoModelForCausalLM`` loads as a plain LM, plus the Quiet-STaR parts.
+
+        Files are written to a temporary folder first and moved into place one by one, the
+        Quiet-STaR config last: a folder without it is an incomplete save and is refused on load.
+        """
+        path = os.fspath(path)
+        os.makedirs(path, exist_ok=True)
+        self.write_thought_embeddings()
+        staging = tempfile.mkdtemp(prefix=".saving-", dir=path)
+        try:
+            self.base.save_pretrained(staging)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(staging)
+            tensors = {"thought_embeddings": self.thought_embeddings.detach()}
+            tensors.update({f"mixing_head.{k}": v.detach() for k, v in self.mixing_head.state_dict().items()})
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, os.path.join(staging, WEIGHTS_FILE))
+            with open(os.path.join(staging, CONFIG_FILE), "w") as f:
+                json.dump({"quietstar": self.quietstar_config.to_dict(),
+                           "thought_token_ids": list(self.thought_token_ids),
+                           "pad_token_id": self.pad_token_id}, f, indent=2)
+            names = sorted(os.listdir(staging), key=lambda n: n == CONFIG_FILE)
+            for name in names:
+                target = os.path.join(path, name)
+                if os.path.isdir(target):
+                    shutil.rmtree(target)
+                os.replace(os.path.join(staging, name), target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype=torch.float32, **kwargs) -> "QuietStarForCausalLM":
+        """Load what :meth:`save_pretrained` wrote; ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained``."""
+        path = os.fspath(path)
+        config_path = os.path.join(path, CONFIG_FILE)
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{config_path} is missing: {path} is not a complete Quiet-STaR save.")
+        with open(config_path) as f:
+            saved = json.load(f)
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION_NAME, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        check_model_supported(base)
+        model = cls(base, tokenizer, QuietStarConfig.from_dict(saved["quietstar"]), saved["thought_token_ids"],
+                    saved["pad_token_id"])
+        weights_path = os.path.join(path, WEIGHTS_FILE)
+        try:
+            tensors = load_file(weights_path)
+        except Exception as error:  # a truncated or missing file: name it
+            raise OSError(f"Could not read {weights_path}: {error}") from error
+        device = base.get_input_embeddings().weight.device
+        with torch.no_grad():
+            model.thought_embeddings.copy_(tensors.pop("thought_embeddings"))
+        head = {k.removeprefix("mixing_head."): v for k, v in tensors.items()}
+        model.mixing_head.load_state_dict(head)
+        return model.to(device)

@@ -1,0 +1,48 @@
+"""Tiny random models and a byte-level tokenizer built locally: tests and the CPU demo need no downloads."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+def byte_tokenizer(with_pad: bool = True) -> PreTrainedTokenizerFast:
+    """One token per byte (256) plus <|endoftext|> (and <|pad|>): every text round-trips exactly."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: i for i, symbol in enumerate(alphabet)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN)
+    if with_pad:
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return tokenizer
+
+
+TINY_ARCHITECTURES = {
+    "llama": dict(model_type="llama"),
+    "mistral": dict(model_type="mistral", sliding_window=None),
+    "qwen2": dict(model_type="qwen2", use_sliding_window=False),
+}
+
+
+def tiny_model(model_type: str = "llama", vocab_size: int = 258, seed: int = 0, **overrides):
+    """A randomly initialised causal LM of the given family: hidden 64, 2 layers, 4 heads, 2 KV heads, fp32."""
+    values = dict(TINY_ARCHITECTURES[model_type])
+    values.update(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
+    values.update(overrides)
+    config = AutoConfig.for_model(**values)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
