@@ -31,14 +31,17 @@ def check_model_supported(base) -> None:
     device = base.get_input_embeddings().weight.device
     ids = torch.arange(3, 9, device=device)[None] % base.config.vocab_size
     layout = ThoughtLayout("prefix", torch.ones_like(ids, dtype=torch.bool), 1, 1)
-    with torch.no_grad():
-        hidden = base.get_decoder()(input_ids=ids, thought_layout=layout, use_cache=False).last_hidden_state
-        ours = base.get_output_embeddings()(hidden).float()
-        base.set_attn_implementation("eager")
-        try:
+    was_training = base.training
+    base.eval()  # dropout would make the two runs differ
+    try:
+        with torch.no_grad():
+            hidden = base.get_decoder()(input_ids=ids, thought_layout=layout, use_cache=False).last_hidden_state
+            ours = base.get_output_embeddings()(hidden).float()
+            base.set_attn_implementation("eager")
             reference = base(input_ids=ids, use_cache=False).logits.float()
-        finally:
-            base.set_attn_implementation(ATTENTION_NAME)
+    finally:
+        base.set_attn_implementation(ATTENTION_NAME)
+        base.train(was_training)
     if len(layout.text_cache) != num_layers:
         raise ValueError(f"Only {len(layout.text_cache)} of {name}'s {num_layers} layers attend through "
                          "transformers' AttentionInterface; Quiet-STaR needs all of them to.")

@@ -121,13 +121,18 @@ class QuietStarForCausalLM(nn.Module):
         weight = self.base.get_input_embeddings().weight
         weight[list(self.thought_token_ids)] = self.thought_embeddings.to(weight.dtype)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        self.base.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False}
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
+        """Recompute each decoder layer in the backward (transformers' mechanism; Trainer calls this)."""
+        self.base.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=activation_checkpointing_kwargs or {"use_reentrant": False}, **kwargs
         )
 
-    def gradient_checkpointing_disable(self):
-        self.base.gradient_checkpointing_disable()
+    def activation_checkpointing_disable(self):
+        self.base.activation_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.base.is_activation_checkpointing
 
     # ---------------------------------------------------------------------------------------- thinking
     def _key_padding(self, input_ids, attention_mask):

@@ -26,6 +26,12 @@ TINY_ARCHITECTURES = {
     "llama": dict(model_type="llama"),
     "mistral": dict(model_type="mistral", sliding_window=None),
     "qwen2": dict(model_type="qwen2", use_sliding_window=False),
+    "qwen3": dict(model_type="qwen3", head_dim=16),
+    "gemma": dict(model_type="gemma", head_dim=16),
+    "olmo2": dict(model_type="olmo2", pad_token_id=None),
+    "phi3": dict(model_type="phi3", pad_token_id=None),
+    "gpt_neox": dict(model_type="gpt_neox"),
+    "gpt2": dict(model_type="gpt2", bos_token_id=None, eos_token_id=None),
 }
 
 

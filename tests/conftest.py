@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random models of several families, built locally (no downloads)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from quietstar import QuietStarConfig, QuietStarForCausalLM
+from quietstar.tiny import byte_tokenizer, tiny_model
+
+ARCHITECTURES = ["llama", "mistral", "qwen2"]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+def make_model(arch: str = "llama", seed: int = 0, **config) -> QuietStarForCausalLM:
+    """A tiny Quiet-STaR model; defaults T=3, A=3, N=2."""
+    values = dict(num_thought_tokens=3, num_lookahead_tokens=3, num_thoughts=2)
+    values.update(config)
+    tokenizer = byte_tokenizer()
+    base = tiny_model(arch, vocab_size=len(tokenizer), seed=seed)
+    # eval(): families with dropout (gpt2) would otherwise differ from run to run.
+    return QuietStarForCausalLM.from_base(base, tokenizer, QuietStarConfig(**values)).eval()
+
+
+def randomize_mixing_head(model: QuietStarForCausalLM, scale: float = 0.5, seed: int = 1) -> None:
+    """Make the zero-initialised last mixing layer non-zero, so thoughts matter."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        last = model.mixing_head.net[-1].weight
+        last.copy_(torch.randn(last.shape, generator=generator) * scale)
+
+
+def padded_batch(lengths=(11, 8), seed: int = 0, left_padding_rows=(1,)):
+    """Random byte ids ``[B, Lmax]`` and a mask; rows in ``left_padding_rows`` are left-padded, others right-padded."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), 256, dtype=torch.long)  # 256 is the byte tokenizer's eos; any id works
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        tokens = torch.randint(0, 256, (n,), generator=generator)
+        span = slice(width - n, width) if row in left_padding_rows else slice(0, n)
+        ids[row, span], mask[row, span] = tokens, 1
+    return ids, mask
+
+
+@contextlib.contextmanager
+def transformers_eager(model: QuietStarForCausalLM):
+    """Run the base model with transformers' own eager attention: an oracle independent of ours."""
+    model.base.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.base.set_attn_implementation("quietstar")

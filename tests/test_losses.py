@@ -1,0 +1,159 @@
+"""Oracles 2 and 3 (DESIGN §5): the no-thought identity, and the loss and gradients against a slow reference.
+
+The reference runs the plain model (transformers' own eager attention) on every explicit branch
+sequence and computes L_NLL, rewards, advantages and L_RL with Python loops straight from DESIGN §1.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ARCHITECTURES, make_model, padded_batch, randomize_mixing_head, transformers_eager
+
+
+def masked(logits, model):
+    logits = logits.clone()
+    logits[..., list(model.thought_token_ids)] = float("-inf")
+    return logits
+
+
+def reference_loss(model, ids, mask, thoughts):
+    """L = L_NLL + lambda L_RL computed one position, sample and step at a time."""
+    cfg = model.quietstar_config
+    T, A, N = cfg.num_thought_tokens, cfg.num_lookahead_tokens, cfg.num_thoughts
+    sot, eot = model.thought_token_ids
+    base_terms, mixed_terms, policy_terms = [], [[] for _ in range(A)], []
+    with transformers_eager(model):
+        for b in range(ids.shape[0]):
+            columns = mask[b].nonzero().flatten()
+            real = ids[b, columns]
+            n_real = len(real)
+            h_base = model.body(inputs_embeds=model.embed(real[None])).last_hidden_state[0]
+            for j in range(n_real):
+                if j + 1 < n_real:
+                    base_terms.append(F.cross_entropy(masked(model.lm_head(h_base[j]), model), real[j + 1]))
+                rewards, logprob_rows = [], []
+                for n in range(N):
+                    c = thoughts[b, n, columns[j]]
+                    sequence = torch.cat([real[: j + 1], torch.tensor([sot]), c, torch.tensor([eot]), real[j + 1 : j + A]])
+                    h = model.body(inputs_embeds=model.embed(sequence[None])).last_hidden_state[0]
+                    start = j + 1
+                    sampling = masked(model.lm_head(h[start : start + T]), model)
+                    logprob_rows.append(torch.log_softmax(sampling / cfg.reinforce_temperature, -1)[torch.arange(T), c])
+                    reward = 0.0
+                    for s in range(A):
+                        if j + 1 + s >= n_real:
+                            reward = None
+                            break
+                        h_thought = h[start + T + 1 + s]
+                        w = model.mixing_head(h_base[j + s], h_thought)
+                        base_logits, thought_logits = model.lm_head(h_base[j + s]), model.lm_head(h_thought)
+                        if cfg.mixing == "logits":
+                            z = (1 - w) * base_logits + w * thought_logits
+                        else:
+                            w = torch.sigmoid(w)
+                            z = (1 - w) * torch.log_softmax(base_logits, -1) + w * torch.log_softmax(thought_logits, -1)
+                        nll = F.cross_entropy(masked(z, model), real[j + 1 + s])
+                        mixed_terms[s].append(nll)
+                        reward = reward - nll.detach()
+                    rewards.append(reward)
+                if rewards[0] is None:
+                    continue
+                mean_reward = sum(rewards) / N
+                for n in range(N):
+                    advantage = rewards[n] - mean_reward
+                    if cfg.clip_negative_advantage:
+                        advantage = max(advantage, 0.0)
+                    policy_terms.extend(-advantage * logprob_rows[n])
+    nll = cfg.base_loss_weight * torch.stack(base_terms).mean() + (1 - cfg.base_loss_weight) * sum(
+        torch.stack(terms).mean() for terms in mixed_terms
+    ) / A
+    return nll + cfg.policy_weight * torch.stack(policy_terms).mean(), torch.stack(policy_terms).mean()
+
+
+def gradients(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("mixing", ["logits", "logprobs"])
+def test_loss_and_gradients_match_slow_reference(arch, mixing):
+    model = make_model(arch, mixing=mixing, policy_weight=3.0, num_lookahead_tokens=2)
+    randomize_mixing_head(model)
+    ids, mask = padded_batch(lengths=(9, 7))
+    thoughts = model.sample_thoughts(ids, mask)
+    labels = ids.masked_fill(mask == 0, -100)
+
+    out = model(ids, attention_mask=mask, labels=labels, thoughts=thoughts)
+    out.loss.backward()
+    fast = gradients(model)
+    model.zero_grad()
+    loss, policy = reference_loss(model, ids, mask, thoughts)
+    loss.backward()
+    slow = gradients(model)
+
+    assert policy.item() != 0.0, "the test needs a non-zero policy loss to check it"
+    torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
+    # Advantages are differences of nearly equal rewards: cancellation costs about two digits here.
+    torch.testing.assert_close(torch.tensor(out.metrics["policy_loss"]), policy.detach(), rtol=2e-4, atol=1e-7)
+    assert fast.keys() == slow.keys()
+    for name in fast:
+        torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_unclipped_advantages_match_reference():
+    model = make_model("llama", clip_negative_advantage=False, policy_weight=2.0, num_lookahead_tokens=2)
+    randomize_mixing_head(model)
+    ids, mask = padded_batch(lengths=(8, 8), left_padding_rows=())
+    thoughts = model.sample_thoughts(ids, mask)
+    out = model(ids, attention_mask=mask, labels=ids, thoughts=thoughts)
+    loss, _ = reference_loss(model, ids, mask, thoughts)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_no_thought_identity(arch):
+    """Last mixing layer at zero: mixed logits are the base logits and L_RL is exactly 0."""
+    model = make_model(arch)
+    ids, mask = padded_batch()
+    out = model(ids, attention_mask=mask, labels=ids)
+    A = model.quietstar_config.num_lookahead_tokens
+    L = ids.shape[1]
+    for s in range(A):
+        base = masked(out.base_logits[:, s:], model)  # base logits at j + s predict x_{j+1+s}
+        torch.testing.assert_close(out.logits[:, :, : L - s, s], base[:, None].expand_as(out.logits[:, :, : L - s, s]),
+                                   rtol=1e-6, atol=1e-6)
+    assert out.metrics["policy_loss"] == 0.0
+    assert out.metrics["mixing_weight_mean"] == 0.0
+    assert out.metrics["positive_advantage_fraction"] == 0.0
+    assert abs(out.metrics["mixed_nll_0"] - out.metrics["base_nll"]) < 1e-5
+    # ... and it is the head, not an accident, that makes it so.
+    randomize_mixing_head(model)
+    moved = model(ids, attention_mask=mask, labels=ids, thoughts=out.thoughts)
+    assert moved.metrics["policy_loss"] != 0.0
+    assert not torch.allclose(moved.logits[:, :, :, 0], out.logits[:, :, :, 0])
+
+
+def test_logprobs_mode_starts_at_an_even_mix():
+    model = make_model("llama", mixing="logprobs")
+    ids, mask = padded_batch()
+    out = model(ids, attention_mask=mask)
+    assert torch.allclose(out.mixing_weights, torch.full_like(out.mixing_weights, 0.5))
+
+
+def test_losses_ignore_what_labels_ignore():
+    """A -100 label removes exactly its targets: the loss changes, and stays finite."""
+    model = make_model("llama")
+    randomize_mixing_head(model)
+    ids, mask = padded_batch(lengths=(10, 10), left_padding_rows=())
+    thoughts = model.sample_thoughts(ids, mask)
+    full = model(ids, attention_mask=mask, labels=ids, thoughts=thoughts)
+    labels = ids.clone()
+    labels[:, 5:] = -100
+    partial = model(ids, attention_mask=mask, labels=labels, thoughts=thoughts)
+    truncated = model(ids[:, :5], attention_mask=mask[:, :5], labels=ids[:, :5], thoughts=thoughts[:, :, :5])
+    assert partial.metrics["base_nll"] != full.metrics["base_nll"]
+    # Targets up to x_4 only: the base NLL equals that of the row cut after x_4.
+    assert abs(partial.metrics["base_nll"] - truncated.metrics["base_nll"]) < 1e-5
