@@ -3,8 +3,9 @@
 Shapes: B batch, H query heads, Hkv key/value heads (H = Hkv * G, grouped-query attention),
 L text tokens, N thought samples, S branch tokens, d head dim. Queries arrive as ``[B, H, n, d]``
 and keys/values as ``[B, Hkv, n, d]`` (after RoPE), as transformers passes them. Scores are
-computed in fp32 and masked with the most negative finite value, so a query with nothing to see
-(a padding query) yields finite garbage that the losses mask out, never NaN.
+computed in fp32 (bf16 under autocast) and masked with the most negative finite value of their
+dtype, so a query with nothing to see (a padding query) yields finite garbage that the losses mask
+out, never NaN.
 
 Work per head: O(L^2 N S + L N S^2); no tensor of size (N L S) x (N L S) is ever built.
 """
@@ -15,8 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from .layout import ThoughtLayout, branch_visibility, prefix_visibility
-
-_NEG = torch.finfo(torch.float32).min
 
 
 def _grouped(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -31,8 +30,12 @@ def _ungrouped(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, hkv * g, n, d).transpose(1, 2).contiguous()
 
 
+def _masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(scores.masked_fill(~visible, torch.finfo(scores.dtype).min), dim=-1, dtype=torch.float32)
+
+
 def _softmax(scores: torch.Tensor, visible: torch.Tensor, dropout: float, training: bool) -> torch.Tensor:
-    probs = torch.softmax(scores.masked_fill(~visible, _NEG), dim=-1)
+    probs = _masked_softmax(scores, visible)
     return F.dropout(probs, p=dropout, training=training) if dropout > 0 else probs
 
 
@@ -111,7 +114,7 @@ def sample_step_attention(q, k_new, v_new, k_buffer, v_buffer, k_text, v_text, l
     to_branch = torch.matmul(q_step, k_seen.float().unsqueeze(2).transpose(-1, -2)).squeeze(-2) * scaling
     prefix_visible = prefix_visibility(layout.key_padding.bool())[:, None, None, None]  # [B, 1, 1, 1, L, L]
     visible = torch.cat([prefix_visible.expand(B, 1, 1, 1, L, L), prefix_visible.new_ones(B, 1, 1, 1, L, m + 1)], -1)
-    probs = torch.softmax(torch.cat([to_prefix, to_branch], dim=-1).masked_fill(~visible, _NEG), dim=-1)
+    probs = _masked_softmax(torch.cat([to_prefix, to_branch], dim=-1), visible)
     prefix_probs, branch_probs = probs.to(v_text.dtype).split([L, m + 1], dim=-1)
     out = torch.matmul(prefix_probs.reshape(B, hkv, g, N * L, L), v_text.unsqueeze(2))
     out = out.view(B, hkv, g, N, L, d) + torch.matmul(branch_probs.unsqueeze(-2), v_seen.unsqueeze(2)).squeeze(-2)

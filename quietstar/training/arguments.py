@@ -1,0 +1,167 @@
+"""The command-line/YAML arguments of a Quiet-STaR run: model, data, and training (the fourth is QuietStarConfig)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+from transformers.integrations import is_tensorboard_available
+
+BUILTIN_BYTE_TOKENIZER = "builtin-bytes"
+SYNTHETIC_ARITHMETIC = "synthetic-arithmetic"
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelArguments:
+    """Which language model to wrap: a pretrained one, or a randomly initialised one described by a config."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub id or local folder of a pretrained causal LM. Give this or model_config, not both."},
+    )
+    model_config: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "A randomly initialised model instead of a pretrained one: a mapping (in YAML) or a JSON string "
+            "of transformers config fields, e.g. {model_type: llama, hidden_size: 64, num_hidden_layers: 2}. "
+            "vocab_size defaults to the tokenizer's size."
+        },
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id or local folder of the tokenizer (default: model_name_or_path). "
+            f"'{BUILTIN_BYTE_TOKENIZER}' is the built-in byte-level tokenizer (quietstar.tiny.byte_tokenizer), "
+            "which needs no download."
+        },
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": f"Dtype the weights are stored in, one of {MODEL_DTYPES}. Keep float32 (fp32 master weights) and "
+            "set bf16: true to compute in bfloat16: with bfloat16 weights, updates of ~1e-6 round away."
+        },
+    )
+
+    def __post_init__(self):
+        if (self.model_name_or_path is None) == (self.model_config is None):
+            raise ValueError(
+                "Set exactly one of model_name_or_path (a pretrained model) and model_config (a random model); "
+                f"got model_name_or_path={self.model_name_or_path!r}, model_config={self.model_config!r}."
+            )
+        if isinstance(self.model_config, str):
+            try:
+                self.model_config = json.loads(self.model_config)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"model_config is not valid JSON ({error}): {self.model_config!r}.") from error
+        if self.model_config is not None:
+            if not isinstance(self.model_config, dict) or "model_type" not in self.model_config:
+                raise ValueError(
+                    "model_config must be a mapping with a 'model_type' key, e.g. {model_type: llama, "
+                    f"hidden_size: 64}}; got {self.model_config!r}."
+                )
+            if self.tokenizer_name_or_path is None:
+                raise ValueError(
+                    f"A random model (model_config) needs tokenizer_name_or_path: a hub id, a local folder, or "
+                    f"'{BUILTIN_BYTE_TOKENIZER}'."
+                )
+        if self.dtype not in MODEL_DTYPES:
+            raise ValueError(f"dtype must be one of {MODEL_DTYPES}, got {self.dtype!r}.")
+
+
+@dataclass
+class DataArguments:
+    """Where the training text comes from and how it is cut into windows.
+
+    Each document yields one random window of ``max_length`` tokens per epoch (the whole document when it is
+    shorter). The windows (and the synthetic documents) are drawn with TrainingArguments' ``data_seed``, or
+    ``seed`` when it is unset.
+    """
+
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": f"'{SYNTHETIC_ARITHMETIC}' (built-in generated arithmetic text, no download); a local .txt (one "
+            "document per file), .jsonl / .jsonl.gz (one document per line, in text_field) or .parquet file, a "
+            "folder of such files, or a glob pattern; otherwise a hub dataset id for datasets.load_dataset."
+        },
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Configuration (subset) name of a hub dataset."}
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
+    text_field: str = field(
+        default="text", metadata={"help": "Field holding the document text in .jsonl, .parquet and hub datasets."}
+    )
+    num_documents: int | None = field(
+        default=None,
+        metadata={
+            "help": "Use only the first this many documents (a hub dataset is then streamed, not downloaded whole). "
+            f"For '{SYNTHETIC_ARITHMETIC}' the number generated (default 2000)."
+        },
+    )
+    num_eval_documents: int = field(
+        default=0,
+        metadata={
+            "help": "Hold out the last this many documents as an evaluation set (fixed windows). 0: no evaluation set."
+        },
+    )
+    max_length: int = field(
+        default=256, metadata={"help": "Window size in tokens (the paper: random 256-token windows)."}
+    )
+
+    def __post_init__(self):
+        if not self.dataset:
+            raise ValueError(
+                f"Set dataset: a local file, folder or glob, a hub dataset id, or '{SYNTHETIC_ARITHMETIC}'."
+            )
+        if self.num_documents is not None and self.num_documents < 1:
+            raise ValueError(f"num_documents must be >= 1 (or unset for all), got {self.num_documents}.")
+        if self.num_eval_documents < 0:
+            raise ValueError(f"num_eval_documents must be >= 0, got {self.num_eval_documents}.")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}.")
+
+
+@dataclass
+class QuietStarTrainingArguments(TrainingArguments):
+    """transformers.TrainingArguments plus the learning-rate scales of the Quiet-STaR parameter groups.
+
+    Defaults differ from TrainingArguments in two places: ``report_to`` is "tensorboard" when tensorboard is
+    installed and "none" otherwise, and ``label_names`` is ["labels"].
+    """
+
+    thought_embedding_lr_scale: float = field(
+        default=100.0,
+        metadata={
+            "help": "The two thought-token input embeddings train at learning_rate times this, in their own optimizer "
+            "parameter group without weight decay (the paper: 100)."
+        },
+    )
+    mixing_head_lr_scale: float = field(
+        default=1.0, metadata={"help": "The mixing head trains at learning_rate times this."}
+    )
+    report_to: None | str | list[str] = field(
+        default=None,
+        metadata={
+            "help": "Integrations to log to: default 'tensorboard' when it is installed, else 'none'. "
+            "Name others (e.g. wandb) to use them."
+        },
+    )
+
+    def __post_init__(self):
+        for name in ("thought_embedding_lr_scale", "mixing_head_lr_scale"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"{name} must be a finite number > 0, got {value!r}. To freeze a part, set requires_grad=False "
+                    "on its parameters instead."
+                )
+        if self.report_to is None:
+            self.report_to = "tensorboard" if is_tensorboard_available() else "none"
+        if self.label_names is None:
+            self.label_names = ["labels"]
+        super().__post_init__()

@@ -1,0 +1,54 @@
+"""Build the tokenizer, the base language model and the Quiet-STaR model that ModelArguments describe."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from ..config import QuietStarConfig
+from ..modeling import QuietStarForCausalLM
+from ..tiny import byte_tokenizer
+from .arguments import BUILTIN_BYTE_TOKENIZER, ModelArguments
+from .config_file import did_you_mean
+
+
+def load_tokenizer(args: ModelArguments):
+    """The tokenizer named by ``tokenizer_name_or_path`` (default: the model's), or the built-in byte tokenizer."""
+    name = args.tokenizer_name_or_path or args.model_name_or_path
+    if name == BUILTIN_BYTE_TOKENIZER:
+        return byte_tokenizer()
+    return AutoTokenizer.from_pretrained(name)
+
+
+def random_model_config(values: dict, vocab_size: int):
+    """A transformers config from ``values`` (vocab_size defaults to ``vocab_size``); misspelt fields are refused."""
+    values = {"vocab_size": vocab_size, **values}
+    if values["vocab_size"] < vocab_size:
+        raise ValueError(f"model_config.vocab_size ({values['vocab_size']}) is smaller than the tokenizer's "
+                         f"{vocab_size} tokens; remove it to use the tokenizer's size.")
+    config = AutoConfig.for_model(**values)
+    if dataclasses.is_dataclass(config):
+        fields = {f.name for f in dataclasses.fields(config)} | {"model_type"}
+        # Legacy names (e.g. rope_theta) are folded into fields; a typo stays behind as a stray attribute.
+        stray = [key for key in values if key not in fields and key in vars(config)]
+        if stray:
+            hints = [f"{key!r}{did_you_mean(key, fields)}" for key in stray]
+            raise ValueError(f"model_config has keys that are not fields of {type(config).__name__}: "
+                             f"{', '.join(hints)}.")
+    return config
+
+
+def load_base_model(args: ModelArguments, tokenizer):
+    """The causal LM: pretrained from ``model_name_or_path``, or randomly initialised from ``model_config``."""
+    dtype = getattr(torch, args.dtype)
+    if args.model_config is not None:
+        return AutoModelForCausalLM.from_config(random_model_config(args.model_config, len(tokenizer)), dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype)
+
+
+def build_model(args: ModelArguments, quietstar_config: QuietStarConfig) -> QuietStarForCausalLM:
+    """Tokenizer + base LM wrapped as a QuietStarForCausalLM (the two thought tokens are added)."""
+    tokenizer = load_tokenizer(args)
+    return QuietStarForCausalLM.from_base(load_base_model(args, tokenizer), tokenizer, quietstar_config)

@@ -1,0 +1,187 @@
+"""QuietStarTrainer: transformers.Trainer adapted to QuietStarForCausalLM.
+
+What it changes:
+- the loss is the model's Quiet-STaR objective; its metrics are logged (in training, means since the last log;
+  in evaluation, means over the evaluation set, ``eval_``-prefixed);
+- a non-finite loss raises before its step's update and before anything of that step is saved;
+- the optimizer has separate parameter groups for the LM body, the thought embeddings and the mixing head;
+- checkpoints are written and read with ``QuietStarForCausalLM.save_pretrained`` / ``from_pretrained``.
+Supported: one device, or several with DDP (``accelerate launch``). FSDP and DeepSpeed are refused: checkpoints
+are written from the full parameters held by the module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
+
+from ..modeling import QuietStarForCausalLM
+from .arguments import QuietStarTrainingArguments
+from .data import RandomWindowDataset, WindowCollator, WindowEpochCallback
+
+logger = logging.getLogger(__name__)
+
+
+class QuietStarTrainer(Trainer):
+    """Train a :class:`QuietStarForCausalLM` with :class:`QuietStarTrainingArguments`.
+
+    ``data_collator`` defaults to a :class:`WindowCollator` with the model's pad token, ``processing_class`` to
+    the model's tokenizer; a :class:`RandomWindowDataset` as ``train_dataset`` gets its epoch set every epoch.
+    Other arguments are Trainer's.
+    """
+
+    def __init__(self, model: QuietStarForCausalLM, args: QuietStarTrainingArguments, train_dataset=None,
+                 eval_dataset=None, data_collator=None, processing_class=None, callbacks=None, **kwargs):
+        if not isinstance(model, QuietStarForCausalLM):
+            raise TypeError(f"QuietStarTrainer trains a QuietStarForCausalLM, got {type(model).__name__}; wrap the "
+                            "LM with QuietStarForCausalLM.from_base(base, tokenizer, config).")
+        if not isinstance(args, QuietStarTrainingArguments):
+            raise TypeError(f"QuietStarTrainer needs QuietStarTrainingArguments (it holds the learning-rate scales "
+                            f"of the thought embeddings and the mixing head), got {type(args).__name__}.")
+        callbacks = list(callbacks or [])
+        if isinstance(train_dataset, RandomWindowDataset):
+            callbacks.append(WindowEpochCallback(train_dataset))
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=WindowCollator(model.pad_token_id) if data_collator is None else data_collator,
+            processing_class=model.tokenizer if processing_class is None else processing_class,
+            callbacks=callbacks,
+            **kwargs,
+        )
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError("QuietStarTrainer supports single-device and DDP training only: with FSDP or DeepSpeed "
+                             "the module's parameters are sharded and checkpoints would be written wrongly.")
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    # ------------------------------------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The Quiet-STaR loss of one batch; its metrics are stored until the next log.
+
+        Raises RuntimeError on a non-finite loss: before backward, so the exception ends training before this
+        step's update and before any checkpoint of it.
+        """
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                        labels=inputs["labels"], output_logits=False)
+        if not torch.isfinite(outputs.loss):
+            if model.training:
+                where = f"at global step {self.state.global_step + 1}; its update was not applied"
+            else:
+                where = f"in evaluation after global step {self.state.global_step}"
+            raise RuntimeError(
+                f"Non-finite Quiet-STaR loss ({outputs.loss.item()}) {where}. No checkpoint was written for this "
+                f"step (output_dir: {self.args.output_dir}). Metrics: {outputs.metrics}. Try a lower learning_rate "
+                "or policy_weight, or bf16 instead of fp16."
+            )
+        mode = "train" if model.training else "eval"
+        for name, value in outputs.metrics.items():
+            self._metrics[mode][name].append(value)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation computes the loss (and stores metrics) only: (loss, None, None)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the means of the training metrics stored since the last log to a training log (one with "loss")."""
+        stored = self._metrics["train"]
+        if stored and "loss" in logs:
+            logs.update({k: v for k, v in self._mean_over_processes(stored).items() if k not in logs})
+            stored.clear()
+        super().log(logs, start_time)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """Trainer's loop, plus the means of the Quiet-STaR metrics as ``{metric_key_prefix}_{name}``."""
+        stored = self._metrics["eval"]
+        stored.clear()
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        if stored:
+            means = self._mean_over_processes(stored)
+            stored.clear()
+            output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in means.items()
+                                   if f"{metric_key_prefix}_{k}" not in output.metrics})
+        return output
+
+    def _mean_over_processes(self, stored: dict[str, list[float]]) -> dict[str, float]:
+        names = sorted(stored)
+        local = torch.tensor([sum(stored[n]) / len(stored[n]) for n in names], dtype=torch.float64,
+                             device=self.args.device)
+        return dict(zip(names, self.accelerator.reduce(local, reduction="mean").tolist()))
+
+    # ------------------------------------------------------------------------------------------ optimizer
+    def optimizer_parameter_groups(self, model=None) -> list[dict]:
+        """Trainable parameters in named groups: LM body (weight decay except biases and norms), thought
+        embeddings (lr x thought_embedding_lr_scale, no decay), mixing head (lr x mixing_head_lr_scale).
+
+        Each group has a "name"; empty groups are left out, frozen parameters too.
+        """
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        args = self.args
+        decay = set(self.get_decay_parameter_names(model))
+        groups = {
+            "body": dict(lr=args.learning_rate, weight_decay=args.weight_decay),
+            "body_no_decay": dict(lr=args.learning_rate, weight_decay=0.0),
+            "thought_embeddings": dict(lr=args.learning_rate * args.thought_embedding_lr_scale, weight_decay=0.0),
+            "mixing_head": dict(lr=args.learning_rate * args.mixing_head_lr_scale, weight_decay=args.weight_decay),
+            "mixing_head_no_decay": dict(lr=args.learning_rate * args.mixing_head_lr_scale, weight_decay=0.0),
+        }
+        members = defaultdict(list)
+        for name, parameter in model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            if name == "thought_embeddings":
+                group = "thought_embeddings"
+            else:
+                group = "mixing_head" if name.startswith("mixing_head.") else "body"
+                group += "" if name in decay else "_no_decay"
+            members[group].append(parameter)
+        return [dict(name=group, params=members[group], **settings) for group, settings in groups.items()
+                if members[group]]
+
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer (``optim``, betas, eps, ...) over :meth:`optimizer_parameter_groups`."""
+        if self.optimizer is None:
+            opt_model = model if model is not None else self.model
+            groups = self.optimizer_parameter_groups(opt_model)
+            if not groups:
+                raise ValueError("The model has no trainable parameters (all have requires_grad=False).")
+            optimizer_cls, optimizer_kwargs = (self.optimizer_cls_and_kwargs
+                                               or self.get_optimizer_cls_and_kwargs(self.args, opt_model))
+            if {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
+                raise ValueError(f"optim={self.args.optim!r} builds its own parameter groups, which would drop the "
+                                 "thought-embedding and mixing-head learning rates; use an optimizer such as "
+                                 "adamw_torch.")
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Write the model with ``QuietStarForCausalLM.save_pretrained`` and the training arguments beside it."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        logger.info(f"Saving Quiet-STaR model to {output_dir}")
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Load the weights of a checkpoint this trainer wrote (used by ``train(resume_from_checkpoint=...)``)."""
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        saved = QuietStarForCausalLM.from_pretrained(resume_from_checkpoint, dtype=model.base.dtype)
+        model.load_state_dict(saved.state_dict())
+
+    def _load_best_model(self) -> None:
+        logger.info(f"Loading best model from {self.state.best_model_checkpoint} (score: {self.state.best_metric}).")
+        self._load_from_checkpoint(self.state.best_model_checkpoint)

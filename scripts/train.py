@@ -1,0 +1,44 @@
+"""Train a causal LM with Quiet-STaR.
+
+    python scripts/train.py --config configs/tiny-cpu.yaml [--field value ...]
+    accelerate launch scripts/train.py --config configs/mistral-7b-openwebmath.yaml
+
+The YAML file gives defaults and flags override them; ``--help`` lists every field (model, data, Quiet-STaR
+and training arguments). Checkpoints go to ``output_dir/checkpoint-N`` and the final model to ``output_dir``;
+load either with ``QuietStarForCausalLM.from_pretrained``. ``--resume_from_checkpoint DIR`` resumes a run.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from transformers import set_seed
+
+from quietstar.training import ConfigError, QuietStarTrainer, build_datasets, build_model, parse_config
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        model_args, data_args, quietstar_config, training_args = parse_config(argv)
+    except ConfigError as error:
+        sys.exit(f"train.py: error: {error}")
+    set_seed(training_args.seed)  # before the model: a random model_config is initialised from it
+    model = build_model(model_args, quietstar_config)
+    window_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    with training_args.main_process_first(desc="loading and tokenizing the data"):
+        train_dataset, eval_dataset = build_datasets(
+            data_args, model.tokenizer, min_tokens=quietstar_config.num_lookahead_tokens + 2, seed=window_seed
+        )
+    trainer = QuietStarTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset)
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        print(f"Saved the trained model to {training_args.output_dir} "
+              "(load it with quietstar.QuietStarForCausalLM.from_pretrained).")
+
+
+if __name__ == "__main__":
+    main()
