@@ -18,6 +18,7 @@ from . import attention  # noqa: F401  (registers the "quietstar" attention with
 from .attention import ATTENTION_NAME
 from .compat import check_model_supported
 from .config import QuietStarConfig
+from .generation import GenerationOutput, generate
 from .losses import IGNORE_INDEX, quietstar_loss
 from .mixing import MixingHead, mix, thought_weight
 from .thoughts import expanded_pass, sample_thoughts
@@ -202,6 +203,13 @@ class QuietStarForCausalLM(nn.Module):
                 clip_negative_advantage=cfg.clip_negative_advantage,
             )
         return out
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=32, do_sample=False, temperature=1.0,
+                 greedy_thoughts=False, thoughts=None, generator=None, eos_token_id=None) -> GenerationOutput:
+        """Generate text, thinking before every token; see :func:`quietstar.generation.generate`."""
+        return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                        temperature=temperature, greedy_thoughts=greedy_thoughts, thoughts=thoughts,
+                        generator=generator, eos_token_id=eos_token_id)
 
     # ------------------------------------------------------------------------------------- save/load
     def save_pretrained(self, path: str | os.PathLike) -> None:

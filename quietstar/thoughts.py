@@ -25,8 +25,11 @@ def draw(logits: torch.Tensor, temperature: float, greedy: bool, generator: torc
     """One token per row of ``logits [..., V]`` (already thought-token-masked): argmax or a sample at ``temperature``."""
     if greedy:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float().reshape(-1, logits.shape[-1]) / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
+    # Inverse-CDF sampling: one uniform per row (torch.multinomial draws one random number per vocabulary
+    # entry). A token of probability 0 is never picked: the first CDF entry above u lies on a positive step.
+    cdf = torch.softmax(logits.float() / temperature, dim=-1).cumsum_(dim=-1)
+    u = torch.rand(logits.shape[:-1], generator=generator, device=logits.device).unsqueeze(-1) * cdf[..., -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
 
 
 @torch.no_grad()

@@ -1,0 +1,144 @@
+"""Thought-aware generation: every new token is predicted from the mixed logits after a thought.
+
+At each step, with context x_0..x_t: think <sot> c_1..c_T <eot> at position t, take the thought hidden
+state h^thought_{t,0} at <eot> and the base hidden state h^base_t, mix (DESIGN §1, s = 0) and pick
+x_{t+1}. The context's K/V cache is kept across steps; the thought is decoded on top of it into
+scratch slots that are cropped away afterwards, so a step costs T + 2 single-token forwards.
+:func:`generate_reference` is the slow definition (recompute everything from scratch each step)
+that the fast path is tested and benchmarked against.
+
+Shapes: B batch, P prompt length, M new tokens, T thought tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from .mixing import mix, thought_weight
+from .thoughts import draw, text_positions
+from .vocab import mask_thought_tokens
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor  # [B, P + M]: the prompt, then the new tokens
+    thoughts: torch.Tensor  # [B, M, T]: the thought behind each new token
+    logits: torch.Tensor  # [B, M, V]: the mixed logits each new token was picked from
+    mixing_weights: torch.Tensor  # [B, M]: weight on the thought path
+
+
+def _mixed_logits(model, base_hidden, thought_hidden):
+    """Mixed next-token logits ``[B, V]`` and the thought weight ``[B]`` from two hidden states ``[B, D]``."""
+    mode = model.quietstar_config.mixing
+    weight = thought_weight(model.mixing_head(base_hidden, thought_hidden), mode)
+    logits = mix(model.lm_head(base_hidden), model.lm_head(thought_hidden), weight, mode)
+    return mask_thought_tokens(logits, model.thought_token_ids), weight
+
+
+def _pick(logits, do_sample, temperature, generator):
+    return draw(logits, temperature, greedy=not do_sample, generator=generator)
+
+
+class _CachedLM:
+    """The base LM over a growing K/V cache, fed embeddings (thought tokens mapped to their trained vectors)."""
+
+    def __init__(self, model, batch_size: int, device):
+        self.model = model
+        self.cache = DynamicCache(config=model.config)
+        self.attention_mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+
+    def feed(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Append ``tokens [B, k]`` (padding where ``mask`` is 0) at ``positions [B, k]``; return their final
+        hidden states ``[B, k, D]``."""
+        mask = torch.ones_like(tokens) if mask is None else mask.long()
+        self.attention_mask = torch.cat([self.attention_mask, mask], dim=1)
+        return self.model.body(
+            inputs_embeds=self.model.embed(tokens), attention_mask=self.attention_mask, position_ids=positions,
+            past_key_values=self.cache, use_cache=True,
+        ).last_hidden_state
+
+    def crop(self, num_tokens: int) -> None:
+        """Forget the last ``num_tokens`` tokens (a thought's scratch slots)."""
+        self.cache.crop(-num_tokens)
+        self.attention_mask = self.attention_mask[:, :-num_tokens]
+
+
+@torch.no_grad()
+def generate(model, input_ids, attention_mask=None, max_new_tokens=32, do_sample=False, temperature=1.0,
+             greedy_thoughts=False, thoughts=None, generator=None, eos_token_id=None) -> GenerationOutput:
+    """Generate ``max_new_tokens`` tokens, thinking before each (fast path: cached prefix, scratch thoughts).
+
+    ``do_sample``/``temperature`` choose the text tokens (greedy by default); thoughts are sampled at
+    the config's ``thought_temperature`` (or greedily). ``thoughts [B, M, T]`` replays given thoughts.
+    Rows that produced ``eos_token_id`` keep producing it. Prompts may be left-padded.
+    """
+    cfg = model.quietstar_config
+    B, T = input_ids.shape[0], cfg.num_thought_tokens
+    sot, eot = model.thought_token_ids
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    lm = _CachedLM(model, B, input_ids.device)
+    prompt_positions = text_positions(attention_mask.bool())
+    base_hidden = lm.feed(input_ids, prompt_positions, attention_mask)[:, -1]
+    last_position = prompt_positions[:, -1]  # [B]
+    new_tokens, all_thoughts, all_logits, all_weights = [], [], [], []
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    for step in range(max_new_tokens):
+        start = last_position + 1  # <sot> sits right after the last context token
+        if thoughts is None:
+            thought = torch.empty(B, T, dtype=torch.long, device=input_ids.device)
+            token = torch.full((B, 1), sot, dtype=torch.long, device=input_ids.device)
+            for m in range(T):
+                hidden = lm.feed(token, (start + m)[:, None])[:, -1]
+                logits = mask_thought_tokens(model.lm_head(hidden), model.thought_token_ids)
+                thought[:, m] = draw(logits, cfg.thought_temperature, greedy_thoughts, generator)
+                token = thought[:, m : m + 1]
+            tail = torch.cat([token, torch.full_like(token, eot)], dim=1)  # c_T and <eot> need no sampling
+            tail_positions = (start + T)[:, None] + torch.arange(2, device=input_ids.device)
+        else:
+            thought = thoughts[:, step]
+            tail = torch.cat([torch.full((B, 1), sot, device=input_ids.device), thought,
+                              torch.full((B, 1), eot, device=input_ids.device)], dim=1)
+            tail_positions = start[:, None] + torch.arange(T + 2, device=input_ids.device)
+        thought_hidden = lm.feed(tail, tail_positions)[:, -1]
+        lm.crop(T + 2)
+        logits, weight = _mixed_logits(model, base_hidden, thought_hidden)
+        token = _pick(logits, do_sample, temperature, generator)
+        if eos_token_id is not None:
+            token = torch.where(finished, torch.full_like(token, eos_token_id), token)
+            finished |= token == eos_token_id
+        last_position = last_position + 1
+        base_hidden = lm.feed(token[:, None], last_position[:, None])[:, -1]
+        new_tokens.append(token)
+        all_thoughts.append(thought)
+        all_logits.append(logits)
+        all_weights.append(weight)
+    return GenerationOutput(
+        sequences=torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1),
+        thoughts=torch.stack(all_thoughts, dim=1),
+        logits=torch.stack(all_logits, dim=1),
+        mixing_weights=torch.stack(all_weights, dim=1),
+    )
+
+
+@torch.no_grad()
+def generate_reference(model, input_ids, thoughts, do_sample=False, temperature=1.0, generator=None):
+    """The slow definition, for one unpadded row ``[1, P]`` and given thoughts ``[1, M, T]``.
+
+    Each step runs the plain model from scratch on the context and on context + <sot> c <eot>.
+    """
+    sot, eot = model.thought_token_ids
+    sequence = input_ids[0]
+    tokens, logits_per_step = [], []
+    for thought in thoughts[0]:
+        base_hidden = model.body(inputs_embeds=model.embed(sequence[None])).last_hidden_state[:, -1]
+        branch = torch.cat([sequence, sequence.new_tensor([sot]), thought, sequence.new_tensor([eot])])
+        thought_hidden = model.body(inputs_embeds=model.embed(branch[None])).last_hidden_state[:, -1]
+        logits, _ = _mixed_logits(model, base_hidden, thought_hidden)
+        token = _pick(logits, do_sample, temperature, generator)
+        sequence = torch.cat([sequence, token])
+        tokens.append(token)
+        logits_per_step.append(logits)
+    return sequence[None], torch.stack(logits_per_step, dim=1)

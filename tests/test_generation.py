@@ -1,0 +1,59 @@
+"""Thought-aware generation: the cached fast path equals the recompute-everything definition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_model, padded_batch, randomize_mixing_head
+from quietstar.generation import generate_reference
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("mixing", ["logits", "logprobs"])
+def test_cached_generation_equals_the_slow_definition(arch, mixing):
+    model = make_model(arch, mixing=mixing, num_thought_tokens=4)
+    randomize_mixing_head(model, scale=2.0)
+    ids, mask = padded_batch(lengths=(7, 5), left_padding_rows=(1,))
+    out = model.generate(ids, mask, max_new_tokens=6, generator=torch.Generator().manual_seed(0))
+    assert out.sequences.shape == (2, 7 + 6) and out.thoughts.shape == (2, 6, 4)
+    assert not torch.isin(out.thoughts, torch.tensor(model.thought_token_ids)).any()
+    for b in range(2):
+        prompt = ids[b][mask[b].bool()][None]
+        sequence, logits = generate_reference(model, prompt, out.thoughts[b : b + 1])
+        assert torch.equal(sequence[0, prompt.shape[1]:], out.sequences[b, 7:])
+        torch.testing.assert_close(out.logits[b], logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_replayed_thoughts_reproduce_the_generation_and_thoughts_matter():
+    model = make_model("llama", num_thought_tokens=3)
+    randomize_mixing_head(model, scale=3.0)
+    ids, mask = padded_batch(lengths=(6, 6), left_padding_rows=())
+    first = model.generate(ids, mask, max_new_tokens=5, generator=torch.Generator().manual_seed(1))
+    replay = model.generate(ids, mask, max_new_tokens=5, thoughts=first.thoughts)
+    assert torch.equal(first.sequences, replay.sequences)
+    torch.testing.assert_close(first.logits, replay.logits)
+    other = model.generate(ids, mask, max_new_tokens=5, thoughts=(first.thoughts + 1) % 256)
+    assert not torch.allclose(other.logits[:, 0], first.logits[:, 0])
+
+
+def test_with_a_zero_mixing_head_generation_is_the_base_models_greedy_decoding():
+    model = make_model("llama")
+    ids, mask = padded_batch(lengths=(6, 6), left_padding_rows=())
+    out = model.generate(ids, mask, max_new_tokens=4)
+    sequence = ids
+    for _ in range(4):
+        logits = model.base(input_ids=sequence).logits[:, -1]
+        logits[:, list(model.thought_token_ids)] = float("-inf")
+        sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out.sequences, sequence)
+
+
+def test_finished_rows_keep_emitting_eos():
+    model = make_model("llama")
+    randomize_mixing_head(model)
+    ids, mask = padded_batch(lengths=(6, 6), left_padding_rows=())
+    free = model.generate(ids, mask, max_new_tokens=4, generator=torch.Generator().manual_seed(2))
+    eos = int(free.sequences[0, 6])  # the first token row 0 produces
+    out = model.generate(ids, mask, max_new_tokens=4, thoughts=free.thoughts, eos_token_id=eos)
+    assert (out.sequences[0, 6:] == eos).all()
