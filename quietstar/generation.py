@@ -124,21 +124,35 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=32, do_sample
 
 
 @torch.no_grad()
-def generate_reference(model, input_ids, thoughts, do_sample=False, temperature=1.0, generator=None):
-    """The slow definition, for one unpadded row ``[1, P]`` and given thoughts ``[1, M, T]``.
+def generate_reference(model, input_ids, thoughts=None, max_new_tokens=None, do_sample=False, temperature=1.0,
+                       greedy_thoughts=False, generator=None):
+    """The slow definition, for one unpadded row ``[1, P]``: recompute everything from scratch, no cache.
 
-    Each step runs the plain model from scratch on the context and on context + <sot> c <eot>.
+    Each thought token is drawn from a fresh run over context + <sot> + the thought so far, and each
+    new token from fresh runs over the context and over context + <sot> c <eot>. ``thoughts [1, M, T]``
+    replays given thoughts (then ``max_new_tokens`` defaults to M). Returns sequences ``[1, P + M]``,
+    thoughts ``[1, M, T]`` and the mixed logits ``[1, M, V]``.
     """
+    cfg = model.quietstar_config
     sot, eot = model.thought_token_ids
+    steps = thoughts.shape[1] if max_new_tokens is None else max_new_tokens
+
+    def last_hidden(sequence):
+        return model.body(inputs_embeds=model.embed(sequence[None])).last_hidden_state[:, -1]
+
     sequence = input_ids[0]
-    tokens, logits_per_step = [], []
-    for thought in thoughts[0]:
-        base_hidden = model.body(inputs_embeds=model.embed(sequence[None])).last_hidden_state[:, -1]
-        branch = torch.cat([sequence, sequence.new_tensor([sot]), thought, sequence.new_tensor([eot])])
-        thought_hidden = model.body(inputs_embeds=model.embed(branch[None])).last_hidden_state[:, -1]
-        logits, _ = _mixed_logits(model, base_hidden, thought_hidden)
-        token = _pick(logits, do_sample, temperature, generator)
-        sequence = torch.cat([sequence, token])
-        tokens.append(token)
+    used_thoughts, logits_per_step = [], []
+    for step in range(steps):
+        branch = torch.cat([sequence, sequence.new_tensor([sot])])
+        if thoughts is None:
+            for _ in range(cfg.num_thought_tokens):
+                logits = mask_thought_tokens(model.lm_head(last_hidden(branch)), model.thought_token_ids)
+                branch = torch.cat([branch, draw(logits, cfg.thought_temperature, greedy_thoughts, generator)])
+        else:
+            branch = torch.cat([branch, thoughts[0, step]])
+        used_thoughts.append(branch[len(sequence) + 1 :])
+        thought_hidden = last_hidden(torch.cat([branch, branch.new_tensor([eot])]))
+        logits, _ = _mixed_logits(model, last_hidden(sequence), thought_hidden)
+        sequence = torch.cat([sequence, _pick(logits, do_sample, temperature, generator)])
         logits_per_step.append(logits)
-    return sequence[None], torch.stack(logits_per_step, dim=1)
+    return sequence[None], torch.stack(used_thoughts)[None], torch.stack(logits_per_step, dim=1)

@@ -20,7 +20,7 @@ def test_cached_generation_equals_the_slow_definition(arch, mixing):
     assert not torch.isin(out.thoughts, torch.tensor(model.thought_token_ids)).any()
     for b in range(2):
         prompt = ids[b][mask[b].bool()][None]
-        sequence, logits = generate_reference(model, prompt, out.thoughts[b : b + 1])
+        sequence, _, logits = generate_reference(model, prompt, out.thoughts[b : b + 1])
         assert torch.equal(sequence[0, prompt.shape[1]:], out.sequences[b, 7:])
         torch.testing.assert_close(out.logits[b], logits[0], rtol=1e-5, atol=1e-5)
 
@@ -57,3 +57,36 @@ def test_finished_rows_keep_emitting_eos():
     eos = int(free.sequences[0, 6])  # the first token row 0 produces
     out = model.generate(ids, mask, max_new_tokens=4, thoughts=free.thoughts, eos_token_id=eos)
     assert (out.sequences[0, 6:] == eos).all()
+
+
+def test_sampled_thoughts_follow_the_same_distribution_as_the_slow_definition():
+    """With greedy thoughts both paths must think exactly the same thoughts and say the same tokens."""
+    model = make_model("qwen2", num_thought_tokens=3)
+    randomize_mixing_head(model, scale=2.0)
+    ids, mask = padded_batch(lengths=(6,), left_padding_rows=())
+    fast = model.generate(ids, mask, max_new_tokens=4, greedy_thoughts=True)
+    sequence, thoughts, logits = generate_reference(model, ids, max_new_tokens=4, greedy_thoughts=True)
+    assert torch.equal(fast.thoughts, thoughts)
+    assert torch.equal(fast.sequences, sequence)
+    torch.testing.assert_close(fast.logits, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_script_shows_thoughts_and_writes_html(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    model = make_model("llama", num_thought_tokens=2)
+    model.save_pretrained(tmp_path / "model")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    page = tmp_path / "thoughts.html"
+    result = subprocess.run(
+        [sys.executable, os.path.join(repo, "scripts", "generate.py"), "--model", str(tmp_path / "model"),
+         "--prompt", "1 + 2 =", "--max-new-tokens", "3", "--show-thoughts", "--html", str(page)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("1 + 2 =") and result.stdout.count("[") >= 3  # one [thought] per token
+    assert "\033[" not in result.stdout  # not a terminal: no colour codes
+    text = page.read_text()
+    assert text.count('class="thought"') == 3 and "mixing weight" in text

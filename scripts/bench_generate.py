@@ -1,0 +1,72 @@
+"""Tokens per second of thought-aware generation: cached (ours) vs the recompute-everything definition.
+
+    python scripts/bench_generate.py --new-tokens 256 [--hidden 576 --layers 30 ...]
+
+Both think T sampled thought tokens before every new token. The definition
+(quietstar.generation.generate_reference) reruns the model from scratch on the whole sequence for every
+thought token and every text token; ours keeps the context's K/V cache and thinks into scratch slots it
+crops afterwards. Random Llama weights (speed does not depend on them), fp32, CPU, batch 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from quietstar import QuietStarConfig, QuietStarForCausalLM
+from quietstar.generation import generate_reference
+from quietstar.tiny import byte_tokenizer, tiny_model
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--thought-tokens", type=int, default=9)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", help="Write the results as JSON here.")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tokenizer = byte_tokenizer()
+    base = tiny_model("llama", vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads)
+    model = QuietStarForCausalLM.from_base(base, tokenizer, QuietStarConfig(num_thought_tokens=args.thought_tokens))
+    model.eval()
+    prompt = torch.randint(0, 256, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+
+    rows = []
+    for name, run in [
+        ("cached (ours)", lambda: model.generate(prompt, max_new_tokens=args.new_tokens,
+                                                 generator=torch.Generator().manual_seed(0))),
+        ("recompute everything", lambda: generate_reference(model, prompt, max_new_tokens=args.new_tokens,
+                                                            generator=torch.Generator().manual_seed(0))),
+    ]:
+        start = time.perf_counter()
+        run()
+        seconds = time.perf_counter() - start
+        rows.append({"method": name, "seconds": seconds, "tokens_per_second": args.new_tokens / seconds})
+        print(f"{name:>22}: {seconds:8.2f} s, {args.new_tokens / seconds:8.2f} tokens/s", flush=True)
+    speedup = rows[1]["seconds"] / rows[0]["seconds"]
+    print(f"\nrandom Llama hidden {args.hidden}, {args.layers} layers, {args.heads} heads, T = {args.thought_tokens}, "
+          f"prompt {args.prompt_tokens} + {args.new_tokens} new tokens, fp32, {args.threads} CPU threads\n")
+    print("| method | seconds | tokens/s |\n|---|---:|---:|")
+    for row in rows:
+        print(f"| {row['method']} | {row['seconds']:.2f} | {row['tokens_per_second']:.2f} |")
+    print(f"\nspeedup of the cached path: {speedup:.1f}x")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"config": vars(args), "rows": rows, "speedup": speedup}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
