@@ -10,6 +10,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from huggingface_hub import snapshot_download
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AddedToken, AutoModelForCausalLM, AutoTokenizer
@@ -58,9 +59,11 @@ class QuietStarForCausalLM(nn.Module):
     ``mixing_head``. ``config`` is the LM's config; ``quietstar_config`` the thought hyperparameters.
     """
 
-    def __init__(self, base, tokenizer, quietstar_config: QuietStarConfig, thought_token_ids, pad_token_id: int):
+    def __init__(self, base, tokenizer, quietstar_config: QuietStarConfig, thought_token_ids, pad_token_id: int,
+                 base_model_id: str | None = None):
         super().__init__()
         self.base = base
+        self.base_model_id = base_model_id  # the Hub id the LM came from, when it came from the Hub
         self.tokenizer = tokenizer
         self.quietstar_config = quietstar_config
         self.thought_token_ids = tuple(int(i) for i in thought_token_ids)
@@ -86,7 +89,9 @@ class QuietStarForCausalLM(nn.Module):
             base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         base.set_attn_implementation(ATTENTION_NAME)
         check_model_supported(base)
-        model = cls(base, tokenizer, config, thought_ids, tokenizer.pad_token_id)
+        name = getattr(base, "name_or_path", "") or ""
+        hub_id = name if name and not os.path.isdir(name) else None
+        model = cls(base, tokenizer, config, thought_ids, tokenizer.pad_token_id, base_model_id=hub_id)
         with torch.no_grad():
             init = base.get_input_embeddings().weight[init_ids[0]].float()
             model.thought_embeddings.copy_(init.expand(2, -1))
@@ -232,7 +237,7 @@ class QuietStarForCausalLM(nn.Module):
             with open(os.path.join(staging, CONFIG_FILE), "w") as f:
                 json.dump({"quietstar": self.quietstar_config.to_dict(),
                            "thought_token_ids": list(self.thought_token_ids),
-                           "pad_token_id": self.pad_token_id}, f, indent=2)
+                           "pad_token_id": self.pad_token_id, "base_model": self.base_model_id}, f, indent=2)
             names = sorted(os.listdir(staging), key=lambda n: n == CONFIG_FILE)
             for name in names:
                 target = os.path.join(path, name)
@@ -244,8 +249,11 @@ class QuietStarForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype=torch.float32, **kwargs) -> "QuietStarForCausalLM":
-        """Load what :meth:`save_pretrained` wrote; ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained``."""
+        """Load what :meth:`save_pretrained` wrote, from a folder or a Hub id; ``kwargs`` go to
+        ``AutoModelForCausalLM.from_pretrained``."""
         path = os.fspath(path)
+        if not os.path.isdir(path):
+            path = snapshot_download(path)
         config_path = os.path.join(path, CONFIG_FILE)
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{config_path} is missing: {path} is not a complete Quiet-STaR save.")
@@ -255,7 +263,7 @@ class QuietStarForCausalLM(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(path)
         check_model_supported(base)
         model = cls(base, tokenizer, QuietStarConfig.from_dict(saved["quietstar"]), saved["thought_token_ids"],
-                    saved["pad_token_id"])
+                    saved["pad_token_id"], base_model_id=saved.get("base_model"))
         weights_path = os.path.join(path, WEIGHTS_FILE)
         try:
             tensors = load_file(weights_path)

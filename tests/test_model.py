@@ -194,3 +194,14 @@ def test_loading_an_incomplete_or_corrupt_save_names_the_file(tmp_path):
     (tmp_path / CONFIG_FILE).unlink()
     with pytest.raises(FileNotFoundError, match=CONFIG_FILE):
         QuietStarForCausalLM.from_pretrained(tmp_path)
+
+
+def test_the_base_model_id_is_recorded_when_it_came_from_the_hub(tmp_path):
+    tokenizer = byte_tokenizer()
+    base = tiny_model("llama", vocab_size=len(tokenizer))
+    base.name_or_path = "someone/some-model"  # as from_pretrained("someone/some-model") sets it
+    model = QuietStarForCausalLM.from_base(base, tokenizer, QuietStarConfig())
+    model.save_pretrained(tmp_path)
+    assert QuietStarForCausalLM.from_pretrained(tmp_path).base_model_id == "someone/some-model"
+    local = make_model()  # built from a config: no Hub id to record
+    assert local.base_model_id is None
