@@ -63,7 +63,8 @@ class QuietStarConfig:
     )
     attention_backend: str = field(
         default="auto",
-        metadata={"help": "Backend of the 'quietstar' attention: 'eager' (exact PyTorch) or 'auto'."},
+        metadata={"help": "Backend of the 'quietstar' attention: 'eager' (exact PyTorch, the reference) or 'auto' "
+                          "(adds exact fast paths where they apply: CPU flash kernels for unpadded rows)."},
     )
 
     def __post_init__(self):

@@ -12,7 +12,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from . import eager
+from . import eager, flash_cpu
 from .layout import ThoughtLayout, branch_visibility, prefix_visibility
 
 ATTENTION_NAME = "quietstar"
@@ -90,6 +90,8 @@ def quietstar_attention(
         out = eager.sample_step_attention(query, key, value, k_buf, v_buf, k_text, v_text, layout, scaling)
         return out, None
     _check_span(sliding_window, layout.num_text + layout.branch_length)
+    if layout.backend == "auto" and flash_cpu.applies(query, layout, dropout if training else 0.0):
+        return flash_cpu.expanded_attention(query, key, value, layout, scaling), None
     return eager.expanded_attention(query, key, value, layout, scaling, dropout, training), None
 
 
