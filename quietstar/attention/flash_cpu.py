@@ -104,6 +104,8 @@ class ExpandedFlashAttention(torch.autograd.Function):
 def expanded_attention(q, k, v, layout: ThoughtLayout, scaling: float) -> torch.Tensor:
     """Same contract as :func:`quietstar.attention.eager.expanded_attention`; returns ``[B, n, H, d]``."""
     groups = q.shape[1] // k.shape[1]
+    # Under autocast RoPE can leave q and k in fp32 and v in bf16; compute in v's dtype, as eager's output is.
+    q, k = q.to(v.dtype), k.to(v.dtype)
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     out = ExpandedFlashAttention.apply(q, k, v, layout.num_text, layout.num_thoughts, layout.branch_length, scaling)
     return out.transpose(1, 2).contiguous()
