@@ -44,8 +44,16 @@ def causal_attention(q, k, v, key_padding, scaling, dropout=0.0, training=False)
     """Ordinary causal attention; queries are the last q.shape[2] of the k.shape[2] key positions.
 
     key_padding: ``[B, n_kv]`` bool (True = real token) or None. Returns ``[B, n_q, H, d]``.
+    Without padding this is PyTorch's fused attention (much less overhead per call when decoding).
     """
     hkv, n_q, n_kv = k.shape[1], q.shape[2], k.shape[2]
+    if key_padding is None or bool(key_padding.all()):
+        q, k = q.to(v.dtype), k.to(v.dtype)  # under autocast RoPE can leave q, k in fp32 and v in bf16
+        mask = None if n_q in (1, n_kv) else torch.ones(n_q, n_kv, dtype=torch.bool, device=q.device).tril(n_kv - n_q)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout if training else 0.0,
+                                             is_causal=n_q == n_kv and n_q > 1, scale=scaling,
+                                             enable_gqa=hkv != q.shape[1])
+        return out.transpose(1, 2).contiguous()
     qg = _grouped(q, hkv).float() * scaling  # scaling q is cheaper than scaling the scores
     scores = torch.matmul(qg, k.float().unsqueeze(2).transpose(-1, -2))
     visible = torch.ones(n_q, n_kv, dtype=torch.bool, device=q.device).tril(diagonal=n_kv - n_q)
