@@ -30,10 +30,11 @@ masked by a larger transient peak while the model was built. Where clear_refs is
 child falls back to ru_maxrss minus the RSS before the loop, and says so in the results.
 
 Guards: a cell whose predicted peak (``estimate_peak_bytes``) exceeds ``--memory-limit-gb`` is not
-run ("oom-risk"); a running cell is killed when its RSS passes that limit ("oom-risk") or when it
-runs past ``--time-budget`` seconds ("timeout"; a child that has finished at least one timed step
-stops early instead and reports the steps it timed). A cell that failed this way marks every
-larger cell (same implementation, L and T both no smaller) the same way without running it.
+run ("oom-risk"); a running cell is killed when its RSS passes that limit ("oom-risk") or when its
+warm-up step does not end within ``--time-budget`` seconds ("timeout"). Otherwise the child takes
+only the timed steps that fit the budget (the warm-up step is the measurement when none fits, and
+the results say so). A cell that failed is not retried at a larger size: every cell of the same
+implementation with L and T both no smaller is marked the same way without running.
 
 Usage:
     .venv/bin/python scripts/bench_step.py --impl both --out bench_results/results.json --plot bench_results/step.png
@@ -49,6 +50,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,6 +66,8 @@ MODEL_DESCRIPTION = ("random Llama: hidden 256, 4 layers, 4 heads, 2 KV heads, i
 TEXT_TOKEN_RANGE = 256  # random text ids stay below the thought-token ids the tokenizer adds
 MIB = 2**20
 POLL_SECONDS = 0.1
+ESTIMATE_SLACK = 1.5
+DEFAULT_PLOT = Path("bench_results/step.png")
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -106,7 +110,9 @@ def estimate_peak_bytes(args, impl: str, length: int, thought_tokens: int) -> in
 
     Counts the dominant fp32 tensors kept for the backward: per token and layer about 8 D + 4 I
     activations of a Llama block, 4 copies of every scored logit row (logits, masked copy, log-softmax,
-    gradient), and the attention-specific terms of each implementation (see the comments).
+    gradient), and the attention-specific terms of each implementation (see the comments). These
+    terms undercount the measured peaks of small cells (L <= 256) by 25-50 % (transients, allocator),
+    hence ``ESTIMATE_SLACK``.
     """
     B, N, A = args.batch, args.num_thoughts, args.lookahead_tokens
     L, T, S = length, thought_tokens, branch_length(args, thought_tokens)
@@ -136,7 +142,7 @@ def estimate_peak_bytes(args, impl: str, length: int, thought_tokens: int) -> in
         floats += layers * 2 * rows * H * d * key_lengths  # the (head-repeated) K/V of every pass
         if args.dense_attention == "eager":
             floats += layers * rows * H * L * key_lengths * 2  # attention probabilities, and their scores
-    return int(floats * 4)
+    return int(floats * 4 * ESTIMATE_SLACK)
 
 
 # ------------------------------------------------------------------------------------ the child side
@@ -240,7 +246,7 @@ def run_cell(args, cell: Cell) -> Cell:
     rss_before = current_rss_bytes()
     cell.memory_method = "VmHWM after clear_refs" if reset_worked else "ru_maxrss (peak could not be reset)"
 
-    cell.warmup_seconds, _ = timed(step)
+    cell.warmup_seconds, warmup_foreign_cores = timed(step)
     while cell.quiet_steps < args.steps and len(cell.step_seconds) < 3 * args.steps:
         last = cell.step_seconds[-1] if cell.step_seconds else cell.warmup_seconds
         if time.monotonic() - PROCESS_START + last > args.time_budget:
@@ -252,7 +258,8 @@ def run_cell(args, cell: Cell) -> Cell:
         cell.quiet_steps += foreign < args.max_foreign_load
     cell.peak_bytes = peak_rss_bytes(reset_worked) - rss_before
     if not cell.step_seconds:
-        cell.step_seconds = [cell.warmup_seconds]
+        cell.step_seconds, cell.foreign_cores = [cell.warmup_seconds], [warmup_foreign_cores]
+        cell.quiet_steps = int(warmup_foreign_cores < args.max_foreign_load)
         cell.note = "time budget: only the warm-up step was timed"
     quiet = [t for t, f in zip(cell.step_seconds, cell.foreign_cores) if f < args.max_foreign_load]
     if cell.foreign_cores and not quiet:
@@ -297,22 +304,24 @@ def launch_cell(args, cell: Cell) -> Cell:
                *sys.argv[1:]]
     memory_limit = args.memory_limit_gb * 2**30
     deadline = time.monotonic() + args.time_budget + 10  # the child stops itself first when it can
-    with open(os.devnull, "w") as devnull:
-        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 stdin=devnull)
-    peak_seen = 0
-    killed_for = None
-    while child.poll() is None:
-        peak_seen = max(peak_seen, rss_of(child.pid))
-        if peak_seen > memory_limit:
-            killed_for = "oom-risk"
-        elif time.monotonic() > deadline:
-            killed_for = "timeout"
-        if killed_for:
-            child.kill()
-            break
-        time.sleep(POLL_SECONDS)
-    stdout, stderr = child.communicate()
+    with tempfile.TemporaryFile("w+") as stdout_file, tempfile.TemporaryFile("w+") as stderr_file:
+        child = subprocess.Popen(command, stdout=stdout_file, stderr=stderr_file, stdin=subprocess.DEVNULL)
+        peak_seen = 0
+        killed_for = None
+        while child.poll() is None:
+            peak_seen = max(peak_seen, rss_of(child.pid))
+            if peak_seen > memory_limit:
+                killed_for = "oom-risk"
+            elif time.monotonic() > deadline:
+                killed_for = "timeout"
+            if killed_for:
+                child.kill()
+                break
+            time.sleep(POLL_SECONDS)
+        child.wait()
+        stdout_file.seek(0)
+        stderr_file.seek(0)
+        stdout, stderr = stdout_file.read(), stderr_file.read()
     if killed_for == "oom-risk":
         cell.status, cell.note = "oom-risk", f"killed at {peak_seen / 2**30:.1f} GiB RSS"
     elif killed_for == "timeout":
@@ -368,6 +377,14 @@ def fmt(value, spec: str, cell: Cell | None = None) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def fmt_seconds(cell: Cell | None) -> str:
+    """Seconds per step; a * marks a time taken while other processes were using the CPUs."""
+    if cell is None:
+        return "-"
+    contended = cell.status == "ok" and "contended" in cell.note
+    return fmt(cell.seconds, ".3f", cell) + ("*" if contended else "")
+
+
 def implementation_table(args, cells: dict, impl: str) -> list[str]:
     lines = [f"### {impl}", "",
              "| L | T | positions/row L(1+NS) | plain s/step | s/step | efficiency | peak MiB |",
@@ -379,7 +396,7 @@ def implementation_table(args, cells: dict, impl: str) -> list[str]:
                 continue
             lines.append(
                 f"| {length} | {T} | {positions_per_row(args, length, T)} "
-                f"| {fmt(plain and plain.seconds, '.3f', plain)} | {fmt(cell.seconds, '.3f', cell)} "
+                f"| {fmt_seconds(plain)} | {fmt_seconds(cell)} "
                 f"| {fmt(efficiency(cells, impl, length, T), '.2f', cell)} "
                 f"| {fmt(cell.peak_bytes and cell.peak_bytes / MIB, '.0f', cell)} |")
     return lines
@@ -399,7 +416,7 @@ def comparison_table(args, cells: dict) -> list[str]:
             time_ratio = dense.seconds / ours.seconds if both else None
             memory_ratio = dense.peak_bytes / ours.peak_bytes if both else None
             lines.append(
-                f"| {length} | {T} | {fmt(ours.seconds, '.3f', ours)} | {fmt(dense.seconds, '.3f', dense)} "
+                f"| {length} | {T} | {fmt_seconds(ours)} | {fmt_seconds(dense)} "
                 f"| {fmt(time_ratio, '.1f')} | {fmt(ours.peak_bytes and ours.peak_bytes / MIB, '.0f', ours)} "
                 f"| {fmt(dense.peak_bytes and dense.peak_bytes / MIB, '.0f', dense)} | {fmt(memory_ratio, '.1f')} |")
     return lines
@@ -425,13 +442,15 @@ def linearity_lines(args, cells: dict, impl: str) -> list[str]:
 
 
 def markdown_report(args, cells: dict) -> str:
-    lines = [header(args).replace("\n", "\n\n"), ""]
+    lines = [header(args).replace("\n", "\n\n"), "",
+             "A * marks a time taken while other processes used the CPUs (no quiet step could be had).", ""]
     for impl in ("ours", "dense"):
         if impl in args.impls:
             lines += implementation_table(args, cells, impl) + [""]
     if {"ours", "dense"} <= set(args.impls):
         lines += comparison_table(args, cells) + [""]
-    linearity = [line for impl in ("ours", "dense") if impl in args.impls for line in linearity_lines(args, cells, impl)]
+    linearity = [line for impl in ("ours", "dense") if impl in args.impls
+                 for line in linearity_lines(args, cells, impl)]
     if linearity:
         lines += ["### peak memory vs T", ""] + linearity + [""]
     return "\n".join(lines)
@@ -456,10 +475,10 @@ def plot(args, cells: dict, path: Path) -> None:
             style = dict(color=colors[index % len(colors)], label=f"{impl} L={length}", **styles[impl])
             time_axis.plot(ts, [c.seconds for c in points], **style)
             memory_axis.plot(ts, [c.peak_bytes / MIB for c in points], **style)
-    for axis, label in ((time_axis, "seconds per training step"), (memory_axis, "peak memory added (MiB)")):
+    time_axis.set_yscale("log")  # times span two decades; memory is drawn linear so linear growth in T shows
+    for axis, label in ((time_axis, "seconds per training step (log)"), (memory_axis, "peak memory added (MiB)")):
         axis.set_xlabel("thought tokens T")
         axis.set_ylabel(label)
-        axis.set_yscale("log")
         axis.set_xticks(args.thought_tokens)
         axis.grid(True, which="both", alpha=0.3)
     time_axis.legend(fontsize=7, ncol=2)
@@ -489,13 +508,20 @@ def parse_args(argv=None):
                         help="transformers attention of the dense scheme (the official code ran sdpa)")
     parser.add_argument("--time-budget", type=float, default=120.0, help="seconds per cell, model build included")
     parser.add_argument("--memory-limit-gb", type=float, default=16.0,
-                        help="cells predicted or seen above this many GiB of RSS are skipped or killed (oom-risk)")
+                        help="skip a cell whose steps are predicted to add more than this many GiB, kill one whose "
+                        "process RSS passes it (oom-risk)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="results JSON; a Markdown table goes next to it (.md)")
-    parser.add_argument("--plot", type=Path, help="PNG of seconds and peak memory vs T, ours vs dense")
+    parser.add_argument("--plot", nargs="?", const="", metavar="PNG",
+                        help="plot seconds and peak memory vs T, ours vs dense; without a path, next to --out "
+                        f"(or {DEFAULT_PLOT})")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: measure this cell (JSON) and print it
     args = parser.parse_args(argv)
     args.impls = ["ours", "dense"] if args.impl == "both" else [args.impl]
+    if args.plot == "":
+        args.plot = args.out.with_suffix(".png") if args.out else DEFAULT_PLOT
+    elif args.plot is not None:
+        args.plot = Path(args.plot)
     return args
 
 
