@@ -186,28 +186,43 @@ class QuietStarForCausalLM(nn.Module):
         shifted = (torch.arange(L, device=input_ids.device)[:, None] + torch.arange(A, device=input_ids.device))
         shifted = shifted.clamp(max=L - 1)  # h^base_{j+s}; out-of-row entries are never scored
         base_hidden = text_hidden[:, shifted].unsqueeze(1).expand_as(thought_hidden)
-        weights = thought_weight(self.mixing_head(base_hidden, thought_hidden), cfg.mixing)
         thought_logits = self.lm_head(thought_hidden) if (output_logits or cfg.mixing == "logprobs") else None
-        if cfg.mixing == "logits":
+        weights, mixed = self.mix_predictions(base_hidden, thought_hidden, base_logits[:, shifted].unsqueeze(1),
+                                              thought_logits)
+        out = QuietStarOutput(base_logits=base_logits, thought_logits=thought_logits if output_logits else None,
+                              mixing_weights=weights, logits=mixed, thoughts=thoughts)
+        if labels is not None:
+            out.loss, out.metrics = self.objective(base_logits, mixed, sample_logits, thoughts, weights, labels,
+                                                   key_padding)
+        return out
+
+    def mix_predictions(self, base_hidden, thought_hidden, shifted_base_logits, thought_logits=None):
+        """Thought weights ``[B, N, L, A]`` and mixed, thought-token-masked logits ``[B, N, L, A, V]``.
+
+        base_hidden/thought_hidden ``[B, N, L, A, D]`` (h^base_{j+s}, h^thought_{j,s});
+        shifted_base_logits broadcastable to ``[B, N, L, A, V]`` (needed by 'logprobs' mixing only).
+        """
+        mode = self.quietstar_config.mixing
+        weights = thought_weight(self.mixing_head(base_hidden, thought_hidden), mode)
+        if mode == "logits":
             # lm_head is affine, so mixing hidden states equals mixing logits at a fraction of the cost.
             w = weights.unsqueeze(-1).to(thought_hidden.dtype)
             mixed = self.lm_head((1 - w) * base_hidden + w * thought_hidden)
         else:
-            mixed = mix(base_logits[:, shifted].unsqueeze(1), thought_logits, weights, cfg.mixing)
-        mixed = mask_thought_tokens(mixed, self.thought_token_ids)
+            if thought_logits is None:
+                thought_logits = self.lm_head(thought_hidden)
+            mixed = mix(shifted_base_logits, thought_logits, weights, mode)
+        return weights, mask_thought_tokens(mixed, self.thought_token_ids)
 
-        out = QuietStarOutput(base_logits=base_logits, thought_logits=thought_logits if output_logits else None,
-                              mixing_weights=weights, logits=mixed, thoughts=thoughts)
-        if labels is not None:
-            labels = labels.masked_fill(~key_padding, IGNORE_INDEX)
-            out.loss, out.metrics = quietstar_loss(
-                mask_thought_tokens(base_logits, self.thought_token_ids), mixed, sample_logits, thoughts, weights,
-                labels, key_padding,
-                base_loss_weight=cfg.base_loss_weight, policy_weight=cfg.policy_weight,
-                reinforce_temperature=cfg.reinforce_temperature,
-                clip_negative_advantage=cfg.clip_negative_advantage,
-            )
-        return out
+    def objective(self, base_logits, mixed, sample_logits, thoughts, weights, labels, key_padding):
+        """The Quiet-STaR loss and metrics (quietstar.losses.quietstar_loss) with this model's settings."""
+        cfg = self.quietstar_config
+        return quietstar_loss(
+            mask_thought_tokens(base_logits, self.thought_token_ids), mixed, sample_logits, thoughts, weights,
+            labels.masked_fill(~key_padding, IGNORE_INDEX), key_padding,
+            base_loss_weight=cfg.base_loss_weight, policy_weight=cfg.policy_weight,
+            reinforce_temperature=cfg.reinforce_temperature, clip_negative_advantage=cfg.clip_negative_advantage,
+        )
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, do_sample=False, temperature=1.0,
                  greedy_thoughts=False, thoughts=None, generator=None, eos_token_id=None) -> GenerationOutput:

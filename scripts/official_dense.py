@@ -37,8 +37,6 @@ import torch
 from transformers import DynamicCache
 
 from quietstar import QuietStarForCausalLM, QuietStarOutput
-from quietstar.losses import IGNORE_INDEX, quietstar_loss
-from quietstar.mixing import mix, thought_weight
 from quietstar.thoughts import draw, text_positions
 from quietstar.vocab import mask_thought_tokens
 
@@ -170,22 +168,9 @@ def dense_forward(model: QuietStarForCausalLM, input_ids, attention_mask=None, l
     shifted = (torch.arange(L, device=input_ids.device)[:, None] + torch.arange(A, device=input_ids.device))
     shifted = shifted.clamp(max=L - 1)  # h^base_{j+s}; out-of-row entries are never scored
     base_hidden = text_hidden[:, :, shifted]  # [B, N, L, A, D], sample n mixes with its own base copy
-    weights = thought_weight(model.mixing_head(base_hidden, thought_hidden), cfg.mixing)
-    if cfg.mixing == "logits":
-        w = weights.unsqueeze(-1).to(thought_hidden.dtype)
-        mixed = model.lm_head((1 - w) * base_hidden + w * thought_hidden)  # lm_head is affine: mixes the logits
-    else:
-        mixed = mix(base_logits[:, shifted].unsqueeze(1), model.lm_head(thought_hidden), weights, cfg.mixing)
-    mixed = mask_thought_tokens(mixed, model.thought_token_ids)
-
+    weights, mixed = model.mix_predictions(base_hidden, thought_hidden, base_logits[:, shifted].unsqueeze(1))
     out = QuietStarOutput(base_logits=base_logits, mixing_weights=weights, logits=mixed, thoughts=thoughts)
     if labels is not None:
-        labels = labels.masked_fill(~key_padding, IGNORE_INDEX)
-        out.loss, out.metrics = quietstar_loss(
-            mask_thought_tokens(base_logits, model.thought_token_ids), mixed, sample_logits, thoughts, weights,
-            labels, key_padding,
-            base_loss_weight=cfg.base_loss_weight, policy_weight=cfg.policy_weight,
-            reinforce_temperature=cfg.reinforce_temperature,
-            clip_negative_advantage=cfg.clip_negative_advantage,
-        )
+        out.loss, out.metrics = model.objective(base_logits, mixed, sample_logits, thoughts, weights, labels,
+                                                key_padding)
     return out
