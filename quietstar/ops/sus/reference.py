@@ -1,0 +1,182 @@
+"""PyTorch reference of SUS attention: exact forward, exact and SUS backward. The oracle for the kernels.
+
+Notation (README.md of this folder): scores S = scale * Q K^T over visible pairs, P = softmax(S) per
+row with log-sum-exp ``lse``, O = P V. Backward with D_i = rowsum(dO_i * O_i):
+
+    P~ = where(u < c P, max(P, 1/c), 0)     (P~ = P for the exact backward, c = None)
+    dV = P~^T dO,  dS = P~ * (dO V^T - D),  dQ = scale * dS K,  dK = scale * dS^T Q
+
+u is the counter-based uniform of :mod:`.rng` at the pair's global (row, col) in the row of n
+tokens, so any mask can be rebuilt from the seed.
+
+Attention patterns (global indices, row = query, col = key):
+
+* plain (``branch_length = 0``): row i sees cols 0..i (``causal``) or all cols;
+* thought layout (DESIGN §2): the first ``num_text`` = L tokens are text, causal among themselves;
+  the remaining n - L tokens are branches of ``branch_length`` = S tokens, laid out (n, j, k), and
+  the branch of segment g (text position j = g mod L) sees text cols 0..j and its own earlier tokens.
+
+Text keys marked False in ``key_valid`` [B, L] (padding) are seen by nobody. A row that sees
+nothing gets P = 0: output 0, gradients 0, ``lse = +inf``.
+
+The thought layout is computed in three pieces (text x text, branch x text, branch x own branch)
+with one softmax per row across them, so no (n x n) tensor is built.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import rng
+
+
+def visible(rows: torch.Tensor, cols: torch.Tensor, num_text: int, branch_length: int, causal: bool = True):
+    """Who sees whom, for broadcastable global index tensors (padding not included)."""
+    L, S = num_text, max(branch_length, 1)
+    row_is_text = rows < L
+    limit = torch.where(row_is_text, rows, torch.div(rows - L, S, rounding_mode="floor") % L)
+    text_ok = cols < L
+    if causal:
+        text_ok = text_ok & (cols <= limit)
+    same_branch = torch.div(cols - L, S, rounding_mode="floor") == torch.div(rows - L, S, rounding_mode="floor")
+    branch_ok = (cols >= L) & ~row_is_text & same_branch & (cols <= rows)
+    return text_ok | branch_ok
+
+
+def sus_weights(probs: torch.Tensor, u: torch.Tensor, c: float) -> torch.Tensor:
+    """P~ = max(P, 1/c) where u < c P, else 0: each weight kept with probability min(1, cP), rescaled by 1/q."""
+    return torch.where(u < c * probs, torch.clamp(probs, min=1.0 / c), torch.zeros_like(probs))
+
+
+class _Piece:
+    """A block of the attention pattern: query rows x key cols as index tensors plus the slices they read."""
+
+    def __init__(self, rows, cols, q_view, kv_view):
+        self.rows, self.cols = rows, cols  # global indices, broadcast to the score shape [..., R, C]
+        self.q_view = q_view  # x [B, H, n, d] -> queries [B, H, ..., R, d]
+        self.kv_view = kv_view  # x [B, H, n, d] -> keys   [B, H, ..., C, d]
+
+
+def _pieces(n: int, num_text: int, branch_length: int, device) -> list[_Piece]:
+    L, S = num_text, branch_length
+    ar = lambda lo, hi: torch.arange(lo, hi, device=device)  # noqa: E731
+    text = _Piece(ar(0, L)[:, None], ar(0, L)[None, :], lambda x: x[:, :, :L], lambda x: x[:, :, :L])
+    if n == L:
+        return [text]
+    groups = (n - L) // S
+    prefix = _Piece(ar(L, n)[:, None], ar(0, L)[None, :], lambda x: x[:, :, L:], lambda x: x[:, :, :L])
+    own = _Piece(
+        ar(L, n).view(groups, S, 1),
+        ar(L, n).view(groups, 1, S),
+        lambda x: x[:, :, L:].unflatten(2, (groups, S)),
+        lambda x: x[:, :, L:].unflatten(2, (groups, S)),
+    )
+    return [text, prefix, own]
+
+
+def _check_pattern(n: int, num_text: int, branch_length: int) -> None:
+    if num_text > n or (branch_length == 0 and num_text != n):
+        raise ValueError(f"num_text={num_text} does not fit a row of {n} tokens with branch_length={branch_length}.")
+    if branch_length and (n - num_text) % branch_length:
+        raise ValueError(f"{n - num_text} branch tokens are not a whole number of branches of {branch_length}.")
+
+
+def _scores_and_mask(piece, q, k, scale, num_text, branch_length, causal, key_valid):
+    scores = torch.matmul(piece.q_view(q), piece.kv_view(k).transpose(-1, -2)) * scale
+    mask = visible(piece.rows, piece.cols, num_text, branch_length, causal)
+    mask = mask.expand(scores.shape[2:])[None, None]
+    if key_valid is not None:
+        col_ok = key_valid[:, piece.cols.clamp(max=num_text - 1)] | (piece.cols >= num_text)  # [B, ..., R?, C]
+        mask = mask & col_ok.reshape(key_valid.shape[0], 1, *col_ok.shape[1:])
+    return scores, mask
+
+
+def _probs(scores_list, masks, lse=None):
+    """One softmax per row across pieces. Pieces after the first share rows with each other (the
+    branch rows): the caller passes them flattened to [B, H, R, C_i] so they can be concatenated."""
+    scores = torch.cat(scores_list, dim=-1).masked_fill(~torch.cat(masks, dim=-1), float("-inf"))
+    if lse is None:
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+    probs = torch.exp(scores - lse)
+    return list(probs.split([s.shape[-1] for s in scores_list], dim=-1)), lse
+
+
+def _expand_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return x.repeat_interleave(num_heads // x.shape[1], dim=1)
+
+
+def _all_probs(q, k, scale, num_text, branch_length, causal, key_valid, lse=None):
+    """Probabilities of every piece, in the piece's own shape, and lse per row [B, H, n]."""
+    n = q.shape[2]
+    pieces = _pieces(n, num_text, branch_length, q.device)
+    raw = [_scores_and_mask(p, q, k, scale, num_text, branch_length, causal, key_valid) for p in pieces]
+    text_lse = None if lse is None else lse[:, :, :num_text, None]
+    (text_p,), text_lse = _probs([raw[0][0]], [raw[0][1]], text_lse)
+    probs, lses = [text_p], [text_lse[..., 0]]
+    if len(pieces) == 3:
+        B, H, R = q.shape[0], q.shape[1], n - num_text
+        flat = [(s.expand(B, H, *s.shape[2:]).reshape(B, H, R, -1), m.expand(-1, -1, *s.shape[2:]).reshape(-1, 1, R, s.shape[-1]))
+                for s, m in raw[1:]]
+        branch_lse = None if lse is None else lse[:, :, num_text:, None]
+        (prefix_p, own_p), branch_lse = _probs([f[0] for f in flat], [f[1] for f in flat], branch_lse)
+        probs += [prefix_p, own_p.view(raw[2][0].shape)]
+        lses.append(branch_lse[..., 0])
+    return pieces, probs, torch.cat(lses, dim=-1)
+
+
+def attention_forward(q, k, v, scale, num_text, branch_length=0, causal=True, key_valid=None):
+    """Exact attention. q ``[B, H, n, d]``, k/v ``[B, Hkv, n, d]`` -> (o ``[B, H, n, d]``, lse ``[B, H, n]``), fp32."""
+    _check_pattern(q.shape[2], num_text, branch_length)
+    H = q.shape[1]
+    q, k, v = q.float(), _expand_heads(k.float(), H), _expand_heads(v.float(), H)
+    pieces, probs, lse = _all_probs(q, k, scale, num_text, branch_length, causal, key_valid)
+    out = torch.zeros_like(q)
+    for piece, p in zip(pieces, probs):
+        contrib = torch.matmul(p, piece.kv_view(v))
+        out[:, :, piece.rows.min():piece.rows.max() + 1] += contrib.reshape(*q.shape[:2], -1, q.shape[-1])
+    return out, lse
+
+
+def attention_backward(q, k, v, o, lse, do, scale, num_text, branch_length=0, causal=True, key_valid=None,
+                       c=None, seed=0):
+    """Gradients (dq, dk, dv) in fp32, exact (``c=None``) or SUS with parameter ``c`` and ``seed``."""
+    B, H, n, d = q.shape
+    hkv = k.shape[1]
+    q, k, v, do = q.float(), _expand_heads(k.float(), H), _expand_heads(v.float(), H), do.float()
+    delta = (do * o.float()).sum(-1)  # D_i from the exact output, never from P~ (that would bias dQ)
+    pieces, probs, _ = _all_probs(q, k, scale, num_text, branch_length, causal, key_valid, lse)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    bh = torch.arange(B * H, device=q.device).view(B, H)
+    for piece, p in zip(pieces, probs):
+        if c is not None:
+            stream = rng.stream_key(seed, bh.view(B, H, *([1] * (p.dim() - 2))))
+            p = sus_weights(p, rng.uniform_from_keys(rng.row_key(stream, piece.rows), piece.cols), c)
+        q_p, k_p, v_p, do_p = piece.q_view(q), piece.kv_view(k), piece.kv_view(v), piece.q_view(do)
+        delta_p = piece.q_view(delta[..., None])
+        ds = p * (torch.matmul(do_p, v_p.transpose(-1, -2)) - delta_p)
+        rows = slice(piece.rows.min(), piece.rows.max() + 1)
+        cols = slice(piece.cols.min(), piece.cols.max() + 1)
+        dq[:, :, rows] += (scale * torch.matmul(ds, k_p)).reshape(B, H, -1, d)
+        dk[:, :, cols] += (scale * torch.matmul(ds.transpose(-1, -2), q_p)).reshape(B, H, -1, d)
+        dv[:, :, cols] += torch.matmul(p.transpose(-1, -2), do_p).reshape(B, H, -1, d)
+    group = H // hkv
+    return dq, dk.view(B, hkv, group, n, d).sum(2), dv.view(B, hkv, group, n, d).sum(2)
+
+
+class ReferenceSusAttention(torch.autograd.Function):
+    """Autograd Function over the reference: exact forward, exact or SUS backward; one gradient per input."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_valid, scale, num_text, branch_length, causal, c, seed):
+        o, lse = attention_forward(q, k, v, scale, num_text, branch_length, causal, key_valid)
+        ctx.save_for_backward(q, k, v, o, lse, key_valid)
+        ctx.settings = (scale, num_text, branch_length, causal, c, seed)
+        return o.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, key_valid = ctx.saved_tensors
+        scale, num_text, branch_length, causal, c, seed = ctx.settings
+        dq, dk, dv = attention_backward(q, k, v, o, lse, do, scale, num_text, branch_length, causal, key_valid, c, seed)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
