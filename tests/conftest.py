@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors only in the interpreter, which must be on before they are defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from quietstar import QuietStarConfig, QuietStarForCausalLM
 from quietstar.tiny import byte_tokenizer, tiny_model

@@ -49,12 +49,14 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def triton_forward(q, k, v, key_valid, scale, num_text, branch_length, causal):
+def triton_forward(q, k, v, key_valid, scale, num_text, branch_length, causal, out=None):
+    """Launch the forward kernel on contiguous q, k, v; ``out`` = (o, lse) buffers to fill, else new ones."""
     from . import kernels
 
     B, H, n, d = q.shape
-    o = torch.empty_like(q)
-    lse = torch.empty(B, H, n, device=q.device, dtype=torch.float32)
+    if out is None:
+        out = torch.empty_like(q), torch.empty(B, H, n, device=q.device, dtype=torch.float32)
+    o, lse = out
     block_m, block_n = _block_sizes(q.device, d)
     text_blocks, total = _launch_geometry(n, num_text, block_m)
     has_key_valid = key_valid is not None
@@ -69,14 +71,15 @@ def triton_forward(q, k, v, key_valid, scale, num_text, branch_length, causal):
     return o, lse
 
 
-def triton_backward(q, k, v, o, lse, do, key_valid, scale, num_text, branch_length, causal, c, seed):
+def triton_backward(q, k, v, o, lse, do, key_valid, scale, num_text, branch_length, causal, c, seed, out=None):
+    """Launch the two backward kernels; ``out`` = (dq, dk, dv) buffers to fill, else new ones."""
     from . import kernels
 
     B, H, n, d = q.shape
     hkv = k.shape[1]
     do = do.contiguous()
     delta = (do.float() * o.float()).sum(-1)  # D from the exact output, never from P~ (that would bias dQ)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = out if out is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     block_m, block_n = _block_sizes(q.device, d)
     has_key_valid = key_valid is not None
     key_valid_arg = key_valid.to(torch.int8).contiguous() if has_key_valid else lse

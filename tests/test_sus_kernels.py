@@ -1,0 +1,138 @@
+"""Triton SUS kernels against the PyTorch reference: forward, exact backward, SUS backward.
+
+On CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1 without CUDA) at
+tiny odd sizes; with CUDA the same cases run compiled, plus bf16 and larger sizes (marked gpu).
+Output buffers are filled with NaN before every launch, so an element a kernel forgets to write
+fails the comparison. SUS cases use the same seed in both, i.e. identical random numbers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+import triton.language as tl  # noqa: E402
+
+from quietstar.ops.sus import attention, kernels, rng  # noqa: E402
+from quietstar.ops.sus.function import triton_backward, triton_forward  # noqa: E402
+from quietstar.ops.sus.reference import attention_backward, attention_forward  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float16: dict(rtol=2e-2, atol=2e-2),
+             torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
+
+# (batch, heads, kv heads, head dim, text tokens L, thoughts N, branch length S, causal, left padding)
+CASES = {
+    "causal-odd": (1, 2, 1, 16, 37, 0, 0, True, 0),
+    "causal-gqa3": (2, 3, 1, 32, 19, 0, 0, True, 0),
+    "noncausal": (1, 2, 2, 16, 29, 0, 0, False, 0),
+    "single-token": (1, 1, 1, 16, 1, 0, 0, True, 0),
+    "thoughts": (2, 4, 2, 16, 7, 2, 3, True, 2),
+    "thoughts-long-branch": (1, 2, 1, 64, 5, 1, 19, True, 1),
+    "head-dim-128": (1, 1, 1, 128, 18, 1, 2, True, 0),
+}
+
+
+def _problem(case, dtype, seed=0):
+    B, H, Hkv, d, L, N, S, causal, pad = case
+    n = L + N * L * S
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, n, d, generator=g).to(DEVICE, dtype) for h in (H, Hkv, Hkv))
+    do = torch.randn(B, H, n, d, generator=g).to(DEVICE, dtype)
+    key_valid = None
+    if pad:
+        key_valid = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+        key_valid[-1, :pad] = False
+    pattern = dict(num_text=L, branch_length=S if N else 0, causal=causal, key_valid=key_valid)
+    return q, k, v, do, pattern, d**-0.5
+
+
+def _poisoned(*tensors):
+    return tuple(torch.full_like(t, float("nan")) for t in tensors)
+
+
+def _compare(got, want, dtype):
+    assert not torch.isnan(got).any(), "a kernel left part of its output unwritten"
+    torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype])
+
+
+def _dtypes():
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("dtype", _dtypes(), ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("c", [None, 3.0], ids=["exact", "sus"])
+def test_kernels_match_reference(name, dtype, c):
+    q, k, v, do, pattern, scale = _problem(CASES[name], dtype)
+    layout = (pattern["key_valid"], scale, pattern["num_text"], pattern["branch_length"], pattern["causal"])
+    o_ref, lse_ref = attention_forward(q, k, v, scale, pattern["num_text"], pattern["branch_length"],
+                                       pattern["causal"], pattern["key_valid"])
+    o, lse = _poisoned(q, lse_ref)
+    triton_forward(q, k, v, *layout, out=(o, lse))
+    _compare(o, o_ref, dtype)
+    finite = torch.isfinite(lse_ref)
+    assert torch.equal(torch.isfinite(lse), finite)  # rows that see nothing: lse = +inf in both
+    _compare(lse[finite], lse_ref[finite], dtype)
+
+    grads_ref = attention_backward(q, k, v, o_ref, lse_ref, do, scale, pattern["num_text"], pattern["branch_length"],
+                                   pattern["causal"], pattern["key_valid"], c=c, seed=1234)
+    grads = _poisoned(q, k, v)
+    triton_backward(q, k, v, o_ref.to(dtype), lse_ref, do, *layout, c, 1234, out=grads)
+    for got, want in zip(grads, grads_ref):
+        _compare(got, want, dtype)
+
+
+def test_autograd_function_matches_reference_end_to_end():
+    q, k, v, do, pattern, _ = _problem(CASES["thoughts"], torch.float32, seed=3)
+    results = []
+    for backend in ("torch", "triton"):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = attention(*leaves, c=2.0, seed=77, backend=backend, **pattern)
+        results.append((out, *torch.autograd.grad(out, leaves, do)))
+    for got, want in zip(*results):
+        _compare(got, want, torch.float32)
+
+
+def test_huge_c_kernel_equals_exact_kernel_bit_for_bit():
+    q, k, v, do, pattern, scale = _problem(CASES["causal-odd"], torch.float32, seed=2)
+    layout = (pattern["key_valid"], scale, pattern["num_text"], pattern["branch_length"], pattern["causal"])
+    o, lse = triton_forward(q, k, v, *layout)
+    exact = triton_backward(q, k, v, o, lse, do, *layout, None, 0)
+    huge = triton_backward(q, k, v, o, lse, do, *layout, 1e30, 5)
+    for a, b in zip(exact, huge):
+        assert torch.equal(a, b)
+
+
+@triton.jit
+def _uniform_probe(OUT, seed, bh, ROWS: tl.constexpr, COLS: tl.constexpr):
+    rows = tl.arange(0, ROWS) * 37 + 3
+    cols = tl.arange(0, COLS) * 1001
+    u = kernels._uniform(kernels._row_keys(seed, bh, rows)[:, None], cols[None, :])
+    tl.store(OUT + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :], u)
+
+
+def test_kernel_random_numbers_equal_the_pytorch_ones():
+    """The kernels' hash against rng.uniform, bit for bit, through a probe kernel over (row, col)."""
+    out = torch.full((16, 32), float("nan"), device=DEVICE)
+    _uniform_probe[(1,)](out, 123456789, 5, ROWS=16, COLS=32)
+    want = rng.uniform(123456789, torch.tensor(5), torch.arange(16)[:, None] * 37 + 3, torch.arange(32)[None] * 1001)
+    assert torch.equal(out.cpu(), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n", [1000, 2049])
+def test_kernels_match_reference_at_gpu_sizes(n):
+    case = (2, 8, 2, 64, n, 0, 0, True, 0)
+    for c in (None, 32.0):
+        q, k, v, do, pattern, scale = _problem(case, torch.bfloat16, seed=n)
+        results = []
+        for backend in ("torch", "triton"):
+            leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            out = attention(*leaves, c=c, seed=3, backend=backend, **pattern)
+            results.append((out, *torch.autograd.grad(out, leaves, do)))
+        for got, want in zip(*results):
+            _compare(got, want, torch.bfloat16)
