@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 
 MIXING_MODES = ("logits", "logprobs")
-ATTENTION_BACKENDS = ("auto", "eager")
+ATTENTION_BACKENDS = ("auto", "eager", "triton")
 
 
 @dataclass
@@ -63,8 +63,15 @@ class QuietStarConfig:
     )
     attention_backend: str = field(
         default="auto",
-        metadata={"help": "Backend of the 'quietstar' attention: 'eager' (exact PyTorch, the reference) or 'auto' "
-                          "(adds exact fast paths where they apply: CPU flash kernels for unpadded rows)."},
+        metadata={"help": "Backend of the 'quietstar' attention in the gradient pass: 'eager' (PyTorch, the "
+                          "reference), 'triton' (the SUS kernels of quietstar.ops.sus; CUDA) or 'auto' (Triton on "
+                          "CUDA; on CPU the exact flash fast path for unpadded rows, else eager)."},
+    )
+    sus_c: float | None = field(
+        default=None,
+        metadata={"help": "SUS backprop (DESIGN §3) in the gradient pass: keep each attention weight P in the "
+                          "backward with probability min(1, c P), rescaled. None: exact backward. The paper found "
+                          "c of 25-30 costs about 1% extra gradient variance at n = 2000."},
     )
 
     def __post_init__(self):
@@ -85,6 +92,8 @@ class QuietStarConfig:
             raise ValueError(
                 f"QuietStarConfig.attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}."
             )
+        if self.sus_c is not None and (isinstance(self.sus_c, bool) or not self.sus_c > 0):
+            raise ValueError(f"QuietStarConfig.sus_c must be > 0 (or None for the exact backward), got {self.sus_c!r}.")
         if self.start_thought_token == self.end_thought_token:
             raise ValueError("QuietStarConfig.start_thought_token and end_thought_token must differ.")
         if not self.thought_init_text:

@@ -12,6 +12,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from ..ops import sus
 from . import eager, flash_cpu
 from .layout import ThoughtLayout, branch_visibility, prefix_visibility
 
@@ -90,9 +91,39 @@ def quietstar_attention(
         out = eager.sample_step_attention(query, key, value, k_buf, v_buf, k_text, v_text, layout, scaling)
         return out, None
     _check_span(sliding_window, layout.num_text + layout.branch_length)
+    engine = _sus_engine(layout, query.device)
+    if engine is not None:
+        if training:
+            raise ValueError(
+                f"Attention dropout ({dropout}) is not implemented by the {engine!r} SUS attention; set the model's "
+                "attention_dropout to 0 or use attention_backend='eager' without sus_c."
+            )
+        return _sus_expanded_attention(query, key, value, layout, scaling, engine), None
     if layout.backend == "auto" and flash_cpu.applies(query, layout, dropout if training else 0.0):
         return flash_cpu.expanded_attention(query, key, value, layout, scaling), None
     return eager.expanded_attention(query, key, value, layout, scaling, dropout, training), None
+
+
+def _sus_engine(layout: ThoughtLayout, device: torch.device) -> str | None:
+    """Which quietstar.ops.sus backend serves the gradient pass, or None for the eager/flash paths."""
+    if layout.backend == "triton":
+        return "triton"
+    if layout.backend == "auto" and device.type == "cuda" and sus.function.triton_available():
+        return "triton"
+    return "torch" if layout.sus_c is not None else None
+
+
+def _sus_expanded_attention(query, key, value, layout: ThoughtLayout, scaling, engine):
+    """The gradient pass through quietstar.ops.sus: exact forward, exact or SUS backward."""
+    # A fresh mask per call, reproducible under torch.manual_seed (and replayed by activation
+    # checkpointing, which restores the RNG state before recomputing).
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    key_valid = None if bool(layout.key_padding.all()) else layout.key_padding
+    out = sus.attention(
+        query.to(value.dtype), key.to(value.dtype), value, c=layout.sus_c, scale=scaling, seed=seed, backend=engine,
+        num_text=layout.num_text, branch_length=layout.branch_length, key_valid=key_valid,
+    )
+    return out.transpose(1, 2).contiguous()
 
 
 AttentionInterface.register(ATTENTION_NAME, quietstar_attention)

@@ -56,7 +56,8 @@ class ThoughtLayout:
     num_thoughts: int  # N
     branch_length: int  # S in the expanded phase; T (buffer slots) in the sampling phases
     step: int = 0
-    backend: str = "auto"  # "eager": always the reference; "auto": the CPU flash fast path where it applies
+    backend: str = "auto"  # QuietStarConfig.attention_backend
+    sus_c: float | None = None  # SUS backward in the expanded phase (None: exact)
     text_cache: dict = field(default_factory=dict)  # layer_idx -> (k, v), each [B, Hkv, L, d]
     branch_cache: dict = field(default_factory=dict)  # layer_idx -> (k, v), each [B, Hkv, N, L, T, d]
 

@@ -1,0 +1,102 @@
+"""SUS attention inside Quiet-STaR: the gradient pass through quietstar.ops.sus (Triton or reference).
+
+The Triton cases run in the interpreter on CPU (conftest), compiled on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_model, padded_batch, randomize_mixing_head
+from quietstar import QuietStarConfig
+from quietstar.training import QuietStarTrainer
+from test_training import tiny_quietstar, training_args, window_dataset
+
+pytest.importorskip("triton")
+
+
+def _loss_and_grads(model, ids, mask, thoughts, seed=0):
+    model.zero_grad()
+    torch.manual_seed(seed)  # the per-call SUS seeds come from torch's generator
+    out = model(ids, attention_mask=mask, labels=ids, thoughts=thoughts)
+    out.loss.backward()
+    return out.loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _with_backend(model, backend, sus_c=None):
+    model.quietstar_config.attention_backend = backend
+    model.quietstar_config.sus_c = sus_c
+    return model
+
+
+@pytest.fixture(scope="module")
+def problem():
+    torch.manual_seed(0)
+    model = make_model("llama", policy_weight=5.0, num_thought_tokens=2, num_lookahead_tokens=2)
+    randomize_mixing_head(model)
+    ids, mask = padded_batch(lengths=(9, 6))
+    thoughts = model.sample_thoughts(ids, mask)
+    loss, grads = _loss_and_grads(_with_backend(model, "eager"), ids, mask, thoughts)
+    return model, ids, mask, thoughts, loss, grads
+
+
+def _assert_grads_close(got, want, **tolerance):
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=name, **tolerance)
+
+
+def test_triton_backend_gives_the_eager_loss_and_gradients(problem):
+    model, ids, mask, thoughts, loss, grads = problem
+    got_loss, got = _loss_and_grads(_with_backend(model, "triton"), ids, mask, thoughts)
+    torch.testing.assert_close(got_loss, loss, rtol=1e-5, atol=1e-6)
+    _assert_grads_close(got, grads, rtol=1e-4, atol=1e-6)
+
+
+def test_sus_keeps_the_loss_changes_the_gradients_and_huge_c_is_exact(problem):
+    model, ids, mask, thoughts, loss, grads = problem
+    sus_loss, sus_grads = _loss_and_grads(_with_backend(model, "eager", sus_c=1.0), ids, mask, thoughts)
+    torch.testing.assert_close(sus_loss, loss, rtol=1e-5, atol=1e-6)  # the forward stays exact
+    body = "base.model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(sus_grads[body], grads[body], rtol=1e-3)
+    _, huge = _loss_and_grads(_with_backend(model, "eager", sus_c=1e30), ids, mask, thoughts)
+    _assert_grads_close(huge, grads, rtol=1e-4, atol=1e-6)
+
+
+def test_triton_and_reference_draw_the_same_sus_gradients(problem):
+    model, ids, mask, thoughts, _, _ = problem
+    _, reference = _loss_and_grads(_with_backend(model, "eager", sus_c=2.0), ids, mask, thoughts, seed=5)
+    _, kernels = _loss_and_grads(_with_backend(model, "triton", sus_c=2.0), ids, mask, thoughts, seed=5)
+    _assert_grads_close(kernels, reference, rtol=1e-4, atol=1e-6)
+    _, other_seed = _loss_and_grads(_with_backend(model, "eager", sus_c=2.0), ids, mask, thoughts, seed=6)
+    body = "base.model.layers.1.self_attn.k_proj.weight"
+    assert not torch.equal(other_seed[body], reference[body])
+
+
+def test_sus_under_activation_checkpointing_replays_the_same_mask(problem):
+    model, ids, mask, thoughts, _, _ = problem
+    _with_backend(model, "eager", sus_c=2.0)
+    _, plain = _loss_and_grads(model, ids, mask, thoughts, seed=9)
+    model.activation_checkpointing_enable()
+    try:
+        _, checkpointed = _loss_and_grads(model, ids, mask, thoughts, seed=9)
+    finally:
+        model.activation_checkpointing_disable()
+    _assert_grads_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_trainer_trains_with_sus(tmp_path):
+    model = tiny_quietstar()
+    model.quietstar_config.sus_c = 8.0
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = QuietStarTrainer(model=model, args=training_args(tmp_path, max_steps=2),
+                               train_dataset=window_dataset(model.tokenizer))
+    trainer.train()
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("value", [0.0, -3.0, True])
+def test_bad_sus_c_is_refused(value):
+    with pytest.raises(ValueError, match="sus_c must be > 0"):
+        QuietStarConfig(sus_c=value)
