@@ -79,6 +79,16 @@ def test_mistral_values_match_the_official_run(bf16_capable):
     assert training_args.thought_embedding_lr_scale == 100.0
 
 
+def test_sus_config_is_the_official_run_with_sus(bf16_capable):
+    official = parse_config(["--config", os.path.join(REPO, "configs", "mistral-7b-openwebmath.yaml")])
+    sus = parse_config(["--config", os.path.join(REPO, "configs", "mistral-7b-openwebmath-sus.yaml")])
+    assert sus[2].attention_backend == "triton" and sus[2].sus_c == 32.0
+    assert official[2].sus_c is None
+    sus[2].attention_backend, sus[2].sus_c = official[2].attention_backend, official[2].sus_c
+    assert sus[2] == official[2] and sus[1] == official[1]
+    assert sus[3].learning_rate == official[3].learning_rate and sus[3].max_steps == official[3].max_steps
+
+
 def test_command_line_overrides_yaml(tmp_path):
     path = write_yaml(tmp_path, "model_config: {model_type: llama}\ntokenizer_name_or_path: builtin-bytes\n"
                                 "dataset: synthetic-arithmetic\nlearning_rate: 1e-3\nmax_steps: 7\nnum_thoughts: 3\n")
