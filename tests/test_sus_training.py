@@ -100,3 +100,25 @@ def test_trainer_trains_with_sus(tmp_path):
 def test_bad_sus_c_is_refused(value):
     with pytest.raises(ValueError, match="sus_c must be > 0"):
         QuietStarConfig(sus_c=value)
+
+
+def test_any_causal_lm_can_train_with_sus_through_the_attention_keyword():
+    model = make_model("qwen2")
+    # Right padding: with left padding the first real token is predicted from a padding query, whose
+    # output is arbitrary (finite garbage in eager, zero in the SUS path).
+    ids, mask = padded_batch(lengths=(12, 9), left_padding_rows=())
+
+    def grads(**kwargs):
+        model.zero_grad()
+        out = model.base(inputs_embeds=model.embed(ids), attention_mask=mask, labels=ids.masked_fill(mask == 0, -100),
+                         **kwargs)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.base.named_parameters() if p.grad is not None}
+
+    loss, exact = grads()
+    huge_loss, huge = grads(sus_c=1e30)
+    torch.testing.assert_close(huge_loss, loss)
+    _assert_grads_close(huge, exact, rtol=1e-4, atol=1e-6)
+    _, sparse = grads(sus_c=1.0)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(sparse[name], exact[name], rtol=1e-3)

