@@ -46,6 +46,7 @@ def parse_args(argv=None):
     parser.add_argument("--sequences", type=int, default=8, help="windows for the minibatch variance (K)")
     parser.add_argument("--sus-sequences", type=int, default=2, help="of those, windows that get SUS draws")
     parser.add_argument("--draws", type=int, default=1, help="SUS draws per window and c")
+    parser.add_argument("--documents", type=int, default=None, help="use only the first N MATH documents")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default="bench_results/sus_variance.json")
     parser.add_argument("--plot", default="docs/sus_variance.png", help="PNG path ('' for none)")
@@ -59,10 +60,10 @@ def parse_args(argv=None):
     return args
 
 
-def token_windows(tokenizer, count: int, length: int) -> list[torch.Tensor]:
+def token_windows(tokenizer, count: int, length: int, documents: int | None = None) -> list[torch.Tensor]:
     """``count`` windows of ``length`` tokens from the MATH text (documents joined by EOS), spread evenly over it."""
     stream = []
-    for document in math_documents():
+    for document in math_documents(documents):
         stream.extend(tokenizer(document, add_special_tokens=False).input_ids)
         stream.append(tokenizer.eos_token_id)
     stride = (len(stream) - length) // count
@@ -89,7 +90,7 @@ def squared_distance(tensors, others) -> float:
 
 
 def measure_length(model, tokenizer, length, args, progress) -> dict:
-    windows = token_windows(tokenizer, args.sequences, length)
+    windows = token_windows(tokenizer, args.sequences, length, args.documents)
     total, squares, exact = None, 0.0, []
     started = time.perf_counter()
     for k, window in enumerate(windows):
