@@ -56,3 +56,19 @@ def test_model_loss_and_gradients_agree_between_backends():
     torch.testing.assert_close(loss_auto, loss_eager, rtol=1e-5, atol=1e-6)
     for name in grads_eager:
         torch.testing.assert_close(grads_auto[name], grads_eager[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("B,H,Hkv,N,L,T,d", [(2, 4, 2, 2, 13, 5, 16), (1, 3, 1, 3, 7, 2, 8)])
+def test_flash_sampling_step_equals_eager(B, H, Hkv, N, L, T, d):
+    """Every sampling step, through the same branch buffers as the sampling loop fills them."""
+    generator = torch.Generator().manual_seed(L)
+    k_text, v_text = (torch.randn(B, Hkv, L, d, generator=generator) for _ in range(2))
+    layout = ThoughtLayout("sample", torch.ones(B, L, dtype=torch.bool), N, T)
+    buffers = {name: tuple(torch.full((B, Hkv, N, L, T, d), float("nan")) for _ in range(2)) for name in ("e", "f")}
+    for step in range(T):
+        layout.step = step
+        q = torch.randn(B, H, N * L, d, generator=generator)
+        k_new, v_new = (torch.randn(B, Hkv, N * L, d, generator=generator) for _ in range(2))
+        want = eager.sample_step_attention(q, k_new, v_new, *buffers["e"], k_text, v_text, layout, 0.3)
+        got = flash_cpu.sample_step_attention(q, k_new, v_new, *buffers["f"], k_text, v_text, layout, 0.3)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

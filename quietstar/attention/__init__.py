@@ -99,8 +99,9 @@ def quietstar_attention(
             layout.branch_cache[layer] = (key.new_zeros(shape), value.new_zeros(shape))
         k_text, v_text = layout.text_cache[layer]
         k_buf, v_buf = layout.branch_cache[layer]
-        out = eager.sample_step_attention(query, key, value, k_buf, v_buf, k_text, v_text, layout, scaling)
-        return out, None
+        fast = layout.backend == "auto" and flash_cpu.applies(query, layout, 0.0)
+        step_attention = flash_cpu.sample_step_attention if fast else eager.sample_step_attention
+        return step_attention(query, key, value, k_buf, v_buf, k_text, v_text, layout, scaling), None
     _check_span(sliding_window, layout.num_text + layout.branch_length)
     engine = _sus_engine(layout, query.device)
     if engine is not None:

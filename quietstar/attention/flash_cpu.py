@@ -109,3 +109,34 @@ def expanded_attention(q, k, v, layout: ThoughtLayout, scaling: float) -> torch.
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     out = ExpandedFlashAttention.apply(q, k, v, layout.num_text, layout.num_thoughts, layout.branch_length, scaling)
     return out.transpose(1, 2).contiguous()
+
+
+def sample_step_attention(q, k_new, v_new, k_buffer, v_buffer, k_text, v_text, layout: ThoughtLayout, scaling):
+    """Same contract as :func:`quietstar.attention.eager.sample_step_attention` (no gradient), for unpadded rows.
+
+    The N*L queries b_{j,step+1} over the text are causal in j for each sample: one flash call over
+    B*N sequences of length L. Their own branch slots 0..step are a small batched product. The two
+    softmaxes are merged by their log-sum-exps.
+    """
+    B, hkv, N, L, _, d = k_buffer.shape
+    m = layout.step
+    k_buffer[:, :, :, :, m] = k_new.view(B, hkv, N, L, d)
+    v_buffer[:, :, :, :, m] = v_new.view(B, hkv, N, L, d)
+    H = q.shape[1]
+    groups = H // hkv
+    q = q.to(v_text.dtype)
+    q_over = q.view(B, H, N, L, d).transpose(1, 2).reshape(B * N, H, L, d)
+    k_over = k_text.to(v_text.dtype).repeat_interleave(groups, dim=1).unsqueeze(1).expand(B, N, H, L, d)
+    v_over = v_text.repeat_interleave(groups, dim=1).unsqueeze(1).expand(B, N, H, L, d)
+    out_a, lse_a = _flash(q_over, k_over.reshape(B * N, H, L, d), v_over.reshape(B * N, H, L, d), is_causal=True,
+                          scale=scaling)
+    out_a = out_a.view(B, N, H, L, d).transpose(1, 2)  # [B, H, N, L, d]
+    lse_a = lse_a.view(B, N, H, L).transpose(1, 2)
+    k_seen = k_buffer[:, :, :, :, : m + 1].repeat_interleave(groups, dim=1)  # [B, H, N, L, m+1, d]
+    v_seen = v_buffer[:, :, :, :, : m + 1].repeat_interleave(groups, dim=1)
+    scores = torch.einsum("bhnld,bhnlsd->bhnls", q.view(B, H, N, L, d).float(), k_seen.float()) * scaling
+    lse_b = torch.logsumexp(scores, dim=-1)
+    out_b = torch.einsum("bhnls,bhnlsd->bhnld", torch.exp(scores - lse_b.unsqueeze(-1)), v_seen.float())
+    lse = torch.logaddexp(lse_a.float(), lse_b)
+    out = torch.exp(lse_a - lse).unsqueeze(-1) * out_a.float() + torch.exp(lse_b - lse).unsqueeze(-1) * out_b
+    return out.to(v_text.dtype).reshape(B, H, N * L, d).transpose(1, 2).contiguous()
