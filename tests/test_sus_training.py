@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import make_model, padded_batch, randomize_mixing_head
-from quietstar import QuietStarConfig
+from quietstar import QuietStarConfig, QuietStarForCausalLM
+from quietstar.tiny import byte_tokenizer, tiny_model
 from quietstar.training import QuietStarTrainer
 from test_training import tiny_quietstar, training_args, window_dataset
 
@@ -122,3 +123,16 @@ def test_any_causal_lm_can_train_with_sus_through_the_attention_keyword():
     _, sparse = grads(sus_c=1.0)
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(sparse[name], exact[name], rtol=1e-3)
+
+
+def test_sus_refuses_attention_dropout_in_training():
+    tokenizer = byte_tokenizer()
+    base = tiny_model("llama", vocab_size=len(tokenizer), attention_dropout=0.1)
+    model = QuietStarForCausalLM.from_base(base, tokenizer, QuietStarConfig(num_thought_tokens=2,
+                                                                            num_lookahead_tokens=2)).train()
+    ids, mask = padded_batch(lengths=(8, 8))
+    with pytest.raises(ValueError, match="dropout"):
+        model.base(inputs_embeds=model.embed(ids), labels=ids, sus_c=4.0)
+    model.quietstar_config.sus_c = 4.0
+    with pytest.raises(ValueError, match="dropout"):
+        model(ids, labels=ids)

@@ -77,6 +77,9 @@ def quietstar_attention(
         if sus_c is not None:
             if query.shape[2] != key.shape[2]:
                 raise ValueError("sus_c applies to full-sequence calls (training), not to cached decoding.")
+            if training:
+                raise ValueError(f"Attention dropout ({dropout}) is not implemented with sus_c; set the model's "
+                                 "attention_dropout to 0.")
             out = sus.attention(query.to(value.dtype), key.to(value.dtype), value, c=sus_c, scale=scaling,
                                 seed=_fresh_seed(), key_valid=attention_mask)
             return out.transpose(1, 2).contiguous(), None
