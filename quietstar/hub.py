@@ -28,11 +28,11 @@ from dataclasses import dataclass, fields
 from huggingface_hub import HfApi, ModelCardData
 from huggingface_hub.errors import HFValidationError, HfHubHTTPError
 from huggingface_hub.utils import httpx, validate_repo_id
-from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
 from .config import QuietStarConfig
+from .lora import ADAPTER_FOLDER
 from .modeling import CONFIG_FILE, WEIGHTS_FILE, QuietStarForCausalLM
 
 LM_CONFIG_FILE = "config.json"
@@ -41,7 +41,6 @@ LM_WEIGHTS_FILE = "model.safetensors"
 LM_WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 TOKENIZER_JSON_FILES = ("tokenizer.json", "special_tokens_map.json", "added_tokens.json", "vocab.json")
-ADAPTER_FOLDER = "adapter"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -366,10 +365,10 @@ def _write_model_files(checkpoint: Checkpoint, staging: str) -> None:
     checkpoint.tokenizer.save_pretrained(staging)
 
 
-def _write_merged_model(checkpoint: Checkpoint, adapter: str, staging: str) -> None:
-    """Load the Quiet-STaR model, merge the LoRA adapter into its LM and save the result into ``staging``."""
-    model = QuietStarForCausalLM.from_pretrained(checkpoint.folder, dtype="auto")
-    model.base = PeftModel.from_pretrained(model.base, adapter).merge_and_unload()
+def _write_merged_model(checkpoint: Checkpoint, staging: str) -> None:
+    """Load the Quiet-STaR model with its LoRA adapter, merge the adapter into the LM, save into ``staging``."""
+    model = QuietStarForCausalLM.from_pretrained(checkpoint.folder, dtype="auto")  # attaches the adapter
+    model.merge_lora()
     model.save_pretrained(staging)
 
 
@@ -428,7 +427,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, merge_lora: bo
         if adapter is None:
             _write_model_files(saved, staging)
         else:
-            _write_merged_model(saved, adapter, staging)
+            _write_merged_model(saved, staging)
         write_model_card(staging, name=os.path.basename(out), repo_id=repo_id, base_model=base_model,
                          license=license, log_history=log_history, eval_results=results)
         os.chmod(staging, 0o755)

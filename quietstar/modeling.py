@@ -20,6 +20,7 @@ from .attention import ATTENTION_NAME
 from .compat import check_model_supported
 from .config import QuietStarConfig
 from .generation import GenerationOutput, generate
+from .lora import ADAPTER_FOLDER, load_lora, lm_state_dict_without_lora
 from .losses import IGNORE_INDEX, quietstar_loss
 from .mixing import MixingHead, mix, thought_weight
 from .thoughts import expanded_pass, sample_thoughts
@@ -72,6 +73,25 @@ class QuietStarForCausalLM(nn.Module):
         weight = base.get_input_embeddings().weight
         self.thought_embeddings = nn.Parameter(weight.new_zeros(2, hidden_size, dtype=torch.float32))
         self.mixing_head = MixingHead(hidden_size).to(device=weight.device)
+        self._lora = None
+
+    # ------------------------------------------------------------------------------------------- LoRA
+    def attach_lora(self, peft_model) -> None:
+        """Record the peft wrapper whose adapters were injected into ``self.base`` (quietstar.lora.add_lora).
+        It is kept outside the module tree, so parameters are not listed twice."""
+        object.__setattr__(self, "_lora", peft_model)
+
+    @property
+    def lora(self):
+        """The peft wrapper of ``self.base`` when it trains through LoRA adapters, else None."""
+        return self._lora
+
+    def merge_lora(self) -> None:
+        """Fold the LoRA adapters into the LM's weights (``merge_and_unload``); the model becomes a plain one."""
+        if self._lora is None:
+            raise ValueError("This model has no LoRA adapter to merge.")
+        self.base = self._lora.merge_and_unload()
+        object.__setattr__(self, "_lora", None)
 
     # ----------------------------------------------------------------------------------------- build
     @classmethod
@@ -243,7 +263,11 @@ class QuietStarForCausalLM(nn.Module):
         self.write_thought_embeddings()
         staging = tempfile.mkdtemp(prefix=".saving-", dir=path)
         try:
-            self.base.save_pretrained(staging)
+            if self._lora is None:
+                self.base.save_pretrained(staging)
+            else:  # the LM without adapters, as stock transformers loads it, and the adapter beside it
+                self.base.save_pretrained(staging, state_dict=lm_state_dict_without_lora(self.base))
+                self._lora.save_pretrained(os.path.join(staging, ADAPTER_FOLDER))
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(staging)
             tensors = {"thought_embeddings": self.thought_embeddings.detach()}
@@ -289,4 +313,5 @@ class QuietStarForCausalLM(nn.Module):
             model.thought_embeddings.copy_(tensors.pop("thought_embeddings"))
         head = {k.removeprefix("mixing_head."): v for k, v in tensors.items()}
         model.mixing_head.load_state_dict(head)
+        load_lora(model, path)
         return model.to(device)

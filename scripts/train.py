@@ -15,15 +15,28 @@ import sys
 from transformers import set_seed
 
 from quietstar.training import ConfigError, QuietStarTrainer, build_datasets, build_model, parse_config
+from quietstar.training.memory import check_memory, format_gib
+from quietstar.training.run_files import check_output_dir, write_run_config
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
         model_args, data_args, quietstar_config, training_args = parse_config(argv)
-    except ConfigError as error:
+        check_output_dir(training_args.output_dir, training_args.overwrite_output_dir,
+                         training_args.resume_from_checkpoint)
+    except (ConfigError, FileExistsError) as error:
         sys.exit(f"train.py: error: {error}")
     set_seed(training_args.seed)  # before the model: a random model_config is initialised from it
     model = build_model(model_args, quietstar_config)
+    if not training_args.skip_memory_check:
+        try:
+            estimate = check_memory(model, training_args, data_args.max_length, training_args.device)
+        except MemoryError as error:
+            sys.exit(f"train.py: error: {error}")
+        if training_args.should_log:
+            print(f"Estimated peak training memory: {format_gib(estimate['total'])} per process.")
+    if training_args.should_save:
+        write_run_config(training_args.output_dir, model_args, data_args, quietstar_config, training_args)
     window_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     with training_args.main_process_first(desc="loading and tokenizing the data"):
         train_dataset, eval_dataset = build_datasets(

@@ -289,7 +289,7 @@ def test_non_finite_loss_raises_before_any_checkpoint_of_that_step(tmp_path, mon
     with pytest.raises(RuntimeError, match=expected):
         trainer.train()
     run = tmp_path / "run"
-    assert sorted(os.listdir(run)) == ["checkpoint-1"]
+    assert sorted(os.listdir(run)) == ["checkpoint-1", "metrics.jsonl"]
     saved = QuietStarForCausalLM.from_pretrained(run / "checkpoint-1")
     current = state_of(model)  # the NaN step stopped before its update: still the step-1 weights
     for name, value in saved.state_dict().items():

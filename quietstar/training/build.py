@@ -7,7 +7,9 @@ import dataclasses
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from ..assets import resolve_model
 from ..config import QuietStarConfig
+from ..lora import add_lora, lora_config
 from ..modeling import QuietStarForCausalLM
 from ..tiny import byte_tokenizer
 from .arguments import BUILTIN_BYTE_TOKENIZER, ModelArguments
@@ -19,7 +21,7 @@ def load_tokenizer(args: ModelArguments):
     name = args.tokenizer_name_or_path or args.model_name_or_path
     if name == BUILTIN_BYTE_TOKENIZER:
         return byte_tokenizer()
-    return AutoTokenizer.from_pretrained(name)
+    return AutoTokenizer.from_pretrained(resolve_model(name))
 
 
 def random_model_config(values: dict, vocab_size: int):
@@ -45,10 +47,14 @@ def load_base_model(args: ModelArguments, tokenizer):
     dtype = getattr(torch, args.dtype)
     if args.model_config is not None:
         return AutoModelForCausalLM.from_config(random_model_config(args.model_config, len(tokenizer)), dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(resolve_model(args.model_name_or_path), dtype=dtype)
 
 
 def build_model(args: ModelArguments, quietstar_config: QuietStarConfig) -> QuietStarForCausalLM:
-    """Tokenizer + base LM wrapped as a QuietStarForCausalLM (the two thought tokens are added)."""
+    """Tokenizer + base LM wrapped as a QuietStarForCausalLM (the two thought tokens are added), with LoRA
+    adapters when ``args.peft`` asks for them."""
     tokenizer = load_tokenizer(args)
-    return QuietStarForCausalLM.from_base(load_base_model(args, tokenizer), tokenizer, quietstar_config)
+    model = QuietStarForCausalLM.from_base(load_base_model(args, tokenizer), tokenizer, quietstar_config)
+    if args.peft is not None:
+        add_lora(model, lora_config(args.peft))
+    return model

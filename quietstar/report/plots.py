@@ -1,0 +1,96 @@
+"""PNG plots of a run: training curves from ``metrics.jsonl`` and the NLL change by token difficulty."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display is needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def training_series(entries: list[dict], name: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of metric ``name`` over the training logs (entries with a ``loss``)."""
+    points = [(e["step"], float(e[name])) for e in entries if "loss" in e and name in e]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Mean of each value and up to ``window - 1`` values before it."""
+    return [sum(values[max(0, i - window + 1): i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+
+
+def _smoothed(axis, steps, values, color, label=None):
+    """The logged values, faint, and their moving average over ~1/10 of the logs (small batches are noisy)."""
+    window = max(1, len(values) // 10)
+    axis.plot(steps, values, color=color, alpha=0.25 if window > 1 else 1.0, linewidth=1)
+    axis.plot(steps, moving_average(values, window), color=color, label=label)
+
+
+def _save(figure, path: str) -> str:
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_nll(entries: list[dict], path: str) -> str:
+    """Base NLL and mixed NLL (one line per lookahead step) over training steps."""
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    _smoothed(axis, *training_series(entries, "base_nll"), label="base, token j+1 (no thought)", color="black")
+    step = 0
+    while any(f"mixed_nll_{step}" in e for e in entries):
+        _smoothed(axis, *training_series(entries, f"mixed_nll_{step}"), label=f"mixed, token j+{step + 1}",
+                  color=f"C{step}")
+        step += 1
+    axis.set(xlabel="optimizer step", ylabel="NLL (nats/token)", title="Training NLL: base vs after thoughts")
+    axis.legend()
+    return _save(figure, path)
+
+
+def plot_rewards(entries: list[dict], path: str) -> str:
+    """Mean reward and the fraction of thoughts with a positive advantage over training steps."""
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 5), sharex=True)
+    _smoothed(top, *training_series(entries, "reward_mean"), color="tab:green")
+    top.set(ylabel="mean reward", title="REINFORCE signal")
+    _smoothed(bottom, *training_series(entries, "positive_advantage_fraction"), color="tab:purple")
+    bottom.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
+    bottom.set(xlabel="optimizer step", ylabel="positive-advantage fraction")
+    return _save(figure, path)
+
+
+def plot_mixing(entries: list[dict], path: str) -> str:
+    """Mean mixing weight (the weight on the thought-conditioned prediction) over training steps."""
+    figure, axis = plt.subplots(figsize=(6.5, 3.5))
+    _smoothed(axis, *training_series(entries, "mixing_weight_mean"), color="tab:blue")
+    axis.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
+    axis.set(xlabel="optimizer step", ylabel="mean mixing weight", title="How much the model trusts its thoughts")
+    return _save(figure, path)
+
+
+LABELS = {"after_thoughts": "trained, with thoughts", "after_no_thoughts": "trained, no thoughts"}
+
+
+def plot_difficulty(binned: dict, path: str) -> str:
+    """Mean NLL change from the base model per difficulty bin (the paper's figure): below zero is better."""
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    for name, change in binned["change"].items():
+        axis.plot(binned["bin_mean_nll"], change, marker="o", label=LABELS.get(name, name))
+    axis.axhline(0.0, color="grey", linewidth=0.8)
+    axis.set(xlabel="base-model NLL of the token (bin mean; easy → hard)", ylabel="NLL change vs base model",
+             title="Held-out NLL change by token difficulty")
+    axis.legend()
+    return _save(figure, path)
+
+
+def plot_all(entries: list[dict], binned: dict | None, folder: str) -> dict[str, str]:
+    """Every plot the report shows, as {name: path} under ``folder``."""
+    plots = {}
+    if any("loss" in e for e in entries):
+        plots["nll"] = plot_nll(entries, os.path.join(folder, "nll.png"))
+        plots["rewards"] = plot_rewards(entries, os.path.join(folder, "rewards.png"))
+        plots["mixing"] = plot_mixing(entries, os.path.join(folder, "mixing_weight.png"))
+    if binned is not None:
+        plots["difficulty"] = plot_difficulty(binned, os.path.join(folder, "nll_by_difficulty.png"))
+    return plots

