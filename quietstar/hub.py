@@ -32,6 +32,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
 from .config import QuietStarConfig
+from .files import replace_folder
 from .lora import ADAPTER_FOLDER
 from .modeling import CONFIG_FILE, WEIGHTS_FILE, QuietStarForCausalLM
 
@@ -380,23 +381,6 @@ def _check_destination(checkpoint: str, out: str, overwrite: bool) -> None:
         raise ExportError(f"Exporting to {out} would replace the checkpoint {checkpoint}; choose another folder.")
 
 
-def _move_into_place(staging: str, out: str) -> None:
-    """Rename ``staging`` to ``out``; an existing ``out`` is moved aside first and deleted only afterwards."""
-    if not os.path.lexists(out):
-        os.rename(staging, out)
-        return
-    trash = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.replaced-", dir=os.path.dirname(out))
-    previous = os.path.join(trash, "previous")
-    os.rename(out, previous)
-    try:
-        os.rename(staging, out)
-    except BaseException:
-        os.rename(previous, out)
-        raise
-    finally:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, merge_lora: bool = False, overwrite: bool = False,
            eval_results: list[str | os.PathLike] = (), base_model: str | None = None, license: str | None = None,
            repo_id: str | None = None) -> str:
@@ -431,7 +415,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, merge_lora: bo
         write_model_card(staging, name=os.path.basename(out), repo_id=repo_id, base_model=base_model,
                          license=license, log_history=log_history, eval_results=results)
         os.chmod(staging, 0o755)
-        _move_into_place(staging, out)
+        replace_folder(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

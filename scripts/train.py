@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
         except MemoryError as error:
             sys.exit(f"train.py: error: {error}")
         if training_args.should_log:
-            print(f"Estimated peak training memory: {format_gib(estimate['total'])} per process.")
+            print(f"Training on {training_args.world_size} process(es); estimated peak memory "
+                  f"{format_gib(estimate['total'])} per process.")
     if training_args.should_save:
         write_run_config(training_args.output_dir, model_args, data_args, quietstar_config, training_args)
     window_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed

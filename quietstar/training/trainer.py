@@ -5,7 +5,8 @@ What it changes:
   in evaluation, means over the evaluation set, ``eval_``-prefixed);
 - a non-finite loss raises before its step's update and before anything of that step is saved;
 - the optimizer has separate parameter groups for the LM body, the thought embeddings and the mixing head;
-- checkpoints are written and read with ``QuietStarForCausalLM.save_pretrained`` / ``from_pretrained``;
+- checkpoints are written and read with ``QuietStarForCausalLM.save_pretrained`` / ``from_pretrained``, and
+  published atomically: written under ``.staging-checkpoint-N`` and renamed to ``checkpoint-N`` once complete;
 - ``thought_curriculum`` changes the thought and lookahead lengths over steps (quietstar.training.curriculum);
 - every log is also appended to ``output_dir/metrics.jsonl`` (quietstar.training.run_files).
 Supported: one device, or several with DDP (``accelerate launch``). FSDP and DeepSpeed are refused: checkpoints
@@ -16,12 +17,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections import defaultdict
 
 import torch
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from ..files import replace_folder
 from ..modeling import QuietStarForCausalLM
 from .arguments import QuietStarTrainingArguments
 from .data import RandomWindowDataset, WindowCollator, WindowEpochCallback
@@ -66,6 +70,7 @@ class QuietStarTrainer(Trainer):
             raise ValueError("QuietStarTrainer supports single-device and DDP training only: with FSDP or DeepSpeed "
                              "the module's parameters are sharded and checkpoints would be written wrongly.")
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._checkpoint_staging = None
 
     # ------------------------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -181,6 +186,38 @@ class QuietStarTrainer(Trainer):
         logger.info(f"Saving Quiet-STaR model to {output_dir}")
         self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _get_output_dir(self, trial) -> str:
+        """Where Trainer writes a checkpoint folder: the staging folder while :meth:`_save_checkpoint` runs."""
+        return self._checkpoint_staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint (model, optimizer, scheduler, RNG states, trainer state), written inside
+        ``.staging-checkpoint-N`` and renamed to ``checkpoint-N`` when every process has finished writing. A run
+        killed while saving leaves only the staging folder, which resuming never picks up
+        (``get_last_checkpoint`` matches ``checkpoint-N`` only) and the next save of that step clears."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, f".staging-{name}")
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._checkpoint_staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_staging = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            replace_folder(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            best = self.state.best_model_checkpoint
+            if best is not None and best.startswith(staging):
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Load the weights of a checkpoint this trainer wrote (used by ``train(resume_from_checkpoint=...)``)."""
