@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -21,7 +22,7 @@ def load_tokenizer(args: ModelArguments):
     name = args.tokenizer_name_or_path or args.model_name_or_path
     if name == BUILTIN_BYTE_TOKENIZER:
         return byte_tokenizer()
-    return AutoTokenizer.from_pretrained(resolve_model(name))
+    return _load(AutoTokenizer.from_pretrained, name, "tokenizer")
 
 
 def random_model_config(values: dict, vocab_size: int):
@@ -47,7 +48,20 @@ def load_base_model(args: ModelArguments, tokenizer):
     dtype = getattr(torch, args.dtype)
     if args.model_config is not None:
         return AutoModelForCausalLM.from_config(random_model_config(args.model_config, len(tokenizer)), dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(resolve_model(args.model_name_or_path), dtype=dtype)
+    return _load(AutoModelForCausalLM.from_pretrained, args.model_name_or_path, "model", dtype=dtype)
+
+
+def _load(from_pretrained, name: str, what: str, **kwargs):
+    """``from_pretrained(name)``, with an offline name resolved; a name that is neither a local folder nor
+    reachable on the Hub gets a message saying so."""
+    try:
+        return from_pretrained(resolve_model(name), **kwargs)
+    except OSError as error:
+        local = os.path.isdir(os.path.expanduser(name))
+        where = "the local folder has no usable files" if local else (
+            "it is not a local folder, and the Hugging Face Hub has no such repository or cannot be reached")
+        raise ValueError(f"Could not load the {what} {name!r}: {where} ({str(error).splitlines()[0]}). Use a local "
+                         "folder, an offline name such as 'smollm2-135m', or check the id and your network.") from error
 
 
 def build_model(args: ModelArguments, quietstar_config: QuietStarConfig) -> QuietStarForCausalLM:

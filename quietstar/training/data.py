@@ -114,7 +114,10 @@ def _read_jsonl(path: str, text_field: str):
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number} is not valid JSON ({error.msg}).") from None
             if text_field not in record:
                 raise KeyError(f"{path}:{number} has no field {text_field!r} (fields: {sorted(record)}); "
                                "set text_field.")
@@ -131,13 +134,17 @@ def _read_parquet(path: str, text_field: str):
 
 
 def _read_file(path: str, text_field: str):
-    if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            yield f.read()
-    elif path.endswith(".parquet"):
-        yield from _read_parquet(path, text_field)
-    else:
-        yield from _read_jsonl(path, text_field)
+    try:
+        if path.endswith(".txt"):
+            with open(path, encoding="utf-8") as f:
+                yield f.read()
+        elif path.endswith(".parquet"):
+            yield from _read_parquet(path, text_field)
+        else:
+            yield from _read_jsonl(path, text_field)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); re-encode it as UTF-8, "
+                         f"e.g. iconv -f latin1 -t utf-8 {path}.") from None
 
 
 def _read_hub(args: DataArguments):
