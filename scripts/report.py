@@ -35,7 +35,10 @@ from quietstar.assets import MATH_SPLITS, OFFLINE_MATH_HELDOUT, resolve_model  #
 from quietstar.report.heldout import (binned_change, fixed_windows, heldout_token_nll, standard_scorers,  # noqa: E402
                                       summarize)
 from quietstar.report.markdown import render_report  # noqa: E402
-from quietstar.report.plots import plot_all  # noqa: E402
+try:
+    from quietstar.report.plots import plot_all  # noqa: E402
+except ImportError as error:  # matplotlib is an optional extra
+    sys.exit(f"scripts/report.py needs matplotlib ({error}): pip install 'quietstar[plots]'.")
 from quietstar.training.arguments import DataArguments  # noqa: E402
 from quietstar.training.data import load_documents  # noqa: E402
 from quietstar.training.run_files import read_metrics, read_run_config  # noqa: E402

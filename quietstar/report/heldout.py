@@ -2,7 +2,7 @@
 
 Every document contributes its first ``max_length`` tokens (a fixed window, so runs are comparable). The NLL of
 token j + 1 is scored at position j; with thoughts it is the next-token distribution after the thoughts,
-averaged over the N samples as in the paper protocol (eval.run.ThoughtScorer).
+averaged over the N samples as in the paper protocol (quietstar.scoring.ThoughtScorer).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from eval.run import BaseScorer, ThoughtScorer
+from ..scoring import BaseScorer, ThoughtScorer
 
 
 def fixed_windows(documents: list[str], tokenizer, max_length: int, min_tokens: int = 2) -> list[list[int]]:
