@@ -168,3 +168,25 @@ def test_report_to_defaults_to_tensorboard_when_installed(monkeypatch, tmp_path,
     assert args.report_to == expected
     assert args.label_names == ["labels"]
     assert QuietStarTrainingArguments(output_dir=str(tmp_path), report_to="wandb").report_to == ["wandb"]
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "accelerate", "*.yaml"))),
+                         ids=os.path.basename)
+def test_accelerate_configs_load_and_say_how_to_launch(path):
+    import yaml
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    with open(path) as f:
+        assert f.readline().startswith("# Launch:  accelerate launch --config_file ")
+    assert yaml.safe_load(open(path))["num_processes"] >= 2
+    assert load_config_from_file(path).num_processes >= 2
+
+
+def test_smollm2_configs_use_the_offline_assets(bf16_capable):
+    for name in ("smollm2-135m-cpu", "smollm2-135m-cpu-long", "smollm2-135m-gpu"):
+        model_args, data_args, quietstar_config, training_args = parse_config(
+            ["--config", os.path.join(REPO, "configs", f"{name}.yaml")])
+        assert (model_args.model_name_or_path, data_args.dataset) == ("smollm2-135m", "offline-math")
+        assert training_args.output_dir == f"runs/{name}"
+    long_run = load_yaml_config(os.path.join(REPO, "configs", "smollm2-135m-cpu-long.yaml"))
+    assert long_run["policy_weight"] == 10  # the remedy the demo's evidence asked for (README)
