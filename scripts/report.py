@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from eval.data import load_task  # noqa: E402
 from eval.run import build_parser as eval_parser  # noqa: E402
-from eval.run import evaluate  # noqa: E402
+from eval.run import configure_for_eval, evaluate  # noqa: E402
 from quietstar import QuietStarForCausalLM  # noqa: E402
 from quietstar.assets import MATH_SPLITS, OFFLINE_MATH_HELDOUT, resolve_model  # noqa: E402
 from quietstar.report.heldout import (binned_change, fixed_windows, heldout_token_nll, standard_scorers,  # noqa: E402
@@ -118,6 +118,7 @@ def main(argv=None) -> dict:
     run_config = read_run_config(args.run_dir)
     torch.manual_seed(args.seed)
     trained = QuietStarForCausalLM.from_pretrained(args.run_dir).to(args.device).eval()
+    configure_for_eval(trained)  # scoring needs the s = 0 prediction only: A = 1
     original_lm, original_tokenizer = load_original(run_config, args.device)
     evaluations = run_evaluations(args, trained, original_lm, original_tokenizer)
 
@@ -125,7 +126,8 @@ def main(argv=None) -> dict:
     source = heldout_source(args, run_config)
     if source is not None and args.heldout_documents > 0:
         documents = load_documents(DataArguments(dataset=source, num_documents=args.heldout_documents))
-        windows = fixed_windows(documents, trained.tokenizer, run_config["DataArguments"]["max_length"])
+        windows = fixed_windows(documents, trained.tokenizer, run_config["DataArguments"]["max_length"],
+                                min_tokens=3)  # A = 1 needs 3 tokens
         scorers = standard_scorers(trained, original_lm,
                                    torch.Generator(device=args.device).manual_seed(args.seed))
         if original_lm is None:
