@@ -77,15 +77,15 @@ def run_evaluations(args, trained, original_lm, original_tokenizer) -> dict:
         if items <= 0:
             continue
         rows, source = load_task(task, items)
-        views = {"after_thoughts": (trained, trained.base, trained.tokenizer, False),
-                 "after_no_thoughts": (trained, trained.base, trained.tokenizer, True)}
+        views = {"after_thoughts": (args.run_dir, trained, trained.base, trained.tokenizer, False),
+                 "after_no_thoughts": (args.run_dir, trained, trained.base, trained.tokenizer, True)}
         if original_lm is not None:
-            views["before"] = (None, original_lm, original_tokenizer, True)
+            views["before"] = (original_lm.name_or_path, None, original_lm, original_tokenizer, True)
         evaluations[task] = {}
-        for view, (model, lm, tokenizer, baseline) in views.items():
+        for view, (name, model, lm, tokenizer, baseline) in views.items():
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
-            flags = ["--model", args.run_dir, "--task", task, "--protocol", "paper", "--limit", str(items),
+            flags = ["--model", name, "--task", task, "--protocol", "paper", "--limit", str(items),
                      "--seed", str(args.seed), "--batch-size", str(args.batch_size), "--device", args.device,
                      "--output", os.path.join(args.run_dir, "eval", f"{task}_{view}.json")]
             eval_args = eval_parser().parse_args(flags + (["--baseline"] if baseline else []))

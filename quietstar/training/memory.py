@@ -22,9 +22,10 @@ FLOAT_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 
 def estimate_training_bytes(model, batch_size: int, max_length: int, compute_dtype: torch.dtype,
-                            gradient_checkpointing: bool) -> dict[str, int]:
-    """Estimated peak bytes by part (``weights_and_optimizer``, ``activations``, ``logits``) and ``total``."""
-    cfg, text_cfg = model.quietstar_config, model.config
+                            gradient_checkpointing: bool, quietstar_config=None) -> dict[str, int]:
+    """Estimated peak bytes by part (``weights_and_optimizer``, ``activations``, ``logits``) and ``total``, for the
+    thought lengths of ``quietstar_config`` (default: the model's)."""
+    cfg, text_cfg = quietstar_config or model.quietstar_config, model.config
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     hidden = text_cfg.hidden_size
@@ -42,15 +43,6 @@ def estimate_training_bytes(model, batch_size: int, max_length: int, compute_dty
     parts = {"weights_and_optimizer": 16 * trainable + 4 * frozen, "activations": activations, "logits": logits}
     parts["total"] = sum(parts.values())
     return parts
-
-
-class _Sized:
-    """``model`` seen with other thought/lookahead lengths, for the estimate only."""
-
-    def __init__(self, model, num_thought_tokens: int, num_lookahead_tokens: int):
-        self.config, self.parameters, self.base = model.config, model.parameters, model.base
-        self.quietstar_config = dataclasses.replace(model.quietstar_config, num_thought_tokens=num_thought_tokens,
-                                                    num_lookahead_tokens=num_lookahead_tokens)
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -77,12 +69,14 @@ def check_memory(model, args, max_length: int, device: torch.device, available: 
     ``args``: the training arguments (per_device_train_batch_size, bf16/fp16, gradient_checkpointing).
     """
     compute_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else model.base.dtype
+    cfg = model.quietstar_config
     curriculum = getattr(args, "thought_curriculum", None)
     if curriculum:  # the longest stage decides
         stages = parse_curriculum(curriculum)
-        model = _Sized(model, max(s.num_thought_tokens for s in stages), max(s.num_lookahead_tokens for s in stages))
+        cfg = dataclasses.replace(cfg, num_thought_tokens=max(s.num_thought_tokens for s in stages),
+                                  num_lookahead_tokens=max(s.num_lookahead_tokens for s in stages))
     parts = estimate_training_bytes(model, args.per_device_train_batch_size, max_length, compute_dtype,
-                                    args.gradient_checkpointing)
+                                    args.gradient_checkpointing, cfg)
     available = available_bytes(device) if available is None else available
     if available is not None and parts["total"] > available:
         detail = ", ".join(f"{name} {format_gib(value)}" for name, value in parts.items() if name != "total")
