@@ -15,48 +15,48 @@ import sys
 from transformers import set_seed
 
 from quietstar.assets import AssetUnavailableError
-from quietstar.training import ConfigError, QuietStarTrainer, build_datasets, build_model, parse_config
+from quietstar.training import QuietStarTrainer, build_datasets, build_model, parse_config
 from quietstar.training.curriculum import parse_curriculum
 from quietstar.training.checks import check_checkpoint_matches, check_positions
 from quietstar.training.memory import check_memory, format_gib
 from quietstar.training.run_files import check_output_dir, write_run_config
 
 
-def main(argv: list[str] | None = None) -> None:
-    try:
-        model_args, data_args, quietstar_config, training_args = parse_config(argv)
-        check_output_dir(training_args.output_dir, training_args.overwrite_output_dir,
-                         training_args.resume_from_checkpoint)
-    except (ConfigError, FileExistsError) as error:
-        sys.exit(f"train.py: error: {error}")
+# Bad input: each of these carries a message for the user, printed instead of a traceback.
+INPUT_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, AssetUnavailableError, MemoryError)
+
+
+def prepare(argv: list[str] | None):
+    """Parse and check the run, build the model and the datasets: everything before training that bad input can
+    stop. Raises one of INPUT_ERRORS; writes nothing but ``run_config.json``, last."""
+    model_args, data_args, quietstar_config, training_args = parse_config(argv)
+    check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint)
     set_seed(training_args.seed)  # before the model: a random model_config is initialised from it
-    try:
-        model = build_model(model_args, quietstar_config)
-        stages = parse_curriculum(training_args.thought_curriculum) if training_args.thought_curriculum else []
-        check_positions(model, data_args.max_length, stages)
-        if training_args.resume_from_checkpoint:
-            check_checkpoint_matches(model, training_args.resume_from_checkpoint,
-                                     curriculum=training_args.thought_curriculum is not None)
-    except (ValueError, FileNotFoundError, AssetUnavailableError) as error:
-        sys.exit(f"train.py: error: {error}")
+    model = build_model(model_args, quietstar_config)
+    stages = parse_curriculum(training_args.thought_curriculum) if training_args.thought_curriculum else []
+    check_positions(model, data_args.max_length, stages)
+    if training_args.resume_from_checkpoint:
+        check_checkpoint_matches(model, training_args.resume_from_checkpoint, curriculum=bool(stages))
     if not training_args.skip_memory_check:
-        try:
-            estimate = check_memory(model, training_args, data_args.max_length, training_args.device)
-        except MemoryError as error:
-            sys.exit(f"train.py: error: {error}")
+        estimate = check_memory(model, training_args, data_args.max_length, training_args.device)
         if training_args.should_log:
             print(f"Training on {training_args.world_size} process(es); estimated peak memory "
                   f"{format_gib(estimate['total'])} per process.")
     window_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     with training_args.main_process_first(desc="loading and tokenizing the data"):
-        try:
-            train_dataset, eval_dataset = build_datasets(
-                data_args, model.tokenizer, min_tokens=quietstar_config.num_lookahead_tokens + 2, seed=window_seed
-            )
-        except (ValueError, KeyError, FileNotFoundError, AssetUnavailableError) as error:
-            sys.exit(f"train.py: error: {error}")
+        train_dataset, eval_dataset = build_datasets(
+            data_args, model.tokenizer, min_tokens=quietstar_config.num_lookahead_tokens + 2, seed=window_seed
+        )
     if training_args.should_save:
         write_run_config(training_args.output_dir, model_args, data_args, quietstar_config, training_args)
+    return model, training_args, train_dataset, eval_dataset
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        model, training_args, train_dataset, eval_dataset = prepare(argv)
+    except INPUT_ERRORS as error:
+        sys.exit(f"train.py: error: {error}")
     trainer = QuietStarTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
