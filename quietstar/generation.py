@@ -3,7 +3,8 @@
 At each step, with context x_0..x_t: think <sot> c_1..c_T <eot> at position t, take the thought hidden
 state h^thought_{t,0} at <eot> and the base hidden state h^base_t, mix (DESIGN §1, s = 0) and pick
 x_{t+1}. The context's K/V cache is kept across steps; the thought is decoded on top of it into
-scratch slots that are cropped away afterwards, so a step costs T + 2 single-token forwards.
+scratch slots that are cropped away afterwards, so a step costs T + 1 forwards
+of one or two tokens (the new token and the next thought's <sot> share one).
 :func:`generate_reference` is the slow definition (recompute everything from scratch each step)
 that the fast path is tested and benchmarked against.
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .mixing import mix, thought_weight
 from .thoughts import draw, text_positions
@@ -42,19 +44,78 @@ def _pick(logits, do_sample, temperature, generator):
     return draw(logits, temperature, greedy=not do_sample, generator=generator)
 
 
+class _BufferedLayer(DynamicLayer):
+    """A full-attention cache layer over a buffer with room to spare: appending writes in place and cropping
+    moves the end. transformers' DynamicLayer concatenates, copying the whole cache for every token fed,
+    which at long contexts costs more than the single-token forward itself. ``keys``/``values`` stay
+    views ``[B, H, length, d]`` of the buffer, so everything that reads a DynamicLayer reads this one."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._length = 0
+        self._key_buffer = self._buffer_like(key_states, self.capacity)
+        self._value_buffer = self._buffer_like(value_states, self.capacity)
+
+    @staticmethod
+    def _buffer_like(states: torch.Tensor, length: int) -> torch.Tensor:
+        return states.new_empty(*states.shape[:-2], length, states.shape[-1])
+
+    def _view(self) -> None:
+        self.keys = self._key_buffer[..., : self._length, :]
+        self.values = self._value_buffer[..., : self._length, :]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self._length + key_states.shape[-2]
+        if end > self._key_buffer.shape[-2]:  # more than announced: grow geometrically, like a list
+            size = max(end, 2 * self._key_buffer.shape[-2])
+            for name in ("_key_buffer", "_value_buffer"):
+                old = getattr(self, name)
+                grown = self._buffer_like(old, size)
+                grown[..., : self._length, :] = old[..., : self._length, :]
+                setattr(self, name, grown)
+        self._key_buffer[..., self._length : end, :] = key_states
+        self._value_buffer[..., self._length : end, :] = value_states
+        self._length = end
+        self._view()
+        return self.keys, self.values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative count (tokens to remove), as DynamicLayer.crop does.")
+        if self.is_initialized:
+            self._length = max(self._length + tokens_to_remove, 0)
+            self._view()
+
+
+def _buffered_cache(config, capacity: int) -> DynamicCache:
+    """transformers' DynamicCache for this model, its plain full-attention layers buffered (sliding-window,
+    linear-attention and other special layers stay as transformers builds them)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [_BufferedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
 class _CachedLM:
     """The base LM over a growing K/V cache, fed embeddings (thought tokens mapped to their trained vectors)."""
 
-    def __init__(self, model, batch_size: int, device):
+    def __init__(self, model, prompt_mask: torch.Tensor, capacity: int):
         self.model = model
-        self.cache = DynamicCache(config=model.config)
-        self.attention_mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+        self.cache = _buffered_cache(model.config, capacity)
+        # Without padding no mask is passed at all (causal attention needs none), which saves its upkeep per token.
+        self.attention_mask = None if bool(prompt_mask.all()) else prompt_mask.new_zeros(prompt_mask.shape[0], 0)
 
     def feed(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Append ``tokens [B, k]`` (padding where ``mask`` is 0) at ``positions [B, k]``; return their final
         hidden states ``[B, k, D]``."""
-        mask = torch.ones_like(tokens) if mask is None else mask.long()
-        self.attention_mask = torch.cat([self.attention_mask, mask], dim=1)
+        if self.attention_mask is not None:
+            mask = torch.ones_like(tokens) if mask is None else mask.long()
+            self.attention_mask = torch.cat([self.attention_mask, mask], dim=1)
         return self.model.body(
             inputs_embeds=self.model.embed(tokens), attention_mask=self.attention_mask, position_ids=positions,
             past_key_values=self.cache, use_cache=True,
@@ -63,7 +124,8 @@ class _CachedLM:
     def crop(self, num_tokens: int) -> None:
         """Forget the last ``num_tokens`` tokens (a thought's scratch slots)."""
         self.cache.crop(-num_tokens)
-        self.attention_mask = self.attention_mask[:, :-num_tokens]
+        if self.attention_mask is not None:
+            self.attention_mask = self.attention_mask[:, :-num_tokens]
 
 
 @torch.no_grad()
@@ -78,43 +140,51 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=32, do_sample
     cfg = model.quietstar_config
     B, T = input_ids.shape[0], cfg.num_thought_tokens
     sot, eot = model.thought_token_ids
+    device = input_ids.device
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    lm = _CachedLM(model, B, input_ids.device)
-    prompt_positions = text_positions(attention_mask.bool())
-    base_hidden = lm.feed(input_ids, prompt_positions, attention_mask)[:, -1]
-    last_position = prompt_positions[:, -1]  # [B]
+    lm = _CachedLM(model, attention_mask, capacity=input_ids.shape[1] + max_new_tokens + T + 2)
+    sot_column = torch.full((B, 1), sot, dtype=torch.long, device=device)
+    # The first thought's <sot> rides along with the prompt, and each later one with the token before
+    # it: one forward instead of two per new token. The <sot> slot is scratch like the rest of the thought.
+    last_position = text_positions(attention_mask.bool())[:, -1]  # [B]
+    hidden = lm.feed(torch.cat([input_ids, sot_column], dim=1),
+                     torch.cat([text_positions(attention_mask.bool()), (last_position + 1)[:, None]], dim=1),
+                     torch.cat([attention_mask, torch.ones_like(sot_column)], dim=1))
+    base_hidden, sot_hidden = hidden[:, -2], hidden[:, -1]
     new_tokens, all_thoughts, all_logits, all_weights = [], [], [], []
-    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        start = last_position + 1  # <sot> sits right after the last context token
+        start = last_position + 2  # c_1 sits right after <sot>, which sits right after the last context token
         if thoughts is None:
-            thought = torch.empty(B, T, dtype=torch.long, device=input_ids.device)
-            token = torch.full((B, 1), sot, dtype=torch.long, device=input_ids.device)
+            thought = torch.empty(B, T, dtype=torch.long, device=device)
+            hidden = sot_hidden
             for m in range(T):
-                hidden = lm.feed(token, (start + m)[:, None])[:, -1]
+                if m > 0:
+                    hidden = lm.feed(thought[:, m - 1 : m], (start + m - 1)[:, None])[:, -1]
                 logits = mask_thought_tokens(model.lm_head(hidden), model.thought_token_ids)
                 thought[:, m] = draw(logits, cfg.thought_temperature, greedy_thoughts, generator)
-                token = thought[:, m : m + 1]
-            tail = torch.cat([token, torch.full_like(token, eot)], dim=1)  # c_T and <eot> need no sampling
-            tail_positions = (start + T)[:, None] + torch.arange(2, device=input_ids.device)
+            tail = torch.cat([thought[:, -1:], torch.full_like(sot_column, eot)], dim=1)  # c_T and <eot>: no sampling
+            tail_positions = (start + T - 1)[:, None] + torch.arange(2, device=device)
         else:
             thought = thoughts[:, step]
-            tail = torch.cat([torch.full((B, 1), sot, device=input_ids.device), thought,
-                              torch.full((B, 1), eot, device=input_ids.device)], dim=1)
-            tail_positions = start[:, None] + torch.arange(T + 2, device=input_ids.device)
+            tail = torch.cat([thought, torch.full_like(sot_column, eot)], dim=1)
+            tail_positions = start[:, None] + torch.arange(T + 1, device=device)
         thought_hidden = lm.feed(tail, tail_positions)[:, -1]
-        lm.crop(T + 2)
+        lm.crop(T + 2)  # <sot> c_1..c_T <eot>
         logits, weight = _mixed_logits(model, base_hidden, thought_hidden)
         token = _pick(logits, do_sample, temperature, generator)
         if eos_token_id is not None:
             token = torch.where(finished, torch.full_like(token, eos_token_id), token)
             finished |= token == eos_token_id
         last_position = last_position + 1
-        base_hidden = lm.feed(token[:, None], last_position[:, None])[:, -1]
         new_tokens.append(token)
         all_thoughts.append(thought)
         all_logits.append(logits)
         all_weights.append(weight)
+        if step + 1 < max_new_tokens:
+            hidden = lm.feed(torch.cat([token[:, None], sot_column], dim=1),
+                             last_position[:, None] + torch.arange(2, device=device))
+            base_hidden, sot_hidden = hidden[:, 0], hidden[:, 1]
     return GenerationOutput(
         sequences=torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1),
         thoughts=torch.stack(all_thoughts, dim=1),

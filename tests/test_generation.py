@@ -90,3 +90,25 @@ def test_generate_script_shows_thoughts_and_writes_html(tmp_path):
     assert "\033[" not in result.stdout  # not a terminal: no colour codes
     text = page.read_text()
     assert text.count('class="thought"') == 3 and "mixing weight" in text
+
+
+@pytest.mark.parametrize("capacity", [1, 5, 64])
+def test_buffered_cache_layer_matches_transformers_dynamic_layer(capacity):
+    """Appends and crops in any order, across buffer growth (capacity 1 and 5 force it), read the same K/V."""
+    from transformers.cache_utils import DynamicLayer
+
+    from quietstar.generation import _BufferedLayer
+
+    ours, theirs = _BufferedLayer(capacity), DynamicLayer()
+    g = torch.Generator().manual_seed(0)
+    for action in [3, 1, -2, 4, 1, -1, -3, 7, 2, -9, 5]:
+        if action > 0:
+            k, v = torch.randn(2, 3, action, 4, generator=g), torch.randn(2, 3, action, 5, generator=g)
+            for layer in (ours, theirs):
+                keys, values = layer.update(k, v)
+        else:
+            ours.crop(action)
+            theirs.crop(action)
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+        assert ours.get_seq_length() == theirs.get_seq_length()
+    assert ours.keys.shape == (2, 3, ours.get_seq_length(), 4)
