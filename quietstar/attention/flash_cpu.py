@@ -1,19 +1,27 @@
 """Expanded attention from exact CPU flash-attention kernels, merged by log-sum-exp (a fast path of eager.py).
 
-The visibility rule splits into two ordinary causal attentions:
+The visibility rule splits into two ordinary causal attentions and a small batched one:
+* text queries over text keys: causal, length L;
 * for each sample n and branch slot s, the queries b_{0..L-1, s} over the text keys are causal in j
   (b_{j,s} sees x_0..x_j): B*N*S causal sequences of length L;
-* inside each branch, slots attend causally to earlier slots: B*N*L causal sequences of length S.
-Text queries are a third causal attention. Each part's softmax is exact; the two branch parts are
-merged with their log-sum-exps (as ring attention does), and the backward runs each part's flash
-backward with the merged output and log-sum-exp, which is exact for a joint softmax.
+* inside each branch, slots attend causally to earlier slots: B*N*L blocks of S x S, done as batched
+  products (too small for a flash kernel to pay off).
+Each part's softmax is exact; the two branch parts are merged with their log-sum-exps (as ring
+attention does), and the backward of each part uses the merged output and log-sum-exp, which is exact
+for a joint softmax.
 
 Uses PyTorch's CPU flash kernels (``aten._scaled_dot_product_flash_attention_for_cpu`` and its
-backward), so it serves CPU tensors without padding or dropout; :func:`applies` says when.
-Shapes: q ``[B, H, L + N L S, d]``, k/v the same with H heads (grouped-query heads already repeated).
+backward), so it serves CPU tensors without padding or dropout; :func:`applies` says when. The kernels
+take grouped-query heads natively (query head i reads key/value head i // (H / Hkv)), which the code
+uses twice: grouped K/V are never repeated, and the B*N*S branch-over-text sequences become extra query
+heads of the text's own K/V, so the text K/V are never copied N*S times and their gradients come back
+already summed over branches.
+Shapes: q ``[B, H, L + N L S, d]``, k/v ``[B, Hkv, L + N L S, d]``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -23,51 +31,80 @@ _flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", 
 _flash_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
+@functools.cache
+def _native_grouped_heads() -> bool:
+    """Whether this torch's CPU flash kernel takes fewer key/value heads than query heads."""
+    try:
+        _flash(torch.zeros(1, 2, 1, 8), torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 1, 8), is_causal=True, scale=1.0)
+    except RuntimeError:
+        return False
+    return True
+
+
 def applies(query: torch.Tensor, layout: ThoughtLayout, dropout: float) -> bool:
     """The fast path is exact here: CPU, fp32/bf16, no padding key, no attention dropout."""
     return (_flash is not None and query.device.type == "cpu" and dropout == 0.0
-            and query.dtype in (torch.float32, torch.bfloat16) and bool(layout.key_padding.all()))
+            and query.dtype in (torch.float32, torch.bfloat16) and bool(layout.key_padding.all())
+            and _native_grouped_heads())
 
 
 def _split(x: torch.Tensor, L: int, N: int, S: int):
-    """[B, H, L + NLS, d] -> text [B, H, L, d], branch-as-causal-in-j [BNS, H, L, d], in-branch [BNL, H, S, d]."""
+    """[B, H, L + NLS, d] -> text [B, H, L, d], branch over text [B, H*N*S, L, d] (head order h, n, s: the
+    extra heads of head h share its text K/V), and the branches themselves [B, H, N, L, S, d] (a view)."""
     B, H, _, d = x.shape
-    branch = x[:, :, L:].reshape(B, H, N, L, S, d)
-    over_text = branch.permute(0, 2, 4, 1, 3, 5).reshape(B * N * S, H, L, d)
-    in_branch = branch.permute(0, 2, 3, 1, 4, 5).reshape(B * N * L, H, S, d)
-    return x[:, :, :L].contiguous(), over_text, in_branch
+    branch = x[:, :, L:].view(B, H, N, L, S, d)
+    return x[:, :, :L].contiguous(), branch.transpose(3, 4).reshape(B, H * N * S, L, d), branch
 
 
-def _from_over_text(x: torch.Tensor, B: int, N: int, S: int) -> torch.Tensor:
-    """[BNS, H, L, ...] -> [B, H, N, L, S, ...]."""
-    _, H, L, *rest = x.shape
-    return x.reshape(B, N, S, H, L, *rest).movedim(3, 1).movedim(3, 4)
+def _from_over_text(x: torch.Tensor, H: int, N: int, S: int) -> torch.Tensor:
+    """[B, H*N*S, L, ...] -> [B, H, N, L, S, ...]."""
+    B, _, L, *rest = x.shape
+    return x.reshape(B, H, N, S, L, *rest).transpose(3, 4)
 
 
-def _from_in_branch(x: torch.Tensor, B: int, N: int, L: int) -> torch.Tensor:
-    """[BNL, H, S, ...] -> [B, H, N, L, S, ...]."""
-    _, H, S, *rest = x.shape
-    return x.reshape(B, N, L, H, S, *rest).movedim(3, 1)
+def _grouped(x: torch.Tensor, hkv: int) -> torch.Tensor:
+    """[B, H, N, L, S, ...] -> [B, Hkv, G, N, L, S, ...], G = H / Hkv (a view)."""
+    return x.unflatten(1, (hkv, x.shape[1] // hkv))
+
+
+def _in_branch_scores(q_branch, k_branch, scale: float) -> torch.Tensor:
+    """Scores of each branch slot over its own branch's slots, causal: q ``[B, H, N, L, S, d]``,
+    k ``[B, Hkv, N, L, S, d]`` -> ``[B, Hkv, G, N, L, S, S]`` in fp32, -inf above the diagonal.
+
+    Branches are only S long, so this is a batched product of S x S blocks; a flash kernel over B*N*L
+    sequences of length S spends most of its time on block padding and per-sequence overhead.
+    """
+    S = q_branch.shape[-2]
+    scores = torch.einsum("bkgnlsd,bknltd->bkgnlst", _grouped(q_branch, k_branch.shape[1]).float(),
+                          k_branch.float()) * scale
+    future = torch.ones(S, S, dtype=torch.bool, device=scores.device).triu(1)
+    return scores.masked_fill_(future, float("-inf"))
 
 
 class ExpandedFlashAttention(torch.autograd.Function):
-    """Exact attention over a thought-expanded row; one gradient per input (q, k, v) and None for the rest."""
+    """Exact attention over a thought-expanded row; one gradient per input (q, k, v) and None for the rest.
+
+    Branch queries attend to the text (flash, causal in j) and to their own branch (S x S blocks); the
+    two parts share one softmax, merged by log-sum-exp. The backward of each part uses the merged output
+    and log-sum-exp, which is exact for a joint softmax.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, L: int, N: int, S: int, scale: float):
         B, H, _, d = q.shape
-        q_text, q_over, q_in = _split(q, L, N, S)
-        k_text, _, k_in = _split(k, L, N, S)
-        v_text, _, v_in = _split(v, L, N, S)
-        k_over = k_text.unsqueeze(1).expand(B, N * S, H, L, d).reshape(B * N * S, H, L, d)
-        v_over = v_text.unsqueeze(1).expand(B, N * S, H, L, d).reshape(B * N * S, H, L, d)
+        hkv = k.shape[1]
+        q_text, q_over, q_branch = _split(q, L, N, S)
+        k_text, _, k_branch = _split(k, L, N, S)
+        v_text, _, v_branch = _split(v, L, N, S)
         out_text, lse_text = _flash(q_text, k_text, v_text, is_causal=True, scale=scale)
-        out_over, lse_over = _flash(q_over, k_over, v_over, is_causal=True, scale=scale)
-        out_in, lse_in = _flash(q_in, k_in, v_in, is_causal=True, scale=scale)
-        lse_a, lse_b = _from_over_text(lse_over, B, N, S), _from_in_branch(lse_in, B, N, L)
+        out_over, lse_over = _flash(q_over, k_text, v_text, is_causal=True, scale=scale)
+        scores = _in_branch_scores(q_branch, k_branch, scale)
+        lse_in = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, N, L, S]
+        out_in = torch.einsum("bkgnlst,bknltd->bkgnlsd", torch.exp(scores - lse_in.unsqueeze(-1)), v_branch.float())
+        lse_a, lse_b = _from_over_text(lse_over, H, N, S), lse_in.flatten(1, 2)
         lse = torch.logaddexp(lse_a, lse_b)  # [B, H, N, L, S]
-        out_branch = (torch.exp(lse_a - lse).unsqueeze(-1) * _from_over_text(out_over, B, N, S)
-                      + torch.exp(lse_b - lse).unsqueeze(-1) * _from_in_branch(out_in, B, N, L)).to(q.dtype)
+        out_branch = (torch.exp(lse_a - lse).unsqueeze(-1) * _from_over_text(out_over, H, N, S)
+                      + torch.exp(lse_b - lse).unsqueeze(-1) * out_in.flatten(1, 2)).to(q.dtype)
         out = torch.cat([out_text, out_branch.reshape(B, H, N * L * S, d)], dim=2)
         ctx.save_for_backward(q, k, v, out, lse_text, lse)
         ctx.sizes = (L, N, S, scale)
@@ -78,35 +115,36 @@ class ExpandedFlashAttention(torch.autograd.Function):
         q, k, v, out, lse_text, lse = ctx.saved_tensors
         L, N, S, scale = ctx.sizes
         B, H, _, d = q.shape
-        q_text, q_over, q_in = _split(q, L, N, S)
-        k_text, _, k_in = _split(k, L, N, S)
-        v_text, _, v_in = _split(v, L, N, S)
-        g_text, g_over, g_in = _split(grad.contiguous(), L, N, S)
-        o_text, o_over, o_in = _split(out, L, N, S)
-        k_over = k_text.unsqueeze(1).expand(B, N * S, H, L, d).reshape(B * N * S, H, L, d)
-        v_over = v_text.unsqueeze(1).expand(B, N * S, H, L, d).reshape(B * N * S, H, L, d)
-        lse_over = lse.permute(0, 2, 4, 1, 3).reshape(B * N * S, H, L).contiguous()
-        lse_in = lse.permute(0, 2, 3, 1, 4).reshape(B * N * L, H, S).contiguous()
+        hkv = k.shape[1]
+        q_text, q_over, q_branch = _split(q, L, N, S)
+        k_text, _, k_branch = _split(k, L, N, S)
+        v_text, _, v_branch = _split(v, L, N, S)
+        g_text, g_over, g_branch = _split(grad.contiguous(), L, N, S)
+        o_text, o_over, o_branch = _split(out, L, N, S)
+        lse_over = lse.transpose(3, 4).reshape(B, H * N * S, L).contiguous()
         dq_text, dk_text, dv_text = _flash_backward(g_text, q_text, k_text, v_text, o_text, lse_text, 0.0, True,
                                                     scale=scale)
-        dq_over, dk_over, dv_over = _flash_backward(g_over, q_over, k_over, v_over, o_over, lse_over, 0.0, True,
+        dq_over, dk_over, dv_over = _flash_backward(g_over, q_over, k_text, v_text, o_over, lse_over, 0.0, True,
                                                     scale=scale)
-        dq_in, dk_in, dv_in = _flash_backward(g_in, q_in, k_in, v_in, o_in, lse_in, 0.0, True, scale=scale)
-        dq_branch = _from_over_text(dq_over, B, N, S) + _from_in_branch(dq_in, B, N, L)
-        dk_text = dk_text + dk_over.reshape(B, N * S, H, L, d).sum(1)
-        dv_text = dv_text + dv_over.reshape(B, N * S, H, L, d).sum(1)
-        dk_branch = _from_in_branch(dk_in, B, N, L).reshape(B, H, N * L * S, d)
-        dv_branch = _from_in_branch(dv_in, B, N, L).reshape(B, H, N * L * S, d)
+        # In-branch part by hand: P = exp(scores - merged lse), dS = P * (dO V^T - rowsum(dO * O)).
+        probs = torch.exp(_in_branch_scores(q_branch, k_branch, scale) - _grouped(lse, hkv).unsqueeze(-1))
+        g_grouped = _grouped(g_branch, hkv).float()
+        delta = (g_grouped * _grouped(o_branch, hkv).float()).sum(-1, keepdim=True)
+        dv_in = torch.einsum("bkgnlst,bkgnlsd->bknltd", probs, g_grouped)
+        d_scores = probs * (torch.einsum("bkgnlsd,bknltd->bkgnlst", g_grouped, v_branch.float()) - delta) * scale
+        dq_in = torch.einsum("bkgnlst,bknltd->bkgnlsd", d_scores, k_branch.float()).flatten(1, 2)
+        dk_in = torch.einsum("bkgnlst,bkgnlsd->bknltd", d_scores, _grouped(q_branch, hkv).float())
+        dq_branch = _from_over_text(dq_over, H, N, S) + dq_in.to(dq_over.dtype)
         return (torch.cat([dq_text, dq_branch.reshape(B, H, N * L * S, d)], 2),
-                torch.cat([dk_text, dk_branch], 2), torch.cat([dv_text, dv_branch], 2), None, None, None, None)
+                torch.cat([dk_text + dk_over, dk_in.to(k.dtype).reshape(B, hkv, N * L * S, d)], 2),
+                torch.cat([dv_text + dv_over, dv_in.to(v.dtype).reshape(B, hkv, N * L * S, d)], 2),
+                None, None, None, None)
 
 
 def expanded_attention(q, k, v, layout: ThoughtLayout, scaling: float) -> torch.Tensor:
     """Same contract as :func:`quietstar.attention.eager.expanded_attention`; returns ``[B, n, H, d]``."""
-    groups = q.shape[1] // k.shape[1]
     # Under autocast RoPE can leave q and k in fp32 and v in bf16; compute in v's dtype, as eager's output is.
     q, k = q.to(v.dtype), k.to(v.dtype)
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     out = ExpandedFlashAttention.apply(q, k, v, layout.num_text, layout.num_thoughts, layout.branch_length, scaling)
     return out.transpose(1, 2).contiguous()
 
@@ -114,29 +152,24 @@ def expanded_attention(q, k, v, layout: ThoughtLayout, scaling: float) -> torch.
 def sample_step_attention(q, k_new, v_new, k_buffer, v_buffer, k_text, v_text, layout: ThoughtLayout, scaling):
     """Same contract as :func:`quietstar.attention.eager.sample_step_attention` (no gradient), for unpadded rows.
 
-    The N*L queries b_{j,step+1} over the text are causal in j for each sample: one flash call over
-    B*N sequences of length L. Their own branch slots 0..step are a small batched product. The two
-    softmaxes are merged by their log-sum-exps.
+    The N*L queries b_{j,step+1} over the text are causal in j for each sample: one flash call in which
+    the N samples are extra query heads of the text K/V (a view, no copy). Their own branch slots
+    0..step are a small batched product. The two softmaxes are merged by their log-sum-exps.
     """
     B, hkv, N, L, _, d = k_buffer.shape
     m = layout.step
     k_buffer[:, :, :, :, m] = k_new.view(B, hkv, N, L, d)
     v_buffer[:, :, :, :, m] = v_new.view(B, hkv, N, L, d)
     H = q.shape[1]
-    groups = H // hkv
     q = q.to(v_text.dtype)
-    q_over = q.view(B, H, N, L, d).transpose(1, 2).reshape(B * N, H, L, d)
-    k_over = k_text.to(v_text.dtype).repeat_interleave(groups, dim=1).unsqueeze(1).expand(B, N, H, L, d)
-    v_over = v_text.repeat_interleave(groups, dim=1).unsqueeze(1).expand(B, N, H, L, d)
-    out_a, lse_a = _flash(q_over, k_over.reshape(B * N, H, L, d), v_over.reshape(B * N, H, L, d), is_causal=True,
-                          scale=scaling)
-    out_a = out_a.view(B, N, H, L, d).transpose(1, 2)  # [B, H, N, L, d]
-    lse_a = lse_a.view(B, N, H, L).transpose(1, 2)
-    k_seen = k_buffer[:, :, :, :, : m + 1].repeat_interleave(groups, dim=1)  # [B, H, N, L, m+1, d]
-    v_seen = v_buffer[:, :, :, :, : m + 1].repeat_interleave(groups, dim=1)
-    scores = torch.einsum("bhnld,bhnlsd->bhnls", q.view(B, H, N, L, d).float(), k_seen.float()) * scaling
+    out_a, lse_a = _flash(q.reshape(B, H * N, L, d), k_text.to(v_text.dtype), v_text, is_causal=True, scale=scaling)
+    out_a, lse_a = out_a.view(B, H, N, L, d), lse_a.view(B, H, N, L)
+    grouped = q.view(B, hkv, H // hkv, N, L, d).float()
+    scores = torch.einsum("bkgnld,bknlsd->bkgnls", grouped, k_buffer[:, :, :, :, : m + 1].float()) * scaling
     lse_b = torch.logsumexp(scores, dim=-1)
-    out_b = torch.einsum("bhnls,bhnlsd->bhnld", torch.exp(scores - lse_b.unsqueeze(-1)), v_seen.float())
+    out_b = torch.einsum("bkgnls,bknlsd->bkgnld", torch.exp(scores - lse_b.unsqueeze(-1)),
+                         v_buffer[:, :, :, :, : m + 1].float())
+    lse_b, out_b = lse_b.reshape(B, H, N, L), out_b.reshape(B, H, N, L, d)
     lse = torch.logaddexp(lse_a.float(), lse_b)
     out = torch.exp(lse_a - lse).unsqueeze(-1) * out_a.float() + torch.exp(lse_b - lse).unsqueeze(-1) * out_b
     return out.to(v_text.dtype).reshape(B, H, N * L, d).transpose(1, 2).contiguous()
