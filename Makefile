@@ -35,6 +35,7 @@ demo: setup
 
 bench: setup
 	$(PYTHON) scripts/bench_step.py --impl both --out bench_results/step.json --plot
+	$(PYTHON) scripts/bench_efficiency.py --cells 256:9 512:9 --rounds 7 --out bench_results/efficiency.json
 
 clean:
 	rm -rf $(VENV) runs bench_results .pytest_cache
