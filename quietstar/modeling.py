@@ -141,6 +141,15 @@ class QuietStarForCausalLM(nn.Module):
             out = torch.where((input_ids == token_id).unsqueeze(-1), vectors[slot], out)
         return out
 
+    def _module_name(self, module: nn.Module) -> str:
+        """The name of one of the LM's modules inside ``self.base`` (for example ``model.embed_tokens``)."""
+        return next(name for name, candidate in self.base.named_modules() if candidate is module)
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The LM's decoder-layer classes: what FSDP's transformer auto-wrap shards as units."""
+        return list(getattr(self.base, "_no_split_modules", None) or [])
+
     @torch.no_grad()
     def write_thought_embeddings(self) -> None:
         """Copy ``thought_embeddings`` into the LM's embedding matrix, so the LM alone uses them too."""
@@ -252,26 +261,48 @@ class QuietStarForCausalLM(nn.Module):
                         generator=generator, eos_token_id=eos_token_id)
 
     # ------------------------------------------------------------------------------------- save/load
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def save_pretrained(self, path: str | os.PathLike, state_dict: dict | None = None) -> None:
         """Write a folder that ``AutoModelForCausalLM`` loads as a plain LM, plus the Quiet-STaR parts.
 
+        ``state_dict``: this module's full state dict, when the parameters themselves are sharded (FSDP: the
+        trainer gathers it with ``accelerator.get_state_dict``); by default the parameters are read directly.
         Files are written to a temporary folder first and moved into place one by one, the
         Quiet-STaR config last: a folder without it is an incomplete save and is refused on load.
         """
         path = os.fspath(path)
         os.makedirs(path, exist_ok=True)
-        self.write_thought_embeddings()
+        if state_dict is None:
+            self.write_thought_embeddings()
+            thought_embeddings = self.thought_embeddings.detach()
+            head = self.mixing_head.state_dict()
+        else:
+            if self._lora is not None:
+                raise ValueError("Saving from a gathered state dict is not implemented for LoRA models.")
+            thought_embeddings = state_dict["thought_embeddings"]
+            head = {k.removeprefix("mixing_head."): v for k, v in state_dict.items() if k.startswith("mixing_head.")}
+            lm_weights = {k.removeprefix("base."): v for k, v in state_dict.items() if k.startswith("base.")}
+            # What write_thought_embeddings does to the module, done to the gathered copy (and to a tied output
+            # embedding, which is the same tensor in the module).
+            embedding_key = self._module_name(self.base.get_input_embeddings()) + ".weight"
+            embedding = lm_weights[embedding_key].clone()
+            embedding[list(self.thought_token_ids)] = thought_embeddings.to(embedding.dtype)
+            lm_weights[embedding_key] = embedding
+            output_key = self._module_name(self.lm_head) + ".weight"
+            if self.base.get_output_embeddings().weight is self.base.get_input_embeddings().weight:
+                lm_weights[output_key] = embedding
         staging = tempfile.mkdtemp(prefix=".saving-", dir=path)
         try:
-            if self._lora is None:
+            if state_dict is not None:
+                self.base.save_pretrained(staging, state_dict=lm_weights)
+            elif self._lora is None:
                 self.base.save_pretrained(staging)
             else:  # the LM without adapters, as stock transformers loads it, and the adapter beside it
                 self.base.save_pretrained(staging, state_dict=lm_state_dict_without_lora(self.base))
                 self._lora.save_pretrained(os.path.join(staging, ADAPTER_FOLDER))
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(staging)
-            tensors = {"thought_embeddings": self.thought_embeddings.detach()}
-            tensors.update({f"mixing_head.{k}": v.detach() for k, v in self.mixing_head.state_dict().items()})
+            tensors = {"thought_embeddings": thought_embeddings.detach()}
+            tensors.update({f"mixing_head.{k}": v.detach() for k, v in head.items()})
             save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, os.path.join(staging, WEIGHTS_FILE))
             with open(os.path.join(staging, CONFIG_FILE), "w") as f:
                 json.dump({"quietstar": self.quietstar_config.to_dict(),

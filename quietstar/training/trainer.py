@@ -9,8 +9,8 @@ What it changes:
   published atomically: written under ``.staging-checkpoint-N`` and renamed to ``checkpoint-N`` once complete;
 - ``thought_curriculum`` changes the thought and lookahead lengths over steps (quietstar.training.curriculum);
 - every log is also appended to ``output_dir/metrics.jsonl`` (quietstar.training.run_files).
-Supported: one device, or several with DDP (``accelerate launch``). FSDP and DeepSpeed are refused: checkpoints
-are written from the full parameters held by the module.
+Supported: one device, or several with DDP or FSDP2 (``accelerate launch``; FSDP with a full state dict, which
+is gathered for saving and scattered when resuming). DeepSpeed is refused.
 """
 
 from __future__ import annotations
@@ -33,6 +33,33 @@ from .curriculum import CurriculumCallback, parse_curriculum
 from .run_files import MetricsFileCallback
 
 logger = logging.getLogger(__name__)
+
+
+def check_fsdp_plugin(plugin, model: QuietStarForCausalLM) -> None:
+    """Refuse the FSDP settings the trainer cannot checkpoint correctly, saying which setting to change."""
+    if getattr(plugin, "fsdp_version", 1) != 2:
+        raise ValueError("QuietStarTrainer supports FSDP2 only: set fsdp_version: 2 in the accelerate config "
+                         "(configs/accelerate/fsdp.yaml).")
+    if "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+        raise ValueError("QuietStarTrainer writes checkpoints from a full state dict under FSDP: set "
+                         "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config.")
+    if model.lora is not None:
+        raise ValueError("LoRA together with FSDP is not supported; LoRA already fits most models on one GPU, or "
+                         "train fully with FSDP.")
+
+
+def load_checkpoint_weights(model: QuietStarForCausalLM, folder: str, sharded: bool = False) -> None:
+    """Load the weights of a checkpoint written by ``save_pretrained`` into ``model``, in place.
+
+    ``sharded``: the parameters are FSDP2 shards; every process reads the full checkpoint and keeps its shards.
+    """
+    saved = QuietStarForCausalLM.from_pretrained(folder, dtype=model.base.dtype)
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, saved.state_dict(), options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(saved.state_dict())
 
 
 class QuietStarTrainer(Trainer):
@@ -66,9 +93,11 @@ class QuietStarTrainer(Trainer):
             callbacks=callbacks,
             **kwargs,
         )
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            raise ValueError("QuietStarTrainer supports single-device and DDP training only: with FSDP or DeepSpeed "
-                             "the module's parameters are sharded and checkpoints would be written wrongly.")
+        if self.is_deepspeed_enabled:
+            raise ValueError("QuietStarTrainer does not support DeepSpeed; use DDP (configs/accelerate/ddp.yaml) or "
+                             "FSDP2 (configs/accelerate/fsdp.yaml).")
+        if self.is_fsdp_enabled:
+            check_fsdp_plugin(self.accelerator.state.fsdp_plugin, model)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._checkpoint_staging = None
 
@@ -184,7 +213,8 @@ class QuietStarTrainer(Trainer):
         if not self.args.should_save:
             return
         logger.info(f"Saving Quiet-STaR model to {output_dir}")
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        # Under FSDP, save_model hands over the full state dict it gathered from every process.
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _get_output_dir(self, trial) -> str:
@@ -222,8 +252,7 @@ class QuietStarTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Load the weights of a checkpoint this trainer wrote (used by ``train(resume_from_checkpoint=...)``)."""
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        saved = QuietStarForCausalLM.from_pretrained(resume_from_checkpoint, dtype=model.base.dtype)
-        model.load_state_dict(saved.state_dict())
+        load_checkpoint_weights(model, resume_from_checkpoint, sharded=self.is_fsdp_enabled)
 
     def _load_best_model(self) -> None:
         logger.info(f"Loading best model from {self.state.best_model_checkpoint} (score: {self.state.best_metric}).")
