@@ -46,3 +46,25 @@ def test_fsdp2_on_two_processes_trains_and_saves_what_one_process_does(tmp_path,
     moved = [k for k in trained if not torch.equal(before[k], trained[k].detach())]
     assert "thought_embeddings" in moved and any(k.startswith("mixing_head.") for k in moved)
     assert any(k.startswith("base.") for k in moved)
+
+
+def test_fsdp_config_is_fsdp2_with_a_full_state_dict_and_the_trainer_accepts_only_that():
+    from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from conftest import make_model
+    from quietstar.lora import add_lora, lora_config
+    from quietstar.training.trainer import check_fsdp_plugin
+
+    config = load_config_from_file(os.path.join(os.path.dirname(WORKER), "..", "configs", "accelerate", "fsdp.yaml"))
+    assert (config.distributed_type, config.fsdp_config["fsdp_version"]) == ("FSDP", 2)
+    assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    model = make_model("llama")
+    check_fsdp_plugin(FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="FULL_STATE_DICT"), model)
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        check_fsdp_plugin(FullyShardedDataParallelPlugin(fsdp_version=1), model)
+    with pytest.raises(ValueError, match="FULL_STATE_DICT"):
+        check_fsdp_plugin(FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT"), model)
+    add_lora(model, lora_config({"r": 2, "target_modules": ["q_proj"]}))
+    with pytest.raises(ValueError, match="LoRA together with FSDP"):
+        check_fsdp_plugin(FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="FULL_STATE_DICT"), model)

@@ -148,6 +148,19 @@ def test_memory_estimate_grows_with_the_work_and_refuses_what_cannot_fit():
         check_memory(model, Args, 64, torch.device("cpu"), available=small["total"] - 1)
 
 
+def test_under_fsdp_the_processes_share_the_weights_and_optimizer_state(monkeypatch):
+    model = tiny_quietstar(num_thought_tokens=4, num_lookahead_tokens=2, num_thoughts=2)
+
+    class Args:
+        per_device_train_batch_size, bf16, fp16, gradient_checkpointing, world_size = 2, False, False, False, 4
+
+    alone = check_memory(model, Args, 64, torch.device("cpu"), available=None)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets with configs/accelerate/fsdp.yaml
+    sharded = check_memory(model, Args, 64, torch.device("cpu"), available=None)
+    assert sharded["weights_and_optimizer"] == alone["weights_and_optimizer"] // 4
+    assert sharded["activations"] == alone["activations"] and sharded["logits"] == alone["logits"]
+
+
 def test_memory_check_stops_train_py_before_training(tmp_path, monkeypatch):
     import quietstar.training.memory as memory
 

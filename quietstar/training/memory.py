@@ -1,7 +1,8 @@
 """Will a run fit? A coarse estimate of peak training memory, checked before training starts.
 
 The estimate (bytes, per process) adds:
-* weights, gradients and AdamW's two moments: 16 bytes per trainable parameter in fp32 (4 per frozen one);
+* weights, gradients and AdamW's two moments: 16 bytes per trainable parameter in fp32 (4 per frozen one),
+  divided among the processes under FSDP (which shards them);
 * activations kept for backward by the gradient pass over the thought-expanded rows: B * L * (1 + N*S)
   tokens (S = T + A + 1), each keeping about ``8 * hidden + 4 * intermediate`` values per layer at the compute
   dtype (one layer's worth plus one hidden state per layer with gradient checkpointing);
@@ -13,6 +14,7 @@ It ignores allocator slack and framework overhead, so the check only refuses run
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
@@ -22,9 +24,10 @@ FLOAT_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 
 def estimate_training_bytes(model, batch_size: int, max_length: int, compute_dtype: torch.dtype,
-                            gradient_checkpointing: bool, quietstar_config=None) -> dict[str, int]:
+                            gradient_checkpointing: bool, quietstar_config=None, weight_shards: int = 1) -> dict[str, int]:
     """Estimated peak bytes by part (``weights_and_optimizer``, ``activations``, ``logits``) and ``total``, for the
-    thought lengths of ``quietstar_config`` (default: the model's)."""
+    thought lengths of ``quietstar_config`` (default: the model's); ``weight_shards`` processes share the weights
+    and optimizer state (FSDP)."""
     cfg, text_cfg = quietstar_config or model.quietstar_config, model.config
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
@@ -40,7 +43,8 @@ def estimate_training_bytes(model, batch_size: int, max_length: int, compute_dty
         activations = tokens * layers * per_token_layer
     scored = batch_size * max_length * (1 + cfg.num_thoughts * (cfg.num_thought_tokens + cfg.num_lookahead_tokens))
     logits = scored * text_cfg.vocab_size * 4 * 3
-    parts = {"weights_and_optimizer": 16 * trainable + 4 * frozen, "activations": activations, "logits": logits}
+    parts = {"weights_and_optimizer": (16 * trainable + 4 * frozen) // weight_shards, "activations": activations,
+             "logits": logits}
     parts["total"] = sum(parts.values())
     return parts
 
@@ -63,6 +67,13 @@ def format_gib(value: int) -> str:
     return f"{value / 2**30:.1f} GiB"
 
 
+def fsdp_shards(args) -> int:
+    """How many processes share the weights: the process count under FSDP (``accelerate launch`` with an FSDP config
+    sets ACCELERATE_USE_FSDP; TrainingArguments' own ``fsdp`` option too), else 1."""
+    fsdp = bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    return max(getattr(args, "world_size", 1), 1) if fsdp else 1
+
+
 def check_memory(model, args, max_length: int, device: torch.device, available: int | None = None) -> dict:
     """Raise MemoryError (with the estimate) when the estimated peak exceeds the free memory; return the estimate.
 
@@ -76,7 +87,7 @@ def check_memory(model, args, max_length: int, device: torch.device, available: 
         cfg = dataclasses.replace(cfg, num_thought_tokens=max(s.num_thought_tokens for s in stages),
                                   num_lookahead_tokens=max(s.num_lookahead_tokens for s in stages))
     parts = estimate_training_bytes(model, args.per_device_train_batch_size, max_length, compute_dtype,
-                                    args.gradient_checkpointing, cfg)
+                                    args.gradient_checkpointing, cfg, weight_shards=fsdp_shards(args))
     available = available_bytes(device) if available is None else available
     if available is not None and parts["total"] > available:
         detail = ", ".join(f"{name} {format_gib(value)}" for name, value in parts.items() if name != "total")
