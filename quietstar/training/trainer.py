@@ -9,8 +9,9 @@ What it changes:
   published atomically: written under ``.staging-checkpoint-N`` and renamed to ``checkpoint-N`` once complete;
 - ``thought_curriculum`` changes the thought and lookahead lengths over steps (quietstar.training.curriculum);
 - every log is also appended to ``output_dir/metrics.jsonl`` (quietstar.training.run_files).
-Supported: one device, or several with DDP or FSDP2 (``accelerate launch``; FSDP with a full state dict, which
-is gathered for saving and scattered when resuming). DeepSpeed is refused.
+Supported: one device, or several with DDP, FSDP2 or DeepSpeed ZeRO 0-2 (``accelerate launch``). Under FSDP the
+full state dict is gathered for saving and scattered when resuming; under DeepSpeed the engine's own checkpoint
+restores the run. FSDP1, sharded FSDP state dicts, ZeRO-3 and LoRA with either are refused.
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ def check_fsdp_plugin(plugin, model: QuietStarForCausalLM) -> None:
     if model.lora is not None:
         raise ValueError("LoRA together with FSDP is not supported; LoRA already fits most models on one GPU, or "
                          "train fully with FSDP.")
+
+
+def check_deepspeed_plugin(plugin, model: QuietStarForCausalLM) -> None:
+    """Refuse the DeepSpeed settings the trainer does not support, saying which setting to change."""
+    if plugin.zero_stage not in (0, 1, 2):
+        raise ValueError(f"QuietStarTrainer supports DeepSpeed ZeRO stages 0-2, not {plugin.zero_stage}: ZeRO-3 shards "
+                         "the parameters the thought sampling reads. Use zero_stage: 2 "
+                         "(configs/accelerate/deepspeed-zero2.yaml), or FSDP2 to shard parameters.")
+    if model.lora is not None:
+        raise ValueError("LoRA together with DeepSpeed is not supported; train LoRA with DDP or on one device.")
 
 
 def load_checkpoint_weights(model: QuietStarForCausalLM, folder: str, sharded: bool = False) -> None:
@@ -94,8 +105,7 @@ class QuietStarTrainer(Trainer):
             **kwargs,
         )
         if self.is_deepspeed_enabled:
-            raise ValueError("QuietStarTrainer does not support DeepSpeed; use DDP (configs/accelerate/ddp.yaml) or "
-                             "FSDP2 (configs/accelerate/fsdp.yaml).")
+            check_deepspeed_plugin(self.accelerator.state.deepspeed_plugin, model)
         if self.is_fsdp_enabled:
             check_fsdp_plugin(self.accelerator.state.fsdp_plugin, model)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
