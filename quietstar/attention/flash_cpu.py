@@ -49,11 +49,16 @@ def applies(query: torch.Tensor, layout: ThoughtLayout, dropout: float) -> bool:
 
 
 def _split(x: torch.Tensor, L: int, N: int, S: int):
-    """[B, H, L + NLS, d] -> text [B, H, L, d], branch over text [B, H*N*S, L, d] (head order h, n, s: the
-    extra heads of head h share its text K/V), and the branches themselves [B, H, N, L, S, d] (a view)."""
+    """[B, H, L + NLS, d] -> text [B, H, L, d] and the branches [B, H, N, L, S, d] (a view)."""
     B, H, _, d = x.shape
-    branch = x[:, :, L:].view(B, H, N, L, S, d)
-    return x[:, :, :L].contiguous(), branch.transpose(3, 4).reshape(B, H * N * S, L, d), branch
+    return x[:, :, :L].contiguous(), x[:, :, L:].view(B, H, N, L, S, d)
+
+
+def _over_text(branch: torch.Tensor) -> torch.Tensor:
+    """Branches [B, H, N, L, S, d] -> [B, H*N*S, L, d] (head order h, n, s: the extra heads of head h share its
+    text K/V)."""
+    B, H, N, L, S, d = branch.shape
+    return branch.transpose(3, 4).reshape(B, H * N * S, L, d)
 
 
 def _from_over_text(x: torch.Tensor, H: int, N: int, S: int) -> torch.Tensor:
@@ -92,12 +97,9 @@ class ExpandedFlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, L: int, N: int, S: int, scale: float):
         B, H, _, d = q.shape
-        hkv = k.shape[1]
-        q_text, q_over, q_branch = _split(q, L, N, S)
-        k_text, _, k_branch = _split(k, L, N, S)
-        v_text, _, v_branch = _split(v, L, N, S)
+        (q_text, q_branch), (k_text, k_branch), (v_text, v_branch) = (_split(x, L, N, S) for x in (q, k, v))
         out_text, lse_text = _flash(q_text, k_text, v_text, is_causal=True, scale=scale)
-        out_over, lse_over = _flash(q_over, k_text, v_text, is_causal=True, scale=scale)
+        out_over, lse_over = _flash(_over_text(q_branch), k_text, v_text, is_causal=True, scale=scale)
         scores = _in_branch_scores(q_branch, k_branch, scale)
         lse_in = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, N, L, S]
         out_in = torch.einsum("bkgnlst,bknltd->bkgnlsd", torch.exp(scores - lse_in.unsqueeze(-1)), v_branch.float())
@@ -116,16 +118,13 @@ class ExpandedFlashAttention(torch.autograd.Function):
         L, N, S, scale = ctx.sizes
         B, H, _, d = q.shape
         hkv = k.shape[1]
-        q_text, q_over, q_branch = _split(q, L, N, S)
-        k_text, _, k_branch = _split(k, L, N, S)
-        v_text, _, v_branch = _split(v, L, N, S)
-        g_text, g_over, g_branch = _split(grad.contiguous(), L, N, S)
-        o_text, o_over, o_branch = _split(out, L, N, S)
+        (q_text, q_branch), (k_text, k_branch), (v_text, v_branch) = (_split(x, L, N, S) for x in (q, k, v))
+        (g_text, g_branch), (o_text, o_branch) = _split(grad.contiguous(), L, N, S), _split(out, L, N, S)
         lse_over = lse.transpose(3, 4).reshape(B, H * N * S, L).contiguous()
         dq_text, dk_text, dv_text = _flash_backward(g_text, q_text, k_text, v_text, o_text, lse_text, 0.0, True,
                                                     scale=scale)
-        dq_over, dk_over, dv_over = _flash_backward(g_over, q_over, k_text, v_text, o_over, lse_over, 0.0, True,
-                                                    scale=scale)
+        dq_over, dk_over, dv_over = _flash_backward(_over_text(g_branch), _over_text(q_branch), k_text, v_text,
+                                                    _over_text(o_branch), lse_over, 0.0, True, scale=scale)
         # In-branch part by hand: P = exp(scores - merged lse), dS = P * (dO V^T - rowsum(dO * O)).
         probs = torch.exp(_in_branch_scores(q_branch, k_branch, scale) - _grouped(lse, hkv).unsqueeze(-1))
         g_grouped = _grouped(g_branch, hkv).float()
