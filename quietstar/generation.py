@@ -146,9 +146,10 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=32, do_sample
     sot_column = torch.full((B, 1), sot, dtype=torch.long, device=device)
     # The first thought's <sot> rides along with the prompt, and each later one with the token before
     # it: one forward instead of two per new token. The <sot> slot is scratch like the rest of the thought.
-    last_position = text_positions(attention_mask.bool())[:, -1]  # [B]
+    prompt_positions = text_positions(attention_mask.bool())
+    last_position = prompt_positions[:, -1]  # [B]
     hidden = lm.feed(torch.cat([input_ids, sot_column], dim=1),
-                     torch.cat([text_positions(attention_mask.bool()), (last_position + 1)[:, None]], dim=1),
+                     torch.cat([prompt_positions, (last_position + 1)[:, None]], dim=1),
                      torch.cat([attention_mask, torch.ones_like(sot_column)], dim=1))
     base_hidden, sot_hidden = hidden[:, -2], hidden[:, -1]
     new_tokens, all_thoughts, all_logits, all_weights = [], [], [], []

@@ -287,9 +287,8 @@ class QuietStarForCausalLM(nn.Module):
             embedding = lm_weights[embedding_key].clone()
             embedding[list(self.thought_token_ids)] = thought_embeddings.to(embedding.dtype)
             lm_weights[embedding_key] = embedding
-            output_key = self._module_name(self.lm_head) + ".weight"
-            if self.base.get_output_embeddings().weight is self.base.get_input_embeddings().weight:
-                lm_weights[output_key] = embedding
+            if self.lm_head.weight is self.base.get_input_embeddings().weight:
+                lm_weights[self._module_name(self.lm_head) + ".weight"] = embedding
         staging = tempfile.mkdtemp(prefix=".saving-", dir=path)
         try:
             if state_dict is not None:

@@ -96,3 +96,29 @@ def test_deepspeed_config_is_zero2_and_the_trainer_refuses_zero3_and_lora():
     add_lora(model, lora_config({"r": 2, "target_modules": ["q_proj"]}))
     with pytest.raises(ValueError, match="LoRA together with DeepSpeed"):
         check_deepspeed_plugin(DeepSpeedPlugin(zero_stage=2), model)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_saving_from_a_gathered_state_dict_writes_what_saving_from_the_module_writes(tmp_path, tied):
+    from safetensors.torch import load_file
+
+    from conftest import randomize_mixing_head
+    from quietstar import QuietStarConfig
+    from quietstar.tiny import byte_tokenizer, tiny_model
+
+    tokenizer = byte_tokenizer()
+    base = tiny_model("llama", vocab_size=len(tokenizer), tie_word_embeddings=tied)
+    model = QuietStarForCausalLM.from_base(base, tokenizer, QuietStarConfig())
+    assert (model.lm_head.weight is model.base.get_input_embeddings().weight) == tied
+    randomize_mixing_head(model)
+    with torch.no_grad():
+        model.thought_embeddings.normal_()  # rows the module's embedding matrix does not hold yet
+    gathered = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "gathered", state_dict=gathered)
+    model.save_pretrained(tmp_path / "module")
+    for name in ("model.safetensors", "quietstar.safetensors"):
+        a, b = load_file(tmp_path / "gathered" / name), load_file(tmp_path / "module" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    loaded = QuietStarForCausalLM.from_pretrained(tmp_path / "gathered")
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loaded.base(input_ids=ids).logits, model.base(input_ids=ids).logits)
