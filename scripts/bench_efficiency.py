@@ -23,8 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_step import MODEL_DESCRIPTION, Cell, build_step  # noqa: E402  (a sibling script)
-from bench_step import parse_args as bench_step_args  # noqa: E402
+from bench_cells import MODEL_DESCRIPTION, Cell, build_step, step_settings  # noqa: E402  (a sibling script)
 
 
 def parse_cell(text: str) -> tuple[int, int]:
@@ -56,7 +55,7 @@ def seconds(step) -> float:
 
 def measure(length: int, thought_tokens: int, rounds: int, threads: int) -> dict:
     """Alternate plain and Quiet-STaR steps; one warm-up step of each first."""
-    settings = bench_step_args(["--threads", str(threads)])
+    settings = step_settings(threads=threads)
     plain = build_step(settings, Cell("plain", length, thought_tokens))
     ours = build_step(settings, Cell("ours", length, thought_tokens))
     plain(), ours()

@@ -49,60 +49,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 PROCESS_START = time.monotonic()  # a child's time budget counts from here, imports and model build included
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
 
-from machine_load import (  # noqa: E402  (a sibling script, importable once SCRIPTS is on the path)
+from bench_cells import (  # noqa: E402  (sibling scripts, importable once SCRIPTS is on the path)
+    MODEL, MODEL_DESCRIPTION, STEP_DEFAULTS, Cell, branch_length, build_step, positions_per_row,
+)
+from machine_load import (  # noqa: E402
     current_rss_bytes, machine_busy_cores, peak_rss_bytes, reset_peak_rss, rss_of, timed,
 )
 
-MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=688, vocab_size=1024)
-MODEL_DESCRIPTION = ("random Llama: hidden 256, 4 layers, 4 heads, 2 KV heads, intermediate 688, vocab 1024, "
-                     "fp32, CPU")
-TEXT_TOKEN_RANGE = 256  # random text ids stay below the thought-token ids the tokenizer adds
 MIB = 2**20
 POLL_SECONDS = 0.1
 ESTIMATE_SLACK = 1.5
 DEFAULT_PLOT = Path("bench_results/step.png")
-
-
-# ------------------------------------------------------------------------------------------- settings
-@dataclass
-class Cell:
-    """One measurement: an implementation at one text length L and thought length T."""
-
-    impl: str  # "plain", "ours" or "dense"
-    length: int
-    thought_tokens: int
-    status: str = "pending"  # "ok", "timeout", "oom-risk", "error"
-    note: str = ""
-    step_seconds: list = field(default_factory=list)  # every timed step
-    foreign_cores: list = field(default_factory=list)  # CPU cores other processes used during each timed step
-    seconds: float | None = None  # median of the quiet timed steps (of all of them when none was quiet)
-    quiet_steps: int = 0
-    warmup_seconds: float | None = None
-    peak_bytes: int | None = None
-    predicted_peak_bytes: int | None = None
-    memory_method: str = ""
-
-    @property
-    def key(self):
-        return self.impl, self.length, self.thought_tokens
-
-
-def branch_length(args, thought_tokens: int) -> int:
-    """S = T + A + 1."""
-    return thought_tokens + args.lookahead_tokens + 1
-
-
-def positions_per_row(args, length: int, thought_tokens: int) -> int:
-    """Token positions a Quiet-STaR step processes per text row: L * (1 + N*S)."""
-    return length * (1 + args.num_thoughts * branch_length(args, thought_tokens))
 
 
 # ------------------------------------------------------------------------------------ memory estimate
@@ -147,55 +111,6 @@ def estimate_peak_bytes(args, impl: str, length: int, thought_tokens: int) -> in
 
 
 # ------------------------------------------------------------------------------------ the child side
-
-
-
-def build_step(args, cell: Cell):
-    """Model, optimizer and batch of one cell; returns a function that runs one training step."""
-    import torch
-
-    from official_dense import dense_forward
-    from quietstar import QuietStarConfig, QuietStarForCausalLM
-    from quietstar.tiny import byte_tokenizer, tiny_model
-
-    torch.set_num_threads(args.threads)
-    base = tiny_model("llama", seed=args.seed, **MODEL)
-    generator = torch.Generator().manual_seed(args.seed)
-    S = branch_length(args, cell.thought_tokens)
-    if cell.impl == "plain":
-        base.set_attn_implementation("sdpa")
-        rows = args.batch * (1 + args.num_thoughts * S)
-        ids = torch.randint(0, TEXT_TOKEN_RANGE, (rows, cell.length), generator=generator)
-        model = base
-
-        def loss():
-            return base(input_ids=ids, labels=ids).loss
-    else:
-        config = QuietStarConfig(num_thought_tokens=cell.thought_tokens, num_lookahead_tokens=args.lookahead_tokens,
-                                 num_thoughts=args.num_thoughts)
-        model = QuietStarForCausalLM.from_base(base, byte_tokenizer(), config)
-        ids = torch.randint(0, TEXT_TOKEN_RANGE, (args.batch, cell.length), generator=generator)
-        if cell.impl == "ours":
-            def loss():
-                return model(ids, labels=ids, output_logits=False, generator=generator).loss
-        else:
-            model.base.set_attn_implementation(args.dense_attention)  # for the whole life of this process
-
-            def loss():
-                return dense_forward(model, ids, labels=ids, generator=generator).loss
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.001)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss().backward()
-        optimizer.step()
-
-    return step
-
-
-
-
 def run_cell(args, cell: Cell) -> Cell:
     """Measure one cell in this process (a fresh subprocess): a warm-up step, then timed steps.
 
@@ -449,17 +364,17 @@ def parse_args(argv=None):
                         help="a timed step is quiet when other processes used fewer CPU cores than this meanwhile")
     parser.add_argument("--quiet-wait", type=float, default=300.0,
                         help="before each cell, wait up to this many seconds for other processes to leave the CPUs")
-    parser.add_argument("--batch", type=int, default=1, help="text rows per step (B)")
-    parser.add_argument("--lookahead-tokens", type=int, default=4, help="A")
-    parser.add_argument("--num-thoughts", type=int, default=2, help="N")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--dense-attention", choices=["sdpa", "eager"], default="sdpa",
+    parser.add_argument("--batch", type=int, default=STEP_DEFAULTS["batch"], help="text rows per step (B)")
+    parser.add_argument("--lookahead-tokens", type=int, default=STEP_DEFAULTS["lookahead_tokens"], help="A")
+    parser.add_argument("--num-thoughts", type=int, default=STEP_DEFAULTS["num_thoughts"], help="N")
+    parser.add_argument("--threads", type=int, default=STEP_DEFAULTS["threads"], help="torch.set_num_threads")
+    parser.add_argument("--dense-attention", choices=["sdpa", "eager"], default=STEP_DEFAULTS["dense_attention"],
                         help="transformers attention of the dense scheme (the official code ran sdpa)")
     parser.add_argument("--time-budget", type=float, default=120.0, help="seconds per cell, model build included")
     parser.add_argument("--memory-limit-gb", type=float, default=16.0,
                         help="skip a cell whose steps are predicted to add more than this many GiB, kill one whose "
                         "process RSS passes it (oom-risk)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=STEP_DEFAULTS["seed"])
     parser.add_argument("--out", type=Path, help="results JSON; a Markdown table goes next to it (.md)")
     parser.add_argument("--plot", nargs="?", const="", metavar="PNG",
                         help="plot seconds and peak memory vs T, ours vs dense; without a path, next to --out "
