@@ -22,7 +22,6 @@ Every position thinks (cost ~ T + 2 tokens per position), which is what the log-
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -35,6 +34,7 @@ except ImportError as error:  # lm-eval is an optional extra
     ) from error
 
 from quietstar import QuietStarForCausalLM
+from quietstar.scoring import ThoughtScorer, configure_for_scoring
 
 
 def _resolve_bool(value) -> bool:
@@ -46,7 +46,7 @@ def _resolve_bool(value) -> bool:
 class QuietStarLM(HFLM):
     """HFLM over a Quiet-STaR checkpoint (a folder from ``save_pretrained``, or a loaded model).
 
-    Extra ``model_args``: ``num_thoughts`` (N, default the checkpoint's), ``num_thought_tokens`` (T),
+    Extra ``model_args``: ``num_thoughts`` (default 1; above 1 an ensemble of N thoughts), ``num_thought_tokens`` (T),
     ``greedy_thoughts``, ``baseline`` (no thoughts), ``seed`` (thought and sampling generator).
     """
 
@@ -73,12 +73,12 @@ class QuietStarLM(HFLM):
         self._model = self.quietstar.base
 
     def _configure(self) -> None:
-        from eval.run import configure_for_eval
-
         overrides = {k: int(v) for k, v in self._overrides.items() if v not in (None, "", "None")}
-        configure_for_eval(self.quietstar, **overrides)
+        configure_for_scoring(self.quietstar, **overrides)
         device = next(self.quietstar.parameters()).device
         self._generator = torch.Generator(device=device).manual_seed(self._seed)
+        self._scorer = ThoughtScorer(self.quietstar, self._generator, self.greedy_thoughts,
+                                     ensemble=self.quietstar.quietstar_config.num_thoughts > 1)
 
     def get_model_info(self) -> dict:
         """Parameter count and dtype of the whole Quiet-STaR model; no hub look-up (checkpoints are local folders)."""
@@ -104,11 +104,7 @@ class QuietStarLM(HFLM):
             if length < needed:
                 pad = inps.new_full((inps.shape[0], needed - length), self.tokenizer.pad_token_id)
                 inps = torch.cat([inps, pad], dim=1)
-            thoughts = self.quietstar.sample_thoughts(inps, generator=self._generator, greedy=self.greedy_thoughts)
-            out = self.quietstar(inps, thoughts=thoughts, output_logits=False)
-            log_probs = out.logits[:, :, :, 0].float().log_softmax(-1)  # [B, N, L, V]
-            mixed = torch.logsumexp(log_probs, dim=1) - math.log(log_probs.shape[1])
-            return mixed[:, :length]
+            return self._scorer(inps, torch.ones_like(inps))[:, :length]
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
         """``[B, max_length]`` (or shorter when every row stopped): context, then thought-aware continuation."""

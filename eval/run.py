@@ -10,8 +10,9 @@ and ``" X"`` in CommonsenseQA, whose question lists its choices as ``"(A) ...\\n
 item is the product, over the tokens after the prompt, of the probability of the true token renormalised
 over the *valid answer tokens* (:func:`valid_answer_tokens`); tokens outside that set (a lone space,
 ``,`` or ``-``) are skipped, as the official code does. The reported score is the mean over items.
-With thoughts, the distribution at position j is the softmax of the mixed logits ``out.logits[:, n, j, 0]``
-averaged over the N thought samples (probabilities are averaged, then renormalised). ``--baseline`` uses
+With thoughts, the distribution at position j is the softmax of the mixed logits ``out.logits[:, 0, j, 0]`` after
+one sampled thought; ``--num-thoughts N`` averages the probabilities of N thoughts instead (the paper's protocol: an
+ensemble, labelled so in the results). ``--thoughts null|shuffled`` scores the controls. ``--baseline`` uses
 the LM without thoughts: its plain forward, which equals ``out.base_logits`` (tested).
 
 ``accuracy``: GSM8K zero-shot chain of thought (official ``zero-shotcot-eval.py``): prompt
@@ -31,7 +32,6 @@ Only the first lookahead slot (s = 0) is needed to score or generate, so the mod
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -46,7 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from eval.data import SOURCES, TASKS, DataUnavailableError, load_task
-from quietstar.scoring import BaseScorer, ThoughtScorer
+from quietstar.scoring import THOUGHT_SOURCES, BaseScorer, ThoughtScorer, configure_for_scoring
 
 PROTOCOLS = ("paper", "accuracy")
 ANSWER_MARKER = "\nA:"
@@ -353,16 +353,6 @@ def load_model(path: str, baseline: bool, device: str, dtype: torch.dtype):
     return model, lm, tokenizer
 
 
-def configure_for_eval(model, num_thoughts=None, num_thought_tokens=None) -> None:
-    """Apply CLI overrides and ``num_lookahead_tokens = 1`` (see the module docstring) to ``model``."""
-    changes = {"num_lookahead_tokens": 1}
-    if num_thoughts is not None:
-        changes["num_thoughts"] = num_thoughts
-    if num_thought_tokens is not None:
-        changes["num_thought_tokens"] = num_thought_tokens
-    model.quietstar_config = dataclasses.replace(model.quietstar_config, **changes)
-
-
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -372,8 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", required=True, choices=PROTOCOLS)
     p.add_argument("--limit", type=int, default=None, help="Evaluate the first N items (default: all).")
     p.add_argument("--baseline", action="store_true", help="Evaluate the LM without thoughts.")
-    p.add_argument("--num-thoughts", type=int, default=None, help="N thought samples per position (paper score "
-                   "averages their probabilities; default: the checkpoint's).")
+    p.add_argument("--num-thoughts", type=int, default=1, help="Thoughts per position. Above 1 the score averages "
+                   "their probabilities: an ensemble (the paper's protocol), which gains by averaging alone and is "
+                   "labelled so in the results.")
+    p.add_argument("--thoughts", default="sampled", choices=THOUGHT_SOURCES, help="sampled: the model's own thoughts; "
+                   "null and shuffled: the controls (filler thoughts; the sampled thoughts moved to other positions).")
     p.add_argument("--num-thought-tokens", type=int, default=None,
                    help="T tokens per thought (default: the checkpoint's).")
     p.add_argument("--greedy-thoughts", action="store_true", help="Think greedily instead of sampling thoughts.")
@@ -410,10 +403,11 @@ def evaluate(args, prepared: tuple | None = None) -> dict:
     torch.manual_seed(args.seed)
     use_thoughts = not args.baseline
     if model is not None:
-        configure_for_eval(model, args.num_thoughts, args.num_thought_tokens)
+        configure_for_scoring(model, args.num_thoughts, args.num_thought_tokens)
     thought_ids = model.thought_token_ids if model is not None else ()
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    scorer = (ThoughtScorer(model, generator, args.greedy_thoughts) if use_thoughts
+    scorer = (ThoughtScorer(model, generator, args.greedy_thoughts, thoughts=args.thoughts,
+                            ensemble=args.num_thoughts > 1) if use_thoughts
               else BaseScorer(lm, thought_ids))
     if args.protocol == "paper":
         score, records = run_paper(args.task, rows, scorer, tokenizer, args.batch_size, args.device)
@@ -429,7 +423,9 @@ def evaluate(args, prepared: tuple | None = None) -> dict:
         "score": score, "n": len(records), "data_source": data_source,
         "metric": "mean renormalised probability of the gold answer" if args.protocol == "paper" else "accuracy",
         "quietstar_config": model.quietstar_config.to_dict() if model is not None else None,
-        "settings": {k: getattr(args, k) for k in ("seed", "batch_size", "limit", "greedy_thoughts", "dtype", "device")}
+        "settings": {k: getattr(args, k) for k in ("seed", "batch_size", "limit", "greedy_thoughts", "dtype", "device",
+                                                   "num_thoughts", "thoughts")}
+        | {"ensemble": use_thoughts and args.num_thoughts > 1}
         | ({"votes": args.votes, "temperature": args.temperature, "max_reasoning_tokens": args.max_reasoning_tokens,
             "answer_tokens": args.answer_tokens} if args.protocol == "accuracy" and args.task == "gsm8k" else {}),
         "items": records,

@@ -9,6 +9,18 @@ from dataclasses import dataclass, field
 
 MIXING_MODES = ("logits", "logprobs")
 ATTENTION_BACKENDS = ("auto", "eager", "triton")
+REWARD_SOURCES = ("mixed", "thought")
+REWARD_PRECISIONS = ("fp32", "autocast")
+ADVANTAGE_NORMALIZATIONS = ("none", "batch_std")
+TEXT_PATHS = ("train", "frozen", "thought_lora")
+
+# The official code's loss settings (DESIGN §1): a preset, not the default (see QuietStarConfig.official).
+OFFICIAL_LOSS = dict(reinforce_temperature=3.0, clip_negative_advantage=True, policy_weight=1e6, reward_source="mixed",
+                     reward_precision="autocast", advantage_normalization="none", thought_nll_weight=0.0)
+
+# Fields added after checkpoints were first written, with the behaviour of the code that wrote those checkpoints.
+ADDED_FIELDS_BEFORE = dict(reward_source="mixed", reward_precision="autocast", advantage_normalization="none",
+                           thought_nll_weight=0.0, text_path="train")
 
 
 @dataclass
@@ -17,6 +29,10 @@ class QuietStarConfig:
 
     Names follow DESIGN §1: T = ``num_thought_tokens``, A = ``num_lookahead_tokens``,
     N = ``num_thoughts``; a branch holds S = T + A + 1 tokens.
+
+    The loss defaults are the recipe that does not wreck the LM (docs/recipe.md): scoring at the sampling
+    temperature with centred, unclipped, batch-normalised advantages, a reward from the thought path alone computed
+    in fp32, and a thought-path NLL term. :meth:`official` gives the official code's settings instead.
     """
 
     num_thought_tokens: int = field(
@@ -35,17 +51,63 @@ class QuietStarConfig:
         default=1.0, metadata={"help": "Temperature at which thought tokens are sampled during training."}
     )
     reinforce_temperature: float = field(
-        default=3.0, metadata={"help": "tau_RL: temperature of the log-softmax in the policy-gradient loss."}
+        default=1.0,
+        metadata={"help": "tau_RL: temperature of the log-softmax in the policy-gradient loss. Equal to "
+                          "thought_temperature it is the true policy's log-probability (an unbiased REINFORCE "
+                          "gradient); the official 3 sharpens every distribution whatever the rewards say."},
     )
     base_loss_weight: float = field(
         default=0.5,
         metadata={"help": "beta: weight of the base-model NLL; the mixed NLL gets 1 - beta."},
     )
     policy_weight: float = field(
-        default=1e6, metadata={"help": "lambda: weight of the REINFORCE loss (1e6 in the official code)."}
+        default=1.0,
+        metadata={"help": "lambda: weight of the REINFORCE loss. With advantage_normalization 'batch_std' it is the "
+                          "RL gradient relative to the NLL gradient; the official code used 1e6 with raw advantages."},
     )
     clip_negative_advantage: bool = field(
-        default=True, metadata={"help": "Train only on thoughts better than the mean of their position (r+ = max(r, 0))."}
+        default=False,
+        metadata={"help": "Train only on thoughts better than the mean of their position (r+ = max(r, 0); the "
+                          "official code). Clipping gives the policy gradient a non-zero mean even when rewards carry "
+                          "no information; false keeps it centred and unbiased."},
+    )
+    reward_source: str = field(
+        default="thought",
+        metadata={"help": f"One of {REWARD_SOURCES}. 'mixed': R = -sum_s NLL of the mixed prediction (official; "
+                          "proportional to the mixing weight w, so zero while w = 0). 'thought': R = -sum_s NLL of "
+                          "lm_head(h_thought) alone, independent of w (a thought's own likelihood gain)."},
+    )
+    reward_precision: str = field(
+        default="fp32",
+        metadata={"help": f"One of {REWARD_PRECISIONS}. 'fp32': the reward path (mixing head, thought-path lm_head, "
+                          "the cross-entropies that make rewards) runs in fp32 even under bf16 autocast, where the "
+                          "reward difference between two thoughts is otherwise mostly rounding noise. 'autocast': as "
+                          "the surrounding autocast (official)."},
+    )
+    advantage_normalization: str = field(
+        default="batch_std",
+        metadata={"help": f"One of {ADVANTAGE_NORMALIZATIONS}. 'batch_std': divide the centred advantages by their "
+                          "standard deviation over the batch (at least advantage_std_floor), so that policy_weight "
+                          "means the same whatever the reward scale. 'none': raw advantages (official)."},
+    )
+    advantage_std_floor: float = field(
+        default=0.01,
+        metadata={"help": "Smallest standard deviation (in nats) that 'batch_std' divides by: a batch whose thoughts "
+                          "all score alike is not blown up into a large gradient."},
+    )
+    thought_nll_weight: float = field(
+        default=0.5,
+        metadata={"help": "gamma: weight of the NLL of lm_head(h_thought) alone (the thought path's own prediction of "
+                          "the lookahead tokens), so the model learns to read its thoughts while the mixing weight is "
+                          "small. 0: no such term (official)."},
+    )
+    text_path: str = field(
+        default="train",
+        metadata={"help": f"One of {TEXT_PATHS}: how training may change the predictions made without thoughts. "
+                          "'train': the LM trains on every token (official). 'frozen': the LM's weights do not train; "
+                          "only the thought embeddings and the mixing head do. 'thought_lora': LoRA adapters (the "
+                          "run's peft settings) act on thought-branch tokens only, so the text tokens, and every "
+                          "prediction made without thoughts, stay exactly the base model's."},
     )
     mixing: str = field(
         default="logits",
@@ -79,6 +141,14 @@ class QuietStarConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"QuietStarConfig.{name} must be a positive integer, got {value!r}.")
+        for name, allowed in (("reward_source", REWARD_SOURCES), ("reward_precision", REWARD_PRECISIONS),
+                              ("advantage_normalization", ADVANTAGE_NORMALIZATIONS), ("text_path", TEXT_PATHS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"QuietStarConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        if not self.advantage_std_floor > 0:
+            raise ValueError(f"QuietStarConfig.advantage_std_floor must be > 0, got {self.advantage_std_floor!r}.")
+        if not self.thought_nll_weight >= 0:
+            raise ValueError(f"QuietStarConfig.thought_nll_weight must be >= 0, got {self.thought_nll_weight!r}.")
         for name in ("thought_temperature", "reinforce_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"QuietStarConfig.{name} must be > 0, got {getattr(self, name)!r}.")
@@ -104,6 +174,12 @@ class QuietStarConfig:
         """S = T + A + 1: <sot>, T thought tokens, <eot>, then A - 1 teacher-forced true tokens."""
         return self.num_thought_tokens + self.num_lookahead_tokens + 1
 
+    @classmethod
+    def official(cls, **overrides) -> "QuietStarConfig":
+        """The official code's loss settings (lambda = 1e6, tau_RL = 3, clipped raw advantages, rewards from the
+        mixed prediction under autocast, no thought-path NLL); ``overrides`` change any field."""
+        return cls(**{**OFFICIAL_LOSS, **overrides})
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -113,7 +189,8 @@ class QuietStarConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"Unknown QuietStarConfig fields {unknown}; valid fields are {sorted(known)}.")
-        return cls(**values)
+        # A config saved before a field existed was trained without it: fill in what the code did then.
+        return cls(**{**ADDED_FIELDS_BEFORE, **values})
 
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:

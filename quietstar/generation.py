@@ -110,8 +110,10 @@ class _CachedLM:
         # Without padding no mask is passed at all (causal attention needs none), which saves its upkeep per token.
         self.attention_mask = None if bool(prompt_mask.all()) else prompt_mask.new_zeros(prompt_mask.shape[0], 0)
 
-    def feed(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Append ``tokens [B, k]`` (padding where ``mask`` is 0) at ``positions [B, k]``; return their final
+    def feed(self, tokens: torch.Tensor, positions: torch.Tensor, branch: torch.Tensor,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Append ``tokens [B, k]`` (padding where ``mask`` is 0) at ``positions [B, k]``; ``branch [k]`` bool says
+        which are thought tokens (the text tokens are computed without thought-only adapters). Return their final
         hidden states ``[B, k, D]``."""
         if self.attention_mask is not None:
             mask = torch.ones_like(tokens) if mask is None else mask.long()
@@ -119,6 +121,7 @@ class _CachedLM:
         return self.model.body(
             inputs_embeds=self.model.embed(tokens), attention_mask=self.attention_mask, position_ids=positions,
             past_key_values=self.cache, use_cache=True,
+            **self.model.branch_kwargs(branch.to(tokens.device).expand(tokens.shape)),
         ).last_hidden_state
 
     def crop(self, num_tokens: int) -> None:
@@ -148,9 +151,11 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=32, do_sample
     # it: one forward instead of two per new token. The <sot> slot is scratch like the rest of the thought.
     prompt_positions = text_positions(attention_mask.bool())
     last_position = prompt_positions[:, -1]  # [B]
+    text_then_sot = torch.arange(input_ids.shape[1] + 1, device=device) == input_ids.shape[1]
     hidden = lm.feed(torch.cat([input_ids, sot_column], dim=1),
-                     torch.cat([prompt_positions, (last_position + 1)[:, None]], dim=1),
+                     torch.cat([prompt_positions, (last_position + 1)[:, None]], dim=1), text_then_sot,
                      torch.cat([attention_mask, torch.ones_like(sot_column)], dim=1))
+    thought_only = torch.ones(1, dtype=torch.bool, device=device)
     base_hidden, sot_hidden = hidden[:, -2], hidden[:, -1]
     new_tokens, all_thoughts, all_logits, all_weights = [], [], [], []
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -161,7 +166,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=32, do_sample
             hidden = sot_hidden
             for m in range(T):
                 if m > 0:
-                    hidden = lm.feed(thought[:, m - 1 : m], (start + m - 1)[:, None])[:, -1]
+                    hidden = lm.feed(thought[:, m - 1 : m], (start + m - 1)[:, None], thought_only)[:, -1]
                 logits = mask_thought_tokens(model.lm_head(hidden), model.thought_token_ids)
                 thought[:, m] = draw(logits, cfg.thought_temperature, greedy_thoughts, generator)
             tail = torch.cat([thought[:, -1:], torch.full_like(sot_column, eot)], dim=1)  # c_T and <eot>: no sampling
@@ -170,7 +175,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=32, do_sample
             thought = thoughts[:, step]
             tail = torch.cat([thought, torch.full_like(sot_column, eot)], dim=1)
             tail_positions = start[:, None] + torch.arange(T + 1, device=device)
-        thought_hidden = lm.feed(tail, tail_positions)[:, -1]
+        thought_hidden = lm.feed(tail, tail_positions, thought_only)[:, -1]
         lm.crop(T + 2)  # <sot> c_1..c_T <eot>
         logits, weight = _mixed_logits(model, base_hidden, thought_hidden)
         token = _pick(logits, do_sample, temperature, generator)
@@ -184,7 +189,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=32, do_sample
         all_weights.append(weight)
         if step + 1 < max_new_tokens:
             hidden = lm.feed(torch.cat([token[:, None], sot_column], dim=1),
-                             last_position[:, None] + torch.arange(2, device=device))
+                             last_position[:, None] + torch.arange(2, device=device), text_then_sot[-2:])
             base_hidden, sot_hidden = hidden[:, 0], hidden[:, 1]
     return GenerationOutput(
         sequences=torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1),
@@ -208,8 +213,10 @@ def generate_reference(model, input_ids, thoughts=None, max_new_tokens=None, do_
     sot, eot = model.thought_token_ids
     steps = thoughts.shape[1] if max_new_tokens is None else max_new_tokens
 
-    def last_hidden(sequence):
-        return model.body(inputs_embeds=model.embed(sequence[None])).last_hidden_state[:, -1]
+    def last_hidden(sequence, text_length):
+        branch = (torch.arange(len(sequence), device=sequence.device) >= text_length)[None]
+        return model.body(inputs_embeds=model.embed(sequence[None]),
+                          **model.branch_kwargs(branch)).last_hidden_state[:, -1]
 
     sequence = input_ids[0]
     used_thoughts, logits_per_step = [], []
@@ -217,13 +224,13 @@ def generate_reference(model, input_ids, thoughts=None, max_new_tokens=None, do_
         branch = torch.cat([sequence, sequence.new_tensor([sot])])
         if thoughts is None:
             for _ in range(cfg.num_thought_tokens):
-                logits = mask_thought_tokens(model.lm_head(last_hidden(branch)), model.thought_token_ids)
+                logits = mask_thought_tokens(model.lm_head(last_hidden(branch, len(sequence))), model.thought_token_ids)
                 branch = torch.cat([branch, draw(logits, cfg.thought_temperature, greedy_thoughts, generator)])
         else:
             branch = torch.cat([branch, thoughts[0, step]])
         used_thoughts.append(branch[len(sequence) + 1 :])
-        thought_hidden = last_hidden(torch.cat([branch, branch.new_tensor([eot])]))
-        logits, _ = _mixed_logits(model, last_hidden(sequence), thought_hidden)
+        thought_hidden = last_hidden(torch.cat([branch, branch.new_tensor([eot])]), len(sequence))
+        logits, _ = _mixed_logits(model, last_hidden(sequence, len(sequence)), thought_hidden)
         sequence = torch.cat([sequence, _pick(logits, do_sample, temperature, generator)])
         logits_per_step.append(logits)
     return sequence[None], torch.stack(used_thoughts)[None], torch.stack(logits_per_step, dim=1)

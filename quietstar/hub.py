@@ -13,6 +13,8 @@ LM the adapter was applied to, plus the adapter in ``CHECKPOINT/adapter/`` (``ad
 ``adapter_model.safetensors``, as ``PeftModel.save_pretrained`` writes them). The adapter lives in a subfolder
 because transformers treats a folder with ``adapter_config.json`` as an adapter and loads its base from the Hub.
 ``export(..., merge_lora=True)`` merges it into the LM (``merge_and_unload``) and writes the merged full LM.
+Adapters that act on thought tokens only (``text_path: thought_lora``) cannot be merged (merged, they would change
+every text prediction): their export keeps ``adapter/`` beside the unchanged base LM, and merging is refused.
 """
 
 from __future__ import annotations
@@ -396,10 +398,16 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, merge_lora: bo
     _check_destination(checkpoint, out, overwrite)
     saved = read_checkpoint(checkpoint)
     adapter = find_lora_adapter(checkpoint)
+    thought_only = (adapter is not None and QuietStarConfig.from_dict(
+        _read_json(os.path.join(checkpoint, CONFIG_FILE))["quietstar"]).text_path == "thought_lora")
+    if merge_lora and thought_only:
+        raise ExportError(f"{checkpoint} has LoRA adapters that act on thought tokens only (text_path: thought_lora); "
+                          "merged into the LM they would change every text prediction. Export without merge_lora "
+                          "(--merge-lora): the adapter is kept in adapter/ beside the unchanged base LM.")
     if merge_lora and adapter is None:
         raise ExportError(f"merge_lora was asked but {checkpoint} has no LoRA adapter (expected "
                           f"{ADAPTER_FOLDER}/{ADAPTER_CONFIG_FILE} and {ADAPTER_FOLDER}/{ADAPTER_WEIGHTS_FILE}).")
-    if adapter is not None and not merge_lora:
+    if adapter is not None and not merge_lora and not thought_only:
         raise ExportError(f"{checkpoint} has a LoRA adapter in {adapter}; pass merge_lora=True (--merge-lora) to "
                           "merge it into the exported LM, which would otherwise lose it.")
     base_model = base_model or _read_json(os.path.join(checkpoint, CONFIG_FILE)).get("base_model")
@@ -408,8 +416,10 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, merge_lora: bo
     os.makedirs(os.path.dirname(out), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.exporting-", dir=os.path.dirname(out))
     try:
-        if adapter is None:
+        if adapter is None or thought_only:
             _write_model_files(saved, staging)
+            if thought_only:
+                shutil.copytree(adapter, os.path.join(staging, ADAPTER_FOLDER))
         else:
             _write_merged_model(saved, staging)
         write_model_card(staging, name=os.path.basename(out), repo_id=repo_id, base_model=base_model,

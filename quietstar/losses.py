@@ -26,9 +26,14 @@ def lookahead_targets(labels: torch.Tensor, position_valid: torch.Tensor, num_lo
     return gathered.masked_fill(~valid, 0), valid
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32, or as it is when already wider (fp64 gradient checks stay fp64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy in fp32: logits ``[..., V]``, targets ``[...]`` -> ``[...]``."""
-    flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+    """Per-token cross-entropy in fp32 (or wider): logits ``[..., V]``, targets ``[...]`` -> ``[...]``."""
+    flat = F.cross_entropy(at_least_fp32(logits.reshape(-1, logits.shape[-1])), targets.reshape(-1), reduction="none")
     return flat.view(targets.shape)
 
 
@@ -52,24 +57,35 @@ def nll_loss(base_nll, base_valid, mixed_nll, mixed_valid, base_loss_weight: flo
     return loss, per_step
 
 
-def rewards(mixed_nll: torch.Tensor, mixed_valid: torch.Tensor):
-    """R_{j,n} = -sum_s l_mix_{j,s,n}, detached: ``[B, N, L]``, and which positions count ``[B, L]``.
+def rewards(nll: torch.Tensor, valid: torch.Tensor):
+    """R_{j,n} = -sum_s l_{j,s,n}, detached: ``[B, N, L]``, and which positions count ``[B, L]``.
 
+    ``nll [B, N, L, A]`` is the per-token NLL the reward is made of (mixed or thought path), ``valid [B, L, A]``.
     A position counts only when all A of its targets are valid.
     """
-    position_valid = mixed_valid.all(dim=-1)
-    return -(mixed_nll.detach() * mixed_valid[:, None]).sum(dim=-1), position_valid
+    position_valid = valid.all(dim=-1)
+    return -(nll.detach() * valid[:, None]).sum(dim=-1), position_valid
 
 
-def advantages(reward: torch.Tensor, clip_negative: bool) -> torch.Tensor:
-    """r_{j,n} = R_{j,n} - mean_n R_{j,n}, clipped at 0 when ``clip_negative``: ``[B, N, L]``."""
+def advantages(reward: torch.Tensor, clip_negative: bool, normalization: str = "none", std_floor: float = 0.01,
+               position_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """r_{j,n} = R_{j,n} - mean_n R_{j,n} ``[B, N, L]``; with ``normalization="batch_std"`` divided by the batch's
+    standard deviation of r over valid positions ``[B, L]`` (at least ``std_floor``); clipped at 0 when
+    ``clip_negative``. Centred and unclipped, E[r | thought tokens] = 0 when rewards carry no information."""
     advantage = reward - reward.mean(dim=1, keepdim=True)
+    if normalization == "batch_std":
+        valid = (torch.ones_like(reward[:, 0], dtype=torch.bool) if position_valid is None else position_valid)
+        spread = masked_mean(advantage.square(), valid[:, None]).sqrt()  # r is centred: its RMS is its std
+        advantage = advantage / spread.clamp(min=std_floor)
+    elif normalization != "none":
+        raise ValueError(f"Unknown advantage normalization {normalization!r}; use 'none' or 'batch_std'.")
     return advantage.clamp(min=0) if clip_negative else advantage
 
 
 def thought_logprobs(sample_logits: torch.Tensor, thoughts: torch.Tensor, temperature: float) -> torch.Tensor:
     """log softmax(z / tau)[c] for each sampled thought token: logits ``[B, N, L, T, V]`` -> ``[B, N, L, T]``."""
-    logprobs = torch.log_softmax(sample_logits.float() / temperature, dim=-1)
+    logits = at_least_fp32(sample_logits)
+    logprobs = torch.log_softmax(logits if temperature == 1 else logits / temperature, dim=-1)
     return logprobs.gather(-1, thoughts.unsqueeze(-1)).squeeze(-1)
 
 
@@ -80,6 +96,24 @@ def policy_loss(logprobs: torch.Tensor, advantage: torch.Tensor, position_valid:
     """
     per_token = -advantage.detach().unsqueeze(-1) * logprobs
     return masked_mean(per_token, position_valid[:, None, :, None])
+
+
+def lookahead_nll(nll: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(1/A) sum_s mean over valid (b, n, j) of ``nll [B, N, L, A]``; ``valid [B, L, A]``."""
+    return torch.stack([masked_mean(nll[..., s], valid[:, None, :, s]) for s in range(nll.shape[-1])]).mean()
+
+
+@torch.no_grad()
+def sampling_entropy(sample_logits: torch.Tensor, temperature: float, position_valid: torch.Tensor,
+                     stride: int = 4) -> float:
+    """Mean entropy (nats) of the distributions the thought tokens were drawn from (``[B, N, L, T, V]`` logits at
+    ``temperature``), estimated on the first thought of every ``stride``-th valid position (``[B, L]``): a diagnostic,
+    not worth a pass over all N * L * T * V logits."""
+    logits = at_least_fp32(sample_logits[:, :1, ::stride])
+    logprobs = torch.log_softmax(logits if temperature == 1 else logits / temperature, dim=-1)
+    floor = torch.finfo(logprobs.dtype).min  # masked tokens: 0 * -inf would be NaN
+    entropy = -(logprobs.exp() * logprobs.clamp(min=floor)).sum(dim=-1)
+    return masked_mean(entropy, position_valid[:, None, ::stride, None]).item()
 
 
 def quietstar_loss(
@@ -95,38 +129,61 @@ def quietstar_loss(
     policy_weight: float,
     reinforce_temperature: float,
     clip_negative_advantage: bool,
+    thought_logits=None,
+    reward_source: str = "mixed",
+    advantage_normalization: str = "none",
+    advantage_std_floor: float = 0.01,
+    thought_nll_weight: float = 0.0,
+    sample_temperature: float = 1.0,
 ):
-    """The whole Quiet-STaR objective L = L_NLL + lambda * L_RL, and its metrics.
+    """The whole Quiet-STaR objective L = L_NLL + gamma * L_thought + lambda * L_RL, its terms and its metrics.
 
     base_logits ``[B, L, V]``, mixed_logits ``[B, N, L, A, V]``, sample_logits ``[B, N, L, T, V]``
     (the thought-token-masked logits each c_{j,m} was sampled from), thoughts ``[B, N, L, T]``,
     mixing_weights ``[B, N, L, A]`` (weight on the thought path), labels ``[B, L]``,
-    position_valid ``[B, L]``. Returns ``(loss, metrics)`` with metrics a dict of floats.
+    position_valid ``[B, L]``; thought_logits ``[B, N, L, A, V]`` (lm_head(h_thought), thought-token-masked) is
+    needed when ``reward_source="thought"`` or ``thought_nll_weight > 0``.
+    Returns ``(loss, metrics, terms)``: metrics a dict of floats, terms the unweighted losses ``{"nll",
+    "thought_nll", "policy"}`` (tensors) so that a trainer can reweight them (a policy-weight schedule).
     """
     num_lookahead = mixed_logits.shape[-2]
     targets, target_valid = lookahead_targets(labels, position_valid, num_lookahead)
     base_nll = token_nll(base_logits, targets[..., 0])
     mixed_nll = token_nll(mixed_logits, targets[:, None].expand(mixed_logits.shape[:-1]))
     nll, per_step = nll_loss(base_nll, target_valid[..., 0], mixed_nll, target_valid, base_loss_weight)
-    reward, reward_valid = rewards(mixed_nll, target_valid)
-    advantage = advantages(reward, clip_negative_advantage)
+    needs_thought = reward_source == "thought" or thought_nll_weight > 0
+    if needs_thought and thought_logits is None:
+        raise ValueError(f"reward_source={reward_source!r} with thought_nll_weight={thought_nll_weight} needs "
+                         "thought_logits (the thought path's own predictions); pass them.")
+    thought_nll = token_nll(thought_logits, targets[:, None].expand(thought_logits.shape[:-1])) if needs_thought else None
+    thought_term = lookahead_nll(thought_nll, target_valid) if needs_thought else nll.new_zeros(())
+    if reward_source not in ("mixed", "thought"):
+        raise ValueError(f"Unknown reward_source {reward_source!r}; use 'mixed' or 'thought'.")
+    reward, reward_valid = rewards(thought_nll if reward_source == "thought" else mixed_nll, target_valid)
+    advantage = advantages(reward, clip_negative_advantage, advantage_normalization, advantage_std_floor, reward_valid)
     logprobs = thought_logprobs(sample_logits, thoughts, reinforce_temperature)
     rl = policy_loss(logprobs, advantage, reward_valid)
-    loss = nll + policy_weight * rl
+    loss = nll + thought_nll_weight * thought_term + policy_weight * rl
 
     with torch.no_grad():
         valid = reward_valid[:, None].expand_as(reward)
         raw_advantage = reward - reward.mean(dim=1, keepdim=True)
+        tied = (reward == reward[:, :1]).all(dim=1)  # [B, L]: every thought of the position scored alike
+        live_weights = mixing_weights[:, :, :, 0][valid]
         metrics = {
             "loss": loss.item(),
             "nll_loss": nll.item(),
+            "thought_nll_loss": thought_term.item(),
             "policy_loss": rl.item(),
             "base_nll": masked_mean(base_nll, target_valid[..., 0]).item(),
             "reward_mean": reward[valid].mean().item() if valid.any() else 0.0,
             "reward_std": reward[valid].std().item() if valid.sum() > 1 else 0.0,
             "positive_advantage_fraction": (raw_advantage[valid] > 0).float().mean().item() if valid.any() else 0.0,
+            "tied_reward_fraction": tied[reward_valid].float().mean().item() if reward_valid.any() else 0.0,
             "mixing_weight_mean": masked_mean(mixing_weights.float(), target_valid[:, None]).item(),
+            "zero_mixing_weight_fraction": (live_weights == 0).float().mean().item() if live_weights.numel() else 0.0,
+            "thought_entropy": sampling_entropy(sample_logits, sample_temperature, reward_valid),
         }
         for s, value in enumerate(per_step.tolist()):
             metrics[f"mixed_nll_{s}"] = value
-    return loss, metrics
+    return loss, metrics, {"nll": nll, "thought_nll": thought_term, "policy": rl}

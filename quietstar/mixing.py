@@ -29,6 +29,17 @@ class MixingHead(nn.Module):
         features = torch.cat([base_hidden, thought_hidden], dim=-1).to(head_dtype)
         return self.net(features).squeeze(-1)
 
+    @torch.no_grad()
+    def live_unit_fraction(self, base_hidden: torch.Tensor, thought_hidden: torch.Tensor, max_rows: int = 1024) -> float:
+        """Fraction of the 2D hidden ReLU units that are positive for at least one of (up to ``max_rows``) inputs.
+        A unit that is never positive passes no gradient: when all are dead, w is stuck at its bias path."""
+        features = torch.cat([base_hidden, thought_hidden], dim=-1).reshape(-1, 2 * base_hidden.shape[-1])
+        features = features[:max_rows].to(self.net[0].weight.dtype)
+        first = self.net[1](self.net[0](features))
+        second = self.net[3](self.net[2](first))
+        alive = torch.cat([(first > 0).any(dim=0), (second > 0).any(dim=0)])
+        return alive.float().mean().item()
+
 
 def thought_weight(raw: torch.Tensor, mode: str) -> torch.Tensor:
     """Weight on the thought path: the raw head output ('logits') or its sigmoid ('logprobs')."""
@@ -43,7 +54,8 @@ def mix(base_logits: torch.Tensor, thought_logits: torch.Tensor, weight: torch.T
     """
     w = weight.unsqueeze(-1).to(base_logits.dtype)
     if mode == "logprobs":
-        base_logits = torch.log_softmax(base_logits.float(), dim=-1)
-        thought_logits = torch.log_softmax(thought_logits.float(), dim=-1)
-        w = w.float()
+        wide = torch.float64 if base_logits.dtype == torch.float64 else torch.float32
+        base_logits = torch.log_softmax(base_logits.to(wide), dim=-1)
+        thought_logits = torch.log_softmax(thought_logits.to(wide), dim=-1)
+        w = w.to(wide)
     return (1 - w) * base_logits + w * thought_logits

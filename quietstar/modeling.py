@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -20,8 +22,8 @@ from .attention import ATTENTION_NAME
 from .compat import check_model_supported
 from .config import QuietStarConfig
 from .generation import GenerationOutput, generate
-from .lora import ADAPTER_FOLDER, load_lora, lm_state_dict_without_lora
-from .losses import IGNORE_INDEX, quietstar_loss
+from .lora import ADAPTER_FOLDER, THOUGHT_BRANCH_MASK, ThoughtTokenGate, load_lora, lm_state_dict_without_lora
+from .losses import IGNORE_INDEX, at_least_fp32, quietstar_loss
 from .mixing import MixingHead, mix, thought_weight
 from .thoughts import expanded_pass, sample_thoughts
 from .vocab import mask_thought_tokens
@@ -41,6 +43,7 @@ class QuietStarOutput:
     mixing_weights: torch.Tensor | None = None  # [B, N, L, A], weight on the thought path
     logits: torch.Tensor | None = None  # [B, N, L, A, V], mixed
     thoughts: torch.Tensor | None = None  # [B, N, L, T]
+    loss_terms: dict = field(default_factory=dict)  # unweighted "nll", "thought_nll", "policy" (tensors)
 
 
 def _add_thought_tokens(tokenizer, config: QuietStarConfig) -> tuple[int, int]:
@@ -74,12 +77,16 @@ class QuietStarForCausalLM(nn.Module):
         self.thought_embeddings = nn.Parameter(weight.new_zeros(2, hidden_size, dtype=torch.float32))
         self.mixing_head = MixingHead(hidden_size).to(device=weight.device)
         self._lora = None
+        self._thought_gate = None
 
     # ------------------------------------------------------------------------------------------- LoRA
     def attach_lora(self, peft_model) -> None:
         """Record the peft wrapper whose adapters were injected into ``self.base`` (quietstar.lora.add_lora).
-        It is kept outside the module tree, so parameters are not listed twice."""
+        It is kept outside the module tree, so parameters are not listed twice. With ``text_path="thought_lora"``
+        the adapters are gated to act on thought-branch tokens only (quietstar.lora.ThoughtTokenGate)."""
         object.__setattr__(self, "_lora", peft_model)
+        if self.quietstar_config.text_path == "thought_lora":
+            object.__setattr__(self, "_thought_gate", ThoughtTokenGate(self.base, self.body.layers))
 
     @property
     def lora(self):
@@ -90,6 +97,10 @@ class QuietStarForCausalLM(nn.Module):
         """Fold the LoRA adapters into the LM's weights (``merge_and_unload``); the model becomes a plain one."""
         if self._lora is None:
             raise ValueError("This model has no LoRA adapter to merge.")
+        if self._thought_gate is not None:
+            raise ValueError("This model's LoRA adapters act on thought tokens only (text_path='thought_lora'); merged "
+                             "into the weights they would change every text prediction too. Keep the adapter "
+                             "separate (save_pretrained writes it to adapter/).")
         self.base = self._lora.merge_and_unload()
         object.__setattr__(self, "_lora", None)
 
@@ -141,6 +152,16 @@ class QuietStarForCausalLM(nn.Module):
             out = torch.where((input_ids == token_id).unsqueeze(-1), vectors[slot], out)
         return out
 
+    @property
+    def filler_token_id(self) -> int:
+        """The first token of ``thought_init_text`` ("---"): what null thoughts are made of."""
+        return self.tokenizer(self.quietstar_config.thought_init_text, add_special_tokens=False).input_ids[0]
+
+    def branch_kwargs(self, branch_mask: torch.Tensor) -> dict:
+        """Keywords for a model call without a thought layout that says which of its tokens are thought-branch tokens
+        (``branch_mask [B, n]`` bool): what thought-only LoRA adapters act on. Empty for a model without them."""
+        return {} if self._thought_gate is None else {THOUGHT_BRANCH_MASK: branch_mask}
+
     def _module_name(self, module: nn.Module) -> str:
         """The name of one of the LM's modules inside ``self.base`` (for example ``model.embed_tokens``)."""
         return next(name for name, candidate in self.base.named_modules() if candidate is module)
@@ -186,6 +207,15 @@ class QuietStarForCausalLM(nn.Module):
         return sample_thoughts(self, input_ids, key_padding, temperature=self.quietstar_config.thought_temperature,
                                greedy=greedy, generator=generator)
 
+    def set_thought_lengths(self, num_thought_tokens: int | None = None, num_lookahead_tokens: int | None = None,
+                            num_thoughts: int | None = None) -> None:
+        """Change T, A or N (None: keep) for the calls that follow: the one way evaluation and a thought curriculum
+        change them. The weights do not depend on them."""
+        changes = {name: value for name, value in (("num_thought_tokens", num_thought_tokens),
+                                                   ("num_lookahead_tokens", num_lookahead_tokens),
+                                                   ("num_thoughts", num_thoughts)) if value is not None}
+        self.quietstar_config = dataclasses.replace(self.quietstar_config, **changes)
+
     def forward(self, input_ids, attention_mask=None, labels=None, thoughts=None, output_logits=True,
                 generator=None) -> QuietStarOutput:
         """Think at every position, mix, and (with ``labels``) compute the Quiet-STaR loss.
@@ -208,24 +238,52 @@ class QuietStarForCausalLM(nn.Module):
             raise ValueError(f"thoughts must have shape [B, N, L, T] = {expected}, got {tuple(thoughts.shape)}.")
 
         text_hidden, branch_hidden = expanded_pass(self, input_ids, key_padding, thoughts)
-        base_logits = self.lm_head(text_hidden)
-        sample_logits = mask_thought_tokens(self.lm_head(branch_hidden[..., :T, :]), self.thought_token_ids)
+        base_logits = self._head(text_hidden)
+        sample_logits = mask_thought_tokens(self._head(branch_hidden[..., :T, :]), self.thought_token_ids)
         thought_hidden = branch_hidden[..., T + 1 : T + 1 + A, :]  # [B, N, L, A, D]
         L = input_ids.shape[1]
         shifted = (torch.arange(L, device=input_ids.device)[:, None] + torch.arange(A, device=input_ids.device))
         shifted = shifted.clamp(max=L - 1)  # h^base_{j+s}; out-of-row entries are never scored
         base_hidden = text_hidden[:, shifted].unsqueeze(1).expand_as(thought_hidden)
-        thought_logits = self.lm_head(thought_hidden) if (output_logits or cfg.mixing == "logprobs") else None
-        weights, mixed = self.mix_predictions(base_hidden, thought_hidden, base_logits[:, shifted].unsqueeze(1),
-                                              thought_logits)
+        needs_thought_logits = (output_logits or cfg.mixing == "logprobs"
+                                or (labels is not None and (cfg.reward_source == "thought" or cfg.thought_nll_weight > 0)))
+        with self._reward_precision(input_ids.device):
+            if cfg.reward_precision == "fp32":
+                base_hidden, thought_hidden = at_least_fp32(base_hidden), at_least_fp32(thought_hidden)
+            thought_logits = self._head(thought_hidden) if needs_thought_logits else None
+            shifted_base_logits = (self._head(text_hidden)[:, shifted].unsqueeze(1) if cfg.mixing == "logprobs"
+                                   else None)
+            weights, mixed = self.mix_predictions(base_hidden, thought_hidden, shifted_base_logits, thought_logits)
         out = QuietStarOutput(base_logits=base_logits, thought_logits=thought_logits if output_logits else None,
                               mixing_weights=weights, logits=mixed, thoughts=thoughts)
         if labels is not None:
-            out.loss, out.metrics = self.objective(base_logits, mixed, sample_logits, thoughts, weights, labels,
-                                                   key_padding)
+            masked_thought = (mask_thought_tokens(thought_logits, self.thought_token_ids)
+                              if thought_logits is not None else None)
+            out.loss, out.metrics, out.loss_terms = self.objective(base_logits, mixed, sample_logits, thoughts, weights,
+                                                                   labels, key_padding, masked_thought)
+            out.metrics["mixing_head_live_units"] = self.mixing_head.live_unit_fraction(base_hidden, thought_hidden)
         return out
 
-    def mix_predictions(self, base_hidden, thought_hidden, shifted_base_logits, thought_logits=None):
+    def _reward_precision(self, device: torch.device):
+        """fp32 for the reward path (reward_precision="fp32"): autocast off; else the caller's autocast."""
+        if self.quietstar_config.reward_precision == "fp32":
+            return torch.autocast(device_type=device.type, enabled=False)
+        return contextlib.nullcontext()
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """lm_head of ``hidden [..., D]`` -> ``[..., V]``, in fp32 when ``hidden`` is fp32 and the head's weights are
+        not (pure bf16 weights). The rows are flattened first: a strided N-D input would make the matmul broadcast
+        the head's weight into a batched product (seconds instead of milliseconds at a 49k vocabulary)."""
+        head = self.lm_head
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if hidden.dtype == torch.float32 and head.weight.dtype != torch.float32:
+            bias = None if getattr(head, "bias", None) is None else head.bias.float()
+            logits = torch.nn.functional.linear(flat, head.weight.float(), bias)
+        else:
+            logits = head(flat)
+        return logits.view(*hidden.shape[:-1], logits.shape[-1])
+
+    def mix_predictions(self, base_hidden, thought_hidden, shifted_base_logits=None, thought_logits=None):
         """Thought weights ``[B, N, L, A]`` and mixed, thought-token-masked logits ``[B, N, L, A, V]``.
 
         base_hidden/thought_hidden ``[B, N, L, A, D]`` (h^base_{j+s}, h^thought_{j,s});
@@ -236,21 +294,25 @@ class QuietStarForCausalLM(nn.Module):
         if mode == "logits":
             # lm_head is affine, so mixing hidden states equals mixing logits at a fraction of the cost.
             w = weights.unsqueeze(-1).to(thought_hidden.dtype)
-            mixed = self.lm_head((1 - w) * base_hidden + w * thought_hidden)
+            mixed = self._head((1 - w) * base_hidden + w * thought_hidden)
         else:
             if thought_logits is None:
-                thought_logits = self.lm_head(thought_hidden)
+                thought_logits = self._head(thought_hidden)
             mixed = mix(shifted_base_logits, thought_logits, weights, mode)
         return weights, mask_thought_tokens(mixed, self.thought_token_ids)
 
-    def objective(self, base_logits, mixed, sample_logits, thoughts, weights, labels, key_padding):
-        """The Quiet-STaR loss and metrics (quietstar.losses.quietstar_loss) with this model's settings."""
+    def objective(self, base_logits, mixed, sample_logits, thoughts, weights, labels, key_padding, thought_logits=None):
+        """The Quiet-STaR loss, metrics and unweighted loss terms (quietstar.losses.quietstar_loss) with this model's
+        settings."""
         cfg = self.quietstar_config
         return quietstar_loss(
             mask_thought_tokens(base_logits, self.thought_token_ids), mixed, sample_logits, thoughts, weights,
             labels.masked_fill(~key_padding, IGNORE_INDEX), key_padding,
             base_loss_weight=cfg.base_loss_weight, policy_weight=cfg.policy_weight,
             reinforce_temperature=cfg.reinforce_temperature, clip_negative_advantage=cfg.clip_negative_advantage,
+            thought_logits=thought_logits, reward_source=cfg.reward_source,
+            advantage_normalization=cfg.advantage_normalization, advantage_std_floor=cfg.advantage_std_floor,
+            thought_nll_weight=cfg.thought_nll_weight, sample_temperature=cfg.thought_temperature,
         )
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, do_sample=False, temperature=1.0,

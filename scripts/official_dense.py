@@ -171,6 +171,8 @@ def dense_forward(model: QuietStarForCausalLM, input_ids, attention_mask=None, l
     weights, mixed = model.mix_predictions(base_hidden, thought_hidden, base_logits[:, shifted].unsqueeze(1))
     out = QuietStarOutput(base_logits=base_logits, mixing_weights=weights, logits=mixed, thoughts=thoughts)
     if labels is not None:
-        out.loss, out.metrics = model.objective(base_logits, mixed, sample_logits, thoughts, weights, labels,
-                                                key_padding)
+        thought_logits = mask_thought_tokens(model.lm_head(thought_hidden), model.thought_token_ids)
+        out.loss, out.metrics, out.loss_terms = model.objective(base_logits, mixed, sample_logits, thoughts, weights,
+                                                                labels, key_padding, thought_logits)
+        out.metrics["mixing_head_live_units"] = model.mixing_head.live_unit_fraction(base_hidden, thought_hidden)
     return out

@@ -6,8 +6,10 @@ Reads what scripts/train.py left in the run folder (run_config.json, metrics.jso
 model) and writes:
   eval/<task>_<view>.json   GSM8K and CommonsenseQA, paper protocol, on the first items of each (a fixed subset),
                             for the base model (before), the trained LM without thoughts, and with thoughts;
-  heldout_nll.json          held-out text NLL per view, overall and on the hardest 10 % of tokens, and by
-                            difficulty bin (the paper's figure);
+  heldout_nll.json          held-out text NLL per view (base model, trained without thoughts, with real, null and
+                            shuffled thoughts, the equal-compute control), overall and on the hardest 10 % of tokens,
+                            the paired differences with bootstrap 95 % intervals over documents, and by difficulty
+                            bin (the paper's figure); heldout_tokens.npz the per-token NLL (for pooling seeds);
   plots/*.png               training curves and the NLL change by token difficulty;
   thoughts.html             sample text with the thought behind every token;
   report.md, report.json    the tables and plots together.
@@ -24,17 +26,20 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from eval.data import load_task  # noqa: E402
 from eval.run import build_parser as eval_parser  # noqa: E402
-from eval.run import configure_for_eval, evaluate  # noqa: E402
+from eval.run import evaluate  # noqa: E402
 from quietstar import QuietStarForCausalLM  # noqa: E402
 from quietstar.assets import MATH_SPLITS, OFFLINE_MATH_HELDOUT, resolve_model  # noqa: E402
-from quietstar.report.heldout import (binned_change, fixed_windows, heldout_token_nll, standard_scorers,  # noqa: E402
-                                      summarize)
+from quietstar.report.heldout import (binned_change, compare_views, controlled_scorers, fixed_windows,  # noqa: E402
+                                      heldout_token_nll, save_token_nll, summarize, token_documents)
+from quietstar.scoring import configure_for_scoring  # noqa: E402
 from quietstar.report.markdown import render_report  # noqa: E402
+from quietstar.report.stats import paired_bootstrap  # noqa: E402
 try:
     from quietstar.report.plots import plot_all  # noqa: E402
 except ImportError as error:  # matplotlib is an optional extra
@@ -52,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csqa-items", type=int, default=24, help="First N CommonsenseQA validation items (0: skip).")
     p.add_argument("--heldout-data", default=None, help="Held-out text (any `dataset` value of train.py). Default: "
                    f"{OFFLINE_MATH_HELDOUT} for runs trained on offline-math, else none.")
-    p.add_argument("--heldout-documents", type=int, default=24, help="Held-out documents to score (0: skip).")
+    p.add_argument("--heldout-documents", type=int, default=64, help="Held-out documents to score (0: skip); the "
+                   "experiment uses 256 (configs/smollm2-135m-cpu-experiment.yaml).")
+    p.add_argument("--control-run", default=None, help="The equal-compute control for a run that trained its text "
+                   "path (text_path: train): a plain LM (a folder) trained on the same data, steps and seed. Runs with "
+                   "a protected text path need none: their control is the base model.")
+    p.add_argument("--bootstrap", type=int, default=2000, help="Bootstrap resamples (over documents) per interval.")
     p.add_argument("--sample-tokens", type=int, default=48, help="Tokens generated for thoughts.html (0: skip).")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0, help="Seed of the thoughts sampled while evaluating.")
@@ -91,7 +101,20 @@ def run_evaluations(args, trained, original_lm, original_tokenizer) -> dict:
             eval_args = eval_parser().parse_args(flags + (["--baseline"] if baseline else []))
             evaluations[task][view] = evaluate(eval_args, (rows, source, model, lm, tokenizer))
             print(f"{task} {view}: {evaluations[task][view]['score']:.4f}")
+        add_item_intervals(evaluations[task], args.bootstrap, args.seed)
     return evaluations
+
+
+def add_item_intervals(views: dict, num_resamples: int, seed: int) -> None:
+    """Give every view's result a bootstrap 95 % interval over items (``interval``) and, beside the base model's
+    scores, the paired difference with its interval (``minus_before``)."""
+    scores = {view: np.array([item["score"] for item in result["items"]]) for view, result in views.items()}
+    for view, result in views.items():
+        items = np.arange(len(scores[view]))
+        result["interval"] = paired_bootstrap(scores[view], items, num_resamples=num_resamples, seed=seed)
+        if view != "before" and "before" in scores:
+            result["minus_before"] = paired_bootstrap(scores[view] - scores["before"], items,
+                                                      num_resamples=num_resamples, seed=seed)
 
 
 def heldout_source(args, run_config: dict) -> str | None:
@@ -118,7 +141,7 @@ def main(argv=None) -> dict:
     run_config = read_run_config(args.run_dir)
     torch.manual_seed(args.seed)
     trained = QuietStarForCausalLM.from_pretrained(args.run_dir).to(args.device).eval()
-    configure_for_eval(trained)  # scoring needs the s = 0 prediction only: A = 1
+    configure_for_scoring(trained)  # one thought per position; only the s = 0 prediction is scored: A = 1
     original_lm, original_tokenizer = load_original(run_config, args.device)
     evaluations = run_evaluations(args, trained, original_lm, original_tokenizer)
 
@@ -128,13 +151,18 @@ def main(argv=None) -> dict:
         documents = load_documents(DataArguments(dataset=source, num_documents=args.heldout_documents))
         windows = fixed_windows(documents, trained.tokenizer, run_config["DataArguments"]["max_length"],
                                 min_tokens=3)  # A = 1 needs 3 tokens
-        scorers = standard_scorers(trained, original_lm,
-                                   torch.Generator(device=args.device).manual_seed(args.seed))
-        if original_lm is None:
-            scorers.pop("before")
+        control_lm = (AutoModelForCausalLM.from_pretrained(resolve_model(args.control_run), dtype=torch.float32)
+                      .to(args.device).eval() if args.control_run else None)
+        scorers = controlled_scorers(trained, original_lm, torch.Generator(device=args.device).manual_seed(args.seed),
+                                     control_lm)
         nll = heldout_token_nll(windows, trained.pad_token_id, scorers, args.batch_size)
-        reference = "before" if "before" in nll else "after_no_thoughts"
+        token_docs = token_documents(windows)
+        save_token_nll(os.path.join(args.run_dir, "heldout_tokens.npz"), nll, token_docs, windows, source)
+        reference = "base" if "base" in nll else "no_thoughts"
         heldout, binned = summarize(nll, reference=reference), binned_change(nll, reference=reference)
+        heldout["differences"] = compare_views(nll, token_docs, reference, args.bootstrap, seed=args.seed)
+        heldout["control"] = ("base model (protected text path)" if "control" in nll and not args.control_run
+                              else args.control_run)
         with open(os.path.join(args.run_dir, "heldout_nll.json"), "w") as f:
             json.dump({"source": source, "documents": len(windows), **heldout, "bins": binned}, f, indent=2)
     if args.sample_tokens > 0 and windows:
@@ -144,7 +172,10 @@ def main(argv=None) -> dict:
     os.makedirs(os.path.join(args.run_dir, "plots"), exist_ok=True)
     plots = plot_all(entries, binned, os.path.join(args.run_dir, "plots"))
     train_path = os.path.join(args.run_dir, "train_results.json")
-    train_metrics = json.load(open(train_path)) if os.path.exists(train_path) else {}
+    train_metrics = {}
+    if os.path.exists(train_path):
+        with open(train_path) as f:
+            train_metrics = json.load(f)
     name = os.path.basename(os.path.normpath(args.run_dir))
     text = render_report(name, run_config, train_metrics, evaluations, heldout, entries, plots, args.run_dir, page)
     with open(os.path.join(args.run_dir, "report.md"), "w") as f:

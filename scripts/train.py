@@ -44,9 +44,10 @@ def prepare(argv: list[str] | None):
                   f"{format_gib(estimate['total'])} per process.")
     window_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     with training_args.main_process_first(desc="loading and tokenizing the data"):
-        train_dataset, eval_dataset = build_datasets(
-            data_args, model.tokenizer, min_tokens=quietstar_config.num_lookahead_tokens + 2, seed=window_seed
-        )
+        # Rows must hold A + 2 real tokens for the longest lookahead the run will use (a curriculum may raise it).
+        lookahead = max([quietstar_config.num_lookahead_tokens, *(s.num_lookahead_tokens for s in stages)])
+        train_dataset, eval_dataset = build_datasets(data_args, model.tokenizer, min_tokens=lookahead + 2,
+                                                     seed=window_seed)
     if training_args.should_save:
         write_run_config(training_args.output_dir, model_args, data_args, quietstar_config, training_args)
     return model, training_args, train_dataset, eval_dataset

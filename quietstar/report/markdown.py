@@ -4,9 +4,43 @@ from __future__ import annotations
 
 import os
 
+from .stats import format_interval, verdict
+
 TASK_TITLES = {"gsm8k": "GSM8K", "commonsense_qa": "CommonsenseQA"}
 VIEWS = (("before", "base model, no thoughts"), ("after_no_thoughts", "trained, no thoughts"),
          ("after_thoughts", "trained, with thoughts"))
+HELDOUT_VIEWS = (("base", "base model, no thoughts"), ("control", "equal-compute control, no thoughts"),
+                 ("no_thoughts", "trained, no thoughts"), ("real", "trained, with its own thoughts"),
+                 ("null", "trained, null thoughts (filler)"), ("shuffled", "trained, thoughts of other positions"))
+DIFFERENCES = (("real_minus_null", "real − null thoughts", "thoughts carry information beyond the mixing path"),
+               ("real_minus_shuffled", "real − shuffled thoughts", "thoughts carry information about their position"),
+               ("real_minus_control", "real thoughts − equal-compute control", "thinking beats training without"),
+               ("no_thoughts_minus_base", "trained without thoughts − base", "training did not hurt the LM"),
+               ("null_minus_base", "null thoughts − base", "what the mixing path alone does"))
+
+
+def heldout_section(heldout: dict) -> list[str]:
+    """The held-out table and the paired differences with their intervals and verdicts."""
+    rows = [[label, f"{heldout['mean'][view]:.4f}", f"{heldout['hardest_mean'][view]:.4f}"]
+            for view, label in HELDOUT_VIEWS if view in heldout["mean"]]
+    parts = [f"Held-out text ({heldout['tokens']} tokens; hardest 10 % = the {heldout['hardest_tokens']} tokens the "
+             "base model finds hardest): mean NLL in nats per token, lower is better. One thought per position.", "",
+             _table(["model", "NLL, all tokens", "NLL, hardest 10 %"], rows), ""]
+    differences = heldout.get("differences", {})
+    if differences:
+        rows = []
+        for key, label, meaning in DIFFERENCES:
+            if f"{key}_all" in differences:
+                overall, hardest = differences[f"{key}_all"], differences[f"{key}_hardest"]
+                rows.append([label, format_interval(overall), verdict(overall), format_interval(hardest),
+                             verdict(hardest), meaning])
+        control = heldout.get("control")
+        parts += ["Paired differences (nats per token; below zero the first is better), with bootstrap 95 % "
+                  "intervals over documents. 'better' / 'worse': the interval excludes zero."
+                  + (f" Equal-compute control: {control}." if control else " No equal-compute control was given."),
+                  "", _table(["difference", "all tokens", "verdict", "hardest 10 %", "verdict", "a gain means"], rows),
+                  ""]
+    return parts
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -19,8 +53,10 @@ def _training_summary(entries: list[dict]) -> str:
     logs = [e for e in entries if "loss" in e]
     if not logs:
         return "No training logs."
-    names = [n for n in ("base_nll", "mixed_nll_0", "reward_mean", "reward_std", "positive_advantage_fraction",
-                         "mixing_weight_mean", "policy_loss") if n in logs[0]]
+    names = [n for n in ("loss", "base_nll", "mixed_nll_0", "thought_nll_loss", "reward_mean", "reward_std",
+                         "positive_advantage_fraction", "tied_reward_fraction", "mixing_weight_mean",
+                         "zero_mixing_weight_fraction", "mixing_head_live_units", "thought_entropy", "policy_loss",
+                         "policy_weight") if n in logs[0]]
     window = max(1, len(logs) // 4)
     first, last = logs[:window], logs[-window:]
     mean = lambda part, n: sum(float(e[n]) for e in part) / len(part)  # noqa: E731
@@ -56,19 +92,22 @@ def render_report(name: str, run_config: dict, train_metrics: dict, evaluations:
             for view, label in VIEWS:
                 if view in views:
                     result = views[view]
+                    interval = result.get("interval")
+                    change = result.get("minus_before")
                     rows.append([TASK_TITLES.get(task, task), result["protocol"], label, str(result["n"]),
-                                 f"{result['score']:.4f}"])
+                                 f"{result['score']:.4f}",
+                                 f"[{interval['low']:.4f}, {interval['high']:.4f}]" if interval else "",
+                                 f"{format_interval(change, 4)} {verdict(change, lower_is_better=False)}" if change else ""])
         parts += ["Paper protocol: mean probability of the gold answer, renormalised over the valid answer tokens "
-                  "(eval/run.py).", "", _table(["task", "protocol", "model", "items", "score"], rows), ""]
+                  "(eval/run.py), one thought per position; bootstrap 95 % intervals over items, and the paired "
+                  "change from the base model.", "",
+                  _table(["task", "protocol", "model", "items", "score", "95 % interval", "− base model"], rows), ""]
     if heldout is not None:
-        rows = [[label, f"{heldout['mean'][view]:.4f}", f"{heldout['hardest_mean'][view]:.4f}"]
-                for view, label in VIEWS if view in heldout["mean"]]
-        parts += [f"Held-out MATH text ({heldout['tokens']} tokens; hardest 10 % = the {heldout['hardest_tokens']} "
-                  "tokens the base model finds hardest): mean NLL in nats per token, lower is better.", "",
-                  _table(["model", "NLL, all tokens", "NLL, hardest 10 %"], rows), ""]
+        parts += heldout_section(heldout)
     parts += ["## Training", "", _training_summary(entries), ""]
     titles = {"nll": "Base vs mixed NLL", "rewards": "Reward and positive-advantage fraction",
-              "mixing": "Mean mixing weight", "difficulty": "Held-out NLL change by token difficulty"}
+              "mixing": "Mean mixing weight", "diagnostics": "Diagnostics",
+              "difficulty": "Held-out NLL change by token difficulty"}
     for key, path in plots.items():
         parts += [f"### {titles.get(key, key)}", "", f"![{key}]({os.path.relpath(path, folder)})", ""]
     if thoughts_page:

@@ -69,7 +69,33 @@ def plot_mixing(entries: list[dict], path: str) -> str:
     return _save(figure, path)
 
 
-LABELS = {"after_thoughts": "trained, with thoughts", "after_no_thoughts": "trained, no thoughts"}
+def plot_diagnostics(entries: list[dict], path: str) -> str:
+    """Gradient norms per parameter group and per loss term, thought entropy, zero-weight and tied-reward fractions,
+    and live mixing-head units over training steps: what tells a healthy run from a dead mixing path."""
+    figure, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
+    names = sorted({k for e in entries if "loss" in e for k in e if k.startswith("grad_norm/")})
+    for i, name in enumerate(names):
+        steps, values = training_series(entries, name)
+        _smoothed(axes[0, 0], steps, values, color=f"C{i}", label=name.removeprefix("grad_norm/"))
+    axes[0, 0].set(yscale="log", ylabel="gradient norm", title="Gradient norm per group and per loss term")
+    if names:
+        axes[0, 0].legend(fontsize=7)
+    _smoothed(axes[0, 1], *training_series(entries, "thought_entropy"), color="tab:orange")
+    axes[0, 1].set(ylabel="nats", title="Entropy of the thought-token distribution")
+    for i, (name, label) in enumerate((("zero_mixing_weight_fraction", "w exactly 0"),
+                                       ("tied_reward_fraction", "rewards tied"))):
+        _smoothed(axes[1, 0], *training_series(entries, name), color=f"C{i + 3}", label=label)
+    axes[1, 0].set(xlabel="optimizer step", ylabel="fraction of positions", ylim=(-0.05, 1.05),
+                   title="Dead-path indicators")
+    axes[1, 0].legend(fontsize=7)
+    _smoothed(axes[1, 1], *training_series(entries, "mixing_head_live_units"), color="tab:green")
+    axes[1, 1].set(xlabel="optimizer step", ylabel="fraction", ylim=(-0.05, 1.05), title="Live mixing-head units")
+    return _save(figure, path)
+
+
+LABELS = {"after_thoughts": "trained, with thoughts", "after_no_thoughts": "trained, no thoughts",
+          "real": "with its own thoughts", "null": "null thoughts", "shuffled": "shuffled thoughts",
+          "no_thoughts": "trained, no thoughts", "control": "equal-compute control"}
 
 
 def plot_difficulty(binned: dict, path: str) -> str:
@@ -91,6 +117,8 @@ def plot_all(entries: list[dict], binned: dict | None, folder: str) -> dict[str,
         plots["nll"] = plot_nll(entries, os.path.join(folder, "nll.png"))
         plots["rewards"] = plot_rewards(entries, os.path.join(folder, "rewards.png"))
         plots["mixing"] = plot_mixing(entries, os.path.join(folder, "mixing_weight.png"))
+        if any("thought_entropy" in e for e in entries):
+            plots["diagnostics"] = plot_diagnostics(entries, os.path.join(folder, "diagnostics.png"))
     if binned is not None:
         plots["difficulty"] = plot_difficulty(binned, os.path.join(folder, "nll_by_difficulty.png"))
     return plots

@@ -175,6 +175,23 @@ class QuietStarTrainingArguments(TrainingArguments):
                           "entries, e.g. ['0:16/8', '100:12/4', '200:8/4'] (Fast Quiet-STaR). It overrides "
                           "num_thought_tokens/num_lookahead_tokens from each entry's step on. Unset: fixed lengths."},
     )
+    policy_weight_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "The REINFORCE loss is off (lambda = 0) for this many optimizer steps: the mixing head and "
+                          "the thought path first learn to read thoughts, so rewards mean something when it starts."},
+    )
+    policy_weight_ramp_steps: int = field(
+        default=0,
+        metadata={"help": "After the warm-up, lambda rises linearly from 0 to policy_weight over this many steps "
+                          "(0: at once)."},
+    )
+    loss_term_grad_norm_steps: int = field(
+        default=0,
+        metadata={"help": "Every this many optimizer steps, log the gradient norm of each loss term (NLL, thought NLL, "
+                          "lambda x REINFORCE) over the trainable parameters, as grad_norm/<term>. Costs one extra "
+                          "backward per term on those steps; one process only. 0: never. Per-group norms of the "
+                          "summed gradient (grad_norm/<group>) are logged at every log step whenever max_grad_norm > 0."},
+    )
     skip_memory_check: bool = field(
         default=False,
         metadata={"help": "Train even when the memory estimate (quietstar.training.memory) says the run will not "
@@ -196,6 +213,10 @@ class QuietStarTrainingArguments(TrainingArguments):
                     f"{name} must be a finite number > 0, got {value!r}. To freeze a part, set requires_grad=False "
                     "on its parameters instead."
                 )
+        for name in ("policy_weight_warmup_steps", "policy_weight_ramp_steps", "loss_term_grad_norm_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
         if self.thought_curriculum is not None:
             parse_curriculum(self.thought_curriculum)  # refuses a malformed schedule before anything runs
         if self.report_to is None:
@@ -203,3 +224,15 @@ class QuietStarTrainingArguments(TrainingArguments):
         if self.label_names is None:
             self.label_names = ["labels"]
         super().__post_init__()
+        if self.loss_term_grad_norm_steps and self.world_size > 1:
+            raise ValueError("loss_term_grad_norm_steps works in one process only (its extra backward passes would "
+                             "bypass the gradient synchronisation of DDP/FSDP); set it to 0 for distributed runs.")
+
+    def policy_weight_factor(self, step: int) -> float:
+        """The fraction of policy_weight in force at optimizer step ``step`` (0-based): 0 during the warm-up, then
+        a linear ramp to 1."""
+        if step < self.policy_weight_warmup_steps:
+            return 0.0
+        if self.policy_weight_ramp_steps == 0:
+            return 1.0
+        return min(1.0, (step - self.policy_weight_warmup_steps + 1) / self.policy_weight_ramp_steps)

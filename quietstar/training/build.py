@@ -67,8 +67,23 @@ def _load(from_pretrained, name: str, what: str, **kwargs):
 def build_model(args: ModelArguments, quietstar_config: QuietStarConfig) -> QuietStarForCausalLM:
     """Tokenizer + base LM wrapped as a QuietStarForCausalLM (the two thought tokens are added), with LoRA
     adapters when ``args.peft`` asks for them."""
+    check_text_path(args, quietstar_config)
     tokenizer = load_tokenizer(args)
     model = QuietStarForCausalLM.from_base(load_base_model(args, tokenizer), tokenizer, quietstar_config)
+    if quietstar_config.text_path == "frozen":
+        model.base.requires_grad_(False)
     if args.peft is not None:
         add_lora(model, lora_config(args.peft))
     return model
+
+
+def check_text_path(args: ModelArguments, quietstar_config: QuietStarConfig) -> None:
+    """Refuse a text_path that the peft settings contradict, naming both fields."""
+    path = quietstar_config.text_path
+    if path == "frozen" and args.peft is not None:
+        raise ValueError("text_path: frozen keeps the LM's weights fixed, but peft adds LoRA adapters that would train "
+                         "the text path. Use text_path: thought_lora (adapters on thought tokens only), or remove peft.")
+    if path == "thought_lora" and args.peft is None:
+        raise ValueError("text_path: thought_lora trains LoRA adapters on thought tokens, but no peft section says "
+                         "which: add e.g. peft: {r: 16, lora_alpha: 32, target_modules: [q_proj, k_proj, v_proj, "
+                         "o_proj]}, or use text_path: frozen.")

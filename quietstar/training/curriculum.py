@@ -7,7 +7,6 @@ a function of the global step alone, so a resumed run picks up the right one.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import NamedTuple
 
@@ -56,9 +55,8 @@ class CurriculumCallback(TrainerCallback):
 
     def apply(self, step: int) -> Stage:
         stage = stage_at(self.stages, step)
-        self.model.quietstar_config = dataclasses.replace(
-            self.model.quietstar_config, num_thought_tokens=stage.num_thought_tokens,
-            num_lookahead_tokens=stage.num_lookahead_tokens)
+        self.model.set_thought_lengths(num_thought_tokens=stage.num_thought_tokens,
+                                       num_lookahead_tokens=stage.num_lookahead_tokens)
         return stage
 
     def on_train_begin(self, args, state, control, **kwargs):

@@ -109,6 +109,8 @@ class QuietStarTrainer(Trainer):
         if self.is_fsdp_enabled:
             check_fsdp_plugin(self.accelerator.state.fsdp_plugin, model)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._step_metrics = {}  # measured once in an optimizer step, logged when its gradients are clipped
+        self._term_norm_step = None
         self._checkpoint_staging = None
 
     # ------------------------------------------------------------------------------------------------ loss
@@ -120,6 +122,8 @@ class QuietStarTrainer(Trainer):
         """
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
                         labels=inputs["labels"], output_logits=False)
+        if model.training:
+            outputs.loss = self._scheduled_loss(model, outputs)
         if not torch.isfinite(outputs.loss):
             if model.training:
                 where = f"at global step {self.state.global_step + 1}; its update was not applied"
@@ -134,6 +138,41 @@ class QuietStarTrainer(Trainer):
         for name, value in outputs.metrics.items():
             self._metrics[mode][name].append(value)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _scheduled_loss(self, model, outputs) -> torch.Tensor:
+        """L = L_NLL + gamma L_thought + lambda_t L_RL with lambda_t from the policy-weight schedule; on the steps
+        ``loss_term_grad_norm_steps`` asks for, the gradient norm of each weighted term is measured first."""
+        cfg = self.accelerator.unwrap_model(model).quietstar_config
+        step = self.state.global_step
+        policy_weight = cfg.policy_weight * self.args.policy_weight_factor(step)
+        terms = outputs.loss_terms
+        weighted = {"nll": terms["nll"], "thought_nll": cfg.thought_nll_weight * terms["thought_nll"],
+                    "policy": policy_weight * terms["policy"]}
+        outputs.metrics["policy_weight"] = policy_weight
+        every = self.args.loss_term_grad_norm_steps
+        if every and step % every == 0 and step != self._term_norm_step and torch.is_grad_enabled():
+            self._term_norm_step = step  # once per optimizer step, not per accumulated micro-batch
+            params = [p for p in model.parameters() if p.requires_grad]
+            for name, term in weighted.items():
+                if not term.requires_grad:
+                    continue
+                grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads
+                                                             if g is not None] or [term.new_zeros(())]))
+                self._step_metrics[f"grad_norm/{name}"] = norm.item()
+        return sum(weighted.values())
+
+    def _clip_grad_norm(self, model):
+        """Trainer's clipping; before it, the norm of the summed gradient in each optimizer parameter group."""
+        for group in self.optimizer.param_groups:
+            grads = [p.grad for p in group["params"] if p.grad is not None]
+            if grads:
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+                self._metrics["train"][f"grad_norm/{group.get('name', 'group')}"].append(norm.item())
+        for name, value in self._step_metrics.items():
+            self._metrics["train"][name].append(value)
+        self._step_metrics.clear()
+        return super()._clip_grad_norm(model)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation computes the loss (and stores metrics) only: (loss, None, None)."""

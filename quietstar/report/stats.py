@@ -1,0 +1,49 @@
+"""Paired bootstrap intervals for NLL differences between two views of the same held-out tokens.
+
+Tokens of one document are not independent (a hard document is hard throughout), so the unit resampled is the
+document: each resample draws documents with replacement and takes the token-weighted mean difference over them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def paired_bootstrap(difference: np.ndarray, documents: np.ndarray, subset: np.ndarray | None = None,
+                     num_resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """Mean of ``difference`` (per token, ``[tokens]``) with a percentile bootstrap interval over documents.
+
+    ``documents [tokens]``: the document index of each token; ``subset``: a boolean mask of the tokens to average
+    (for example the hardest 10 %), None for all. Returns ``{"mean", "low", "high"}`` in the units of ``difference``.
+    """
+    difference, documents = np.asarray(difference, dtype=np.float64), np.asarray(documents)
+    if difference.shape != documents.shape:
+        raise ValueError(f"difference {difference.shape} and documents {documents.shape} must have the same shape.")
+    keep = np.ones(len(difference), dtype=bool) if subset is None else np.asarray(subset, dtype=bool)
+    _, index = np.unique(documents, return_inverse=True)
+    num_documents = index.max() + 1 if len(index) else 0
+    sums = np.bincount(index[keep], weights=difference[keep], minlength=num_documents)
+    counts = np.bincount(index[keep], minlength=num_documents).astype(np.float64)
+    if counts.sum() == 0:
+        raise ValueError("No tokens to average: the subset is empty.")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, num_documents, size=(num_resamples, num_documents))
+    means = sums[draws].sum(axis=1) / np.maximum(counts[draws].sum(axis=1), 1)
+    tail = (1 - confidence) / 2
+    return {"mean": float(sums.sum() / counts.sum()), "low": float(np.quantile(means, tail)),
+            "high": float(np.quantile(means, 1 - tail))}
+
+
+def format_interval(result: dict[str, float], digits: int = 3) -> str:
+    """``-0.058 [-0.081, -0.038]``."""
+    return f"{result['mean']:+.{digits}f} [{result['low']:+.{digits}f}, {result['high']:+.{digits}f}]"
+
+
+def verdict(result: dict[str, float], lower_is_better: bool = True) -> str:
+    """Which side of zero the interval puts a difference (first view − second) on: "better", "worse" or "not
+    distinguishable". NLL differences: lower is better; scores (probabilities, accuracies): higher is."""
+    if result["high"] < 0:
+        return "better" if lower_is_better else "worse"
+    if result["low"] > 0:
+        return "worse" if lower_is_better else "better"
+    return "not distinguishable"
