@@ -118,3 +118,9 @@ def test_controlled_views_and_pooling(tmp_path):
     other, _ = heldout_run(tmp_path, "other", 2, windows[:-1])
     with pytest.raises(ValueError, match="another held-out set than .*seed0"):
         pool_runs([run0, other])
+
+
+def test_rounding_differences_are_not_verdicts():
+    assert verdict({"mean": 2e-8, "low": 5e-9, "high": 4e-8}, lower_is_better=False) == "identical up to rounding"
+    assert verdict({"mean": 0.01, "low": 0.005, "high": 0.02}, lower_is_better=False) == "better"
+    assert verdict({"mean": 0.01, "low": 0.005, "high": 0.02}) == "worse"

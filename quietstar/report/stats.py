@@ -41,7 +41,10 @@ def format_interval(result: dict[str, float], digits: int = 3) -> str:
 
 def verdict(result: dict[str, float], lower_is_better: bool = True) -> str:
     """Which side of zero the interval puts a difference (first view − second) on: "better", "worse" or "not
-    distinguishable". NLL differences: lower is better; scores (probabilities, accuracies): higher is."""
+    distinguishable". NLL differences: lower is better; scores (probabilities, accuracies): higher is. An interval
+    within 1e-6 of zero is "identical up to rounding" (two views computing the same thing in other batch shapes)."""
+    if max(abs(result["low"]), abs(result["high"])) < 1e-6:
+        return "identical up to rounding"
     if result["high"] < 0:
         return "better" if lower_is_better else "worse"
     if result["low"] > 0:
