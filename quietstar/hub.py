@@ -398,8 +398,9 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, merge_lora: bo
     _check_destination(checkpoint, out, overwrite)
     saved = read_checkpoint(checkpoint)
     adapter = find_lora_adapter(checkpoint)
-    thought_only = (adapter is not None and QuietStarConfig.from_dict(
-        _read_json(os.path.join(checkpoint, CONFIG_FILE))["quietstar"]).text_path == "thought_lora")
+    saved_config = _read_json(os.path.join(checkpoint, CONFIG_FILE))
+    thought_only = (adapter is not None
+                    and QuietStarConfig.from_dict(saved_config["quietstar"]).text_path == "thought_lora")
     if merge_lora and thought_only:
         raise ExportError(f"{checkpoint} has LoRA adapters that act on thought tokens only (text_path: thought_lora); "
                           "merged into the LM they would change every text prediction. Export without merge_lora "
@@ -410,7 +411,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, merge_lora: bo
     if adapter is not None and not merge_lora and not thought_only:
         raise ExportError(f"{checkpoint} has a LoRA adapter in {adapter}; pass merge_lora=True (--merge-lora) to "
                           "merge it into the exported LM, which would otherwise lose it.")
-    base_model = base_model or _read_json(os.path.join(checkpoint, CONFIG_FILE)).get("base_model")
+    base_model = base_model or saved_config.get("base_model")
     results = find_eval_results(checkpoint) + [read_eval_result(path) for path in eval_results]
     log_history = read_log_history(checkpoint)
     os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -121,8 +121,3 @@ class ThoughtTokenGate:
         if isinstance(self.scale, float):
             return output
         return output * self.scale.to(output.dtype)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []

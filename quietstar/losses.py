@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .precision import at_least_fp32
+
 IGNORE_INDEX = -100
 
 
@@ -26,11 +28,6 @@ def lookahead_targets(labels: torch.Tensor, position_valid: torch.Tensor, num_lo
     return gathered.masked_fill(~valid, 0), valid
 
 
-def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in fp32, or as it is when already wider (fp64 gradient checks stay fp64)."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy in fp32 (or wider): logits ``[..., V]``, targets ``[...]`` -> ``[...]``."""
     flat = F.cross_entropy(at_least_fp32(logits.reshape(-1, logits.shape[-1])), targets.reshape(-1), reduction="none")
@@ -43,16 +40,18 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
+def per_step_nll(nll: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over valid (b, n, j) of ``nll [B, N, L, A]`` for each lookahead step s: ``[A]``; ``valid [B, L, A]``."""
+    return torch.stack([masked_mean(nll[..., s], valid[:, None, :, s]) for s in range(nll.shape[-1])])
+
+
 def nll_loss(base_nll, base_valid, mixed_nll, mixed_valid, base_loss_weight: float):
     """L_NLL = beta * mean(l_base) + (1 - beta) * (1/A) sum_s mean(l_mix[:, :, :, s]).
 
     base_nll/base_valid ``[B, L]``; mixed_nll ``[B, N, L, A]``; mixed_valid ``[B, L, A]``.
     Returns the loss and the per-step mixed means ``[A]``.
     """
-    num_lookahead = mixed_nll.shape[-1]
-    per_step = torch.stack(
-        [masked_mean(mixed_nll[..., s], mixed_valid[:, None, :, s]) for s in range(num_lookahead)]
-    )
+    per_step = per_step_nll(mixed_nll, mixed_valid)
     loss = base_loss_weight * masked_mean(base_nll, base_valid) + (1 - base_loss_weight) * per_step.mean()
     return loss, per_step
 
@@ -98,11 +97,6 @@ def policy_loss(logprobs: torch.Tensor, advantage: torch.Tensor, position_valid:
     return masked_mean(per_token, position_valid[:, None, :, None])
 
 
-def lookahead_nll(nll: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(1/A) sum_s mean over valid (b, n, j) of ``nll [B, N, L, A]``; ``valid [B, L, A]``."""
-    return torch.stack([masked_mean(nll[..., s], valid[:, None, :, s]) for s in range(nll.shape[-1])]).mean()
-
-
 @torch.no_grad()
 def sampling_entropy(sample_logits: torch.Tensor, temperature: float, position_valid: torch.Tensor,
                      stride: int = 4) -> float:
@@ -146,19 +140,19 @@ def quietstar_loss(
     Returns ``(loss, metrics, terms)``: metrics a dict of floats, terms the unweighted losses ``{"nll",
     "thought_nll", "policy"}`` (tensors) so that a trainer can reweight them (a policy-weight schedule).
     """
+    if reward_source not in ("mixed", "thought"):
+        raise ValueError(f"Unknown reward_source {reward_source!r}; use 'mixed' or 'thought'.")
+    if (reward_source == "thought" or thought_nll_weight > 0) and thought_logits is None:
+        raise ValueError(f"reward_source={reward_source!r} with thought_nll_weight={thought_nll_weight} needs "
+                         "thought_logits (the thought path's own predictions); pass them.")
     num_lookahead = mixed_logits.shape[-2]
     targets, target_valid = lookahead_targets(labels, position_valid, num_lookahead)
     base_nll = token_nll(base_logits, targets[..., 0])
     mixed_nll = token_nll(mixed_logits, targets[:, None].expand(mixed_logits.shape[:-1]))
     nll, per_step = nll_loss(base_nll, target_valid[..., 0], mixed_nll, target_valid, base_loss_weight)
     needs_thought = reward_source == "thought" or thought_nll_weight > 0
-    if needs_thought and thought_logits is None:
-        raise ValueError(f"reward_source={reward_source!r} with thought_nll_weight={thought_nll_weight} needs "
-                         "thought_logits (the thought path's own predictions); pass them.")
     thought_nll = token_nll(thought_logits, targets[:, None].expand(thought_logits.shape[:-1])) if needs_thought else None
-    thought_term = lookahead_nll(thought_nll, target_valid) if needs_thought else nll.new_zeros(())
-    if reward_source not in ("mixed", "thought"):
-        raise ValueError(f"Unknown reward_source {reward_source!r}; use 'mixed' or 'thought'.")
+    thought_term = per_step_nll(thought_nll, target_valid).mean() if needs_thought else nll.new_zeros(())
     reward, reward_valid = rewards(thought_nll if reward_source == "thought" else mixed_nll, target_valid)
     advantage = advantages(reward, clip_negative_advantage, advantage_normalization, advantage_std_floor, reward_valid)
     logprobs = thought_logprobs(sample_logits, thoughts, reinforce_temperature)

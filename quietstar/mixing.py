@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .precision import at_least_fp32
+
 
 class MixingHead(nn.Module):
     """w = MLP([h_base ; h_thought]): Linear(2D, D) -> ReLU -> Linear(D, D) -> ReLU -> Linear(D, 1, bias=False).
@@ -54,8 +56,7 @@ def mix(base_logits: torch.Tensor, thought_logits: torch.Tensor, weight: torch.T
     """
     w = weight.unsqueeze(-1).to(base_logits.dtype)
     if mode == "logprobs":
-        wide = torch.float64 if base_logits.dtype == torch.float64 else torch.float32
-        base_logits = torch.log_softmax(base_logits.to(wide), dim=-1)
-        thought_logits = torch.log_softmax(thought_logits.to(wide), dim=-1)
-        w = w.to(wide)
+        base_logits = torch.log_softmax(at_least_fp32(base_logits), dim=-1)
+        thought_logits = torch.log_softmax(at_least_fp32(thought_logits), dim=-1)
+        w = w.to(base_logits.dtype)
     return (1 - w) * base_logits + w * thought_logits

@@ -23,8 +23,9 @@ from .compat import check_model_supported
 from .config import QuietStarConfig
 from .generation import GenerationOutput, generate
 from .lora import ADAPTER_FOLDER, THOUGHT_BRANCH_MASK, ThoughtTokenGate, load_lora, lm_state_dict_without_lora
-from .losses import IGNORE_INDEX, at_least_fp32, quietstar_loss
+from .losses import IGNORE_INDEX, quietstar_loss
 from .mixing import MixingHead, mix, thought_weight
+from .precision import at_least_fp32
 from .thoughts import expanded_pass, sample_thoughts
 from .vocab import mask_thought_tokens
 
@@ -248,11 +249,15 @@ class QuietStarForCausalLM(nn.Module):
         needs_thought_logits = (output_logits or cfg.mixing == "logprobs"
                                 or (labels is not None and (cfg.reward_source == "thought" or cfg.thought_nll_weight > 0)))
         with self._reward_precision(input_ids.device):
-            if cfg.reward_precision == "fp32":
+            fp32 = cfg.reward_precision == "fp32"
+            if fp32:
                 base_hidden, thought_hidden = at_least_fp32(base_hidden), at_least_fp32(thought_hidden)
             thought_logits = self._head(thought_hidden) if needs_thought_logits else None
-            shifted_base_logits = (self._head(text_hidden)[:, shifted].unsqueeze(1) if cfg.mixing == "logprobs"
-                                   else None)
+            shifted_base_logits = None
+            if cfg.mixing == "logprobs":  # base logits again only when autocast made them narrower than fp32
+                narrow = fp32 and base_logits.dtype not in (torch.float32, torch.float64)
+                full = self._head(at_least_fp32(text_hidden)) if narrow else base_logits
+                shifted_base_logits = full[:, shifted].unsqueeze(1)
             weights, mixed = self.mix_predictions(base_hidden, thought_hidden, shifted_base_logits, thought_logits)
         out = QuietStarOutput(base_logits=base_logits, thought_logits=thought_logits if output_logits else None,
                               mixing_weights=weights, logits=mixed, thoughts=thoughts)

@@ -11,14 +11,16 @@ import torch
 from conftest import make_model, padded_batch, randomize_mixing_head
 from quietstar import QuietStarConfig
 from quietstar.config import OFFICIAL_LOSS
+from quietstar.mixing import mix
 from quietstar.thoughts import expanded_pass
 from quietstar.training import QuietStarTrainer, QuietStarTrainingArguments, build_window_dataset
 from quietstar.training.data import synthetic_arithmetic_documents
 
 
+@pytest.mark.parametrize("mixing", ["logits", "logprobs"])
 @pytest.mark.parametrize("precision", ["fp32", "autocast"])
-def test_reward_path_precision_under_autocast(precision):
-    model = make_model(reward_precision=precision)
+def test_reward_path_precision_under_autocast(precision, mixing):
+    model = make_model(reward_precision=precision, mixing=mixing)
     randomize_mixing_head(model)
     ids, mask = padded_batch(lengths=(9, 9), left_padding_rows=())
     thoughts = model.sample_thoughts(ids, mask)
@@ -26,7 +28,9 @@ def test_reward_path_precision_under_autocast(precision):
         out = model(ids, attention_mask=mask, labels=ids, thoughts=thoughts)
         text_hidden, branch_hidden = expanded_pass(model, ids, mask.bool(), thoughts)
     expected = torch.float32 if precision == "fp32" else torch.bfloat16
-    assert out.logits.dtype == expected and out.thought_logits.dtype == expected
+    assert out.thought_logits.dtype == expected
+    # log-prob mixing always mixes log-softmaxes in fp32; logit mixing follows the reward path's precision
+    assert out.logits.dtype == (torch.float32 if mixing == "logprobs" else expected)
     if precision == "fp32":  # the mixed logits are an fp32 function of the (bf16) hidden states
         T, A = model.quietstar_config.num_thought_tokens, model.quietstar_config.num_lookahead_tokens
         thought_hidden = branch_hidden[..., T + 1: T + 1 + A, :].float()
@@ -34,8 +38,12 @@ def test_reward_path_precision_under_autocast(precision):
         shifted = (torch.arange(L)[:, None] + torch.arange(A)).clamp(max=L - 1)
         base_hidden = text_hidden[:, shifted].unsqueeze(1).expand_as(thought_hidden).float()
         with torch.no_grad():
-            w = model.mixing_head(base_hidden, thought_hidden).unsqueeze(-1)
-            manual = model.lm_head((1 - w) * base_hidden + w * thought_hidden)
+            w = model.mixing_head(base_hidden, thought_hidden)
+            if mixing == "logits":
+                manual = model.lm_head((1 - w.unsqueeze(-1)) * base_hidden + w.unsqueeze(-1) * thought_hidden)
+            else:  # the base logits too are recomputed in fp32 from the (bf16) text hidden states
+                base_logits = model.lm_head(text_hidden.float())[:, shifted].unsqueeze(1)
+                manual = mix(base_logits, model.lm_head(thought_hidden), torch.sigmoid(w), "logprobs")
         manual[..., list(model.thought_token_ids)] = float("-inf")
         torch.testing.assert_close(out.logits, manual, rtol=1e-5, atol=1e-5)
 

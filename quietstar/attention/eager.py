@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..precision import at_least_fp32, wide_dtype
 from .layout import ThoughtLayout, branch_visibility, prefix_visibility
 
 
@@ -30,15 +31,10 @@ def _ungrouped(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, hkv * g, n, d).transpose(1, 2).contiguous()
 
 
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in fp32, or fp64 when it is fp64."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
 def _masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     # In place: scores are fresh matmul outputs, which autograd does not keep.
     return torch.softmax(scores.masked_fill_(~visible, torch.finfo(scores.dtype).min), dim=-1,
-                         dtype=torch.float64 if scores.dtype == torch.float64 else torch.float32)
+                         dtype=wide_dtype(scores.dtype))
 
 
 def _softmax(scores: torch.Tensor, visible: torch.Tensor, dropout: float, training: bool) -> torch.Tensor:
@@ -60,8 +56,8 @@ def causal_attention(q, k, v, key_padding, scaling, dropout=0.0, training=False)
                                              is_causal=n_q == n_kv and n_q > 1, scale=scaling,
                                              enable_gqa=hkv != q.shape[1])
         return out.transpose(1, 2).contiguous()
-    qg = _wide(_grouped(q, hkv)) * scaling  # scaling q is cheaper than scaling the scores
-    scores = torch.matmul(qg, _wide(k).unsqueeze(2).transpose(-1, -2))
+    qg = at_least_fp32(_grouped(q, hkv)) * scaling  # scaling q is cheaper than scaling the scores
+    scores = torch.matmul(qg, at_least_fp32(k).unsqueeze(2).transpose(-1, -2))
     visible = torch.ones(n_q, n_kv, dtype=torch.bool, device=q.device).tril(diagonal=n_kv - n_q)
     visible = visible[None, None, None]
     if key_padding is not None:
@@ -78,7 +74,7 @@ def expanded_attention(q, k, v, layout: ThoughtLayout, scaling, dropout=0.0, tra
     """
     B, hkv, _, d = k.shape
     L, N, S = layout.num_text, layout.num_thoughts, layout.branch_length
-    qg = _wide(_grouped(q, hkv)) * scaling
+    qg = at_least_fp32(_grouped(q, hkv)) * scaling
     g = qg.shape[2]
     k_text, v_text = k[:, :, :L].unsqueeze(2), v[:, :, :L].unsqueeze(2)  # [B, Hkv, 1, L, d]
     k_branch = k[:, :, L:].reshape(B, hkv, 1, N, L, S, d)
@@ -86,15 +82,15 @@ def expanded_attention(q, k, v, layout: ThoughtLayout, scaling, dropout=0.0, tra
     prefix_visible = prefix_visibility(layout.key_padding.bool())  # [B, L(j), L(i)]
 
     # Text queries.
-    text_scores = torch.matmul(qg[:, :, :, :L], _wide(k_text).transpose(-1, -2))
+    text_scores = torch.matmul(qg[:, :, :, :L], at_least_fp32(k_text).transpose(-1, -2))
     text_probs = _softmax(text_scores, prefix_visible[:, None, None], dropout, training).to(v.dtype)
     text_out = torch.matmul(text_probs, v_text)  # [B, Hkv, G, L, d]
 
     # Branch queries: scores against the prefix and against their own branch, one softmax over both.
     q_branch = qg[:, :, :, L:].reshape(B, hkv, g, N, L, S, d)
-    to_prefix = torch.matmul(q_branch.reshape(B, hkv, g, N * L * S, d), _wide(k_text).transpose(-1, -2))
+    to_prefix = torch.matmul(q_branch.reshape(B, hkv, g, N * L * S, d), at_least_fp32(k_text).transpose(-1, -2))
     to_prefix = to_prefix.view(B, hkv, g, N, L, S, L)
-    to_branch = torch.matmul(q_branch, _wide(k_branch).transpose(-1, -2))  # [..., N, L, S, S]
+    to_branch = torch.matmul(q_branch, at_least_fp32(k_branch).transpose(-1, -2))  # [..., N, L, S, S]
     visible = torch.cat(
         [
             prefix_visible[:, None, None, None, :, None, :].expand(B, 1, 1, 1, L, S, L),
@@ -121,12 +117,12 @@ def sample_step_attention(q, k_new, v_new, k_buffer, v_buffer, k_text, v_text, l
     m = layout.step
     k_buffer[:, :, :, :, m] = k_new.view(B, hkv, N, L, d)
     v_buffer[:, :, :, :, m] = v_new.view(B, hkv, N, L, d)
-    qg = _wide(_grouped(q, hkv)) * scaling
+    qg = at_least_fp32(_grouped(q, hkv)) * scaling
     g = qg.shape[2]
-    to_prefix = torch.matmul(qg, _wide(k_text).unsqueeze(2).transpose(-1, -2)).view(B, hkv, g, N, L, L)
+    to_prefix = torch.matmul(qg, at_least_fp32(k_text).unsqueeze(2).transpose(-1, -2)).view(B, hkv, g, N, L, L)
     q_step = qg.view(B, hkv, g, N, L, 1, d)
     k_seen, v_seen = k_buffer[:, :, :, :, : m + 1], v_buffer[:, :, :, :, : m + 1]
-    to_branch = torch.matmul(q_step, _wide(k_seen).unsqueeze(2).transpose(-1, -2)).squeeze(-2)
+    to_branch = torch.matmul(q_step, at_least_fp32(k_seen).unsqueeze(2).transpose(-1, -2)).squeeze(-2)
     prefix_visible = prefix_visibility(layout.key_padding.bool())[:, None, None, None]  # [B, 1, 1, 1, L, L]
     visible = torch.cat([prefix_visible.expand(B, 1, 1, 1, L, L), prefix_visible.new_ones(B, 1, 1, 1, L, m + 1)], -1)
     probs = _masked_softmax(torch.cat([to_prefix, to_branch], dim=-1), visible)
