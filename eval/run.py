@@ -322,19 +322,14 @@ def run_gsm8k_accuracy(rows, text_generator, batch_size, votes, temperature, max
 
 
 # -------------------------------------------------------------------------------------------- model
-def is_quietstar_folder(path: str) -> bool:
-    from quietstar.modeling import CONFIG_FILE
-
-    return os.path.isfile(os.path.join(path, CONFIG_FILE))
-
-
 def load_model(path: str, baseline: bool, device: str, dtype: torch.dtype):
     """``(quietstar_model or None, lm, tokenizer)``. A plain transformers model is accepted only with ``baseline``;
     ``path`` may be an offline model name (quietstar.assets.resolve_model)."""
     from quietstar.assets import resolve_model
+    from quietstar.checkpoint import is_quietstar_save
 
     path = resolve_model(path)
-    if is_quietstar_folder(path):
+    if is_quietstar_save(path):
         from quietstar import QuietStarForCausalLM
 
         model = QuietStarForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()

@@ -1,10 +1,9 @@
-"""QuietStarConfig: the model-side hyperparameters of Quiet-STaR (DESIGN §1), saved with checkpoints."""
+"""QuietStarConfig: the model-side hyperparameters of Quiet-STaR (DESIGN §1), saved with checkpoints
+(quietstar/checkpoint.py)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
 
 MIXING_MODES = ("logits", "logprobs")
@@ -191,13 +190,3 @@ class QuietStarConfig:
             raise ValueError(f"Unknown QuietStarConfig fields {unknown}; valid fields are {sorted(known)}.")
         # A config saved before a field existed was trained without it: fill in what the code did then.
         return cls(**{**ADDED_FIELDS_BEFORE, **values})
-
-    def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "QuietStarConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))

@@ -33,12 +33,12 @@ from huggingface_hub.utils import httpx, validate_repo_id
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
+from .checkpoint import CONFIG_FILE, LM_CONFIG_FILE, WEIGHTS_FILE, SavedQuietStar, read_saved_quietstar
 from .config import QuietStarConfig
 from .files import replace_folder
 from .lora import ADAPTER_FOLDER
-from .modeling import CONFIG_FILE, WEIGHTS_FILE, QuietStarForCausalLM
+from .modeling import QuietStarForCausalLM
 
-LM_CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 LM_WEIGHTS_FILE = "model.safetensors"
 LM_WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
@@ -87,11 +87,13 @@ def _safetensors_keys(path: str) -> set[str]:
 # ------------------------------------------------------------------------------------------------ checkpoint
 @dataclass
 class Checkpoint:
-    """A validated Quiet-STaR save: its folder, the LM weight files (names in it) and the loaded tokenizer."""
+    """A validated Quiet-STaR save: its folder, the LM weight files (names in it), the loaded tokenizer and what
+    ``quietstar_config.json`` holds."""
 
     folder: str
     weight_files: list[str]
     tokenizer: object
+    saved: SavedQuietStar
 
 
 def _lm_weight_files(folder: str) -> list[str]:
@@ -112,22 +114,15 @@ def _lm_weight_files(folder: str) -> list[str]:
     return [LM_WEIGHTS_FILE]
 
 
-def _read_quietstar_config(folder: str) -> tuple[QuietStarConfig, list[int]]:
-    """Parse ``quietstar_config.json``: the Quiet-STaR config and the two thought-token ids."""
-    path = os.path.join(folder, CONFIG_FILE)
-    saved = _read_json(path)
+def _read_saved_quietstar(folder: str) -> SavedQuietStar:
+    """:func:`quietstar.checkpoint.read_saved_quietstar`, its errors as ExportError."""
     try:
-        config = QuietStarConfig.from_dict(saved["quietstar"])
-        token_ids = [int(i) for i in saved["thought_token_ids"]]
-        int(saved["pad_token_id"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise ExportError(f"{path} is corrupt ({type(error).__name__}: {_one_line(error)}).") from error
-    if len(token_ids) != 2:
-        raise ExportError(f"{path} is corrupt (thought_token_ids must hold 2 ids, got {token_ids}).")
-    return config, token_ids
+        return read_saved_quietstar(folder)
+    except (OSError, ValueError) as error:
+        raise ExportError(str(error)) from error
 
 
-def _load_tokenizer(folder: str, config: QuietStarConfig, token_ids: list[int]):
+def _load_tokenizer(folder: str, config: QuietStarConfig, token_ids: tuple[int, int]):
     """The checkpoint's tokenizer, checked to know each thought token as one token with its saved id."""
     config_path = os.path.join(folder, TOKENIZER_CONFIG_FILE)
     _read_json(config_path)
@@ -161,13 +156,13 @@ def read_checkpoint(folder: str | os.PathLike) -> Checkpoint:
     except (TypeError, ValueError, KeyError) as error:
         raise ExportError(f"{lm_config_path} is corrupt ({_one_line(error)}).") from error
     weight_files = _lm_weight_files(folder)
-    config, token_ids = _read_quietstar_config(folder)
+    saved = _read_saved_quietstar(folder)
     if "thought_embeddings" not in _safetensors_keys(os.path.join(folder, WEIGHTS_FILE)):
         raise ExportError(f"{os.path.join(folder, WEIGHTS_FILE)} is corrupt (it has no thought_embeddings).")
     if os.path.exists(os.path.join(folder, ADAPTER_CONFIG_FILE)):
         raise ExportError(f"{os.path.join(folder, ADAPTER_CONFIG_FILE)}: a LoRA adapter belongs in "
                           f"{os.path.join(folder, ADAPTER_FOLDER)}/ (see quietstar/hub.py), not beside the LM.")
-    return Checkpoint(folder, weight_files, _load_tokenizer(folder, config, token_ids))
+    return Checkpoint(folder, weight_files, _load_tokenizer(folder, saved.config, saved.thought_token_ids), saved)
 
 
 def find_lora_adapter(folder: str | os.PathLike) -> str | None:
@@ -329,7 +324,8 @@ def write_model_card(folder: str | os.PathLike, *, name: str | None = None, repo
     """
     folder = os.path.abspath(folder)
     name = name or (repo_id or folder).rstrip("/").split("/")[-1]
-    config, token_ids = _read_quietstar_config(folder)
+    saved = _read_saved_quietstar(folder)
+    config, token_ids = saved.config, list(saved.thought_token_ids)
     lm_config = _read_json(os.path.join(folder, LM_CONFIG_FILE))
     architecture = (lm_config.get("architectures") or [lm_config.get("model_type", "unknown")])[0]
     metadata = ModelCardData(library_name="transformers", pipeline_tag="text-generation", base_model=base_model,
@@ -396,11 +392,9 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, merge_lora: bo
     """
     checkpoint, out = os.path.abspath(checkpoint), os.path.abspath(out)
     _check_destination(checkpoint, out, overwrite)
-    saved = read_checkpoint(checkpoint)
+    checked = read_checkpoint(checkpoint)
     adapter = find_lora_adapter(checkpoint)
-    saved_config = _read_json(os.path.join(checkpoint, CONFIG_FILE))
-    thought_only = (adapter is not None
-                    and QuietStarConfig.from_dict(saved_config["quietstar"]).text_path == "thought_lora")
+    thought_only = adapter is not None and checked.saved.config.text_path == "thought_lora"
     if merge_lora and thought_only:
         raise ExportError(f"{checkpoint} has LoRA adapters that act on thought tokens only (text_path: thought_lora); "
                           "merged into the LM they would change every text prediction. Export without merge_lora "
@@ -411,18 +405,18 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, merge_lora: bo
     if adapter is not None and not merge_lora and not thought_only:
         raise ExportError(f"{checkpoint} has a LoRA adapter in {adapter}; pass merge_lora=True (--merge-lora) to "
                           "merge it into the exported LM, which would otherwise lose it.")
-    base_model = base_model or saved_config.get("base_model")
+    base_model = base_model or checked.saved.base_model
     results = find_eval_results(checkpoint) + [read_eval_result(path) for path in eval_results]
     log_history = read_log_history(checkpoint)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.exporting-", dir=os.path.dirname(out))
     try:
         if adapter is None or thought_only:
-            _write_model_files(saved, staging)
+            _write_model_files(checked, staging)
             if thought_only:
                 shutil.copytree(adapter, os.path.join(staging, ADAPTER_FOLDER))
         else:
-            _write_merged_model(saved, staging)
+            _write_merged_model(checked, staging)
         write_model_card(staging, name=os.path.basename(out), repo_id=repo_id, base_model=base_model,
                          license=license, log_history=log_history, eval_results=results)
         os.chmod(staging, 0o755)

@@ -1,36 +1,29 @@
-"""QuietStarForCausalLM: a transformers causal LM, two thought tokens, a mixing head; save and load."""
+"""QuietStarForCausalLM: a transformers causal LM, two thought tokens, a mixing head."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 
 import torch
-from huggingface_hub import snapshot_download
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AddedToken, AutoModelForCausalLM, AutoTokenizer
+from transformers import AddedToken
 
 from . import attention  # noqa: F401  (registers the "quietstar" attention with transformers)
+from . import checkpoint
 from .attention import ATTENTION_NAME
 from .compat import check_model_supported
 from .config import QuietStarConfig
 from .generation import GenerationOutput, generate
-from .lora import ADAPTER_FOLDER, THOUGHT_BRANCH_MASK, ThoughtTokenGate, load_lora, lm_state_dict_without_lora
+from .lora import THOUGHT_BRANCH_MASK, ThoughtTokenGate
 from .losses import IGNORE_INDEX, quietstar_loss
 from .mixing import MixingHead, mix, thought_weight
 from .precision import at_least_fp32
 from .thoughts import expanded_pass, sample_thoughts
 from .vocab import mask_thought_tokens
-
-CONFIG_FILE = "quietstar_config.json"
-WEIGHTS_FILE = "quietstar.safetensors"
 
 
 @dataclass
@@ -162,10 +155,6 @@ class QuietStarForCausalLM(nn.Module):
         """Keywords for a model call without a thought layout that says which of its tokens are thought-branch tokens
         (``branch_mask [B, n]`` bool): what thought-only LoRA adapters act on. Empty for a model without them."""
         return {} if self._thought_gate is None else {THOUGHT_BRANCH_MASK: branch_mask}
-
-    def _module_name(self, module: nn.Module) -> str:
-        """The name of one of the LM's modules inside ``self.base`` (for example ``model.embed_tokens``)."""
-        return next(name for name, candidate in self.base.named_modules() if candidate is module)
 
     @property
     def _no_split_modules(self) -> list[str]:
@@ -329,86 +318,16 @@ class QuietStarForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------------------------- save/load
     def save_pretrained(self, path: str | os.PathLike, state_dict: dict | None = None) -> None:
-        """Write a folder that ``AutoModelForCausalLM`` loads as a plain LM, plus the Quiet-STaR parts.
+        """Write a folder that ``AutoModelForCausalLM`` loads as a plain LM, plus the Quiet-STaR parts
+        (quietstar/checkpoint.py). A save that fails leaves ``path`` as it was.
 
         ``state_dict``: this module's full state dict, when the parameters themselves are sharded (FSDP: the
         trainer gathers it with ``accelerator.get_state_dict``); by default the parameters are read directly.
-        Files are written to a temporary folder first and moved into place one by one, the
-        Quiet-STaR config last: a folder without it is an incomplete save and is refused on load.
         """
-        path = os.fspath(path)
-        os.makedirs(path, exist_ok=True)
-        if state_dict is None:
-            self.write_thought_embeddings()
-            thought_embeddings = self.thought_embeddings.detach()
-            head = self.mixing_head.state_dict()
-        else:
-            if self._lora is not None:
-                raise ValueError("Saving from a gathered state dict is not implemented for LoRA models.")
-            thought_embeddings = state_dict["thought_embeddings"]
-            head = {k.removeprefix("mixing_head."): v for k, v in state_dict.items() if k.startswith("mixing_head.")}
-            lm_weights = {k.removeprefix("base."): v for k, v in state_dict.items() if k.startswith("base.")}
-            # What write_thought_embeddings does to the module, done to the gathered copy (and to a tied output
-            # embedding, which is the same tensor in the module).
-            embedding_key = self._module_name(self.base.get_input_embeddings()) + ".weight"
-            embedding = lm_weights[embedding_key].clone()
-            embedding[list(self.thought_token_ids)] = thought_embeddings.to(embedding.dtype)
-            lm_weights[embedding_key] = embedding
-            if self.lm_head.weight is self.base.get_input_embeddings().weight:
-                lm_weights[self._module_name(self.lm_head) + ".weight"] = embedding
-        staging = tempfile.mkdtemp(prefix=".saving-", dir=path)
-        try:
-            if state_dict is not None:
-                self.base.save_pretrained(staging, state_dict=lm_weights)
-            elif self._lora is None:
-                self.base.save_pretrained(staging)
-            else:  # the LM without adapters, as stock transformers loads it, and the adapter beside it
-                self.base.save_pretrained(staging, state_dict=lm_state_dict_without_lora(self.base))
-                self._lora.save_pretrained(os.path.join(staging, ADAPTER_FOLDER))
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(staging)
-            tensors = {"thought_embeddings": thought_embeddings.detach()}
-            tensors.update({f"mixing_head.{k}": v.detach() for k, v in head.items()})
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, os.path.join(staging, WEIGHTS_FILE))
-            with open(os.path.join(staging, CONFIG_FILE), "w") as f:
-                json.dump({"quietstar": self.quietstar_config.to_dict(),
-                           "thought_token_ids": list(self.thought_token_ids),
-                           "pad_token_id": self.pad_token_id, "base_model": self.base_model_id}, f, indent=2)
-            names = sorted(os.listdir(staging), key=lambda n: n == CONFIG_FILE)
-            for name in names:
-                target = os.path.join(path, name)
-                if os.path.isdir(target):
-                    shutil.rmtree(target)
-                os.replace(os.path.join(staging, name), target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        checkpoint.save(self, path, state_dict)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype=torch.float32, **kwargs) -> "QuietStarForCausalLM":
         """Load what :meth:`save_pretrained` wrote, from a folder or a Hub id; ``kwargs`` go to
         ``AutoModelForCausalLM.from_pretrained``."""
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            path = snapshot_download(path)
-        config_path = os.path.join(path, CONFIG_FILE)
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{config_path} is missing: {path} is not a complete Quiet-STaR save.")
-        with open(config_path) as f:
-            saved = json.load(f)
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION_NAME, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        check_model_supported(base)
-        model = cls(base, tokenizer, QuietStarConfig.from_dict(saved["quietstar"]), saved["thought_token_ids"],
-                    saved["pad_token_id"], base_model_id=saved.get("base_model"))
-        weights_path = os.path.join(path, WEIGHTS_FILE)
-        try:
-            tensors = load_file(weights_path)
-        except Exception as error:  # a truncated or missing file: name it
-            raise OSError(f"Could not read {weights_path}: {error}") from error
-        device = base.get_input_embeddings().weight.device
-        with torch.no_grad():
-            model.thought_embeddings.copy_(tensors.pop("thought_embeddings"))
-        head = {k.removeprefix("mixing_head."): v for k, v in tensors.items()}
-        model.mixing_head.load_state_dict(head)
-        load_lora(model, path)
-        return model.to(device)
+        return checkpoint.load(cls, path, dtype, **kwargs)

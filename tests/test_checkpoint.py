@@ -5,13 +5,18 @@ The fixtures in tests/fixtures/ and how they were made: see tests/fixtures/make_
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 
+import pytest
 import torch
+from conftest import make_model
 from safetensors.torch import load_file
 
 from quietstar import QuietStarConfig, QuietStarForCausalLM
+from quietstar.checkpoint import CONFIG_FILE, SavedQuietStar, read_saved_quietstar
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 OLD_CHECKPOINT = os.path.join(FIXTURES, "checkpoint")
@@ -57,3 +62,52 @@ def test_a_checkpoint_saved_before_later_config_fields_loads_with_the_behaviour_
     # Saved again, it is written in the current format and reads back to the same config.
     model.save_pretrained(tmp_path / "resaved")
     assert QuietStarForCausalLM.from_pretrained(tmp_path / "resaved").quietstar_config == config
+
+
+def test_the_reader_gives_the_saved_values_typed():
+    saved = read_saved_quietstar(OLD_CHECKPOINT)
+    assert saved == SavedQuietStar(QuietStarConfig(num_thought_tokens=2, num_lookahead_tokens=2, num_thoughts=2,
+                                                   mixing="logprobs"), (258, 259), 257, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        saved.pad_token_id = 0
+    with open(os.path.join(OLD_CHECKPOINT, CONFIG_FILE)) as f:
+        assert saved.to_dict() == json.load(f)  # what the writer writes, key for key
+
+
+def _damaged_copy(tmp_path, change) -> str:
+    folder = tmp_path / "damaged"
+    shutil.copytree(OLD_CHECKPOINT, folder)
+    path = folder / CONFIG_FILE
+    saved = json.loads(path.read_text())
+    change(saved)
+    path.write_text(json.dumps(saved))
+    return folder
+
+
+@pytest.mark.parametrize("missing", ["quietstar", "thought_token_ids", "pad_token_id"])
+def test_a_saved_config_without_a_required_key_is_refused_naming_the_file_and_the_key(tmp_path, missing):
+    folder = _damaged_copy(tmp_path, lambda saved: saved.pop(missing))
+    with pytest.raises(ValueError, match=f"{folder / CONFIG_FILE} is corrupt.*{missing}"):
+        QuietStarForCausalLM.from_pretrained(folder)
+
+
+def test_a_saved_config_with_other_than_two_thought_token_ids_is_refused(tmp_path):
+    folder = _damaged_copy(tmp_path, lambda saved: saved["thought_token_ids"].append(260))
+    with pytest.raises(ValueError, match=r"thought_token_ids must hold 2 ids, got \[258, 259, 260\]"):
+        read_saved_quietstar(folder)
+
+
+def test_a_save_that_fails_midway_leaves_the_previous_save_in_place(tmp_path, monkeypatch):
+    model = make_model()
+    model.save_pretrained(tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    other = make_model(seed=1, num_thoughts=3)
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device (simulated)")
+
+    monkeypatch.setattr(other.tokenizer, "save_pretrained", disk_full)  # after the LM's weights are written
+    with pytest.raises(OSError, match="No space left"):
+        other.save_pretrained(tmp_path)
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+    assert QuietStarForCausalLM.from_pretrained(tmp_path).quietstar_config == model.quietstar_config

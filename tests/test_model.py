@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from conftest import make_model, padded_batch, randomize_mixing_head
 from quietstar import QuietStarConfig, QuietStarForCausalLM
-from quietstar.modeling import CONFIG_FILE, WEIGHTS_FILE
+from quietstar.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from quietstar.tiny import byte_tokenizer, tiny_model
 
 

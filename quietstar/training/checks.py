@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..modeling import CONFIG_FILE
+from ..checkpoint import LM_CONFIG_FILE, read_saved_quietstar
 
 # LM config fields whose difference makes a checkpoint's weights unusable for the model being trained.
 ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -34,14 +34,12 @@ def check_positions(model, max_length: int, stages=()) -> None:
 
 def check_checkpoint_matches(model, checkpoint: str, curriculum: bool = False) -> None:
     """Refuse to resume from a checkpoint written for another model or Quiet-STaR config, naming what differs."""
-    lm_path, thought_path = os.path.join(checkpoint, "config.json"), os.path.join(checkpoint, CONFIG_FILE)
-    for path in (lm_path, thought_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing: {checkpoint} is not a complete checkpoint of this trainer.")
+    lm_path = os.path.join(checkpoint, LM_CONFIG_FILE)
+    if not os.path.isfile(lm_path):
+        raise FileNotFoundError(f"{lm_path} is missing: {checkpoint} is not a complete checkpoint of this trainer.")
+    saved_thoughts = read_saved_quietstar(checkpoint).config.to_dict()
     with open(lm_path) as f:
         saved_lm = json.load(f)
-    with open(thought_path) as f:
-        saved_thoughts = json.load(f)["quietstar"]
     current_lm, current_thoughts = model.config.to_dict(), model.quietstar_config.to_dict()
     skip = {"num_thought_tokens", "num_lookahead_tokens"} if curriculum else set()
     differences = [f"{name}: checkpoint {saved_lm.get(name)!r}, run {current_lm.get(name)!r}"

@@ -1,0 +1,191 @@
+"""The save format of a Quiet-STaR model: its file names, the one writer, and the one reader of each file.
+
+A save is a folder that stock transformers loads as a plain LM, plus the Quiet-STaR parts:
+
+- the LM: ``config.json``, ``generation_config.json``, ``model.safetensors`` (or a shard index and its shards); the
+  embedding rows of the two thought tokens hold the trained thought vectors. A LoRA model keeps the LM without its
+  adapters there and the adapter in ``adapter/`` (quietstar/lora.py);
+- the tokenizer files, the two thought tokens added as special tokens;
+- ``quietstar.safetensors``: ``thought_embeddings [2, D]`` (fp32) and the mixing head's tensors as
+  ``mixing_head.<name>``;
+- ``quietstar_config.json``: ``{"quietstar": QuietStarConfig fields, "thought_token_ids": [start, end],
+  "pad_token_id": id, "base_model": Hub id or null}``. It is written last, so a folder without it is an incomplete
+  save, and loading refuses it.
+
+Older saves still load: a config saved before a QuietStarConfig field existed gets what the code did then
+(config.ADDED_FIELDS_BEFORE), and the first version wrote no ``base_model``. tests/test_checkpoint.py loads such saves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from huggingface_hub import snapshot_download
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .attention import ATTENTION_NAME
+from .compat import check_model_supported
+from .config import QuietStarConfig
+from .lora import ADAPTER_FOLDER, lm_state_dict_without_lora, load_lora
+
+if TYPE_CHECKING:
+    from .modeling import QuietStarForCausalLM
+
+CONFIG_FILE = "quietstar_config.json"
+WEIGHTS_FILE = "quietstar.safetensors"
+LM_CONFIG_FILE = "config.json"
+MIXING_HEAD_PREFIX = "mixing_head."
+
+
+@dataclass(frozen=True)
+class SavedQuietStar:
+    """What ``quietstar_config.json`` holds: the thought hyperparameters, the ids of <|startofthought|> and
+    <|endofthought|>, the pad id, and the Hub id of the LM the model was built from (None when not from the Hub)."""
+
+    config: QuietStarConfig
+    thought_token_ids: tuple[int, int]
+    pad_token_id: int
+    base_model: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"quietstar": self.config.to_dict(), "thought_token_ids": list(self.thought_token_ids),
+                "pad_token_id": self.pad_token_id, "base_model": self.base_model}
+
+
+def is_quietstar_save(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a Quiet-STaR save (rather than a plain LM): it has ``quietstar_config.json``."""
+    return os.path.isfile(os.path.join(folder, CONFIG_FILE))
+
+
+def read_saved_quietstar(folder: str | os.PathLike) -> SavedQuietStar:
+    """Parse ``folder/quietstar_config.json``. FileNotFoundError when it is missing, ValueError naming the file and
+    the problem when it does not parse or lacks a field."""
+    path = os.path.join(os.fspath(folder), CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: {folder} is not a complete Quiet-STaR save.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except ValueError as error:  # bad JSON or bad UTF-8
+        raise ValueError(f"{path} is corrupt (not readable JSON: {_one_line(error)}).") from error
+    try:
+        config = QuietStarConfig.from_dict(saved["quietstar"])
+        token_ids = tuple(int(i) for i in saved["thought_token_ids"])
+        pad_token_id = int(saved["pad_token_id"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path} is corrupt ({type(error).__name__}: {_one_line(error)}).") from error
+    if len(token_ids) != 2:
+        raise ValueError(f"{path} is corrupt (thought_token_ids must hold 2 ids, got {list(token_ids)}).")
+    return SavedQuietStar(config, token_ids, pad_token_id, saved.get("base_model"))
+
+
+def read_quietstar_weights(folder: str | os.PathLike) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``thought_embeddings [2, D]`` and the mixing head's state dict from ``folder/quietstar.safetensors``; OSError
+    naming the file when it is missing or unreadable."""
+    path = os.path.join(os.fspath(folder), WEIGHTS_FILE)
+    try:
+        tensors = load_file(path)
+    except Exception as error:  # a truncated or missing file: name it
+        raise OSError(f"Could not read {path}: {error}") from error
+    if "thought_embeddings" not in tensors:
+        raise OSError(f"Could not read {path}: it has no thought_embeddings.")
+    head = {k.removeprefix(MIXING_HEAD_PREFIX): v for k, v in tensors.items() if k != "thought_embeddings"}
+    return tensors["thought_embeddings"], head
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _module_name(root: torch.nn.Module, module: torch.nn.Module) -> str:
+    """The name of ``module`` inside ``root`` (for example ``model.embed_tokens``)."""
+    return next(name for name, candidate in root.named_modules() if candidate is module)
+
+
+def _gathered_lm_weights(model: QuietStarForCausalLM, state_dict: dict) -> dict[str, torch.Tensor]:
+    """The LM's weights from the full model's gathered ``state_dict``, with what ``write_thought_embeddings`` does
+    to the module done to this copy (and to a tied output embedding, which is the same tensor in the module)."""
+    base = model.base
+    lm_weights = {k.removeprefix("base."): v for k, v in state_dict.items() if k.startswith("base.")}
+    embedding_key = _module_name(base, base.get_input_embeddings()) + ".weight"
+    embedding = lm_weights[embedding_key].clone()
+    embedding[list(model.thought_token_ids)] = state_dict["thought_embeddings"].to(embedding.dtype)
+    lm_weights[embedding_key] = embedding
+    if model.lm_head.weight is base.get_input_embeddings().weight:
+        lm_weights[_module_name(base, model.lm_head) + ".weight"] = embedding
+    return lm_weights
+
+
+def save(model: QuietStarForCausalLM, path: str | os.PathLike, state_dict: dict | None = None) -> None:
+    """Write ``model`` to the folder ``path`` (module docstring); see :meth:`QuietStarForCausalLM.save_pretrained`.
+
+    ``state_dict``: the model's full state dict when the parameters themselves are sharded (FSDP); by default the
+    parameters are read directly. Files are written to a temporary folder inside ``path`` first and moved into place
+    one by one, ``quietstar_config.json`` last: a save that fails while writing leaves ``path`` as it was.
+    """
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    if state_dict is None:
+        model.write_thought_embeddings()
+        thought_embeddings = model.thought_embeddings.detach()
+        head = model.mixing_head.state_dict()
+    else:
+        if model.lora is not None:
+            raise ValueError("Saving from a gathered state dict is not implemented for LoRA models.")
+        thought_embeddings = state_dict["thought_embeddings"]
+        head = {k.removeprefix(MIXING_HEAD_PREFIX): v for k, v in state_dict.items()
+                if k.startswith(MIXING_HEAD_PREFIX)}
+    staging = tempfile.mkdtemp(prefix=".saving-", dir=path)
+    try:
+        if state_dict is not None:
+            model.base.save_pretrained(staging, state_dict=_gathered_lm_weights(model, state_dict))
+        elif model.lora is None:
+            model.base.save_pretrained(staging)
+        else:  # the LM without adapters, as stock transformers loads it, and the adapter beside it
+            model.base.save_pretrained(staging, state_dict=lm_state_dict_without_lora(model.base))
+            model.lora.save_pretrained(os.path.join(staging, ADAPTER_FOLDER))
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(staging)
+        tensors = {"thought_embeddings": thought_embeddings.detach()}
+        tensors.update({f"{MIXING_HEAD_PREFIX}{k}": v.detach() for k, v in head.items()})
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, os.path.join(staging, WEIGHTS_FILE))
+        saved = SavedQuietStar(model.quietstar_config, model.thought_token_ids, model.pad_token_id,
+                               model.base_model_id)
+        with open(os.path.join(staging, CONFIG_FILE), "w") as f:
+            json.dump(saved.to_dict(), f, indent=2)
+        for name in sorted(os.listdir(staging), key=lambda n: n == CONFIG_FILE):
+            target = os.path.join(path, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging, name), target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load(model_class: type[QuietStarForCausalLM], path: str | os.PathLike, dtype=torch.float32,
+         **kwargs) -> QuietStarForCausalLM:
+    """Load what :func:`save` wrote, from a folder or a Hub id, as a ``model_class``; ``kwargs`` go to
+    ``AutoModelForCausalLM.from_pretrained``."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        path = snapshot_download(path)
+    saved = read_saved_quietstar(path)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION_NAME, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    check_model_supported(base)
+    model = model_class(base, tokenizer, saved.config, saved.thought_token_ids, saved.pad_token_id,
+                        base_model_id=saved.base_model)
+    thought_embeddings, head = read_quietstar_weights(path)
+    with torch.no_grad():
+        model.thought_embeddings.copy_(thought_embeddings)
+    model.mixing_head.load_state_dict(head)
+    device = base.get_input_embeddings().weight.device
+    load_lora(model, path)
+    return model.to(device)
