@@ -46,6 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from eval.data import SOURCES, TASKS, DataUnavailableError, load_task
+from quietstar.padding import ensure_pad_token, right_pad
 from quietstar.scoring import THOUGHT_SOURCES, BaseScorer, ThoughtScorer, configure_for_scoring
 
 PROTOCOLS = ("paper", "accuracy")
@@ -158,17 +159,6 @@ def valid_answer_tokens(tokenizer, task: str, labels=CSQA_LABELS) -> list[int]:
     return sorted(t for t, s in surfaces.items() if s is not None and (s == "\n" or pattern.fullmatch(s)))
 
 
-# ---------------------------------------------------------------------------------------- scorers
-def _right_padded(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(sequences), width, dtype=torch.long)
-    for row, s in enumerate(sequences):
-        ids[row, : len(s)] = torch.tensor(s)
-        mask[row, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
 # ------------------------------------------------------------------------------------ paper protocol
 def paper_item_score(log_probs: torch.Tensor, ids: list[int], start: int, valid: torch.Tensor, tokenizer) -> dict:
     """Score of one item from its ``log_probs [L, V]``: the product over answer tokens ``ids[start:]`` that
@@ -193,7 +183,7 @@ def run_paper(task, rows, scorer, tokenizer, batch_size, device) -> tuple[float,
     for begin in tqdm(range(0, len(rows), batch_size), desc=f"{task} paper", unit="batch"):
         batch = rows[begin : begin + batch_size]
         spans = [answer_token_span(tokenizer, *paper_prompt_and_answer(task, row)) for row in batch]
-        ids, mask = _right_padded([s[0] for s in spans], tokenizer.pad_token_id, device)
+        ids, mask = right_pad([s[0] for s in spans], tokenizer.pad_token_id, device)
         log_probs = scorer(ids, mask)
         for offset, (row, (item_ids, start)) in enumerate(zip(batch, spans)):
             gold = gsm8k_gold_text(row).strip() if task == "gsm8k" else row["answer_key"]
@@ -212,7 +202,7 @@ def run_csqa_accuracy(rows, scorer, tokenizer, device, labels=CSQA_LABELS) -> tu
         prompt = csqa_question_text(row) + ANSWER_MARKER
         options = list(row["labels"]) or list(labels)
         spans = [answer_token_span(tokenizer, prompt, " " + label) for label in options]
-        ids, mask = _right_padded([s[0] for s in spans], tokenizer.pad_token_id, device)
+        ids, mask = right_pad([s[0] for s in spans], tokenizer.pad_token_id, device)
         shared = min(_common_prefix_length(spans[0][0], s[0]) for s in spans)
         log_probs = scorer(ids, mask, shared_prefix=shared)
         scores = {}
@@ -343,8 +333,7 @@ def load_model(path: str, baseline: bool, device: str, dtype: torch.dtype):
     else:
         raise ValueError(f"{path} is not a Quiet-STaR folder (no quietstar_config.json); a plain model can only be "
                          "evaluated with --baseline.")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     return model, lm, tokenizer
 
 

@@ -38,6 +38,7 @@ from .config import QuietStarConfig
 from .files import replace_folder
 from .lora import ADAPTER_FOLDER
 from .modeling import QuietStarForCausalLM
+from .report.markdown import markdown_table
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 LM_WEIGHTS_FILE = "model.safetensors"
@@ -220,24 +221,9 @@ def find_eval_results(checkpoint: str | os.PathLike) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------- model card
-def _format(value) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join((cell if isinstance(cell, str) else _format(cell)).replace("|", "\\|") for cell in row)
-              + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _config_section(config: QuietStarConfig) -> str:
     rows = [[f"`{f.name}`", f"`{getattr(config, f.name)}`", f.metadata.get("help", "")] for f in fields(config)]
-    return "## Quiet-STaR configuration\n\n" + _table(["field", "value", "meaning"], rows)
+    return "## Quiet-STaR configuration\n\n" + markdown_table(["field", "value", "meaning"], rows)
 
 
 def _is_number(value) -> bool:
@@ -253,13 +239,14 @@ def _training_section(log_history: list[dict]) -> str:
                 last[name] = (value, entry.get("step"))
     steps = max((entry.get("step", 0) for entry in log_history), default=0)
     text = f"## Training\n\n{steps} optimizer steps. Last logged values:\n\n"
-    text += _table(["metric", "value", "step"], [[f"`{name}`", value, step] for name, (value, step) in last.items()])
+    text += markdown_table(["metric", "value", "step"],
+                           [[f"`{name}`", value, step] for name, (value, step) in last.items()])
     train_rows = [entry for entry in log_history if "loss" in entry]
     columns = [name for name in TRAINING_TABLE_COLUMNS if any(name in entry for entry in train_rows)]
     if train_rows:
         count = min(TRAINING_TABLE_ROWS, len(train_rows))
         picked = [train_rows[round(i * (len(train_rows) - 1) / max(count - 1, 1))] for i in range(count)]
-        text += "\n\nTraining log:\n\n" + _table(["step", *columns],
+        text += "\n\nTraining log:\n\n" + markdown_table(["step", *columns],
                                                  [[entry.get("step"), *(entry.get(c) for c in columns)]
                                                   for entry in picked])
     return text
@@ -277,7 +264,7 @@ def _eval_mode(result: dict) -> str:
 
 def _eval_section(results: list[dict]) -> str:
     rows = [[r["task"], r.get("protocol"), _eval_mode(r), r.get("metric"), r["score"], r.get("n")] for r in results]
-    return "## Evaluation\n\n" + _table(["task", "protocol", "mode", "metric", "score", "n"], rows)
+    return "## Evaluation\n\n" + markdown_table(["task", "protocol", "mode", "metric", "score", "n"], rows)
 
 
 def _usage_section(repo: str, config: QuietStarConfig, token_ids: list[int]) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +20,7 @@ from .generation import GenerationOutput, generate
 from .lora import THOUGHT_BRANCH_MASK, ThoughtTokenGate
 from .losses import IGNORE_INDEX, quietstar_loss
 from .mixing import MixingHead, mix, thought_weight
+from .padding import ensure_pad_token
 from .precision import at_least_fp32
 from .thoughts import expanded_pass, sample_thoughts
 from .vocab import mask_thought_tokens
@@ -103,9 +103,7 @@ class QuietStarForCausalLM(nn.Module):
     def from_base(cls, base, tokenizer, config: QuietStarConfig | None = None) -> "QuietStarForCausalLM":
         """Add the thought tokens to ``tokenizer`` and ``base`` and switch ``base`` to the quietstar attention."""
         config = config or QuietStarConfig()
-        if tokenizer.pad_token is None:
-            warnings.warn("The tokenizer has no pad token; using its eos token as pad.", stacklevel=2)
-            tokenizer.pad_token = tokenizer.eos_token
+        ensure_pad_token(tokenizer)
         init_ids = tokenizer(config.thought_init_text, add_special_tokens=False).input_ids
         if not init_ids:
             raise ValueError(f"thought_init_text {config.thought_init_text!r} tokenizes to nothing.")

@@ -35,6 +35,7 @@ from eval.run import build_parser as eval_parser  # noqa: E402
 from eval.run import evaluate  # noqa: E402
 from quietstar import QuietStarForCausalLM  # noqa: E402
 from quietstar.assets import MATH_SPLITS, OFFLINE_MATH_HELDOUT, resolve_model  # noqa: E402
+from quietstar.padding import ensure_pad_token  # noqa: E402
 from quietstar.report.heldout import (binned_change, compare_views, controlled_scorers, fixed_windows,  # noqa: E402
                                       heldout_token_nll, save_token_nll, summarize, token_documents)
 from quietstar.scoring import configure_for_scoring  # noqa: E402
@@ -93,8 +94,7 @@ def run_evaluations(args, trained, original_lm, original_tokenizer) -> dict:
             views["before"] = (original_lm.name_or_path, None, original_lm, original_tokenizer, True)
         evaluations[task] = {}
         for view, (name, model, lm, tokenizer, baseline) in views.items():
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token
+            ensure_pad_token(tokenizer)
             flags = ["--model", name, "--task", task, "--protocol", "paper", "--limit", str(items),
                      "--seed", str(args.seed), "--batch-size", str(args.batch_size), "--device", args.device,
                      "--output", os.path.join(args.run_dir, "eval", f"{task}_{view}.json")]

@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: `eval`
 
 from conftest import make_model, randomize_mixing_head  # noqa: E402
+from quietstar.padding import right_pad  # noqa: E402
 from quietstar.scoring import configure_for_scoring  # noqa: E402
 from eval import data as eval_data  # noqa: E402
 from eval import run as eval_run  # noqa: E402
@@ -164,7 +165,7 @@ def test_paper_score_is_the_renormalised_product_for_random_log_probs():
 # ---------------------------------------------------------------------------------------- scorers
 def short_batch(tok, texts=("Q: 1 + 1?\nA: 2\n", "Q: hi\nA:")):
     enc = [tok(t).input_ids for t in texts]
-    return eval_run._right_padded(enc, tok.pad_token_id, "cpu")
+    return right_pad(enc, tok.pad_token_id)
 
 
 def test_thought_scorer_averages_probabilities_over_thoughts_and_needs_one_lookahead_slot():

@@ -14,6 +14,7 @@ import torch
 
 from quietstar import assets
 from quietstar.report.heldout import binned_change, summarize
+from quietstar.report.markdown import markdown_table
 from quietstar.tiny import byte_tokenizer, tiny_model
 from quietstar.training.data import synthetic_arithmetic_documents
 from quietstar.training.memory import check_memory, estimate_training_bytes
@@ -208,6 +209,11 @@ def test_summary_and_difficulty_bins_against_hand_computed_values():
         assert binned["bin_mean_nll"][b] == pytest.approx(before[members].mean())
         assert binned["change"]["after_thoughts"][b] == pytest.approx(-(members / 10.0).mean())
     assert binned["bin_mean_nll"] == sorted(binned["bin_mean_nll"])
+
+
+def test_markdown_table_writes_every_kind_of_cell_and_escapes_pipes():
+    table = markdown_table(["name", "value", "note"], [["`a|b`", 0.123456, None], ["n", 7, "x | y"]])
+    assert table == ("| name | value | note |\n|---|---|---|\n| `a\\|b` | 0.1235 | — |\n| n | 7 | x \\| y |")
 
 
 # ----------------------------------------------------------------------------------------- end to end

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..padding import right_pad
 from ..scoring import BaseScorer, ThoughtScorer, ThoughtSource
 from .stats import paired_bootstrap
 
@@ -40,23 +41,13 @@ def _token_nll(log_probs: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -
     return [nll[row][valid[row]].cpu().numpy() for row in range(ids.shape[0])]
 
 
-def _padded(windows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(w) for w in windows)
-    ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, window in enumerate(windows):
-        ids[row, : len(window)] = torch.tensor(window)
-        mask[row, : len(window)] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def heldout_token_nll(windows: list[list[int]], pad_id: int, scorers: dict, batch_size: int = 4) -> dict[str, np.ndarray]:
     """{name: per-token NLL over all windows, concatenated} for each scorer (``[B, L]`` ids -> ``[B, L, V]``
     next-token log-probabilities). Every array lists the same tokens in the same order."""
     results = {name: [] for name in scorers}
     for begin in tqdm(range(0, len(windows), batch_size), desc="held-out NLL", unit="batch"):
-        ids, mask = _padded(windows[begin : begin + batch_size], pad_id)
+        ids, mask = right_pad(windows[begin : begin + batch_size], pad_id)
         for name, scorer in scorers.items():
             results[name].extend(_token_nll(scorer(ids, mask), ids, mask))
     return {name: np.concatenate(arrays) for name, arrays in results.items()}

@@ -25,7 +25,7 @@ def heldout_section(heldout: dict) -> list[str]:
             for view, label in HELDOUT_VIEWS if view in heldout["mean"]]
     parts = [f"Held-out text ({heldout['tokens']} tokens; hardest 10 % = the {heldout['hardest_tokens']} tokens the "
              "base model finds hardest): mean NLL in nats per token, lower is better. One thought per position.", "",
-             _table(["model", "NLL, all tokens", "NLL, hardest 10 %"], rows), ""]
+             markdown_table(["model", "NLL, all tokens", "NLL, hardest 10 %"], rows), ""]
     differences = heldout.get("differences", {})
     if differences:
         rows = []
@@ -38,14 +38,27 @@ def heldout_section(heldout: dict) -> list[str]:
         parts += ["Paired differences (nats per token; below zero the first is better), with bootstrap 95 % "
                   "intervals over documents. 'better' / 'worse': the interval excludes zero."
                   + (f" Equal-compute control: {control}." if control else " No equal-compute control was given."),
-                  "", _table(["difference", "all tokens", "verdict", "hardest 10 %", "verdict", "a gain means"], rows),
-                  ""]
+                  "", markdown_table(["difference", "all tokens", "verdict", "hardest 10 %", "verdict", "a gain means"],
+                                     rows), ""]
     return parts
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+def _cell(value) -> str:
+    """A table cell: text as given, None as a dash, floats to 4 significant digits; ``|`` escaped."""
+    if value is None:
+        text = "—"
+    elif isinstance(value, float):
+        text = f"{value:.4g}"
+    else:
+        text = str(value)
+    return text.replace("|", "\\|")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A markdown table of ``header`` and ``rows`` (cells as :func:`_cell` writes them); the one table writer of the
+    run report and the model card."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -63,7 +76,7 @@ def _training_summary(entries: list[dict]) -> str:
     rows = [[n, f"{mean(first, n):.4f}", f"{mean(last, n):.4f}"] for n in names]
     return (f"Means over the first and last quarter of the {len(logs)} training logs "
             f"(steps {first[0]['step']}–{first[-1]['step']} and {last[0]['step']}–{last[-1]['step']}).\n\n"
-            + _table(["metric", "first quarter", "last quarter"], rows))
+            + markdown_table(["metric", "first quarter", "last quarter"], rows))
 
 
 def render_report(name: str, run_config: dict, train_metrics: dict, evaluations: dict, heldout: dict | None,
@@ -101,7 +114,8 @@ def render_report(name: str, run_config: dict, train_metrics: dict, evaluations:
         parts += ["Paper protocol: mean probability of the gold answer, renormalised over the valid answer tokens "
                   "(eval/run.py), one thought per position; bootstrap 95 % intervals over items, and the paired "
                   "change from the base model.", "",
-                  _table(["task", "protocol", "model", "items", "score", "95 % interval", "− base model"], rows), ""]
+                  markdown_table(["task", "protocol", "model", "items", "score", "95 % interval", "− base model"],
+                                 rows), ""]
     if heldout is not None:
         parts += heldout_section(heldout)
     parts += ["## Training", "", _training_summary(entries), ""]

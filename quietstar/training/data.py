@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from ..assets import MATH_SPLITS, math_documents
 from ..losses import IGNORE_INDEX
+from ..padding import right_pad
 from .arguments import SYNTHETIC_ARITHMETIC, DataArguments
 
 logger = logging.getLogger(__name__)
@@ -232,13 +233,7 @@ class WindowCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        length = max(len(example["input_ids"]) for example in examples)
-        input_ids = torch.full((len(examples), length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
-        for row, example in enumerate(examples):
-            ids = example["input_ids"]
-            input_ids[row, : len(ids)] = ids
-            attention_mask[row, : len(ids)] = 1
+        input_ids, attention_mask = right_pad([example["input_ids"] for example in examples], self.pad_token_id)
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
