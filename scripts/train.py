@@ -16,7 +16,7 @@ from transformers import set_seed
 
 from quietstar.assets import AssetUnavailableError
 from quietstar.training import QuietStarTrainer, build_datasets, build_model, parse_config
-from quietstar.training.curriculum import parse_curriculum
+from quietstar.training.curriculum import longest_thought_lengths
 from quietstar.training.checks import check_checkpoint_matches, check_positions
 from quietstar.training.memory import check_memory, format_gib
 from quietstar.training.run_files import check_output_dir, write_run_config
@@ -33,7 +33,7 @@ def prepare(argv: list[str] | None):
     check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint)
     set_seed(training_args.seed)  # before the model: a random model_config is initialised from it
     model = build_model(model_args, quietstar_config)
-    stages = parse_curriculum(training_args.thought_curriculum) if training_args.thought_curriculum else []
+    stages = training_args.thought_stages
     check_positions(model, data_args.max_length, stages)
     if training_args.resume_from_checkpoint:
         check_checkpoint_matches(model, training_args.resume_from_checkpoint, curriculum=bool(stages))
@@ -45,7 +45,7 @@ def prepare(argv: list[str] | None):
     window_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     with training_args.main_process_first(desc="loading and tokenizing the data"):
         # Rows must hold A + 2 real tokens for the longest lookahead the run will use (a curriculum may raise it).
-        lookahead = max([quietstar_config.num_lookahead_tokens, *(s.num_lookahead_tokens for s in stages)])
+        _, lookahead = longest_thought_lengths(quietstar_config, stages)
         train_dataset, eval_dataset = build_datasets(data_args, model.tokenizer, min_tokens=lookahead + 2,
                                                      seed=window_seed)
     if training_args.should_save:

@@ -3,13 +3,18 @@ run, and resuming into the right stage."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import torch
 from transformers import TrainerCallback
 
 from conftest import make_model
 from quietstar.training import QuietStarTrainer, QuietStarTrainingArguments, build_window_dataset
-from quietstar.training.curriculum import Stage, parse_curriculum, stage_at
+from quietstar.training.checks import check_positions
+from quietstar.training.curriculum import Stage, longest_thought_lengths, parse_curriculum, stage_at
 from quietstar.training.data import synthetic_arithmetic_documents
+from quietstar.training.memory import check_memory, estimate_training_bytes
 
 SCHEDULE = ["0:4/3", "2:3/2", "4:2/1"]
 
@@ -19,6 +24,28 @@ def test_parse_and_stage_at():
     assert stages == [Stage(0, 4, 3), Stage(2, 3, 2), Stage(4, 2, 1)]
     assert [stage_at(stages, step).num_thought_tokens for step in range(7)] == [4, 4, 3, 3, 2, 2, 2]
     assert parse_curriculum([" 0 : 16 / 8 "]) == [Stage(0, 16, 8)]
+
+
+def test_the_longest_lengths_count_the_config_and_every_stage():
+    config = make_model(num_thought_tokens=2, num_lookahead_tokens=1).quietstar_config
+    assert longest_thought_lengths(config) == (2, 1)
+    assert longest_thought_lengths(config, parse_curriculum(["0:2/1", "2:1/3"])) == (2, 3)
+    assert longest_thought_lengths(config, parse_curriculum(["0:5/1", "2:1/1"])) == (5, 1)
+
+
+def test_the_position_check_and_the_memory_estimate_allow_for_a_stage_longer_than_the_config():
+    model = make_model(num_thought_tokens=2, num_lookahead_tokens=1)
+    args = QuietStarTrainingArguments(output_dir="unused", use_cpu=True, report_to="none",
+                                      per_device_train_batch_size=2, thought_curriculum=["0:2/1", "2:5/3"])
+    assert args.thought_stages == [Stage(0, 2, 1), Stage(2, 5, 3)]
+    longest = dataclasses.replace(model.quietstar_config, num_thought_tokens=5, num_lookahead_tokens=3)
+    expected = estimate_training_bytes(model, 2, 32, torch.float32, False, longest)
+    assert check_memory(model, args, 32, torch.device("cpu"), available=None) == expected
+    assert expected["total"] > estimate_training_bytes(model, 2, 32, torch.float32, False)["total"]
+    limit = model.config.max_position_embeddings
+    check_positions(model, limit - (5 + 3 + 1), args.thought_stages)  # the last branch ends at the last position
+    with pytest.raises(ValueError, match=f"num_thought_tokens 5 and num_lookahead_tokens 3 needs {limit + 1}"):
+        check_positions(model, limit - (5 + 3), args.thought_stages)
 
 
 @pytest.mark.parametrize("schedule, message", [

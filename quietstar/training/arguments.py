@@ -10,7 +10,7 @@ from transformers import TrainingArguments
 from transformers.integrations import is_tensorboard_available
 
 from ..lora import lora_config
-from .curriculum import parse_curriculum
+from .curriculum import Stage, parse_curriculum
 
 BUILTIN_BYTE_TOKENIZER = "builtin-bytes"
 SYNTHETIC_ARITHMETIC = "synthetic-arithmetic"
@@ -227,6 +227,11 @@ class QuietStarTrainingArguments(TrainingArguments):
         if self.loss_term_grad_norm_steps and self.world_size > 1:
             raise ValueError("loss_term_grad_norm_steps works in one process only (its extra backward passes would "
                              "bypass the gradient synchronisation of DDP/FSDP); set it to 0 for distributed runs.")
+
+    @property
+    def thought_stages(self) -> list[Stage]:
+        """``thought_curriculum`` as stages; [] without a curriculum."""
+        return [] if self.thought_curriculum is None else parse_curriculum(self.thought_curriculum)
 
     def policy_weight_factor(self, step: int) -> float:
         """The fraction of policy_weight in force at optimizer step ``step`` (0-based): 0 during the warm-up, then

@@ -6,6 +6,7 @@ import json
 import os
 
 from ..checkpoint import LM_CONFIG_FILE, read_saved_quietstar
+from .curriculum import longest_thought_lengths
 
 # LM config fields whose difference makes a checkpoint's weights unusable for the model being trained.
 ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -19,9 +20,7 @@ def check_positions(model, max_length: int, stages=()) -> None:
     """The thought branch of the last position reaches position id ``max_length + T + A``; refuse a window the
     model's position embeddings (``max_position_embeddings``) cannot hold. ``stages``: a thought curriculum, whose
     longest stage counts."""
-    cfg = model.quietstar_config
-    thought = max([cfg.num_thought_tokens, *(s.num_thought_tokens for s in stages)])
-    lookahead = max([cfg.num_lookahead_tokens, *(s.num_lookahead_tokens for s in stages)])
+    thought, lookahead = longest_thought_lengths(model.quietstar_config, stages)
     needed = max_length + thought + lookahead + 1
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and needed > limit:

@@ -8,9 +8,12 @@ a function of the global step alone, so a resumed run picks up the right one.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from transformers import TrainerCallback
+
+from ..config import QuietStarConfig
 
 _STAGE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*/\s*(\d+)\s*$")
 
@@ -40,6 +43,14 @@ def parse_curriculum(entries: list[str]) -> list[Stage]:
     if steps != sorted(set(steps)):
         raise ValueError(f"thought_curriculum steps must increase, got {steps}.")
     return stages
+
+
+def longest_thought_lengths(config: QuietStarConfig, stages: Sequence[Stage] = ()) -> tuple[int, int]:
+    """``(T, A)``: the longest thought and lookahead lengths of a run with ``config`` and the curriculum ``stages``,
+    the config's own included (they hold until the first stage is applied). What every length-dependent check allows
+    for: rows of at least A + 2 tokens (the data filter), positions (checks.check_positions), memory (memory.py)."""
+    return (max([config.num_thought_tokens, *(s.num_thought_tokens for s in stages)]),
+            max([config.num_lookahead_tokens, *(s.num_lookahead_tokens for s in stages)]))
 
 
 def stage_at(stages: list[Stage], step: int) -> Stage:

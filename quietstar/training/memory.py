@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from .curriculum import parse_curriculum
+from .curriculum import longest_thought_lengths
 
 FLOAT_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
@@ -80,12 +80,8 @@ def check_memory(model, args, max_length: int, device: torch.device, available: 
     ``args``: the training arguments (per_device_train_batch_size, bf16/fp16, gradient_checkpointing).
     """
     compute_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else model.base.dtype
-    cfg = model.quietstar_config
-    curriculum = getattr(args, "thought_curriculum", None)
-    if curriculum:  # the longest stage decides
-        stages = parse_curriculum(curriculum)
-        cfg = dataclasses.replace(cfg, num_thought_tokens=max(s.num_thought_tokens for s in stages),
-                                  num_lookahead_tokens=max(s.num_lookahead_tokens for s in stages))
+    thought, lookahead = longest_thought_lengths(model.quietstar_config, getattr(args, "thought_stages", ()))
+    cfg = dataclasses.replace(model.quietstar_config, num_thought_tokens=thought, num_lookahead_tokens=lookahead)
     parts = estimate_training_bytes(model, args.per_device_train_batch_size, max_length, compute_dtype,
                                     args.gradient_checkpointing, cfg, weight_shards=fsdp_shards(args))
     available = available_bytes(device) if available is None else available

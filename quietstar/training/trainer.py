@@ -30,7 +30,7 @@ from ..files import replace_folder
 from ..modeling import QuietStarForCausalLM
 from .arguments import QuietStarTrainingArguments
 from .data import RandomWindowDataset, WindowCollator, WindowEpochCallback
-from .curriculum import CurriculumCallback, parse_curriculum
+from .curriculum import CurriculumCallback
 from .run_files import MetricsFileCallback
 
 logger = logging.getLogger(__name__)
@@ -90,8 +90,8 @@ class QuietStarTrainer(Trainer):
             raise TypeError(f"QuietStarTrainer needs QuietStarTrainingArguments (it holds the learning-rate scales "
                             f"of the thought embeddings and the mixing head), got {type(args).__name__}.")
         callbacks = [*(callbacks or []), MetricsFileCallback()]
-        if args.thought_curriculum is not None:
-            callbacks.append(CurriculumCallback(model, parse_curriculum(args.thought_curriculum)))
+        if args.thought_stages:
+            callbacks.append(CurriculumCallback(model, args.thought_stages))
         if isinstance(train_dataset, RandomWindowDataset):
             callbacks.append(WindowEpochCallback(train_dataset))
         super().__init__(
