@@ -19,14 +19,15 @@ This module is written from that description (not copied from the official code)
 same loss as ``QuietStarForCausalLM.forward``: given the same thoughts, every pass produces the
 hidden states our single expanded pass produces, and the mixing head, ``lm_head`` and
 ``quietstar.losses.quietstar_loss`` turn them into the loss exactly as ``forward`` does. It is
-therefore both the baseline of ``scripts/bench_step.py`` and an oracle for the fast path
-(``tests/test_official_dense.py``).
+therefore both the baseline of ``bench/step.py`` and an oracle for the fast path
+(``tests/test_official_dense.py``). Training never calls it; it lives in the package so that the tests
+and the benchmarks import one copy plainly.
 
 Deliberate differences from the official code, none of which changes the cost structure: token
 embeddings are gathered (the official code multiplies one-hot rows by the embedding matrix), thoughts
 are drawn with :func:`quietstar.thoughts.draw` at ``thought_temperature`` (the official
 ``gumbel_softmax`` ignores its temperature), and the visibility and position rules are ours
-(DESIGN §1), so a padded row behaves like its unpadded self.
+(docs/design.md §1), so a padded row behaves like its unpadded self.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ import contextlib
 import torch
 from transformers import DynamicCache
 
-from quietstar import QuietStarForCausalLM, QuietStarOutput
-from quietstar.thoughts import draw, text_positions
-from quietstar.vocab import mask_thought_tokens
+from .modeling import QuietStarForCausalLM, QuietStarOutput
+from .thoughts import draw, text_positions
+from .vocab import mask_thought_tokens
 
 PLAIN_ATTENTIONS = ("eager", "sdpa")
 
