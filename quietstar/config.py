@@ -133,7 +133,7 @@ class QuietStarConfig:
         default=None,
         metadata={"help": "SUS backprop (DESIGN §3) in the gradient pass: keep each attention weight P in the "
                           "backward with probability min(1, c P), rescaled. None: exact backward. The paper found "
-                          "c of 25-30 costs about 1% extra gradient variance at n = 2000."},
+                          "c of 25-30 costs about one percent extra gradient variance at n = 2000."},
     )
 
     def __post_init__(self):
