@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 
 MIXING_MODES = ("logits", "logprobs")
-ATTENTION_BACKENDS = ("auto", "eager", "triton")
+ATTENTION_BACKENDS = ("auto", "eager", "flex", "triton")
 REWARD_SOURCES = ("mixed", "thought")
 REWARD_PRECISIONS = ("fp32", "autocast")
 ADVANTAGE_NORMALIZATIONS = ("none", "batch_std")
