@@ -42,9 +42,14 @@ def check_model_supported(base) -> None:
     finally:
         base.set_attn_implementation(ATTENTION_NAME)
         base.train(was_training)
-    if len(layout.text_cache) != num_layers:
-        raise ValueError(f"Only {len(layout.text_cache)} of {name}'s {num_layers} layers attend through "
+    attended = len(layout.text_cache)
+    if attended < num_layers:
+        raise ValueError(f"Only {attended} of {name}'s {num_layers} layers attend through "
                          "transformers' AttentionInterface; Quiet-STaR needs all of them to.")
+    if attended > num_layers:
+        raise ValueError(f"{name} ran {attended} attention layers but its config declares num_hidden_layers="
+                         f"{num_layers} (an encoder-decoder's decoder?); Quiet-STaR needs a decoder-only LM whose "
+                         "layers all attend through transformers' AttentionInterface.")
     tolerance = 1e-3 if hidden.dtype == torch.float32 else 3e-2
     error = (ours - reference).abs().max() / reference.abs().max().clamp(min=1e-6)
     if not error <= tolerance:
