@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 
 MIXING_MODES = ("logits", "logprobs")
-ATTENTION_BACKENDS = ("auto", "eager", "triton")
+ATTENTION_BACKENDS = ("auto", "eager", "flex", "triton")
 REWARD_SOURCES = ("mixed", "thought")
 REWARD_PRECISIONS = ("fp32", "autocast")
 ADVANTAGE_NORMALIZATIONS = ("none", "batch_std")
@@ -126,8 +126,10 @@ class QuietStarConfig:
     attention_backend: str = field(
         default="auto",
         metadata={"help": "Backend of the 'quietstar' attention in the gradient pass: 'eager' (PyTorch, the "
-                          "reference), 'triton' (the SUS kernels of quietstar.ops.sus; CUDA) or 'auto' (Triton on "
-                          "CUDA; on CPU the exact flash fast path for unpadded rows, else eager)."},
+                          "reference), 'flex' (PyTorch's FlexAttention with the thought layout as a block mask; "
+                          "exact; CUDA), 'triton' (the kernels of quietstar.ops.sus, exact or SUS; CUDA) or 'auto' "
+                          "(on CUDA FlexAttention for an exact backward and Triton for SUS; on CPU the exact flash "
+                          "fast path for unpadded rows, else eager)."},
     )
     sus_c: float | None = field(
         default=None,
@@ -164,6 +166,9 @@ class QuietStarConfig:
             )
         if self.sus_c is not None and (isinstance(self.sus_c, bool) or not self.sus_c > 0):
             raise ValueError(f"QuietStarConfig.sus_c must be > 0 (or None for the exact backward), got {self.sus_c!r}.")
+        if self.sus_c is not None and self.attention_backend == "flex":
+            raise ValueError("QuietStarConfig.sus_c needs a SUS backward, which attention_backend='flex' does not have; "
+                             "use 'auto' or 'triton' (or 'eager' for the PyTorch reference).")
         if self.start_thought_token == self.end_thought_token:
             raise ValueError("QuietStarConfig.start_thought_token and end_thought_token must differ.")
         if not self.thought_init_text:
