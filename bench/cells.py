@@ -1,9 +1,10 @@
 """What bench/step.py and bench/efficiency.py time: the model, one measurement cell, and one training step.
 
 Model: a random Llama (hidden 256, 4 layers, 4 attention heads, 2 key/value heads, intermediate 688,
-vocabulary 1024), fp32, CPU. A step is forward + backward + AdamW of one of three implementations:
-``plain`` (an ordinary causal-LM step over B * (1 + N*S) rows of L tokens, the efficiency's denominator),
-``ours`` (QuietStarForCausalLM) and ``dense`` (the official scheme, quietstar/official_dense.py).
+vocabulary 1024), fp32 on CPU (bf16 with ``device="cuda"``). A step is forward + backward + AdamW of one of
+three implementations: ``plain`` (an ordinary causal-LM step over B * (1 + N*S) rows of L tokens, the
+efficiency's denominator), ``ours`` (QuietStarForCausalLM) and ``dense`` (the official scheme,
+quietstar/official_dense.py).
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ from dataclasses import dataclass, field
 
 MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=688, vocab_size=1024)
-MODEL_DESCRIPTION = ("random Llama: hidden 256, 4 layers, 4 heads, 2 KV heads, intermediate 688, vocab 1024, "
-                     "fp32, CPU")
+ARCHITECTURE = "random Llama: hidden 256, 4 layers, 4 heads, 2 KV heads, intermediate 688, vocab 1024"
+MODEL_DESCRIPTION = f"{ARCHITECTURE}, fp32, CPU"
 TEXT_TOKEN_RANGE = 256  # random text ids stay below the thought-token ids the tokenizer adds
 # The step's settings when a script does not set them (bench/step.py's flags default to these).
 STEP_DEFAULTS = dict(batch=1, lookahead_tokens=4, num_thoughts=2, threads=2, dense_attention="sdpa", seed=0)
+
+
+def model_description(device: str) -> str:
+    return MODEL_DESCRIPTION if device == "cpu" else f"{ARCHITECTURE}, bf16, {device.upper()}"
 
 
 def step_settings(**overrides) -> argparse.Namespace:
@@ -58,8 +63,11 @@ def positions_per_row(args, length: int, thought_tokens: int) -> int:
     return length * (1 + args.num_thoughts * branch_length(args, thought_tokens))
 
 
-def build_step(args, cell: Cell):
-    """Model, optimizer and batch of one cell; returns a function that runs one training step."""
+def build_step(args, cell: Cell, device: str = "cpu", attention_backend: str = "auto"):
+    """Model, optimizer and batch of one cell; returns a function that runs one training step.
+
+    ``attention_backend``: the Quiet-STaR model's (QuietStarConfig.attention_backend).
+    """
     import torch
 
     from quietstar import QuietStarConfig, QuietStarForCausalLM
@@ -67,22 +75,25 @@ def build_step(args, cell: Cell):
     from quietstar.tiny import byte_tokenizer, tiny_model
 
     torch.set_num_threads(args.threads)
-    base = tiny_model("llama", seed=args.seed, **MODEL)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the dtype the GPU kernels are built for
+    base = tiny_model("llama", seed=args.seed, **MODEL).to(device, dtype)
     generator = torch.Generator().manual_seed(args.seed)
     S = branch_length(args, cell.thought_tokens)
     if cell.impl == "plain":
         base.set_attn_implementation("sdpa")
         rows = args.batch * (1 + args.num_thoughts * S)
-        ids = torch.randint(0, TEXT_TOKEN_RANGE, (rows, cell.length), generator=generator)
+        ids = torch.randint(0, TEXT_TOKEN_RANGE, (rows, cell.length), generator=generator).to(device)
         model = base
 
         def loss():
             return base(input_ids=ids, labels=ids).loss
     else:
         config = QuietStarConfig(num_thought_tokens=cell.thought_tokens, num_lookahead_tokens=args.lookahead_tokens,
-                                 num_thoughts=args.num_thoughts)
-        model = QuietStarForCausalLM.from_base(base, byte_tokenizer(), config)
-        ids = torch.randint(0, TEXT_TOKEN_RANGE, (args.batch, cell.length), generator=generator)
+                                 num_thoughts=args.num_thoughts, attention_backend=attention_backend)
+        model = QuietStarForCausalLM.from_base(base, byte_tokenizer(), config).to(device, dtype)
+        ids = torch.randint(0, TEXT_TOKEN_RANGE, (args.batch, cell.length), generator=generator).to(device)
+        if device != "cpu":
+            generator = torch.Generator(device).manual_seed(args.seed)  # thoughts are drawn where the logits are
         if cell.impl == "ours":
             def loss():
                 return model(ids, labels=ids, output_logits=False, generator=generator).loss
@@ -98,5 +109,7 @@ def build_step(args, cell: Cell):
         optimizer.zero_grad(set_to_none=True)
         loss().backward()
         optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()  # the step's time is the GPU's, not the launches'
 
     return step

@@ -2,6 +2,7 @@
 """Efficiency (docs/design.md §7) measured in pairs: a plain step and a Quiet-STaR step taken back to back, many times.
 
     .venv/bin/python bench/efficiency.py --cells 256:9 [512:9 ...] --rounds 9 [--out results.json]
+    python bench/efficiency.py --device cuda --attention-backend flex --cells 256:9 1024:9 2048:9 --rounds 3
 
 ``bench/step.py`` times every cell in its own process, one after the other, which is right for
 peak memory but lets a change of machine load between the plain cell and the Quiet-STaR cell move
@@ -9,7 +10,9 @@ their ratio (on a shared machine the plain step alone has moved by 35 % between 
 process builds both steps of a cell (same model, same settings as bench/step.py) and alternates them:
 round r times a plain step and a Quiet-STaR step (the order alternating), and its efficiency is their ratio. Drift
 slower than a round cancels out. The table gives the median over rounds and the lowest and highest
-round; the spread is the measurement's noise, not the implementation's.
+round; the spread is the measurement's noise, not the implementation's. ``--device cuda`` runs the
+same model in bf16 on a GPU, where ``--attention-backend`` picks the gradient pass's exact attention
+("eager", "flex", "triton"; "auto" is flex there).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import statistics
 import time
 from pathlib import Path
 
-from cells import MODEL_DESCRIPTION, Cell, build_step, step_settings  # bench/cells.py, a sibling
+from cells import Cell, build_step, model_description, step_settings  # bench/cells.py, a sibling
+from quietstar.config import ATTENTION_BACKENDS
 
 
 def parse_cell(text: str) -> tuple[int, int]:
@@ -37,10 +41,18 @@ def parse_args(argv=None):
     parser.add_argument("--cells", type=parse_cell, nargs="+", default=[(256, 9)], help="L:T pairs to measure")
     parser.add_argument("--rounds", type=int, default=9, help="timed (plain, Quiet-STaR) pairs per cell")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
+                        help="the Quiet-STaR step's attention_backend")
     parser.add_argument("--out", type=Path, help="write every round's seconds as JSON here")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device here")
     return args
 
 
@@ -50,11 +62,12 @@ def seconds(step) -> float:
     return time.perf_counter() - start
 
 
-def measure(length: int, thought_tokens: int, rounds: int, threads: int) -> dict:
+def measure(length: int, thought_tokens: int, rounds: int, threads: int, device: str = "cpu",
+            attention_backend: str = "auto") -> dict:
     """Alternate plain and Quiet-STaR steps; one warm-up step of each first."""
     settings = step_settings(threads=threads)
-    plain = build_step(settings, Cell("plain", length, thought_tokens))
-    ours = build_step(settings, Cell("ours", length, thought_tokens))
+    plain = build_step(settings, Cell("plain", length, thought_tokens), device)
+    ours = build_step(settings, Cell("ours", length, thought_tokens), device, attention_backend)
     plain(), ours()
     pairs = []
     for number in range(rounds):
@@ -76,9 +89,10 @@ def measure(length: int, thought_tokens: int, rounds: int, threads: int) -> dict
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    print(f"{MODEL_DESCRIPTION}, {args.threads} threads; A = 4, N = 2, batch 1; {args.rounds} rounds per cell",
-          flush=True)
-    results = [measure(length, T, args.rounds, args.threads) for length, T in args.cells]
+    print(f"{model_description(args.device)}, {args.threads} threads, attention_backend {args.attention_backend}; "
+          f"A = 4, N = 2, batch 1; {args.rounds} rounds per cell", flush=True)
+    results = [measure(length, T, args.rounds, args.threads, args.device, args.attention_backend)
+               for length, T in args.cells]
     print("\n| L | T | plain s/step (median) | Quiet-STaR s/step (median) | efficiency: median | lowest | highest |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
@@ -87,8 +101,8 @@ def main(argv=None) -> None:
               f"{r['max_efficiency']:.2f} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"model": MODEL_DESCRIPTION, "threads": args.threads, "cells": results},
-                                       indent=2))
+        args.out.write_text(json.dumps({"model": model_description(args.device), "threads": args.threads, "device": args.device,
+                                        "attention_backend": args.attention_backend, "cells": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -4,12 +4,15 @@
     python bench/sus.py --device cpu --lengths 256 512 --head-dims 64 --cs 16
                                               # CPU smoke run (PyTorch reference; no kernels)
 
-Rows per (n, d): "sdpa" (PyTorch flash attention, exact), "exact" (our Triton forward and exact
-backward) and one "sus c=..." row per c (our forward, SUS backward). Causal, batch 1, bf16 on GPU
+Rows per (n, d): "sdpa" (PyTorch flash attention, exact), "flex" (PyTorch's compiled FlexAttention
+with the causal mask as a BlockMask, exact; GPU only), "exact" (our Triton forward and exact backward)
+and one "sus c=..." row per c (our forward, SUS backward; c = 1e-9 and 1e30 bound it: nearly nothing
+kept, everything kept). Causal, batch 1, bf16 on GPU
 (fp32 on CPU). Times are medians of --repeats after --warmup runs, from CUDA events; the backward
 is timed alone (the forward that feeds it is not counted). Peak memory is the highest allocation
 during forward + backward, above the inputs. Targets at n = 16k, c = 32: SUS backward <= 0.5 x our
-forward, and >= 4 x faster than the flash backward.
+forward, and >= 4 x faster than the flash and the FlexAttention backward; our exact forward + backward
+within 1.3 x of FlexAttention's. The JSON file is rewritten after every row, so a run cut short keeps its rows.
 """
 
 from __future__ import annotations
@@ -86,7 +89,18 @@ def run_case(make_output, inputs, do, timer, warmup, repeats, device):
     return statistics.median(forward_times), statistics.median(backward_times), peak
 
 
-def measure(args):
+def flex_causal(q, k, v):
+    """Compiled FlexAttention over the causal mask; the BlockMask is built here, outside the timed region."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    n = q.shape[2]
+    mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, n, n, device=q.device)
+    compiled = torch.compile(flex_attention)
+    return lambda: compiled(q, k, v, block_mask=mask)
+
+
+def measure(args, on_row=lambda rows: None):
+    """Every row of the grid, handing the rows so far to ``on_row`` after each."""
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     backend = "triton" if args.device == "cuda" else "torch"
     timer = Timer(args.device)
@@ -97,8 +111,10 @@ def measure(args):
             q, k, v, do = (torch.randn(1, args.heads, n, d, device=args.device, dtype=dtype, generator=g)
                            for _ in range(4))
             inputs = [t.requires_grad_() for t in (q, k, v)]
-            cases = [("sdpa", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
-                     ("exact", lambda: attention(q, k, v, c=None, backend=backend))]
+            cases = [("sdpa", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))]
+            if args.device == "cuda":  # FlexAttention has no backward on CPU
+                cases.append(("flex", flex_causal(q, k, v)))
+            cases.append(("exact", lambda: attention(q, k, v, c=None, backend=backend)))
             cases += [(f"sus c={c:g}", lambda c=c: attention(q, k, v, c=c, seed=1, backend=backend)) for c in args.cs]
             for name, fn in cases:
                 if name == "sdpa" and args.device == "cuda":
@@ -109,6 +125,7 @@ def measure(args):
                             return f()
                 fwd, bwd, peak = run_case(fn, inputs, do, timer, args.warmup, args.repeats, args.device)
                 rows.append(dict(n=n, d=d, impl=name, forward_s=fwd, backward_s=bwd, peak_mb=peak))
+                on_row(rows)
                 print(f"n={n:6d} d={d:3d} {name:10s} fwd {fwd * 1e3:9.3f} ms  bwd {bwd * 1e3:9.3f} ms  "
                       f"peak {peak:9.1f} MB", flush=True)
             del q, k, v, do, inputs
@@ -116,24 +133,35 @@ def measure(args):
 
 
 def print_table(rows, cs) -> None:
-    print("\nms (forward / backward); ratios use our forward and the flash backward of the same (n, d)")
+    print("\nms (forward / backward); ratios use our forward and the flash (and flex) backward of the same (n, d)")
     for d in sorted({r["d"] for r in rows}):
         print(f"\nhead dim {d}")
-        header = f"{'n':>6} | {'sdpa fwd/bwd':>17} | {'exact fwd/bwd':>17} | " + " | ".join(
-            f"{'sus c=%g bwd' % c:>13} {'/fwd':>5} {'x':>5}" for c in cs)
+        flex = any(r["impl"] == "flex" for r in rows)
+        header = f"{'n':>6} | {'sdpa fwd/bwd':>17} | " + (f"{'flex fwd/bwd':>17} | {'exact/flex':>10} | " if flex else "")
+        header += f"{'exact fwd/bwd':>17} | " + " | ".join(
+            f"{'sus c=%g bwd' % c:>13} {'/fwd':>5} {'x':>5}" + (f" {'x flex':>6}" if flex else "") for c in cs)
         print(header)
         for n in sorted({r["n"] for r in rows}):
             get = {r["impl"]: r for r in rows if r["n"] == n and r["d"] == d}
+            if not all(name in get for name in ("sdpa", "exact", *(f"sus c={c:g}" for c in cs))):
+                continue  # a run cut short
             sdpa, exact = get["sdpa"], get["exact"]
+            line = f"{n:>6} | {sdpa['forward_s'] * 1e3:8.3f}/{sdpa['backward_s'] * 1e3:8.3f} | "
+            if flex:
+                f = get["flex"]
+                both = (exact["forward_s"] + exact["backward_s"]) / (f["forward_s"] + f["backward_s"])
+                line += f"{f['forward_s'] * 1e3:8.3f}/{f['backward_s'] * 1e3:8.3f} | {both:10.2f} | "
+            line += f"{exact['forward_s'] * 1e3:8.3f}/{exact['backward_s'] * 1e3:8.3f} | "
             cells = []
             for c in cs:
                 sus = get[f"sus c={c:g}"]
-                cells.append(f"{sus['backward_s'] * 1e3:13.3f} {sus['backward_s'] / exact['forward_s']:5.2f} "
-                             f"{sdpa['backward_s'] / sus['backward_s']:5.2f}")
-            print(f"{n:>6} | {sdpa['forward_s'] * 1e3:8.3f}/{sdpa['backward_s'] * 1e3:8.3f} | "
-                  f"{exact['forward_s'] * 1e3:8.3f}/{exact['backward_s'] * 1e3:8.3f} | " + " | ".join(cells))
-    print("\n/fwd: SUS backward over our forward (target <= 0.5 at n=16k, c=32); "
-          "x: flash backward over SUS backward (target >= 4)")
+                cell = (f"{sus['backward_s'] * 1e3:13.3f} {sus['backward_s'] / exact['forward_s']:5.2f} "
+                        f"{sdpa['backward_s'] / sus['backward_s']:5.2f}")
+                cells.append(cell + (f" {get['flex']['backward_s'] / sus['backward_s']:6.2f}" if flex else ""))
+            print(line + " | ".join(cells))
+    print("\n/fwd: SUS backward over our forward (target <= 0.5 at n=16k, c=32); x: flash backward over SUS "
+          "backward (target >= 4); x flex: the same against FlexAttention; exact/flex: our exact forward + backward "
+          "over FlexAttention's (target <= 1.3)")
 
 
 def plot(rows, path) -> None:
@@ -166,12 +194,17 @@ def plot(rows, path) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    rows = measure(args)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+
+    def save(rows):
+        staging = f"{args.out}.partial"
+        with open(staging, "w") as f:
+            json.dump(dict(device=device_name, settings=vars(args), rows=rows), f, indent=2)
+        os.replace(staging, args.out)
+
+    rows = measure(args, save)
     print(f"\ndevice: {device_name}, heads {args.heads}, batch 1, causal")
     print_table(rows, args.cs)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(device=device_name, settings=vars(args), rows=rows), f, indent=2)
     print(f"wrote {args.out}")
     if args.plot:
         plot(rows, args.plot)

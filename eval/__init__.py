@@ -1,7 +1,2 @@
-"""Evaluation of Quiet-STaR models (GSM8K, CommonsenseQA): the paper's protocols and an lm-eval adapter.
-
-- ``eval/run.py``: command line; the ``paper`` protocol (probability of the gold answer given thoughts)
-  and the ``accuracy`` protocol (GSM8K zero-shot CoT majority vote, CommonsenseQA log-likelihood).
-- ``eval/data.py``: where the data comes from (the hub when online, packaged offline copies otherwise).
-- ``eval/lm_eval_adapter.py``: ``--model quietstar`` for lm-evaluation-harness (optional extra).
-"""
+"""Evaluation commands run from a checkout: ``python eval/run.py`` (``quietstar-eval``) and ``python -m
+eval.lm_eval_adapter`` (``quietstar-lm-eval``). The evaluation itself lives in ``quietstar/evaluation/``."""

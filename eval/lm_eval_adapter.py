@@ -1,139 +1,18 @@
-"""lm-evaluation-harness adapter: evaluate a Quiet-STaR checkpoint on any lm-eval task, thinking at every token.
+"""The lm-evaluation-harness model ``quietstar`` (quietstar/evaluation/lm_eval_model.py), from a checkout.
 
-    pip install "quietstar[lmeval]"        # or: pip install lm-eval
-    python -m eval.lm_eval_adapter run --model quietstar \\
-        --model_args pretrained=runs/ckpt,num_thoughts=2,greedy_thoughts=True --tasks arc_easy --device cpu
+    python -m eval.lm_eval_adapter run --model quietstar --model_args pretrained=runs/ckpt --tasks arc_easy
 
-(``python -m eval.lm_eval_adapter`` is the ``lm_eval`` command with the ``quietstar`` model registered.
-From Python, ``import eval.lm_eval_adapter`` and then ``lm_eval.simple_evaluate(model="quietstar", ...)``.)
-
-``QuietStarLM`` is lm-eval's ``HFLM`` with two model calls replaced:
-- ``_model_call`` (all log-likelihood requests): the next-token distribution at position j is the mixed
-  distribution after a thought, ``softmax(out.logits[:, n, j, 0])`` averaged over the N thought samples; it
-  is returned as log-probabilities ``[B, L, V]`` (HFLM's log_softmax leaves them unchanged).
-- ``_model_generate`` (``generate_until``): ``QuietStarForCausalLM.generate``, a thought before every
-  token, in chunks that stop once every row has reached a stop string or eos.
-``baseline=True`` evaluates the LM without thoughts (plain HFLM behaviour, thought tokens excluded).
-
-Thoughts are sampled per request row, so two options of one question see different thoughts over their
-shared context; ``greedy_thoughts=True`` makes thoughts a function of the prefix (shared and reproducible).
-Every position thinks (cost ~ T + 2 tokens per position), which is what the log-likelihood needs.
+is ``quietstar-lm-eval run ...``; ``import eval.lm_eval_adapter`` registers the model, as
+``import quietstar.evaluation.lm_eval_model`` does.
 """
 
-from __future__ import annotations
+import os
+import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's quietstar
 
-import torch
-
-try:
-    from lm_eval.api.registry import register_model
-    from lm_eval.models.huggingface import HFLM
-except ImportError as error:  # lm-eval is an optional extra
-    raise ImportError(
-        "eval.lm_eval_adapter needs lm-evaluation-harness: pip install 'quietstar[lmeval]' (or pip install lm-eval)."
-    ) from error
-
-from quietstar import QuietStarForCausalLM
-from quietstar.scoring import ThoughtScorer, configure_for_scoring
-
-
-def _resolve_bool(value) -> bool:
-    """``model_args`` arrive as strings ("True"/"false"/"1") from the command line."""
-    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
-
-
-@register_model("quietstar")
-class QuietStarLM(HFLM):
-    """HFLM over a Quiet-STaR checkpoint (a folder from ``save_pretrained``, or a loaded model).
-
-    Extra ``model_args``: ``num_thoughts`` (default 1; above 1 an ensemble of N thoughts), ``num_thought_tokens`` (T),
-    ``greedy_thoughts``, ``baseline`` (no thoughts), ``seed`` (thought and sampling generator).
-    """
-
-    def __init__(self, pretrained, num_thoughts=None, num_thought_tokens=None, greedy_thoughts=False,
-                 baseline=False, seed=0, **kwargs):
-        self._overrides = {"num_thoughts": num_thoughts, "num_thought_tokens": num_thought_tokens}
-        self.greedy_thoughts, self.baseline = _resolve_bool(greedy_thoughts), _resolve_bool(baseline)
-        self._seed = int(seed)
-        kwargs.setdefault("backend", "causal")
-        if isinstance(pretrained, QuietStarForCausalLM):
-            self.quietstar = pretrained.eval()
-            kwargs.setdefault("tokenizer", pretrained.tokenizer)
-            pretrained = pretrained.base
-        super().__init__(pretrained=pretrained, **kwargs)
-        self._configure()
-
-    def _create_model(self, pretrained: str, dtype="auto", **kwargs) -> None:
-        """Load the Quiet-STaR checkpoint; HFLM's ``self._model`` is its LM (config, device, tie_weights)."""
-        if dtype in (None, "auto"):
-            dtype = torch.float32
-        elif isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        self.quietstar = QuietStarForCausalLM.from_pretrained(pretrained, dtype=dtype).to(self.device).eval()
-        self._model = self.quietstar.base
-
-    def _configure(self) -> None:
-        overrides = {k: int(v) for k, v in self._overrides.items() if v not in (None, "", "None")}
-        configure_for_scoring(self.quietstar, **overrides)
-        device = next(self.quietstar.parameters()).device
-        self._generator = torch.Generator(device=device).manual_seed(self._seed)
-        self._scorer = ThoughtScorer(self.quietstar, self._generator, self.greedy_thoughts,
-                                     ensemble=self.quietstar.quietstar_config.num_thoughts > 1)
-
-    def get_model_info(self) -> dict:
-        """Parameter count and dtype of the whole Quiet-STaR model; no hub look-up (checkpoints are local folders)."""
-        return {"model_num_parameters": sum(p.numel() for p in self.quietstar.parameters()),
-                "model_dtype": str(self.model.dtype), "model_revision": self.revision, "model_sha": "",
-                "quietstar_config": self.quietstar.quietstar_config.to_dict(), "baseline": self.baseline,
-                "greedy_thoughts": self.greedy_thoughts}
-
-    @property
-    def thought_token_ids(self) -> list[int]:
-        return list(self.quietstar.thought_token_ids)
-
-    def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
-        """Next-token log-probabilities ``[B, L, V]`` for right-padded ``inps`` (pad tokens only follow the
-        scored positions, so they cannot change them)."""
-        with torch.no_grad():
-            if self.baseline:
-                logits = self.model(inps).logits.float()
-                logits[..., self.thought_token_ids] = float("-inf")
-                return logits.log_softmax(-1)
-            length = inps.shape[1]
-            needed = self.quietstar.quietstar_config.num_lookahead_tokens + 2  # the model's shortest row
-            if length < needed:
-                pad = inps.new_full((inps.shape[0], needed - length), self.tokenizer.pad_token_id)
-                inps = torch.cat([inps, pad], dim=1)
-            return self._scorer(inps, torch.ones_like(inps))[:, :length]
-
-    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
-        """``[B, max_length]`` (or shorter when every row stopped): context, then thought-aware continuation."""
-        from eval.run import BaseTextGenerator, ThoughtTextGenerator, generate_until_stop
-
-        attention_mask = generation_kwargs.pop("attention_mask", None)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(context)
-        temperature = float(generation_kwargs.pop("temperature", 0.0) or 0.0)
-        do_sample = bool(generation_kwargs.pop("do_sample", temperature > 0)) and temperature > 0
-        if self.baseline:
-            text_generator = BaseTextGenerator(self.model, self.tokenizer, self.thought_token_ids)
-        else:
-            text_generator = ThoughtTextGenerator(self.quietstar, self.tokenizer, self._generator, self.greedy_thoughts)
-
-        def chunk(ids, mask, n):
-            return text_generator.generate_chunk(ids, mask, n, do_sample, temperature or 1.0)
-
-        with torch.no_grad():
-            return generate_until_stop(chunk, context, attention_mask, max_length - context.shape[1], stop or (),
-                                       self.tokenizer)
-
-
-def main() -> None:
-    """The ``lm_eval`` command line, with ``--model quietstar`` available."""
-    from lm_eval.__main__ import cli_evaluate
-
-    cli_evaluate()
-
+from quietstar.cli.lmeval import main  # noqa: E402
+from quietstar.evaluation.lm_eval_model import QuietStarLM  # noqa: E402, F401  (registers "quietstar")
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 MIXING_MODES = ("logits", "logprobs")
-ATTENTION_BACKENDS = ("auto", "eager", "triton")
+ATTENTION_BACKENDS = ("auto", "eager", "flex", "triton")
 REWARD_SOURCES = ("mixed", "thought")
 REWARD_PRECISIONS = ("fp32", "autocast")
 ADVANTAGE_NORMALIZATIONS = ("none", "batch_std")
@@ -125,14 +125,16 @@ class QuietStarConfig:
     attention_backend: str = field(
         default="auto",
         metadata={"help": "Backend of the 'quietstar' attention in the gradient pass: 'eager' (PyTorch, the "
-                          "reference), 'triton' (the SUS kernels of quietstar.ops.sus; CUDA) or 'auto' (Triton on "
-                          "CUDA; on CPU the exact flash fast path for unpadded rows, else eager)."},
+                          "reference), 'flex' (PyTorch's FlexAttention with the thought layout as a block mask; "
+                          "exact; CUDA), 'triton' (the kernels of quietstar.ops.sus, exact or SUS; CUDA) or 'auto' "
+                          "(on CUDA FlexAttention for an exact backward and Triton for SUS; on CPU the exact flash "
+                          "fast path for unpadded rows, else eager)."},
     )
     sus_c: float | None = field(
         default=None,
         metadata={"help": "SUS backprop (DESIGN §3) in the gradient pass: keep each attention weight P in the "
                           "backward with probability min(1, c P), rescaled. None: exact backward. The paper found "
-                          "c of 25-30 costs about 1% extra gradient variance at n = 2000."},
+                          "c of 25-30 costs about one percent extra gradient variance at n = 2000."},
     )
 
     def __post_init__(self):
@@ -163,6 +165,9 @@ class QuietStarConfig:
             )
         if self.sus_c is not None and (isinstance(self.sus_c, bool) or not self.sus_c > 0):
             raise ValueError(f"QuietStarConfig.sus_c must be > 0 (or None for the exact backward), got {self.sus_c!r}.")
+        if self.sus_c is not None and self.attention_backend == "flex":
+            raise ValueError("QuietStarConfig.sus_c needs a SUS backward, which attention_backend='flex' does not have; "
+                             "use 'auto' or 'triton' (or 'eager' for the PyTorch reference).")
         if self.start_thought_token == self.end_thought_token:
             raise ValueError("QuietStarConfig.start_thought_token and end_thought_token must differ.")
         if not self.thought_init_text:

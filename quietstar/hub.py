@@ -35,6 +35,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from .checkpoint import CONFIG_FILE, LM_CONFIG_FILE, WEIGHTS_FILE, SavedQuietStar, read_saved_quietstar
 from .config import QuietStarConfig
+from .evaluation.result import EvalResult
 from .files import replace_folder
 from .lora import ADAPTER_FOLDER
 from .modeling import QuietStarForCausalLM
@@ -193,30 +194,25 @@ def read_log_history(checkpoint: str | os.PathLike) -> list[dict]:
     return []
 
 
-def _is_eval_result(data) -> bool:
-    return isinstance(data, dict) and "task" in data and "score" in data
-
-
-def read_eval_result(path: str | os.PathLike) -> dict:
-    """The result in a JSON file written by eval/run.py (``task``, ``protocol``, ``score``, ``n``, ``baseline``:
-    true for the LM without thoughts, ``metric``, ``quietstar_config``, ...). ExportError naming the file when
-    it is anything else."""
+def read_eval_result(path: str | os.PathLike) -> EvalResult:
+    """The result in a JSON file written by quietstar-eval / eval/run.py (:class:`EvalResult`). ExportError naming
+    the file when it is anything else."""
     path = os.path.abspath(path)
-    data = _read_json(path)
-    if not _is_eval_result(data):
-        raise ExportError(f"{path} is not an evaluation result: expected a JSON object from eval/run.py with fields "
-                          "task, protocol, score, n, baseline.")
-    return data
+    try:
+        return EvalResult.from_dict(_read_json(path))
+    except ValueError as error:
+        raise ExportError(f"{path} is {error}.") from error
 
 
-def find_eval_results(checkpoint: str | os.PathLike) -> list[dict]:
+def find_eval_results(checkpoint: str | os.PathLike) -> list[EvalResult]:
     """Evaluation results in ``checkpoint/*results*.json``; files of other shapes (the Trainer's
     ``train_results.json``, ``all_results.json``, ...) are skipped."""
     found = []
     for path in sorted(glob.glob(os.path.join(os.path.abspath(checkpoint), EVAL_RESULTS_PATTERN))):
-        data = _read_json(path)
-        if _is_eval_result(data):
-            found.append(data)
+        try:
+            found.append(EvalResult.from_dict(_read_json(path)))
+        except ValueError:
+            continue
     return found
 
 
@@ -252,18 +248,8 @@ def _training_section(log_history: list[dict]) -> str:
     return text
 
 
-def _eval_mode(result: dict) -> str:
-    """How a result was computed: by the LM without thoughts, or thinking with N thoughts of T tokens."""
-    if result.get("baseline"):
-        return "no thoughts (baseline)"
-    config = result.get("quietstar_config")
-    if isinstance(config, dict) and {"num_thoughts", "num_thought_tokens"} <= set(config):
-        return f"thoughts (N={config['num_thoughts']}, T={config['num_thought_tokens']})"
-    return "thoughts"
-
-
-def _eval_section(results: list[dict]) -> str:
-    rows = [[r["task"], r.get("protocol"), _eval_mode(r), r.get("metric"), r["score"], r.get("n")] for r in results]
+def _eval_section(results: list[EvalResult]) -> str:
+    rows = [[r.task, r.protocol, r.mode, r.metric, r.score, r.n] for r in results]
     return "## Evaluation\n\n" + markdown_table(["task", "protocol", "mode", "metric", "score", "n"], rows)
 
 
@@ -302,7 +288,7 @@ Quiet-STaR also trained (weight `base_loss_weight` on its NLL); what is lost is 
 
 def write_model_card(folder: str | os.PathLike, *, name: str | None = None, repo_id: str | None = None,
                      base_model: str | None = None, license: str | None = None, log_history: list[dict] = (),
-                     eval_results: list[dict] = ()) -> str:
+                     eval_results: list[EvalResult] = ()) -> str:
     """Write ``folder/README.md`` for the export in ``folder``; return its path.
 
     ``name`` titles the card (default: the repository's or the folder's name); ``repo_id`` goes in the usage
@@ -373,8 +359,8 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, merge_lora: bo
 
     The checkpoint is validated first (:func:`read_checkpoint`). ``merge_lora`` merges the LoRA adapter in
     ``checkpoint/adapter/`` into the LM; a checkpoint with an adapter needs it, one without refuses it.
-    ``eval_results``: JSON files of eval/run.py, added to those found in the checkpoint. ``base_model``,
-    ``license``, ``repo_id``: for the model card. The folder is built beside ``out`` and renamed into place:
+    ``eval_results``: JSON files of quietstar-eval (eval/run.py), added to those found in the checkpoint.
+    ``base_model``, ``license``, ``repo_id``: for the model card. The folder is built beside ``out`` and renamed into place:
     an existing ``out`` is refused unless ``overwrite``, and a failed export leaves it untouched.
     """
     checkpoint, out = os.path.abspath(checkpoint), os.path.abspath(out)

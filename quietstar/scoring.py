@@ -1,5 +1,5 @@
 """Next-token log-probabilities for scoring text: after thoughts, or from the LM alone. Shared by the evaluations
-(eval/run.py), the lm-eval adapter and the run report (quietstar.report).
+(quietstar.evaluation), the lm-eval model and the run report (quietstar.report).
 
 Thoughts for scoring come from a :class:`ThoughtSource`: sampled by the model (the real thing), null (every thought
 replaced by filler: the mixing path without information, the first control) or shuffled (the same sampled thoughts

@@ -110,17 +110,13 @@ def test_resuming_enters_the_stage_of_the_checkpoint_step(tmp_path):
 def test_train_py_keeps_rows_long_enough_for_the_curriculums_longest_lookahead(tmp_path):
     """The config says A = 1, the curriculum raises it to 3 at step 2: rows shorter than 3 + 2 tokens must be dropped
     when the data is read, not refused by the model mid-training."""
-    import importlib.util
     import json
-    import os
+
+    from quietstar.cli import train
 
     documents = ["a", "ab", "abc", "abcd", "abcde", "abcdef", "abcdefghij"]
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
-    spec = importlib.util.spec_from_file_location(
-        "train", os.path.join(os.path.dirname(__file__), "..", "scripts", "train.py"))
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
     argv = ["--model_config", json.dumps({"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
                                           "num_hidden_layers": 1, "num_attention_heads": 2,
                                           "num_key_value_heads": 1}),

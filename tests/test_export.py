@@ -1,11 +1,10 @@
-"""Export (quietstar/hub.py, scripts/export.py): a stock LM folder plus the Quiet-STaR parts and a model card,
-restored exactly in a fresh process; validation that names bad files; atomic writes; LoRA merging; pushing
+"""Export (quietstar/hub.py, quietstar-export and scripts/export.py): a stock LM folder plus the Quiet-STaR parts and a
+model card, restored exactly in a fresh process; validation that names bad files; atomic writes; LoRA merging; pushing
 without network fails cleanly."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import make_model, padded_batch, randomize_mixing_head
 from quietstar import QuietStarForCausalLM
+from quietstar.cli.export import main as export_main
 from quietstar.hub import ExportError, export, push_to_hub
 from quietstar.training import (
     QuietStarTrainer,
@@ -368,21 +368,12 @@ def test_cli_exports_then_reports_a_failed_push_in_one_line(checkpoint, tmp_path
     assert set(os.listdir(out)) == EXPORTED_FILES
 
 
-def export_script_main():
-    """``main`` of scripts/export.py, imported in this process."""
-    spec = importlib.util.spec_from_file_location("export_script", EXPORT_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def test_cli_bad_input_exits_with_a_one_line_error(tmp_path, capsys):
-    main = export_script_main()
     missing = tmp_path / "no-such-checkpoint"
     with pytest.raises(SystemExit) as exit_:
-        main([str(missing), str(tmp_path / "export")])
+        export_main([str(missing), str(tmp_path / "export")])
     assert exit_.value.code == f"export.py: error: Checkpoint folder {missing} does not exist."
     with pytest.raises(SystemExit) as exit_:
-        main([str(missing), str(tmp_path / "export"), "--private"])
+        export_main([str(missing), str(tmp_path / "export"), "--private"])
     assert exit_.value.code == 2 and "--private needs --push-to-hub" in capsys.readouterr().err
     assert not (tmp_path / "export").exists()

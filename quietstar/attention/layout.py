@@ -60,6 +60,8 @@ class ThoughtLayout:
     sus_c: float | None = None  # SUS backward in the expanded phase (None: exact)
     text_cache: dict = field(default_factory=dict)  # layer_idx -> (k, v), each [B, Hkv, L, d]
     branch_cache: dict = field(default_factory=dict)  # layer_idx -> (k, v), each [B, Hkv, N, L, T, d]
+    # The expanded phase's FlexAttention BlockMask (quietstar.ops.flex), built by the first layer, shared by all
+    flex_block_mask: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.phase not in PHASES:

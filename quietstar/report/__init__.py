@@ -1,2 +1,2 @@
-"""The run report of ``scripts/report.py``: held-out NLL by token, plots of training and of the NLL change by token
-difficulty, and ``report.md``."""
+"""The run report of ``quietstar-report`` (``scripts/report.py``): the before/after evaluations, held-out NLL by token,
+plots of training and of the NLL change by token difficulty, and ``report.md``."""

@@ -81,8 +81,8 @@ def _training_summary(entries: list[dict]) -> str:
 
 def render_report(name: str, run_config: dict, train_metrics: dict, evaluations: dict, heldout: dict | None,
                   entries: list[dict], plots: dict[str, str], folder: str, thoughts_page: str | None) -> str:
-    """The markdown text of the report. ``evaluations``: {task: {view: results dict of eval.run}}; ``heldout``:
-    quietstar.report.heldout.summarize output; plot and page paths are made relative to ``folder``."""
+    """The markdown text of the report. ``evaluations``: {task: {view: ViewEvaluation}} (quietstar.report.evaluations);
+    ``heldout``: quietstar.report.heldout.summarize output; plot and page paths are made relative to ``folder``."""
     model = run_config["ModelArguments"]
     data = run_config["DataArguments"]
     thoughts = run_config["QuietStarConfig"]
@@ -104,16 +104,13 @@ def render_report(name: str, run_config: dict, train_metrics: dict, evaluations:
         for task, views in evaluations.items():
             for view, label in VIEWS:
                 if view in views:
-                    result = views[view]
-                    interval = result.get("interval")
-                    change = result.get("minus_before")
-                    rows.append([TASK_TITLES.get(task, task), result["protocol"], label, str(result["n"]),
-                                 f"{result['score']:.4f}",
-                                 f"[{interval['low']:.4f}, {interval['high']:.4f}]" if interval else "",
+                    result, interval, change = views[view].result, views[view].interval, views[view].minus_before
+                    rows.append([TASK_TITLES.get(task, task), result.protocol, label, str(result.n),
+                                 f"{result.score:.4f}", f"[{interval['low']:.4f}, {interval['high']:.4f}]",
                                  f"{format_interval(change, 4)} {verdict(change, lower_is_better=False)}" if change else ""])
         parts += ["Paper protocol: mean probability of the gold answer, renormalised over the valid answer tokens "
-                  "(eval/run.py), one thought per position; bootstrap 95 % intervals over items, and the paired "
-                  "change from the base model.", "",
+                  "(quietstar-eval, eval/run.py), one thought per position; bootstrap 95 % intervals over items, and "
+                  "the paired change from the base model.", "",
                   markdown_table(["task", "protocol", "model", "items", "score", "95 % interval", "− base model"],
                                  rows), ""]
     if heldout is not None:

@@ -49,7 +49,7 @@ def pool_runs(run_dirs: list[str], num_resamples: int = 2000, seed: int = 0) -> 
     for run_dir in run_dirs:
         path = os.path.join(run_dir, TOKENS_FILE)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing: run scripts/report.py {run_dir} first.")
+            raise FileNotFoundError(f"{path} is missing: run quietstar-report (scripts/report.py) {run_dir} first.")
         loaded.append((run_dir, *load_token_nll(path)))
     first_dir, first_nll, documents, fingerprint = loaded[0]
     for run_dir, nll, _, other in loaded[1:]:

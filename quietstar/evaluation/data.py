@@ -25,7 +25,7 @@ import socket
 import warnings
 from urllib.parse import urlparse
 
-from quietstar.assets import package_folder
+from ..assets import package_folder
 
 TASKS = ("gsm8k", "commonsense_qa")
 SOURCES = ("auto", "hub", "offline")

@@ -1,0 +1,159 @@
+"""Evaluate a finished run before and after training and write its report under the run folder.
+
+    quietstar-report runs/smollm2-135m-cpu [--gsm8k-items 24] [--csqa-items 24] [--heldout-documents 24]
+    (from a checkout: python scripts/report.py runs/smollm2-135m-cpu ...)
+
+Reads what quietstar-train (scripts/train.py) left in the run folder (run_config.json, metrics.jsonl, train_results.json, the final
+model) and writes:
+  eval/<task>_<view>.json   GSM8K and CommonsenseQA, paper protocol, on the first items of each (a fixed subset),
+                            for the base model (before), the trained LM without thoughts, and with thoughts;
+  heldout_nll.json          held-out text NLL per view (base model, trained without thoughts, with real, null and
+                            shuffled thoughts, the equal-compute control), overall and on the hardest 10 % of tokens,
+                            the paired differences with bootstrap 95 % intervals over documents, and by difficulty
+                            bin (the paper's figure); heldout_tokens.npz the per-token NLL (for pooling seeds);
+  plots/*.png               training curves and the NLL change by token difficulty;
+  thoughts.html             sample text with the thought behind every token;
+  report.md, report.json    the tables and plots together.
+"before" needs the pretrained base model of model_name_or_path; a run from a random model_config has none,
+and its report leaves that view out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..assets import MATH_SPLITS, OFFLINE_MATH_HELDOUT, resolve_model
+from ..modeling import QuietStarForCausalLM
+from ..report.evaluations import run_evaluations
+from ..report.heldout import (binned_change, compare_views, controlled_scorers, fixed_windows, heldout_token_nll,
+                              save_token_nll, summarize, token_documents)
+from ..report.markdown import render_report
+from ..scoring import configure_for_scoring
+from ..training.arguments import DataArguments
+from ..training.data import load_documents
+from ..training.run_files import read_metrics, read_run_config
+from ..visualize import render_html
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="A run folder written by quietstar-train / scripts/train.py (its output_dir).")
+    p.add_argument("--gsm8k-items", type=int, default=24, help="First N GSM8K test items (0: skip).")
+    p.add_argument("--csqa-items", type=int, default=24, help="First N CommonsenseQA validation items (0: skip).")
+    p.add_argument("--heldout-data", default=None, help="Held-out text (any `dataset` value of train.py). Default: "
+                   f"{OFFLINE_MATH_HELDOUT} for runs trained on offline-math, else none.")
+    p.add_argument("--heldout-documents", type=int, default=64, help="Held-out documents to score (0: skip); the "
+                   "experiment uses 256 (configs/smollm2-135m-cpu-experiment.yaml).")
+    p.add_argument("--control-run", default=None, help="The equal-compute control for a run that trained its text "
+                   "path (text_path: train): a plain LM (a folder) trained on the same data, steps and seed. Runs with "
+                   "a protected text path need none: their control is the base model.")
+    p.add_argument("--bootstrap", type=int, default=2000, help="Bootstrap resamples (over documents) per interval.")
+    p.add_argument("--sample-tokens", type=int, default=48, help="Tokens generated for thoughts.html (0: skip).")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0, help="Seed of the thoughts sampled while evaluating.")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def load_original(run_config: dict, device: str):
+    """The pretrained base LM and tokenizer the run started from, or (None, None) for a random model_config."""
+    name = run_config["ModelArguments"]["model_name_or_path"]
+    if name is None:
+        return None, None
+    path = resolve_model(name)
+    return (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval(),
+            AutoTokenizer.from_pretrained(path))
+
+
+def heldout_source(args, run_config: dict) -> str | None:
+    if args.heldout_data is not None:
+        return args.heldout_data
+    return OFFLINE_MATH_HELDOUT if MATH_SPLITS.get(run_config["DataArguments"]["dataset"]) == "train" else None
+
+
+def thoughts_page(args, trained, windows: list[list[int]], path: str) -> str:
+    """Generate ``--sample-tokens`` tokens after the first 24 tokens of the first held-out window; write the page."""
+    prompt = torch.tensor([windows[0][:24]], device=args.device)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    out = trained.generate(prompt, max_new_tokens=args.sample_tokens, generator=generator)
+    new = out.sequences[0, prompt.shape[1]:].tolist()
+    page = render_html(trained.tokenizer, prompt[0].tolist(), new, out.thoughts[0].tolist(),
+                       out.mixing_weights[0].tolist(), title=f"Thoughts of {os.path.basename(args.run_dir)}")
+    with open(path, "w") as f:
+        f.write(page)
+    return path
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    try:
+        from ..report.plots import plot_all
+    except ImportError as error:  # matplotlib is an optional extra
+        sys.exit(f"quietstar-report needs matplotlib ({error}): pip install 'quietstar[plots]'.")
+    run_config = read_run_config(args.run_dir)
+    torch.manual_seed(args.seed)
+    trained = QuietStarForCausalLM.from_pretrained(args.run_dir).to(args.device).eval()
+    configure_for_scoring(trained)  # one thought per position; only the s = 0 prediction is scored: A = 1
+    original_lm, original_tokenizer = load_original(run_config, args.device)
+    evaluations = run_evaluations(args.run_dir, trained, original_lm, original_tokenizer,
+                                  {"gsm8k": args.gsm8k_items, "commonsense_qa": args.csqa_items}, args.seed,
+                                  args.batch_size, args.device, args.bootstrap)
+
+    heldout, binned, windows, page = None, None, [], None
+    source = heldout_source(args, run_config)
+    if source is not None and args.heldout_documents > 0:
+        documents = load_documents(DataArguments(dataset=source, num_documents=args.heldout_documents))
+        windows = fixed_windows(documents, trained.tokenizer, run_config["DataArguments"]["max_length"],
+                                min_tokens=3)  # A = 1 needs 3 tokens
+        control_lm = (AutoModelForCausalLM.from_pretrained(resolve_model(args.control_run), dtype=torch.float32)
+                      .to(args.device).eval() if args.control_run else None)
+        scorers = controlled_scorers(trained, original_lm, torch.Generator(device=args.device).manual_seed(args.seed),
+                                     control_lm)
+        nll = heldout_token_nll(windows, trained.pad_token_id, scorers, args.batch_size)
+        token_docs = token_documents(windows)
+        save_token_nll(os.path.join(args.run_dir, "heldout_tokens.npz"), nll, token_docs, windows, source)
+        reference = "base" if "base" in nll else "no_thoughts"
+        heldout, binned = summarize(nll, reference=reference), binned_change(nll, reference=reference)
+        heldout["differences"] = compare_views(nll, token_docs, reference, args.bootstrap, seed=args.seed)
+        heldout["control"] = ("base model (protected text path)" if "control" in nll and not args.control_run
+                              else args.control_run)
+        with open(os.path.join(args.run_dir, "heldout_nll.json"), "w") as f:
+            json.dump({"source": source, "documents": len(windows), **heldout, "bins": binned}, f, indent=2)
+    if args.sample_tokens > 0 and windows:
+        page = thoughts_page(args, trained, windows, os.path.join(args.run_dir, "thoughts.html"))
+
+    entries = read_metrics(args.run_dir)
+    os.makedirs(os.path.join(args.run_dir, "plots"), exist_ok=True)
+    plots = plot_all(entries, binned, os.path.join(args.run_dir, "plots"))
+    train_path = os.path.join(args.run_dir, "train_results.json")
+    train_metrics = {}
+    if os.path.exists(train_path):
+        with open(train_path) as f:
+            train_metrics = json.load(f)
+    name = os.path.basename(os.path.normpath(args.run_dir))
+    text = render_report(name, run_config, train_metrics, evaluations, heldout, entries, plots, args.run_dir, page)
+    with open(os.path.join(args.run_dir, "report.md"), "w") as f:
+        f.write(text)
+    summary = {"evaluations": {task: {view: evaluation.result.score for view, evaluation in views.items()}
+                               for task, views in evaluations.items()},
+               "heldout": heldout, "train": train_metrics, "plots": plots}
+    with open(os.path.join(args.run_dir, "report.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(text)
+    print(f"\nReport written to {os.path.join(args.run_dir, 'report.md')}")
+    return summary
+
+
+def cli() -> None:
+    """The console script: :func:`main` without its return value (which would become the exit status)."""
+    main()
+
+
+if __name__ == "__main__":
+    main()
