@@ -6,6 +6,7 @@ import torch
 
 from .attention import ATTENTION_NAME, ThoughtLayout
 from .head import LogitTransform
+from .thoughts import expanded_pass
 
 _UNSUPPORTED_CONFIG = {
     "attn_logit_softcapping": "attention-logit soft-capping",
@@ -57,3 +58,46 @@ def check_model_supported(base) -> None:
                          f"(relative error {error:.2e}); the model does something Quiet-STaR's attention or head "
                          "split does not implement (a logit change other than quietstar.head's scaling and "
                          "soft-capping, a custom attention rule).")
+
+
+def check_thought_layout(model) -> None:
+    """Raise ValueError unless one thought-expanded pass equals the family run on explicit sequences.
+
+    ``check_model_supported`` probes plain text, where a layer that mixes tokens outside attention (a convolution
+    over time, a token shift, a recurrent state) is computed right; in the expanded row it would mix neighbouring
+    branches. So a row with a one-token thought at every position goes through ``expanded_pass``, and at two
+    positions j every branch slot must give the logits the family itself gives on x_0..x_j <sot> c <eot> x_{j+1}.
+    (A 4-token row: with its 4-token branches it spans 8 positions, inside the shortest sliding windows we meet.)
+    """
+    saved = model.quietstar_config
+    base, name = model.base, type(model.base).__name__
+    vocab = base.get_input_embeddings().num_embeddings
+    ids = (torch.arange(3, 7, device=base.device)[None] * 7) % min(vocab, 250)
+    thoughts = ((ids + 1) % min(vocab, 250)).view(1, 1, 4, 1)
+    sot, eot = model.thought_token_ids
+    was_training = base.training
+    model.set_thought_lengths(num_thought_tokens=1, num_lookahead_tokens=2, num_thoughts=1)
+    base.eval()
+    try:
+        with torch.no_grad():
+            _, branch_hidden = expanded_pass(model, ids, torch.ones_like(ids, dtype=torch.bool), thoughts)
+            ours = model.head_logits(branch_hidden[0, 0]).float()  # [L, S, V]
+            base.set_attn_implementation("eager")
+            errors = []
+            for j in (1, 2):
+                sequence = torch.cat([ids[0, : j + 1], ids.new_tensor([sot]), thoughts[0, 0, j], ids.new_tensor([eot]),
+                                      ids[0, j + 1 : j + 2]])
+                reference = base(inputs_embeds=model.embed(sequence[None]), use_cache=False).logits[0].float()
+                expected = reference[j + 1 :]
+                errors.append((ours[j, : len(expected)] - expected).abs().max() / expected.abs().max().clamp(min=1e-6))
+    finally:
+        base.set_attn_implementation(ATTENTION_NAME)
+        base.train(was_training)
+        model.set_thought_lengths(saved.num_thought_tokens, saved.num_lookahead_tokens, saved.num_thoughts)
+    tolerance = 1e-3 if branch_hidden.dtype == torch.float32 else 3e-2
+    error = max(errors)
+    if not error <= tolerance:
+        raise ValueError(f"{name} computes thought branches differently in one expanded pass than on explicit "
+                         f"sequences (relative error {error:.2e}): some layer mixes tokens outside attention (a "
+                         "convolution over time, a token shift, a recurrent state), which Quiet-STaR's parallel "
+                         "thoughts cannot lay out.")

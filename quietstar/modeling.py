@@ -14,7 +14,7 @@ from transformers import AddedToken
 from . import attention  # noqa: F401  (registers the "quietstar" attention with transformers)
 from . import checkpoint
 from .attention import ATTENTION_NAME
-from .compat import check_model_supported
+from .compat import check_model_supported, check_thought_layout
 from .config import QuietStarConfig
 from .generation import GenerationOutput, generate
 from .head import LogitTransform
@@ -121,6 +121,7 @@ class QuietStarForCausalLM(nn.Module):
             init = base.get_input_embeddings().weight[init_ids[0]].float()
             model.thought_embeddings.copy_(init.expand(2, -1))
             model.write_thought_embeddings()
+        check_thought_layout(model)
         return model
 
     # ------------------------------------------------------------------------------------ components

@@ -117,6 +117,21 @@ def test_models_with_unsupported_attention_are_refused():
         QuietStarForCausalLM.from_base(not_routed, byte_tokenizer(), QuietStarConfig())
 
 
+def test_models_that_mix_tokens_outside_attention_are_refused():
+    # A token shift before the MLP (as convolutional or recurrent families have) is right on plain text, so the
+    # prefix probe passes; in the expanded row it would mix neighbouring branches.
+    tokenizer = byte_tokenizer()
+    base = tiny_model("llama", vocab_size=len(tokenizer))
+
+    def token_shift(module, args):
+        (hidden,) = args
+        return (hidden + 0.5 * torch.nn.functional.pad(hidden, (0, 0, 1, 0))[:, :-1],)
+
+    base.model.layers[0].mlp.register_forward_pre_hook(token_shift)
+    with pytest.raises(ValueError, match="mixes tokens outside attention"):
+        QuietStarForCausalLM.from_base(base, tokenizer, QuietStarConfig())
+
+
 def test_sliding_window_shorter_than_the_row_is_refused():
     tokenizer = byte_tokenizer()
     base = tiny_model("mistral", vocab_size=len(tokenizer), sliding_window=8)
