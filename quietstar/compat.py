@@ -28,7 +28,10 @@ def check_model_supported(base) -> None:
     if base.config._attn_implementation != ATTENTION_NAME:
         raise ValueError(f"{name} did not accept attn_implementation='{ATTENTION_NAME}': its attention does not route "
                          "through transformers' AttentionInterface, so Quiet-STaR cannot lay out thoughts in it.")
-    num_layers = base.config.num_hidden_layers
+    num_layers = getattr(base.config.get_text_config(), "num_hidden_layers", None)
+    if num_layers is None:
+        raise ValueError(f"{name}'s config has no num_hidden_layers: Quiet-STaR takes decoder-only causal LMs whose "
+                         "config says how many attention layers they have.")
     device = base.get_input_embeddings().weight.device
     ids = torch.arange(3, 9, device=device)[None] % base.config.vocab_size
     layout = ThoughtLayout("prefix", torch.ones_like(ids, dtype=torch.bool), 1, 1)
@@ -40,6 +43,12 @@ def check_model_supported(base) -> None:
             ours = LogitTransform.from_config(base.config)(base.get_output_embeddings()(hidden)).float()
             base.set_attn_implementation("eager")
             reference = base(input_ids=ids, use_cache=False).logits.float()
+    except ValueError:
+        raise
+    except Exception as error:  # the family's structure is not the decoder -> hidden -> head split we need
+        raise ValueError(f"{name} failed Quiet-STaR's probe ({type(error).__name__}: {error}); its decoder "
+                         "(get_decoder) must return final hidden states that its output embeddings turn into "
+                         "logits.") from error
     finally:
         base.set_attn_implementation(ATTENTION_NAME)
         base.train(was_training)

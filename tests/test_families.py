@@ -1,0 +1,60 @@
+"""Every causal-LM family of the installed transformers: computed exactly, or refused with a reason; never wrong.
+
+The survey (tests/families_survey.py) is also the record behind the README's "Supported models" table; this test
+checks that the table is the survey's, for the transformers version it was made with.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import transformers
+
+import families_survey
+
+pytestmark = pytest.mark.slow
+
+# Families the project maintains (quietstar.tiny builds them): each must agree, scaled and soft-capped logits included.
+MAINTAINED = ("llama", "qwen2", "qwen3", "gemma", "olmo2", "phi3", "gpt_neox", "gpt2", "granite", "cohere")
+
+
+@pytest.fixture(scope="module")
+def record():
+    return families_survey.survey()
+
+
+def test_no_family_is_accepted_and_computed_wrongly(record):
+    wrong = [row for row in record["families"] if row["status"] == "DISAGREES"]
+    assert not wrong, f"accepted but computed wrongly (refuse them or fix them): {wrong}"
+    statuses = {row["family"]: row["status"] for row in record["families"]}
+    assert all(statuses[family] == "agrees" for family in MAINTAINED), {f: statuses[f] for f in MAINTAINED}
+    refused = [row for row in record["families"] if row["status"] == "refused"]
+    assert all(row["detail"].strip() for row in refused), "every refusal names its reason"
+
+
+def test_the_readme_table_is_the_surveys(record):
+    with open(families_survey.RECORD_FILE) as f:
+        recorded = json.load(f)
+    if recorded["transformers"] != transformers.__version__:
+        pytest.skip(f"docs/families.json was surveyed on transformers {recorded['transformers']}, this is "
+                    f"{transformers.__version__}: re-run `python tests/families_survey.py --write` to update it.")
+    with open(families_survey.README_FILE) as f:
+        table = families_survey.readme_table(f.read())
+    assert table == families_survey.render_table(recorded), "README table out of date: run tests/families_survey.py --write"
+    assert recorded["families"] == record["families"], (
+        "the survey changed: run `python tests/families_survey.py --write` and commit docs/families.json and README.md")
+
+
+def test_an_off_by_one_branch_would_be_reported(monkeypatch):
+    # Guard on the survey's oracle: hand each position the branch of its left neighbour (a plausible indexing bug).
+    import quietstar.modeling as modeling
+
+    original = modeling.expanded_pass
+
+    def shifted(*args, **kwargs):
+        text_hidden, branch_hidden = original(*args, **kwargs)
+        return text_hidden, branch_hidden.roll(1, dims=2)  # [B, N, L, S, D]: along L
+
+    monkeypatch.setattr(modeling, "expanded_pass", shifted)
+    assert families_survey.survey_family("llama")["status"] == "DISAGREES"
