@@ -125,9 +125,10 @@ class QuietStarConfig:
     )
     attention_backend: str = field(
         default="auto",
-        metadata={"help": "Backend of the 'quietstar' attention in the gradient pass: 'eager' (PyTorch, the "
-                          "reference), 'triton' (the SUS kernels of quietstar.ops.sus; CUDA) or 'auto' (Triton on "
-                          "CUDA; on CPU the exact flash fast path for unpadded rows, else eager)."},
+        metadata={"help": "Backend of the 'quietstar' attention: 'eager' (PyTorch, the reference, in every phase), "
+                          "'triton' (the SUS kernels of quietstar.ops.sus in the gradient pass; CUDA) or 'auto' "
+                          "(Triton in the gradient pass on CUDA; on CPU the exact flash fast path for unpadded rows, "
+                          "else eager). quietstar.attention.dispatch.resolve_backend applies it."},
     )
     sus_c: float | None = field(
         default=None,
