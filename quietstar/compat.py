@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from .attention import ATTENTION_NAME, ThoughtLayout
+from .head import LogitTransform
 
 _UNSUPPORTED_CONFIG = {
     "attn_logit_softcapping": "attention-logit soft-capping",
-    "final_logit_softcapping": "final-logit soft-capping",
 }
 
 
@@ -16,8 +16,8 @@ def check_model_supported(base) -> None:
     """Raise ValueError unless every layer of ``base`` attends through the "quietstar" function exactly.
 
     Checks the config for features the function does not implement, then runs a 6-token probe:
-    every decoder layer must call the function, and ``lm_head(body(x))`` must equal the model's own
-    logits under its "eager" attention.
+    every decoder layer must call the function, and the family's head of ``body(x)`` (quietstar.head) must equal
+    the model's own logits under its "eager" attention.
     """
     name = type(base).__name__
     for key, feature in _UNSUPPORTED_CONFIG.items():
@@ -36,18 +36,24 @@ def check_model_supported(base) -> None:
     try:
         with torch.no_grad():
             hidden = base.get_decoder()(input_ids=ids, thought_layout=layout, use_cache=False).last_hidden_state
-            ours = base.get_output_embeddings()(hidden).float()
+            ours = LogitTransform.from_config(base.config)(base.get_output_embeddings()(hidden)).float()
             base.set_attn_implementation("eager")
             reference = base(input_ids=ids, use_cache=False).logits.float()
     finally:
         base.set_attn_implementation(ATTENTION_NAME)
         base.train(was_training)
-    if len(layout.text_cache) != num_layers:
-        raise ValueError(f"Only {len(layout.text_cache)} of {name}'s {num_layers} layers attend through "
+    attended = len(layout.text_cache)
+    if attended < num_layers:
+        raise ValueError(f"Only {attended} of {name}'s {num_layers} layers attend through "
                          "transformers' AttentionInterface; Quiet-STaR needs all of them to.")
+    if attended > num_layers:
+        raise ValueError(f"{name} ran {attended} attention layers but its config declares num_hidden_layers="
+                         f"{num_layers} (an encoder-decoder's decoder?); Quiet-STaR needs a decoder-only LM whose "
+                         "layers all attend through transformers' AttentionInterface.")
     tolerance = 1e-3 if hidden.dtype == torch.float32 else 3e-2
     error = (ours - reference).abs().max() / reference.abs().max().clamp(min=1e-6)
     if not error <= tolerance:
         raise ValueError(f"{name}'s logits differ from lm_head(final hidden state) under the quietstar attention "
                          f"(relative error {error:.2e}); the model does something Quiet-STaR's attention or head "
-                         "split does not implement (logit scaling, soft-capping, a custom attention rule).")
+                         "split does not implement (a logit change other than quietstar.head's scaling and "
+                         "soft-capping, a custom attention rule).")

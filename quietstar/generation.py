@@ -36,7 +36,7 @@ def _mixed_logits(model, base_hidden, thought_hidden):
     """Mixed next-token logits ``[B, V]`` and the thought weight ``[B]`` from two hidden states ``[B, D]``."""
     mode = model.quietstar_config.mixing
     weight = thought_weight(model.mixing_head(base_hidden, thought_hidden), mode)
-    logits = mix(model.lm_head(base_hidden), model.lm_head(thought_hidden), weight, mode)
+    logits = mix(model.head_logits(base_hidden), model.head_logits(thought_hidden), weight, mode)
     return mask_thought_tokens(logits, model.thought_token_ids), weight
 
 
@@ -167,7 +167,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=32, do_sample
             for m in range(T):
                 if m > 0:
                     hidden = lm.feed(thought[:, m - 1 : m], (start + m - 1)[:, None], thought_only)[:, -1]
-                logits = mask_thought_tokens(model.lm_head(hidden), model.thought_token_ids)
+                logits = mask_thought_tokens(model.head_logits(hidden), model.thought_token_ids)
                 thought[:, m] = draw(logits, cfg.thought_temperature, greedy_thoughts, generator)
             tail = torch.cat([thought[:, -1:], torch.full_like(sot_column, eot)], dim=1)  # c_T and <eot>: no sampling
             tail_positions = (start + T - 1)[:, None] + torch.arange(2, device=device)
@@ -224,7 +224,8 @@ def generate_reference(model, input_ids, thoughts=None, max_new_tokens=None, do_
         branch = torch.cat([sequence, sequence.new_tensor([sot])])
         if thoughts is None:
             for _ in range(cfg.num_thought_tokens):
-                logits = mask_thought_tokens(model.lm_head(last_hidden(branch, len(sequence))), model.thought_token_ids)
+                hidden = last_hidden(branch, len(sequence))
+                logits = mask_thought_tokens(model.head_logits(hidden), model.thought_token_ids)
                 branch = torch.cat([branch, draw(logits, cfg.thought_temperature, greedy_thoughts, generator)])
         else:
             branch = torch.cat([branch, thoughts[0, step]])

@@ -22,6 +22,7 @@ from .attention import ATTENTION_NAME
 from .compat import check_model_supported
 from .config import QuietStarConfig
 from .generation import GenerationOutput, generate
+from .head import LogitTransform
 from .lora import ADAPTER_FOLDER, THOUGHT_BRANCH_MASK, ThoughtTokenGate, load_lora, lm_state_dict_without_lora
 from .losses import IGNORE_INDEX, quietstar_loss
 from .mixing import MixingHead, mix, thought_weight
@@ -77,6 +78,7 @@ class QuietStarForCausalLM(nn.Module):
         weight = base.get_input_embeddings().weight
         self.thought_embeddings = nn.Parameter(weight.new_zeros(2, hidden_size, dtype=torch.float32))
         self.mixing_head = MixingHead(hidden_size).to(device=weight.device)
+        self.logit_transform = LogitTransform.from_config(base.config)
         self._lora = None
         self._thought_gate = None
 
@@ -239,24 +241,26 @@ class QuietStarForCausalLM(nn.Module):
             raise ValueError(f"thoughts must have shape [B, N, L, T] = {expected}, got {tuple(thoughts.shape)}.")
 
         text_hidden, branch_hidden = expanded_pass(self, input_ids, key_padding, thoughts)
-        base_logits = self._head(text_hidden)
-        sample_logits = mask_thought_tokens(self._head(branch_hidden[..., :T, :]), self.thought_token_ids)
+        base_logits = self.head_logits(text_hidden)
+        sample_logits = mask_thought_tokens(self.head_logits(branch_hidden[..., :T, :]), self.thought_token_ids)
         thought_hidden = branch_hidden[..., T + 1 : T + 1 + A, :]  # [B, N, L, A, D]
         L = input_ids.shape[1]
         shifted = (torch.arange(L, device=input_ids.device)[:, None] + torch.arange(A, device=input_ids.device))
         shifted = shifted.clamp(max=L - 1)  # h^base_{j+s}; out-of-row entries are never scored
         base_hidden = text_hidden[:, shifted].unsqueeze(1).expand_as(thought_hidden)
-        needs_thought_logits = (output_logits or cfg.mixing == "logprobs"
+        mixes_logits = cfg.mixing == "logprobs" or not self.logit_transform.is_affine
+        needs_thought_logits = (output_logits or mixes_logits
                                 or (labels is not None and (cfg.reward_source == "thought" or cfg.thought_nll_weight > 0)))
         with self._reward_precision(input_ids.device):
             fp32 = cfg.reward_precision == "fp32"
             if fp32:
                 base_hidden, thought_hidden = at_least_fp32(base_hidden), at_least_fp32(thought_hidden)
-            thought_logits = self._head(thought_hidden) if needs_thought_logits else None
+            thought_logits = self.head_logits(thought_hidden) if needs_thought_logits else None
             shifted_base_logits = None
-            if cfg.mixing == "logprobs":  # base logits again only when autocast made them narrower than fp32
+            if mixes_logits:
+                # Mixed from logits; base logits again only when autocast made them narrower than fp32.
                 narrow = fp32 and base_logits.dtype not in (torch.float32, torch.float64)
-                full = self._head(at_least_fp32(text_hidden)) if narrow else base_logits
+                full = self.head_logits(at_least_fp32(text_hidden)) if narrow else base_logits
                 shifted_base_logits = full[:, shifted].unsqueeze(1)
             weights, mixed = self.mix_predictions(base_hidden, thought_hidden, shifted_base_logits, thought_logits)
         out = QuietStarOutput(base_logits=base_logits, thought_logits=thought_logits if output_logits else None,
@@ -275,10 +279,11 @@ class QuietStarForCausalLM(nn.Module):
             return torch.autocast(device_type=device.type, enabled=False)
         return contextlib.nullcontext()
 
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """lm_head of ``hidden [..., D]`` -> ``[..., V]``, in fp32 when ``hidden`` is fp32 and the head's weights are
-        not (pure bf16 weights). The rows are flattened first: a strided N-D input would make the matmul broadcast
-        the head's weight into a batched product (seconds instead of milliseconds at a 49k vocabulary)."""
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The family's logits of final hidden states ``hidden [..., D]`` -> ``[..., V]``: lm_head, then its scaling or
+        soft-capping (quietstar.head). In fp32 when ``hidden`` is fp32 and the head's weights are not (pure bf16
+        weights). The rows are flattened first: a strided N-D input would make the matmul broadcast the head's
+        weight into a batched product (seconds instead of milliseconds at a 49k vocabulary)."""
         head = self.lm_head
         flat = hidden.reshape(-1, hidden.shape[-1])
         if hidden.dtype == torch.float32 and head.weight.dtype != torch.float32:
@@ -286,23 +291,26 @@ class QuietStarForCausalLM(nn.Module):
             logits = torch.nn.functional.linear(flat, head.weight.float(), bias)
         else:
             logits = head(flat)
-        return logits.view(*hidden.shape[:-1], logits.shape[-1])
+        return self.logit_transform(logits).view(*hidden.shape[:-1], logits.shape[-1])
 
     def mix_predictions(self, base_hidden, thought_hidden, shifted_base_logits=None, thought_logits=None):
         """Thought weights ``[B, N, L, A]`` and mixed, thought-token-masked logits ``[B, N, L, A, V]``.
 
         base_hidden/thought_hidden ``[B, N, L, A, D]`` (h^base_{j+s}, h^thought_{j,s});
-        shifted_base_logits broadcastable to ``[B, N, L, A, V]`` (needed by 'logprobs' mixing only).
+        shifted_base_logits broadcastable to ``[B, N, L, A, V]`` (used when mixing logits rather than hidden states:
+        'logprobs' mixing, or a soft-capped head; computed from base_hidden when not given).
         """
         mode = self.quietstar_config.mixing
         weights = thought_weight(self.mixing_head(base_hidden, thought_hidden), mode)
-        if mode == "logits":
-            # lm_head is affine, so mixing hidden states equals mixing logits at a fraction of the cost.
+        if mode == "logits" and self.logit_transform.is_affine:
+            # The head is affine, so mixing hidden states equals mixing logits at a fraction of the cost.
             w = weights.unsqueeze(-1).to(thought_hidden.dtype)
-            mixed = self._head((1 - w) * base_hidden + w * thought_hidden)
+            mixed = self.head_logits((1 - w) * base_hidden + w * thought_hidden)
         else:
             if thought_logits is None:
-                thought_logits = self._head(thought_hidden)
+                thought_logits = self.head_logits(thought_hidden)
+            if shifted_base_logits is None:
+                shifted_base_logits = self.head_logits(base_hidden)
             mixed = mix(shifted_base_logits, thought_logits, weights, mode)
         return weights, mask_thought_tokens(mixed, self.thought_token_ids)
 

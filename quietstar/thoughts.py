@@ -62,7 +62,7 @@ def sample_thoughts(model, input_ids, key_padding, *, temperature=1.0, greedy=Fa
             thought_layout=layout,
             use_cache=False,
         ).last_hidden_state
-        logits = mask_thought_tokens(model.lm_head(hidden), model.thought_token_ids)
+        logits = mask_thought_tokens(model.head_logits(hidden), model.thought_token_ids)
         tokens = draw(logits, temperature, greedy, generator)
         thoughts[..., m] = tokens.view(B, N, L)
         if return_logits:

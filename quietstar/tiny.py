@@ -32,6 +32,10 @@ TINY_ARCHITECTURES = {
     "phi3": dict(model_type="phi3", pad_token_id=None),
     "gpt_neox": dict(model_type="gpt_neox"),
     "gpt2": dict(model_type="gpt2", bos_token_id=None, eos_token_id=None),
+    # Families whose logits are not lm_head(h) alone (quietstar.head): scaled, or soft-capped.
+    "granite": dict(model_type="granite", logits_scaling=4.0),
+    "cohere": dict(model_type="cohere", logit_scale=0.5, bos_token_id=None, eos_token_id=None),
+    "gemma2": dict(model_type="gemma2", head_dim=16, final_logit_softcapping=3.0, attn_logit_softcapping=None),
 }
 
 

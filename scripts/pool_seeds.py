@@ -3,7 +3,8 @@
     python scripts/pool_seeds.py runs/smollm2-135m-cpu-experiment-seed* --out docs/results/thoughts-help.json
 
 Every run must have been reported (scripts/report.py) on the same held-out documents; runs scored on different sets
-are refused. Writes the JSON (keys ``seeds`` and ``pooled``; see quietstar.report.pooling) and prints a table.
+are refused. Writes the JSON (keys ``seeds``, ``pooled`` and ``across_seeds``; see quietstar.report.pooling) and prints
+a table. Other keys of an existing ``--out`` file (for example evaluations added by hand) are kept.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from quietstar.report.pooling import pool_runs  # noqa: E402
 from quietstar.report.stats import format_interval, verdict  # noqa: E402
 
+POOLED_KEYS = ("heldout", "runs", "seeds", "pooled", "across_seeds")
 DIFFERENCES = ("real_minus_null", "real_minus_shuffled", "real_minus_control", "no_thoughts_minus_base")
 
 
@@ -32,11 +34,19 @@ def main(argv=None) -> dict:
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"pool_seeds.py: error: {error}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    kept = {}
+    if os.path.isfile(args.out):
+        with open(args.out) as f:
+            kept = {key: value for key, value in json.load(f).items() if key not in POOLED_KEYS}
+    with open(args.out + ".tmp", "w") as f:
+        json.dump({**result, **kept}, f, indent=2)
+    os.replace(args.out + ".tmp", args.out)
     print("| run | " + " | ".join(f"{d} ({s})" for d in DIFFERENCES for s in ("all", "hardest")) + " |")
     print("|---|" + "---|" * (2 * len(DIFFERENCES)))
-    for name, values in [*((f"seed {k}", v) for k, v in result["seeds"].items()), ("pooled", result["pooled"])]:
+    rows = [*((f"seed {k}", v) for k, v in result["seeds"].items()), ("pooled (over documents)", result["pooled"])]
+    if "across_seeds" in result:
+        rows.append(("mean of seeds (t-interval over seeds)", result["across_seeds"]))
+    for name, values in rows:
         cells = [f"{format_interval(values[f'{d}_{s}'])} {verdict(values[f'{d}_{s}'])}" if f"{d}_{s}" in values
                  else "—" for d in DIFFERENCES for s in ("all", "hardest")]
         print(f"| {name} | " + " | ".join(cells) + " |")

@@ -12,7 +12,7 @@ from conftest import make_model, padded_batch, randomize_mixing_head
 from quietstar.report.heldout import (compare_views, controlled_scorers, fixed_windows, heldout_token_nll,
                                       save_token_nll, token_documents)
 from quietstar.report.pooling import pool_runs
-from quietstar.report.stats import paired_bootstrap, verdict
+from quietstar.report.stats import across_seeds_interval, paired_bootstrap, student_t_quantile, verdict
 from quietstar.scoring import ThoughtScorer, ThoughtSource, configure_for_scoring, null_thoughts, shuffle_positions
 
 
@@ -114,10 +114,28 @@ def test_controlled_views_and_pooling(tmp_path):
         assert set(pooled["pooled"][key]) == {"mean", "low", "high"}
         expected = np.mean([pooled["seeds"][s][key]["mean"] for s in ("0", "1")])
         assert pooled["pooled"][key]["mean"] == pytest.approx(expected, abs=1e-6)  # same tokens in both runs
+        # Two seeds: mean +- t(0.975, 1) * sd / sqrt(2) = mean +- 12.706 * |a - b| / 2.
+        seed_means = [pooled["seeds"][s][key]["mean"] for s in ("0", "1")]
+        spread = pooled["across_seeds"][key]
+        assert spread["per_seed"] == pytest.approx(seed_means)
+        half = 12.7062047 * abs(seed_means[0] - seed_means[1]) / 2
+        assert (spread["low"], spread["high"]) == pytest.approx((expected - half, expected + half), abs=1e-6)
     # Runs scored on another held-out set are refused, naming both.
     other, _ = heldout_run(tmp_path, "other", 2, windows[:-1])
     with pytest.raises(ValueError, match="another held-out set than .*seed0"):
         pool_runs([run0, other])
+
+
+def test_student_t_quantiles_and_seed_intervals():
+    # Reference values from statistical tables.
+    for probability, dof, expected in [(0.975, 1, 12.7062047), (0.975, 2, 4.3026527), (0.975, 10, 2.2281389),
+                                       (0.995, 4, 4.6040949), (0.975, 1000, 1.9623391)]:
+        assert student_t_quantile(probability, dof) == pytest.approx(expected, abs=1e-6)
+    spread = across_seeds_interval([1.0, 2.0, 6.0])  # mean 3, sd sqrt(7)
+    half = 4.3026527 * np.sqrt(7.0) / np.sqrt(3.0)
+    assert (spread["mean"], spread["low"], spread["high"]) == pytest.approx((3.0, 3.0 - half, 3.0 + half))
+    with pytest.raises(ValueError, match="at least two seeds"):
+        across_seeds_interval([1.0])
 
 
 def test_rounding_differences_are_not_verdicts():

@@ -9,7 +9,8 @@ from conftest import make_model, padded_batch, randomize_mixing_head
 from quietstar.generation import generate_reference
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+# granite: scaled logits, gemma2: soft-capped logits (quietstar.head).
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "granite", "gemma2"])
 @pytest.mark.parametrize("mixing", ["logits", "logprobs"])
 def test_cached_generation_equals_the_slow_definition(arch, mixing):
     model = make_model(arch, mixing=mixing, num_thought_tokens=4)
@@ -37,8 +38,9 @@ def test_replayed_thoughts_reproduce_the_generation_and_thoughts_matter():
     assert not torch.allclose(other.logits[:, 0], first.logits[:, 0])
 
 
-def test_with_a_zero_mixing_head_generation_is_the_base_models_greedy_decoding():
-    model = make_model("llama")
+@pytest.mark.parametrize("arch", ["llama", "granite", "gemma2"])
+def test_with_a_zero_mixing_head_generation_is_the_base_models_greedy_decoding(arch):
+    model = make_model(arch)
     ids, mask = padded_batch(lengths=(6, 6), left_padding_rows=())
     out = model.generate(ids, mask, max_new_tokens=4)
     sequence = ids

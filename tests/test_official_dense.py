@@ -1,30 +1,25 @@
-"""The official dense execution scheme (scripts/official_dense.py) computes the same loss and gradients as ours.
+"""The official dense execution scheme (quietstar/official_dense.py) computes the same loss and gradients as ours.
 
 The dense scheme runs K = T + A + 2 sequential passes of the plain model with transformers' own
 attention, a growing KV cache and a growing dense mask; ours runs one expanded pass through the
 quietstar attention. Given the same thoughts, both must give the same loss, metrics and gradients of
 every parameter, with padding and batch > 1, and with a non-zero mixing head so rewards and the
 policy loss are non-zero. That makes the dense scheme an independent oracle for the fast path and
-the benchmark's comparison (scripts/bench_step.py) a comparison of equal computations.
+the benchmark's comparison (bench/step.py) a comparison of equal computations.
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import make_model, padded_batch, randomize_mixing_head
 from quietstar.config import OFFICIAL_LOSS
+from quietstar.official_dense import dense_forward, plain_attention
 
 # The official scheme with the official loss (its tolerances assume raw advantages; the recipe's normalised ones are
 # checked against the slow reference in fp64, tests/test_losses.py), at lambda = 1 so the RL term is of NLL size.
 OFFICIAL = {**OFFICIAL_LOSS, "policy_weight": 1.0}
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from official_dense import dense_forward, plain_attention  # noqa: E402
 
 LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-4

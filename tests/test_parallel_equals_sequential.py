@@ -47,7 +47,7 @@ def test_parallel_equals_sequential(arch):
     with torch.no_grad():
         out = model(ids, attention_mask=mask, thoughts=thoughts)
         text_hidden, branch_hidden = expanded_pass(model, ids, key_padding, thoughts)
-        grad_pass_sampling_logits = model.lm_head(branch_hidden[..., :T, :])
+        grad_pass_sampling_logits = model.head_logits(branch_hidden[..., :T, :])
 
     checked = 0
     for b in range(ids.shape[0]):

@@ -3,7 +3,9 @@
 Each run's report leaves ``heldout_tokens.npz`` (quietstar.report.heldout.save_token_nll): the per-token NLL of every
 view and a fingerprint of the held-out set. Runs are pooled only when they were scored on the same tokens; the pooled
 NLL of a view is the mean over runs per token, and its intervals resample documents (the same documents in every
-run), so the seeds' noise and the documents' noise are both in them.
+run): they measure how much the verdict depends on which documents were drawn, not on which seed trained the model.
+``across_seeds`` adds, for every difference, a Student-t interval over the seeds' own means: the spread a new seed
+would show on these documents.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import numpy as np
 
 from .heldout import compare_views, load_token_nll, summarize
+from .stats import across_seeds_interval
 
 TOKENS_FILE = "heldout_tokens.npz"
 
@@ -35,9 +38,11 @@ def _views(nll: dict[str, np.ndarray], documents: np.ndarray, num_resamples: int
 
 
 def pool_runs(run_dirs: list[str], num_resamples: int = 2000, seed: int = 0) -> dict:
-    """``{"heldout", "runs", "seeds": {seed: ...}, "pooled": ...}``: per run and pooled, the mean NLL of every view
-    overall (``nll_all``) and on the hardest 10 % (``nll_hardest``), and the paired differences with 95 % intervals
-    (``real_minus_null_all``, ``real_minus_null_hardest``, ...). Refuses runs scored on different held-out sets."""
+    """``{"heldout", "runs", "seeds": {seed: ...}, "pooled": ..., "across_seeds": ...}``: per run and pooled, the mean
+    NLL of every view overall (``nll_all``) and on the hardest 10 % (``nll_hardest``), and the paired differences with
+    95 % intervals over documents (``real_minus_null_all``, ``real_minus_null_hardest``, ...); with two runs or more,
+    ``across_seeds`` has each difference's per-seed means and a t-interval over them. Refuses runs scored on
+    different held-out sets."""
     if not run_dirs:
         raise ValueError("Give at least one run folder.")
     loaded = []
@@ -62,5 +67,10 @@ def pool_runs(run_dirs: list[str], num_resamples: int = 2000, seed: int = 0) -> 
     for run_dir, nll, docs, _ in loaded:
         seeds[_run_seed(run_dir)] = _views(nll, docs, num_resamples, seed)
     pooled_nll = {view: np.mean([nll[view] for _, nll, _, _ in loaded], axis=0) for view in first_nll}
-    return {"heldout": fingerprint, "runs": list(run_dirs), "seeds": seeds,
-            "pooled": _views(pooled_nll, documents, num_resamples, seed)}
+    result = {"heldout": fingerprint, "runs": list(run_dirs), "seeds": seeds,
+              "pooled": _views(pooled_nll, documents, num_resamples, seed)}
+    if len(seeds) >= 2:
+        differences = [key for key, value in result["pooled"].items() if isinstance(value, dict) and "low" in value]
+        result["across_seeds"] = {key: across_seeds_interval([values[key]["mean"] for values in seeds.values()])
+                                  for key in differences}
+    return result

@@ -1,6 +1,6 @@
 """What the benchmarks read off this Linux machine: RSS and its peak, and CPU time of this and other processes.
 
-Used by bench_step.py to measure peak memory per cell and to tell quiet steps (no other process on the
+Used by bench/step.py to measure peak memory per cell and to tell quiet steps (no other process on the
 CPUs) from contended ones.
 """
 

@@ -1,6 +1,6 @@
 """Tokens per second of thought-aware generation: cached (ours) vs the recompute-everything definition.
 
-    python scripts/bench_generate.py --new-tokens 256 --prompt-tokens 64 512 [--hidden 576 --layers 30 ...]
+    python bench/generate.py --new-tokens 256 --prompt-tokens 64 512 [--hidden 576 --layers 30 ...]
 
 Both think T sampled thought tokens before every new token. The definition
 (quietstar.generation.generate_reference) reruns the model from scratch on the whole sequence for every

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Efficiency (DESIGN §7) measured in pairs: a plain step and a Quiet-STaR step taken back to back, many times.
+"""Efficiency (docs/design.md §7) measured in pairs: a plain step and a Quiet-STaR step taken back to back, many times.
 
-    .venv/bin/python scripts/bench_efficiency.py --cells 256:9 [512:9 ...] --rounds 9 [--out results.json]
+    .venv/bin/python bench/efficiency.py --cells 256:9 [512:9 ...] --rounds 9 [--out results.json]
 
-``scripts/bench_step.py`` times every cell in its own process, one after the other, which is right for
+``bench/step.py`` times every cell in its own process, one after the other, which is right for
 peak memory but lets a change of machine load between the plain cell and the Quiet-STaR cell move
 their ratio (on a shared machine the plain step alone has moved by 35 % between runs). Here one
-process builds both steps of a cell (same model, same settings as bench_step.py) and alternates them:
+process builds both steps of a cell (same model, same settings as bench/step.py) and alternates them:
 round r times a plain step and a Quiet-STaR step (the order alternating), and its efficiency is their ratio. Drift
 slower than a round cancels out. The table gives the median over rounds and the lowest and highest
 round; the spread is the measurement's noise, not the implementation's.
@@ -17,13 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_cells import MODEL_DESCRIPTION, Cell, build_step, step_settings  # noqa: E402  (a sibling script)
+from cells import MODEL_DESCRIPTION, Cell, build_step, step_settings  # bench/cells.py, a sibling
 
 
 def parse_cell(text: str) -> tuple[int, int]:

@@ -1,8 +1,8 @@
 """Benchmark of SUS attention: forward and backward times and peak memory against PyTorch's flash SDPA.
 
-    python scripts/bench_sus.py                       # on a GPU: the full grid of DESIGN / issue 3
-    python scripts/bench_sus.py --device cpu --lengths 256 512 --head-dims 64 --cs 16
-                                                      # CPU smoke run (PyTorch reference; no kernels)
+    python bench/sus.py                       # on a GPU: n = 1k..32k, d = 64 and 128, c = 16, 32, 64
+    python bench/sus.py --device cpu --lengths 256 512 --head-dims 64 --cs 16
+                                              # CPU smoke run (PyTorch reference; no kernels)
 
 Rows per (n, d): "sdpa" (PyTorch flash attention, exact), "exact" (our Triton forward and exact
 backward) and one "sus c=..." row per c (our forward, SUS backward). Causal, batch 1, bf16 on GPU
@@ -18,15 +18,12 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from quietstar.ops.sus import attention  # noqa: E402
+from quietstar.ops.sus import attention
 
 
 def parse_args(argv=None):

@@ -1,6 +1,6 @@
 """Peak training memory and step time: LoRA (peft) against full fine-tuning, each in a fresh process.
 
-    python scripts/bench_lora_memory.py [--model smollm2-135m] [--steps 3] [--out bench_results/lora_memory.json]
+    python bench/lora_memory.py [--model smollm2-135m] [--steps 3] [--out bench_results/lora_memory.json]
 
 Each mode trains ``--steps`` optimizer steps (AdamW) of batch ``--batch-size`` x ``--max-length`` tokens of the
 offline MATH text with Quiet-STaR (T, A, N as given). Peak memory: on CUDA the allocator's peak; on CPU the
@@ -18,8 +18,6 @@ import statistics
 import subprocess
 import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}

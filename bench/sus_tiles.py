@@ -1,6 +1,6 @@
 """How sparse is the SUS mask on a real model, tile by tile? The measurement behind the backward design choice.
 
-    python scripts/sus_tiles.py                 # offline SmolLM2-135M, MATH text, n = 1024 and 2048
+    python bench/sus_tiles.py                 # offline SmolLM2-135M, MATH text, n = 1024 and 2048
 
 Design A (quietstar/ops/sus/README.md) recomputes Q K^T for every visible tile and skips the other
 four backward matmuls of a tile only when no entry of it is kept. Its backward cost is therefore
@@ -14,17 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from quietstar.assets import offline_smollm2
+from quietstar.ops.sus import rng
 
-from quietstar.assets import offline_smollm2  # noqa: E402
-from quietstar.ops.sus import rng  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sus_variance import token_windows  # noqa: E402
+from sus_variance import token_windows  # bench/sus_variance.py, a sibling
 
 
 def tile_statistics(probs: torch.Tensor, c: float, tile: int, seed: int = 0) -> dict:

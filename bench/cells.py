@@ -1,9 +1,9 @@
-"""What bench_step.py and bench_efficiency.py time: the model, one measurement cell, and one training step.
+"""What bench/step.py and bench/efficiency.py time: the model, one measurement cell, and one training step.
 
 Model: a random Llama (hidden 256, 4 layers, 4 attention heads, 2 key/value heads, intermediate 688,
 vocabulary 1024), fp32, CPU. A step is forward + backward + AdamW of one of three implementations:
 ``plain`` (an ordinary causal-LM step over B * (1 + N*S) rows of L tokens, the efficiency's denominator),
-``ours`` (QuietStarForCausalLM) and ``dense`` (the official scheme, scripts/official_dense.py).
+``ours`` (QuietStarForCausalLM) and ``dense`` (the official scheme, quietstar/official_dense.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_ke
 MODEL_DESCRIPTION = ("random Llama: hidden 256, 4 layers, 4 heads, 2 KV heads, intermediate 688, vocab 1024, "
                      "fp32, CPU")
 TEXT_TOKEN_RANGE = 256  # random text ids stay below the thought-token ids the tokenizer adds
-# The step's settings when a script does not set them (bench_step.py's flags default to these).
+# The step's settings when a script does not set them (bench/step.py's flags default to these).
 STEP_DEFAULTS = dict(batch=1, lookahead_tokens=4, num_thoughts=2, threads=2, dense_attention="sdpa", seed=0)
 
 
@@ -62,8 +62,8 @@ def build_step(args, cell: Cell):
     """Model, optimizer and batch of one cell; returns a function that runs one training step."""
     import torch
 
-    from official_dense import dense_forward
     from quietstar import QuietStarConfig, QuietStarForCausalLM
+    from quietstar.official_dense import dense_forward
     from quietstar.tiny import byte_tokenizer, tiny_model
 
     torch.set_num_threads(args.threads)

@@ -11,12 +11,12 @@ median of ``--steps`` quiet steps after one warm-up step, see ``run_cell`` on ot
 
 * ``ours``:  ``QuietStarForCausalLM.forward`` (no-grad sampling phase, then one expanded gradient
   pass through the quietstar attention), ``output_logits=False`` as in training;
-* ``dense``: the official execution scheme (``scripts/official_dense.py``): K = T + A + 2
+* ``dense``: the official execution scheme (``quietstar/official_dense.py``): K = T + A + 2
   sequential passes over B*N rows with a growing KV cache and a growing dense mask, thoughts drawn
   inside the passes, transformers' ``sdpa`` attention (``--dense-attention``);
 * ``plain``: the denominator of the efficiency, below.
 
-Efficiency (DESIGN §7) = seconds of a plain causal-LM training step over the same number of token
+Efficiency (docs/design.md §7) = seconds of a plain causal-LM training step over the same number of token
 positions / seconds of one Quiet-STaR step. A Quiet-STaR step processes L * (1 + N*S) token
 positions per row (S = T + A + 1: the text plus N branches of S tokens at each of the L
 positions), so the plain step is an ordinary training step of the same model (transformers' sdpa
@@ -37,7 +37,7 @@ the results say so). A cell that failed is not retried at a larger size: every c
 implementation with L and T both no smaller is marked the same way without running.
 
 Usage:
-    .venv/bin/python scripts/bench_step.py --impl both --out bench_results/results.json --plot bench_results/step.png
+    .venv/bin/python bench/step.py --impl both --out bench_results/results.json --plot bench_results/step.png
 """
 
 from __future__ import annotations
@@ -52,16 +52,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-PROCESS_START = time.monotonic()  # a child's time budget counts from here, imports and model build included
-SCRIPTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(SCRIPTS))
+# Siblings in bench/, which `python bench/step.py` puts first on the import path.
+from cells import MODEL, MODEL_DESCRIPTION, STEP_DEFAULTS, Cell, branch_length, build_step, positions_per_row
+from machine_load import current_rss_bytes, machine_busy_cores, peak_rss_bytes, reset_peak_rss, rss_of, timed
 
-from bench_cells import (  # noqa: E402  (sibling scripts, importable once SCRIPTS is on the path)
-    MODEL, MODEL_DESCRIPTION, STEP_DEFAULTS, Cell, branch_length, build_step, positions_per_row,
-)
-from machine_load import (  # noqa: E402
-    current_rss_bytes, machine_busy_cores, peak_rss_bytes, reset_peak_rss, rss_of, timed,
-)
+PROCESS_START = time.monotonic()  # a child's time budget counts from here; torch is imported in build_step
 
 MIB = 2**20
 POLL_SECONDS = 0.1
@@ -232,7 +227,7 @@ def header(args) -> str:
             f"(fresh process per cell).\nEfficiency = plain step / Quiet-STaR step, where the plain step is an "
             f"ordinary causal-LM training step (sdpa attention) over B*(1 + N*S) rows of L tokens, i.e. the same "
             f"L*(1 + N*S) token positions per row, S = T + A + 1. Dense = the official scheme "
-            f"(scripts/official_dense.py, {args.dense_attention} attention).")
+            f"(quietstar/official_dense.py, {args.dense_attention} attention).")
 
 
 def fmt(value, spec: str, cell: Cell | None = None) -> str:

@@ -1,7 +1,7 @@
 """The SUS paper's measurement, reproduced: how much gradient variance SUS backprop adds, on a real model.
 
-    python scripts/sus_variance.py                      # offline SmolLM2-135M on MATH solutions, ~25 min on 2 CPU cores
-    python scripts/sus_variance.py --lengths 256 --cs 5 30 --sequences 4   # a quick look
+    python bench/sus_variance.py                      # offline SmolLM2-135M on MATH solutions, ~25 min on 2 CPU cores
+    python bench/sus_variance.py --lengths 256 --cs 5 30 --sequences 4   # a quick look
 
 Definition (also in quietstar/ops/sus/README.md). For a window x of n tokens let g(x) be the exact
 gradient of the mean next-token NLL over all parameters, and g~(x) a SUS gradient (exact forward,
@@ -25,16 +25,13 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from quietstar.assets import math_documents, offline_smollm2  # noqa: E402
-from quietstar.attention import ATTENTION_NAME  # noqa: E402
+from quietstar.assets import math_documents, offline_smollm2
+from quietstar.attention import ATTENTION_NAME
 
 
 def parse_args(argv=None):

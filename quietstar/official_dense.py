@@ -17,16 +17,17 @@ O(L^2 K^2) and the K/V saved for the backward grow as O(L K^2) per layer.
 
 This module is written from that description (not copied from the official code) and computes the
 same loss as ``QuietStarForCausalLM.forward``: given the same thoughts, every pass produces the
-hidden states our single expanded pass produces, and the mixing head, ``lm_head`` and
+hidden states our single expanded pass produces, and the mixing head, the family's head (``head_logits``) and
 ``quietstar.losses.quietstar_loss`` turn them into the loss exactly as ``forward`` does. It is
-therefore both the baseline of ``scripts/bench_step.py`` and an oracle for the fast path
-(``tests/test_official_dense.py``).
+therefore both the baseline of ``bench/step.py`` and an oracle for the fast path
+(``tests/test_official_dense.py``). Training never calls it; it lives in the package so that the tests
+and the benchmarks import one copy plainly.
 
 Deliberate differences from the official code, none of which changes the cost structure: token
 embeddings are gathered (the official code multiplies one-hot rows by the embedding matrix), thoughts
 are drawn with :func:`quietstar.thoughts.draw` at ``thought_temperature`` (the official
 ``gumbel_softmax`` ignores its temperature), and the visibility and position rules are ours
-(DESIGN §1), so a padded row behaves like its unpadded self.
+(docs/design.md §1), so a padded row behaves like its unpadded self.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ import contextlib
 import torch
 from transformers import DynamicCache
 
-from quietstar import QuietStarForCausalLM, QuietStarOutput
-from quietstar.thoughts import draw, text_positions
-from quietstar.vocab import mask_thought_tokens
+from .modeling import QuietStarForCausalLM, QuietStarOutput
+from .thoughts import draw, text_positions
+from .vocab import mask_thought_tokens
 
 PLAIN_ATTENTIONS = ("eager", "sdpa")
 
@@ -118,7 +119,7 @@ def dense_passes(model: QuietStarForCausalLM, input_ids, key_padding, thoughts=N
         if k == 0:
             text_hidden = hidden
         elif k <= T:  # pass k holds b_{j,k}, whose output predicts c_k
-            logits = mask_thought_tokens(model.lm_head(hidden), model.thought_token_ids)
+            logits = mask_thought_tokens(model.head_logits(hidden), model.thought_token_ids)
             sample_logits.append(logits)
             if given is None:
                 drawn.append(draw(logits.detach(), cfg.thought_temperature, False, generator))
@@ -164,14 +165,14 @@ def dense_forward(model: QuietStarForCausalLM, input_ids, attention_mask=None, l
 
     # The N copies of the base pass are identical; averaging their logits keeps each copy in the graph,
     # as the official per-row base loss does, and gives the same values and parameter gradients.
-    base_logits = model.lm_head(text_hidden).mean(dim=1)  # [B, L, V]
+    base_logits = model.head_logits(text_hidden).mean(dim=1)  # [B, L, V]
     shifted = (torch.arange(L, device=input_ids.device)[:, None] + torch.arange(A, device=input_ids.device))
     shifted = shifted.clamp(max=L - 1)  # h^base_{j+s}; out-of-row entries are never scored
     base_hidden = text_hidden[:, :, shifted]  # [B, N, L, A, D], sample n mixes with its own base copy
     weights, mixed = model.mix_predictions(base_hidden, thought_hidden, base_logits[:, shifted].unsqueeze(1))
     out = QuietStarOutput(base_logits=base_logits, mixing_weights=weights, logits=mixed, thoughts=thoughts)
     if labels is not None:
-        thought_logits = mask_thought_tokens(model.lm_head(thought_hidden), model.thought_token_ids)
+        thought_logits = mask_thought_tokens(model.head_logits(thought_hidden), model.thought_token_ids)
         out.loss, out.metrics, out.loss_terms = model.objective(base_logits, mixed, sample_logits, thoughts, weights,
                                                                 labels, key_padding, thought_logits)
         out.metrics["mixing_head_live_units"] = model.mixing_head.live_unit_fraction(base_hidden, thought_hidden)

@@ -1,0 +1,50 @@
+"""The family's output head: logits from final hidden states, with the scaling or soft-capping some families add.
+
+Most causal LMs compute ``logits = lm_head(h)``. Some change it after the projection, and every place Quiet-STaR turns a
+hidden state into logits (base, sampling, thought and mixed predictions, generation) must do the same:
+
+- Granite (``logits_scaling``): ``lm_head(h) / logits_scaling``;
+- Cohere (``logit_scale``): ``lm_head(h) * logit_scale``;
+- Gemma 2/3 and others (``final_logit_softcapping``): ``cap * tanh(z / cap)`` after any scaling.
+
+``quietstar.compat.check_model_supported`` probes that this reproduces the family's own logits, so a family with
+another change is refused rather than computed wrongly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """``z -> softcap(scale * z)`` applied to ``lm_head(h)``; ``softcap`` None means none."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def from_config(cls, config) -> "LogitTransform":
+        """Read the family's own fields from an LM config (its text config for multimodal ones)."""
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        scale = 1.0
+        if getattr(config, "logits_scaling", None):
+            scale /= float(config.logits_scaling)
+        if getattr(config, "logit_scale", None):
+            scale *= float(config.logit_scale)
+        softcap = getattr(config, "final_logit_softcapping", None)
+        return cls(scale=scale, softcap=float(softcap) if softcap else None)
+
+    @property
+    def is_affine(self) -> bool:
+        """True when the transform is linear, so mixing hidden states equals mixing logits."""
+        return self.softcap is None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits

