@@ -78,7 +78,8 @@ class ThoughtLayout:
             raise ValueError(f"ThoughtLayout.{unused} does not apply to the {self.phase!r} phase; pass {needed}.")
         value = getattr(self, needed)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"The {self.phase!r} phase needs ThoughtLayout.{needed}, a positive integer; got {value!r}.")
+            raise ValueError(f"The {self.phase!r} phase needs ThoughtLayout.{needed}, a positive integer; "
+                             f"got {value!r}.")
 
     @property
     def num_text(self) -> int:
