@@ -34,7 +34,7 @@ def check_model_supported(base) -> None:
                          "config says how many attention layers they have.")
     device = base.get_input_embeddings().weight.device
     ids = torch.arange(3, 9, device=device)[None] % base.config.vocab_size
-    layout = ThoughtLayout("prefix", torch.ones_like(ids, dtype=torch.bool), 1, 1)
+    layout = ThoughtLayout("prefix", torch.ones_like(ids, dtype=torch.bool), 1, num_thought_tokens=1, backend="eager")
     was_training = base.training
     base.eval()  # dropout would make the two runs differ
     try:

@@ -124,11 +124,12 @@ class QuietStarConfig:
     )
     attention_backend: str = field(
         default="auto",
-        metadata={"help": "Backend of the 'quietstar' attention in the gradient pass: 'eager' (PyTorch, the "
-                          "reference), 'flex' (PyTorch's FlexAttention with the thought layout as a block mask; "
-                          "exact; CUDA), 'triton' (the kernels of quietstar.ops.sus, exact or SUS; CUDA) or 'auto' "
-                          "(on CUDA FlexAttention for an exact backward and Triton for SUS; on CPU the exact flash "
-                          "fast path for unpadded rows, else eager)."},
+        metadata={"help": "Backend of the 'quietstar' attention: 'eager' (PyTorch, the reference, in every phase), "
+                          "'flex' (PyTorch's FlexAttention with the thought layout as a block mask, in the exact "
+                          "gradient pass; CUDA), 'triton' (the kernels of quietstar.ops.sus in the gradient pass, exact "
+                          "or SUS; CUDA) or 'auto' (on CUDA FlexAttention for an exact gradient pass and Triton for "
+                          "SUS; on CPU the exact flash fast path for unpadded rows, else eager). "
+                          "quietstar.attention.dispatch.resolve_backend applies it."},
     )
     sus_c: float | None = field(
         default=None,

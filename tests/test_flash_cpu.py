@@ -7,7 +7,8 @@ import torch
 
 from conftest import make_model, randomize_mixing_head
 from quietstar.config import OFFICIAL_LOSS
-from quietstar.attention import ThoughtLayout, eager, flash_cpu
+from quietstar.attention import ThoughtLayout, eager
+from quietstar.ops import flash_cpu
 
 pytestmark = pytest.mark.skipif(flash_cpu._flash is None, reason="this torch has no CPU flash-attention op")
 
@@ -20,11 +21,11 @@ def test_flash_cpu_equals_eager(B, H, Hkv, L, N, S, d):
     k = torch.randn(B, Hkv, n, d, generator=generator, requires_grad=True)
     v = torch.randn(B, Hkv, n, d, generator=generator, requires_grad=True)
     grad = torch.randn(B, n, H, d, generator=generator)
-    layout = ThoughtLayout("expanded", torch.ones(B, L, dtype=torch.bool), N, S)
-    assert flash_cpu.applies(q, layout, 0.0)
+    layout = ThoughtLayout("expanded", torch.ones(B, L, dtype=torch.bool), N, branch_length=S, backend="auto")
+    assert flash_cpu.applies(q, layout.key_padding, 0.0)
     results = []
-    for implementation in (eager.expanded_attention, flash_cpu.expanded_attention):
-        out = implementation(q, k, v, layout, d ** -0.5)
+    for out in (eager.expanded_attention(q, k, v, layout, d ** -0.5),
+                flash_cpu.expanded_attention(q, k, v, L, N, S, d ** -0.5)):
         grads = torch.autograd.grad(out, (q, k, v), grad)
         results.append((out, grads))
     (out_ref, grads_ref), (out, grads) = results
@@ -35,8 +36,7 @@ def test_flash_cpu_equals_eager(B, H, Hkv, L, N, S, d):
 
 def test_flash_cpu_does_not_apply_with_padding_or_dropout():
     q = torch.zeros(1, 2, 4 + 4 * 3, 8)
-    padded = ThoughtLayout("expanded", torch.tensor([[False, True, True, True]]), 1, 3)
-    full = ThoughtLayout("expanded", torch.ones(1, 4, dtype=torch.bool), 1, 3)
+    padded, full = torch.tensor([[False, True, True, True]]), torch.ones(1, 4, dtype=torch.bool)
     assert not flash_cpu.applies(q, padded, 0.0)
     assert not flash_cpu.applies(q, full, 0.1)
     assert flash_cpu.applies(q, full, 0.0)
@@ -63,15 +63,16 @@ def test_model_loss_and_gradients_agree_between_backends():
 
 @pytest.mark.parametrize("B,H,Hkv,N,L,T,d", [(2, 4, 2, 2, 13, 5, 16), (1, 3, 1, 3, 7, 2, 8)])
 def test_flash_sampling_step_equals_eager(B, H, Hkv, N, L, T, d):
-    """Every sampling step, through the same branch buffers as the sampling loop fills them."""
+    """Every sampling step, over the branch slots 0..m filled so far (NaN past them, as a buffer the steps fill)."""
     generator = torch.Generator().manual_seed(L)
     k_text, v_text = (torch.randn(B, Hkv, L, d, generator=generator) for _ in range(2))
-    layout = ThoughtLayout("sample", torch.ones(B, L, dtype=torch.bool), N, T)
-    buffers = {name: tuple(torch.full((B, Hkv, N, L, T, d), float("nan")) for _ in range(2)) for name in ("e", "f")}
+    key_padding = torch.ones(B, L, dtype=torch.bool)
+    k_buffer, v_buffer = (torch.full((B, Hkv, N, L, T, d), float("nan")) for _ in range(2))
     for step in range(T):
-        layout.step = step
         q = torch.randn(B, H, N * L, d, generator=generator)
-        k_new, v_new = (torch.randn(B, Hkv, N * L, d, generator=generator) for _ in range(2))
-        want = eager.sample_step_attention(q, k_new, v_new, *buffers["e"], k_text, v_text, layout, 0.3)
-        got = flash_cpu.sample_step_attention(q, k_new, v_new, *buffers["f"], k_text, v_text, layout, 0.3)
+        k_buffer[:, :, :, :, step], v_buffer[:, :, :, :, step] = (torch.randn(B, Hkv, N, L, d, generator=generator)
+                                                                  for _ in range(2))
+        seen = k_buffer[:, :, :, :, : step + 1], v_buffer[:, :, :, :, : step + 1]
+        want = eager.sample_step_attention(q, k_text, v_text, *seen, key_padding, 0.3)
+        got = flash_cpu.sample_step_attention(q, k_text, v_text, *seen, 0.3)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

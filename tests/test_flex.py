@@ -15,9 +15,9 @@ import torch
 from torch.nn.attention.flex_attention import create_mask
 
 from quietstar import QuietStarConfig
-from quietstar.attention import (ThoughtLayout, branch_visibility, eager, flash_cpu, gradient_pass_backend,
-                                 prefix_visibility)
-from quietstar.ops import flex
+from quietstar.attention import ThoughtLayout, branch_visibility, eager, prefix_visibility
+from quietstar.attention.dispatch import resolve_backend
+from quietstar.ops import flash_cpu, flex
 
 
 def dense_visibility(key_padding: torch.Tensor, num_thoughts: int, branch_length: int) -> torch.Tensor:
@@ -62,7 +62,7 @@ def test_mask_mod_equals_the_layout_rule(lengths, L, N, S, left):
 def test_block_mask_covers_exactly_the_visible_blocks_and_is_built_once():
     L, N, S = 21, 2, 5
     key_padding = key_padding_of((21, 13), L, left_padded=(1,))
-    layout = ThoughtLayout("expanded", key_padding, N, S)
+    layout = ThoughtLayout("expanded", key_padding, N, backend="flex", branch_length=S)
     mask = flex.block_mask(layout)
     assert flex.block_mask(layout) is mask  # every later layer reuses the first layer's mask
     n = layout.expected_length()
@@ -80,7 +80,7 @@ def _problem(lengths, L, N, S, left, H, Hkv, d, dtype, device, seed=0):
     n = L + N * L * S
     B = len(lengths)
     q, k, v = (torch.randn(B, h, n, d, generator=generator).to(device=device, dtype=dtype) for h in (H, Hkv, Hkv))
-    layout = ThoughtLayout("expanded", key_padding_of(lengths, L, left).to(device), N, S)
+    layout = ThoughtLayout("expanded", key_padding_of(lengths, L, left).to(device), N, backend="flex", branch_length=S)
     sees_something = dense_visibility(layout.key_padding.cpu(), N, S).any(-1).to(device)  # [B, n]
     return q, k, v, layout, sees_something
 
@@ -152,9 +152,10 @@ def _query_on(device: str, head_dim: int):
 ])
 def test_resolver_picks_flex_for_exact_and_triton_for_sus_on_cuda(backend, sus_c, device, head_dim, dropout,
                                                                    expected):
-    layout = ThoughtLayout("expanded", torch.ones(1, 2, dtype=torch.bool), 1, 3, backend=backend, sus_c=sus_c)
+    layout = ThoughtLayout("expanded", torch.ones(1, 2, dtype=torch.bool), 1, backend=backend, branch_length=3,
+                           sus_c=sus_c)
     query = torch.zeros(1, 4, 10, head_dim) if device == "cpu" else _query_on(device, head_dim)
-    assert gradient_pass_backend(layout, query, dropout) == expected
+    assert resolve_backend(layout, query, dropout) == expected
 
 
 def test_flex_has_no_sus_backward():

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from quietstar.attention import eager
 from quietstar.attention.layout import ThoughtLayout
 from quietstar.ops.sus import attention, rng, sus_attention
+from quietstar.ops.sus import reference
 from quietstar.ops.sus.reference import visible
 
 FALSE_ALARM = 1e-3
@@ -57,7 +58,7 @@ def test_reference_matches_eager_thought_layout_with_padding():
     key_valid[1, :2] = False  # left padding
     do[1, :, :2] = 0  # padding queries: eager yields finite garbage, the reference zeros; losses mask them out
     out, grads = _grads(q, k, v, do, num_text=L, branch_length=S, key_valid=key_valid)
-    layout = ThoughtLayout("expanded", key_valid, N, S, backend="eager")
+    layout = ThoughtLayout("expanded", key_valid, N, branch_length=S, backend="eager")
     expected = eager.expanded_attention(q, k, v, layout, 8**-0.5).transpose(1, 2)
     expected_grads = torch.autograd.grad(expected, (q, k, v), do)
     torch.testing.assert_close(out[0], expected[0], rtol=1e-5, atol=1e-6)
@@ -260,8 +261,25 @@ def test_triton_backend_refuses_cpu_tensors_outside_the_interpreter(monkeypatch)
         sus_attention(q, k, v, 4.0, backend="triton")
 
 
-def test_auto_backend_on_cpu_is_the_reference():
+def test_auto_backend_on_cpu_is_the_reference(monkeypatch):
+    calls = []
+    for name in ("attention_forward", "attention_backward"):
+        original = getattr(reference, name)
+        monkeypatch.setattr(reference, name, lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
     q, k, v, do = _inputs()
     out = sus_attention(q, k, v, 4.0)
-    assert out.grad_fn.__class__.__name__.startswith("ReferenceSusAttention")
     assert math.isfinite(out.sum().item())
+    torch.autograd.grad(out, (q, k, v), do)
+    assert calls == ["attention_forward", "attention_backward"]
+
+
+@pytest.mark.parametrize("num_text,branch_length,causal", [(9, 0, True), (3, 2, True), (9, 0, False)],
+                         ids=["causal", "thoughts", "noncausal"])
+def test_reference_keeps_fp64(num_text, branch_length, causal):
+    """A reference for gradient checks must compute fp64 inputs in fp64: fp32 arithmetic fails gradcheck."""
+    pattern = dict(num_text=num_text, branch_length=branch_length, causal=causal)
+    q, k, v, do = _inputs(H=2, Hkv=1, n=9, d=8, dtype=torch.float64)
+    o, lse = reference.attention_forward(q, k, v, 0.5, **pattern)
+    grads = reference.attention_backward(q, k, v, o, lse, do, 0.5, **pattern, c=2.0, seed=3)
+    assert o.dtype == lse.dtype == torch.float64 and all(g.dtype == torch.float64 for g in grads)
+    assert torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, backend="torch", **pattern), (q, k, v))

@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from quietstar.ops.sus import attention, kernels, rng  # noqa: E402
-from quietstar.ops.sus.function import triton_backward, triton_forward  # noqa: E402
+from quietstar.ops.sus.launch import triton_backward, triton_forward  # noqa: E402
 from quietstar.ops.sus.reference import attention_backward, attention_forward  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -67,20 +67,17 @@ def _dtypes():
 @pytest.mark.parametrize("c", [None, 3.0], ids=["exact", "sus"])
 def test_kernels_match_reference(name, dtype, c):
     q, k, v, do, pattern, scale = _problem(CASES[name], dtype)
-    layout = (pattern["key_valid"], scale, pattern["num_text"], pattern["branch_length"], pattern["causal"])
-    o_ref, lse_ref = attention_forward(q, k, v, scale, pattern["num_text"], pattern["branch_length"],
-                                       pattern["causal"], pattern["key_valid"])
+    o_ref, lse_ref = attention_forward(q, k, v, scale, **pattern)
     o, lse = _poisoned(q, lse_ref)
-    triton_forward(q, k, v, *layout, out=(o, lse))
+    triton_forward(q, k, v, scale, **pattern, out=(o, lse))
     _compare(o, o_ref, dtype)
     finite = torch.isfinite(lse_ref)
     assert torch.equal(torch.isfinite(lse), finite)  # rows that see nothing: lse = +inf in both
     _compare(lse[finite], lse_ref[finite], dtype)
 
-    grads_ref = attention_backward(q, k, v, o_ref, lse_ref, do, scale, pattern["num_text"], pattern["branch_length"],
-                                   pattern["causal"], pattern["key_valid"], c=c, seed=1234)
+    grads_ref = attention_backward(q, k, v, o_ref, lse_ref, do, scale, **pattern, c=c, seed=1234)
     grads = _poisoned(q, k, v)
-    triton_backward(q, k, v, o_ref.to(dtype), lse_ref, do, *layout, c, 1234, out=grads)
+    triton_backward(q, k, v, o_ref.to(dtype), lse_ref, do, scale, **pattern, c=c, seed=1234, out=grads)
     for got, want in zip(grads, grads_ref):
         _compare(got, want, dtype)
 
@@ -98,10 +95,9 @@ def test_autograd_function_matches_reference_end_to_end():
 
 def test_huge_c_kernel_equals_exact_kernel_bit_for_bit():
     q, k, v, do, pattern, scale = _problem(CASES["causal-odd"], torch.float32, seed=2)
-    layout = (pattern["key_valid"], scale, pattern["num_text"], pattern["branch_length"], pattern["causal"])
-    o, lse = triton_forward(q, k, v, *layout)
-    exact = triton_backward(q, k, v, o, lse, do, *layout, None, 0)
-    huge = triton_backward(q, k, v, o, lse, do, *layout, 1e30, 5)
+    o, lse = triton_forward(q, k, v, scale, **pattern)
+    exact = triton_backward(q, k, v, o, lse, do, scale, **pattern, c=None, seed=0)
+    huge = triton_backward(q, k, v, o, lse, do, scale, **pattern, c=1e30, seed=5)
     for a, b in zip(exact, huge):
         assert torch.equal(a, b)
 

@@ -37,22 +37,23 @@ def _masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor
                          dtype=wide_dtype(scores.dtype))
 
 
-def _softmax(scores: torch.Tensor, visible: torch.Tensor, dropout: float, training: bool) -> torch.Tensor:
+def _softmax(scores: torch.Tensor, visible: torch.Tensor, dropout: float) -> torch.Tensor:
     probs = _masked_softmax(scores, visible)
-    return F.dropout(probs, p=dropout, training=training) if dropout > 0 else probs
+    return F.dropout(probs, p=dropout) if dropout > 0 else probs
 
 
-def causal_attention(q, k, v, key_padding, scaling, dropout=0.0, training=False):
+def causal_attention(q, k, v, key_padding, scaling, dropout=0.0):
     """Ordinary causal attention; queries are the last q.shape[2] of the k.shape[2] key positions.
 
-    key_padding: ``[B, n_kv]`` bool (True = real token) or None. Returns ``[B, n_q, H, d]``.
+    key_padding: ``[B, n_kv]`` bool (True = real token) or None; ``dropout``: the attention-dropout
+    rate to apply (0 outside training). Returns ``[B, n_q, H, d]``.
     Without padding this is PyTorch's fused attention (much less overhead per call when decoding).
     """
     hkv, n_q, n_kv = k.shape[1], q.shape[2], k.shape[2]
     if key_padding is None or bool(key_padding.all()):
         q, k = q.to(v.dtype), k.to(v.dtype)  # under autocast RoPE can leave q, k in fp32 and v in bf16
         mask = None if n_q in (1, n_kv) else torch.ones(n_q, n_kv, dtype=torch.bool, device=q.device).tril(n_kv - n_q)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout if training else 0.0,
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                              is_causal=n_q == n_kv and n_q > 1, scale=scaling,
                                              enable_gqa=hkv != q.shape[1])
         return out.transpose(1, 2).contiguous()
@@ -62,11 +63,11 @@ def causal_attention(q, k, v, key_padding, scaling, dropout=0.0, training=False)
     visible = visible[None, None, None]
     if key_padding is not None:
         visible = visible & key_padding[:, None, None, None, :].bool()
-    probs = _softmax(scores, visible, dropout, training).to(v.dtype)
+    probs = _softmax(scores, visible, dropout).to(v.dtype)
     return _ungrouped(torch.matmul(probs, v.unsqueeze(2)))
 
 
-def expanded_attention(q, k, v, layout: ThoughtLayout, scaling, dropout=0.0, training=False):
+def expanded_attention(q, k, v, layout: ThoughtLayout, scaling, dropout=0.0):
     """Attention over a thought-expanded row: L text tokens, then N*L*S branch tokens.
 
     Text queries attend causally to text; branch queries of position j attend jointly (one
@@ -83,7 +84,7 @@ def expanded_attention(q, k, v, layout: ThoughtLayout, scaling, dropout=0.0, tra
 
     # Text queries.
     text_scores = torch.matmul(qg[:, :, :, :L], at_least_fp32(k_text).transpose(-1, -2))
-    text_probs = _softmax(text_scores, prefix_visible[:, None, None], dropout, training).to(v.dtype)
+    text_probs = _softmax(text_scores, prefix_visible[:, None, None], dropout).to(v.dtype)
     text_out = torch.matmul(text_probs, v_text)  # [B, Hkv, G, L, d]
 
     # Branch queries: scores against the prefix and against their own branch, one softmax over both.
@@ -98,7 +99,7 @@ def expanded_attention(q, k, v, layout: ThoughtLayout, scaling, dropout=0.0, tra
         ],
         dim=-1,
     )
-    probs = _softmax(torch.cat([to_prefix, to_branch], dim=-1), visible, dropout, training).to(v.dtype)
+    probs = _softmax(torch.cat([to_prefix, to_branch], dim=-1), visible, dropout).to(v.dtype)
     prefix_probs, branch_probs = probs.split([L, S], dim=-1)
     branch_out = torch.matmul(prefix_probs.reshape(B, hkv, g, N * L * S, L), v_text)
     branch_out = branch_out.view(B, hkv, g, N, L, S, d) + torch.matmul(branch_probs, v_branch)
@@ -106,27 +107,21 @@ def expanded_attention(q, k, v, layout: ThoughtLayout, scaling, dropout=0.0, tra
     return _ungrouped(out)
 
 
-def sample_step_attention(q, k_new, v_new, k_buffer, v_buffer, k_text, v_text, layout: ThoughtLayout, scaling):
-    """One sampling step: N*L queries b_{j,step+1}; no gradient.
-
-    ``k_new``/``v_new`` ``[B, Hkv, N*L, d]`` are first written into slot ``layout.step`` of the
-    branch buffers ``[B, Hkv, N, L, T, d]``; the queries then attend to the text prefix
-    ``[B, Hkv, L, d]`` (keys 0..j) and to their own branch slots 0..step.
+def sample_step_attention(q, k_text, v_text, k_branch, v_branch, key_padding, scaling):
+    """One sampling step (no gradient): the N*L queries b_{j,m+1} ``[B, H, N*L, d]`` attend to the text
+    prefix ``k_text/v_text [B, Hkv, L, d]`` (keys 0..j that are not padding, ``key_padding [B, L]``) and to
+    their own branch slots 0..m, ``k_branch/v_branch [B, Hkv, N, L, m+1, d]``. Returns ``[B, N*L, H, d]``.
     """
-    B, hkv, N, L, _, d = k_buffer.shape
-    m = layout.step
-    k_buffer[:, :, :, :, m] = k_new.view(B, hkv, N, L, d)
-    v_buffer[:, :, :, :, m] = v_new.view(B, hkv, N, L, d)
+    B, hkv, N, L, slots, d = k_branch.shape
     qg = at_least_fp32(_grouped(q, hkv)) * scaling
     g = qg.shape[2]
     to_prefix = torch.matmul(qg, at_least_fp32(k_text).unsqueeze(2).transpose(-1, -2)).view(B, hkv, g, N, L, L)
     q_step = qg.view(B, hkv, g, N, L, 1, d)
-    k_seen, v_seen = k_buffer[:, :, :, :, : m + 1], v_buffer[:, :, :, :, : m + 1]
-    to_branch = torch.matmul(q_step, at_least_fp32(k_seen).unsqueeze(2).transpose(-1, -2)).squeeze(-2)
-    prefix_visible = prefix_visibility(layout.key_padding.bool())[:, None, None, None]  # [B, 1, 1, 1, L, L]
-    visible = torch.cat([prefix_visible.expand(B, 1, 1, 1, L, L), prefix_visible.new_ones(B, 1, 1, 1, L, m + 1)], -1)
+    to_branch = torch.matmul(q_step, at_least_fp32(k_branch).unsqueeze(2).transpose(-1, -2)).squeeze(-2)
+    prefix_visible = prefix_visibility(key_padding.bool())[:, None, None, None]  # [B, 1, 1, 1, L, L]
+    visible = torch.cat([prefix_visible.expand(B, 1, 1, 1, L, L), prefix_visible.new_ones(B, 1, 1, 1, L, slots)], -1)
     probs = _masked_softmax(torch.cat([to_prefix, to_branch], dim=-1), visible)
-    prefix_probs, branch_probs = probs.to(v_text.dtype).split([L, m + 1], dim=-1)
+    prefix_probs, branch_probs = probs.to(v_text.dtype).split([L, slots], dim=-1)
     out = torch.matmul(prefix_probs.reshape(B, hkv, g, N * L, L), v_text.unsqueeze(2))
-    out = out.view(B, hkv, g, N, L, d) + torch.matmul(branch_probs.unsqueeze(-2), v_seen.unsqueeze(2)).squeeze(-2)
+    out = out.view(B, hkv, g, N, L, d) + torch.matmul(branch_probs.unsqueeze(-2), v_branch.unsqueeze(2)).squeeze(-2)
     return _ungrouped(out.reshape(B, hkv, g, N * L, d))

@@ -13,11 +13,12 @@ so all S tokens of one branch sit together.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 import torch
 
 PHASES = ("prefix", "sample", "expanded")
+SAMPLING_PHASES = ("prefix", "sample")
 
 
 def prefix_visibility(key_padding: torch.Tensor) -> torch.Tensor:
@@ -49,15 +50,20 @@ class ThoughtLayout:
         plus their own branch so far (no gradient).
       * ``"expanded"``: the call holds the L text tokens followed by the N*L*S branch tokens of
         the thought-expanded row; the gradient pass.
+
+    The sampling phases (prefix, sample) take ``num_thought_tokens`` (T, the branch buffer's
+    slots); the expanded phase takes ``branch_length`` (S = T + A + 1 tokens per branch).
     """
 
     phase: str
     key_padding: torch.Tensor  # [B, L] bool, True for real tokens
     num_thoughts: int  # N
-    branch_length: int  # S in the expanded phase; T (buffer slots) in the sampling phases
-    step: int = 0
-    backend: str = "auto"  # QuietStarConfig.attention_backend
+    _: KW_ONLY
+    backend: str  # QuietStarConfig.attention_backend; quietstar.attention.dispatch resolves it per call
+    num_thought_tokens: int | None = None  # T, sampling phases only
+    branch_length: int | None = None  # S, expanded phase only
     sus_c: float | None = None  # SUS backward in the expanded phase (None: exact)
+    step: int = 0  # the sampling step m: this call's tokens are b_{.,m+1}
     text_cache: dict = field(default_factory=dict)  # layer_idx -> (k, v), each [B, Hkv, L, d]
     branch_cache: dict = field(default_factory=dict)  # layer_idx -> (k, v), each [B, Hkv, N, L, T, d]
     # The expanded phase's FlexAttention BlockMask (quietstar.ops.flex), built by the first layer, shared by all
@@ -66,6 +72,16 @@ class ThoughtLayout:
     def __post_init__(self):
         if self.phase not in PHASES:
             raise ValueError(f"ThoughtLayout.phase must be one of {PHASES}, got {self.phase!r}.")
+        if self.phase == "expanded":
+            needed, unused = "branch_length", "num_thought_tokens"
+        else:
+            needed, unused = "num_thought_tokens", "branch_length"
+        if getattr(self, unused) is not None:
+            raise ValueError(f"ThoughtLayout.{unused} does not apply to the {self.phase!r} phase; pass {needed}.")
+        value = getattr(self, needed)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"The {self.phase!r} phase needs ThoughtLayout.{needed}, a positive integer; "
+                             f"got {value!r}.")
 
     @property
     def num_text(self) -> int:

@@ -1,4 +1,4 @@
-"""Entry points of SUS attention: input checks, backend choice, and the Triton autograd Function.
+"""Entry points of SUS attention: input checks, the backend choice, and the one autograd Function.
 
 Shapes: q ``[B, H, n, d]``, k/v ``[B, Hkv, n, d]`` with H a multiple of Hkv (grouped-query
 attention); the output is ``[B, H, n, d]``. ``num_text``/``branch_length`` select the pattern (see
@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from .reference import ReferenceSusAttention, _check_pattern
+from . import reference
 
 BACKENDS = ("auto", "torch", "triton")
 HEAD_DIMS = (16, 32, 64, 128)
@@ -30,100 +30,11 @@ def triton_available() -> bool:
     return True
 
 
-def _block_sizes(device: torch.device, head_dim: int) -> tuple[int, int]:
-    if device.type != "cuda":  # the interpreter: small tiles keep tiny tests fast
-        return 16, 16
-    return (64, 64) if head_dim <= 64 else (64, 32)
-
-
-def _num_blocks(count: int, block: int) -> int:
-    return -(-count // block)
-
-
-def _launch_geometry(n, num_text, block):
-    text_blocks = _num_blocks(num_text, block)
-    return text_blocks, text_blocks + _num_blocks(n - num_text, block)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def triton_forward(q, k, v, key_valid, scale, num_text, branch_length, causal, out=None):
-    """Launch the forward kernel on contiguous q, k, v; ``out`` = (o, lse) buffers to fill, else new ones."""
-    from . import kernels
-
-    B, H, n, d = q.shape
-    if out is None:
-        out = torch.empty_like(q), torch.empty(B, H, n, device=q.device, dtype=torch.float32)
-    o, lse = out
-    block_m, block_n = _block_sizes(q.device, d)
-    text_blocks, total = _launch_geometry(n, num_text, block_m)
-    has_key_valid = key_valid is not None
-    key_valid_arg = key_valid.to(torch.int8).contiguous() if has_key_valid else lse
-    kernels.forward_kernel[(total, B * H)](
-        q, k, v, o, lse, key_valid_arg,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        n, num_text, max(branch_length, 1), H, H // k.shape[1], text_blocks, scale,
-        CAUSAL=causal, HAS_KEY_VALID=has_key_valid, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d,
-        PRECISION=_precision(q.dtype),
-    )
-    return o, lse
-
-
-def triton_backward(q, k, v, o, lse, do, key_valid, scale, num_text, branch_length, causal, c, seed, out=None):
-    """Launch the two backward kernels; ``out`` = (dq, dk, dv) buffers to fill, else new ones."""
-    from . import kernels
-
-    B, H, n, d = q.shape
-    hkv = k.shape[1]
-    do = do.contiguous()
-    delta = (do.float() * o.float()).sum(-1)  # D from the exact output, never from P~ (that would bias dQ)
-    dq, dk, dv = out if out is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
-    block_m, block_n = _block_sizes(q.device, d)
-    has_key_valid = key_valid is not None
-    key_valid_arg = key_valid.to(torch.int8).contiguous() if has_key_valid else lse
-    sus = c is not None
-    common = dict(CAUSAL=causal, HAS_KEY_VALID=has_key_valid, SUS=sus, HEAD_DIM=d, PRECISION=_precision(q.dtype))
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-    S = max(branch_length, 1)
-    c_arg = float(c) if sus else 1.0
-    text_blocks, total = _launch_geometry(n, num_text, block_m)
-    kernels.backward_dq_kernel[(total, B * H)](
-        q, k, v, do, dq, lse, delta, key_valid_arg, *strides,
-        n, num_text, S, H, H // hkv, text_blocks, scale, c_arg, seed,
-        BLOCK_M=block_m, BLOCK_N=block_n, **common,
-    )
-    text_key_blocks, total_keys = _launch_geometry(n, num_text, block_n)
-    kernels.backward_dkdv_kernel[(total_keys, B * hkv)](
-        q, k, v, do, dk, dv, lse, delta, key_valid_arg, *strides,
-        n, num_text, S, H, H // hkv, text_key_blocks, scale, c_arg, seed,
-        BLOCK_M=block_m, BLOCK_N=block_n, **common,
-    )
-    return dq, dk, dv
-
-
-class TritonSusAttention(torch.autograd.Function):
-    """Autograd Function over the Triton kernels: exact forward, exact or SUS backward; one gradient per input."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, key_valid, scale, num_text, branch_length, causal, c, seed):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o, lse = triton_forward(q, k, v, key_valid, scale, num_text, branch_length, causal)
-        ctx.save_for_backward(q, k, v, o, lse, key_valid)
-        ctx.settings = (scale, num_text, branch_length, causal, c, seed)
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, key_valid = ctx.saved_tensors
-        scale, num_text, branch_length, causal, c, seed = ctx.settings
-        dq, dk, dv = triton_backward(q, k, v, o, lse, do, key_valid, scale, num_text, branch_length, causal, c, seed)
-        return dq, dk, dv, None, None, None, None, None, None, None
-
-
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> 'triton' on CUDA with Triton installed, else 'torch'; checks forced choices."""
+    """'auto' -> 'triton' on CUDA with Triton installed, else 'torch'; checks forced choices.
+
+    The one place "auto" becomes Triton or not; quietstar.attention.dispatch asks it too.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
     if backend == "auto":
@@ -138,6 +49,39 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 "Triton's (slow) interpreter."
             )
     return backend
+
+
+def _implementation(backend: str):
+    """(forward, backward) of a resolved backend; both share the signatures of the reference's."""
+    if backend == "triton":
+        from . import launch  # imports triton, which only this backend needs
+
+        return launch.triton_forward, launch.triton_backward
+    return reference.attention_forward, reference.attention_backward
+
+
+class SusAttention(torch.autograd.Function):
+    """Exact forward, exact (``c=None``) or SUS backward, by the Triton kernels or the PyTorch reference;
+    one gradient per input (q, k, v) and None for the settings."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_valid, scale, num_text, branch_length, causal, c, seed, backend):
+        if backend == "triton":
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        forward, _ = _implementation(backend)
+        o, lse = forward(q, k, v, scale=scale, num_text=num_text, branch_length=branch_length, causal=causal,
+                         key_valid=key_valid)
+        ctx.save_for_backward(q, k, v, o, lse, key_valid)
+        ctx.settings = dict(scale=scale, num_text=num_text, branch_length=branch_length, causal=causal, c=c, seed=seed)
+        ctx.backend = backend
+        return o.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, key_valid = ctx.saved_tensors
+        _, backward = _implementation(ctx.backend)
+        dq, dk, dv = backward(q, k, v, o, lse, do, key_valid=key_valid, **ctx.settings)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None
 
 
 def check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend):
@@ -157,7 +101,7 @@ def check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}.")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}.")
-    _check_pattern(n, num_text, branch_length)
+    reference.check_pattern(n, num_text, branch_length)
     if key_valid is not None and tuple(key_valid.shape) != (B, num_text):
         raise ValueError(f"key_valid must be [batch, num_text] = {(B, num_text)}, got {tuple(key_valid.shape)}.")
     if backend == "triton":
@@ -178,8 +122,7 @@ def attention(q, k, v, *, c=None, scale=None, seed=0, backend="auto", causal=Tru
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     seed = int(seed) & SEED_MASK
     key_valid = None if key_valid is None else key_valid.bool()
-    fn = TritonSusAttention if backend == "triton" else ReferenceSusAttention
-    return fn.apply(q, k, v, key_valid, scale, num_text, branch_length, causal, c, seed)
+    return SusAttention.apply(q, k, v, key_valid, scale, num_text, branch_length, causal, c, seed, backend)
 
 
 def sus_attention(q, k, v, c, causal=True, scale=None, seed=0, backend="auto"):

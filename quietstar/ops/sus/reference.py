@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from ...precision import at_least_fp32
 from . import rng
 
 
@@ -74,7 +75,7 @@ def _pieces(n: int, num_text: int, branch_length: int, device) -> list[_Piece]:
     return [text, prefix, own]
 
 
-def _check_pattern(n: int, num_text: int, branch_length: int) -> None:
+def check_pattern(n: int, num_text: int, branch_length: int) -> None:
     if num_text > n or (branch_length == 0 and num_text != n):
         raise ValueError(f"num_text={num_text} does not fit a row of {n} tokens with branch_length={branch_length}.")
     if branch_length and (n - num_text) % branch_length:
@@ -126,10 +127,11 @@ def _all_probs(q, k, scale, num_text, branch_length, causal, key_valid, lse=None
 
 
 def attention_forward(q, k, v, scale, num_text, branch_length=0, causal=True, key_valid=None):
-    """Exact attention. q ``[B, H, n, d]``, k/v ``[B, Hkv, n, d]`` -> (o ``[B, H, n, d]``, lse ``[B, H, n]``), fp32."""
-    _check_pattern(q.shape[2], num_text, branch_length)
+    """Exact attention. q ``[B, H, n, d]``, k/v ``[B, Hkv, n, d]`` -> (o ``[B, H, n, d]``, lse ``[B, H, n]``), in
+    fp32 (fp64 for fp64 inputs)."""
+    check_pattern(q.shape[2], num_text, branch_length)
     H = q.shape[1]
-    q, k, v = q.float(), _expand_heads(k.float(), H), _expand_heads(v.float(), H)
+    q, k, v = at_least_fp32(q), _expand_heads(at_least_fp32(k), H), _expand_heads(at_least_fp32(v), H)
     pieces, probs, lse = _all_probs(q, k, scale, num_text, branch_length, causal, key_valid)
     out = torch.zeros_like(q)
     for piece, p in zip(pieces, probs):
@@ -140,11 +142,13 @@ def attention_forward(q, k, v, scale, num_text, branch_length=0, causal=True, ke
 
 def attention_backward(q, k, v, o, lse, do, scale, num_text, branch_length=0, causal=True, key_valid=None,
                        c=None, seed=0):
-    """Gradients (dq, dk, dv) in fp32, exact (``c=None``) or SUS with parameter ``c`` and ``seed``."""
+    """Gradients (dq, dk, dv) in fp32 (fp64 for fp64 inputs), exact (``c=None``) or SUS with parameter ``c`` and
+    ``seed``."""
     B, H, n, d = q.shape
     hkv = k.shape[1]
-    q, k, v, do = q.float(), _expand_heads(k.float(), H), _expand_heads(v.float(), H), do.float()
-    delta = (do * o.float()).sum(-1)  # D_i from the exact output, never from P~ (that would bias dQ)
+    q, do = at_least_fp32(q), at_least_fp32(do)
+    k, v = _expand_heads(at_least_fp32(k), H), _expand_heads(at_least_fp32(v), H)
+    delta = (do * at_least_fp32(o)).sum(-1)  # D_i from the exact output, never from P~ (that would bias dQ)
     pieces, probs, _ = _all_probs(q, k, scale, num_text, branch_length, causal, key_valid, lse)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     bh = torch.arange(B * H, device=q.device).view(B, H)
@@ -162,21 +166,3 @@ def attention_backward(q, k, v, o, lse, do, scale, num_text, branch_length=0, ca
         dv[:, :, cols] += torch.matmul(p.transpose(-1, -2), do_p).reshape(B, H, -1, d)
     group = H // hkv
     return dq, dk.view(B, hkv, group, n, d).sum(2), dv.view(B, hkv, group, n, d).sum(2)
-
-
-class ReferenceSusAttention(torch.autograd.Function):
-    """Autograd Function over the reference: exact forward, exact or SUS backward; one gradient per input."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, key_valid, scale, num_text, branch_length, causal, c, seed):
-        o, lse = attention_forward(q, k, v, scale, num_text, branch_length, causal, key_valid)
-        ctx.save_for_backward(q, k, v, o, lse, key_valid)
-        ctx.settings = (scale, num_text, branch_length, causal, c, seed)
-        return o.to(q.dtype)
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, key_valid = ctx.saved_tensors
-        scale, num_text, branch_length, causal, c, seed = ctx.settings
-        dq, dk, dv = attention_backward(q, k, v, o, lse, do, scale, num_text, branch_length, causal, key_valid, c, seed)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None

@@ -1,4 +1,7 @@
-"""Expanded attention from exact CPU flash-attention kernels, merged by log-sum-exp (a fast path of eager.py).
+"""The thought layout's attention from exact CPU flash-attention kernels, merged by log-sum-exp.
+
+A fast path of :mod:`quietstar.attention.eager` (its reference; tests compare the two), for the
+gradient pass (:func:`expanded_attention`) and the sampling steps (:func:`sample_step_attention`).
 
 The visibility rule splits into two ordinary causal attentions and a small batched one:
 * text queries over text keys: causal, length L;
@@ -25,8 +28,6 @@ import functools
 
 import torch
 
-from .layout import ThoughtLayout
-
 _flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _flash_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
@@ -41,10 +42,10 @@ def _native_grouped_heads() -> bool:
     return True
 
 
-def applies(query: torch.Tensor, layout: ThoughtLayout, dropout: float) -> bool:
-    """The fast path is exact here: CPU, fp32/bf16, no padding key, no attention dropout."""
+def applies(query: torch.Tensor, key_padding: torch.Tensor, dropout: float) -> bool:
+    """The fast path is exact here: CPU, fp32/bf16, no padding key (``key_padding [B, L]`` all True), no dropout."""
     return (_flash is not None and query.device.type == "cpu" and dropout == 0.0
-            and query.dtype in (torch.float32, torch.bfloat16) and bool(layout.key_padding.all())
+            and query.dtype in (torch.float32, torch.bfloat16) and bool(key_padding.all())
             and _native_grouped_heads())
 
 
@@ -140,34 +141,36 @@ class ExpandedFlashAttention(torch.autograd.Function):
                 None, None, None, None)
 
 
-def expanded_attention(q, k, v, layout: ThoughtLayout, scaling: float) -> torch.Tensor:
-    """Same contract as :func:`quietstar.attention.eager.expanded_attention`; returns ``[B, n, H, d]``."""
+def expanded_attention(q, k, v, num_text: int, num_thoughts: int, branch_length: int, scaling: float) -> torch.Tensor:
+    """The gradient pass: q ``[B, H, L + N L S, d]``, k/v ``[B, Hkv, L + N L S, d]`` -> ``[B, n, H, d]``.
+
+    Same contract as :func:`quietstar.attention.eager.expanded_attention` for unpadded rows.
+    """
     # Under autocast RoPE can leave q and k in fp32 and v in bf16; compute in v's dtype, as eager's output is.
     q, k = q.to(v.dtype), k.to(v.dtype)
-    out = ExpandedFlashAttention.apply(q, k, v, layout.num_text, layout.num_thoughts, layout.branch_length, scaling)
+    out = ExpandedFlashAttention.apply(q, k, v, num_text, num_thoughts, branch_length, scaling)
     return out.transpose(1, 2).contiguous()
 
 
-def sample_step_attention(q, k_new, v_new, k_buffer, v_buffer, k_text, v_text, layout: ThoughtLayout, scaling):
-    """Same contract as :func:`quietstar.attention.eager.sample_step_attention` (no gradient), for unpadded rows.
+def sample_step_attention(q, k_text, v_text, k_branch, v_branch, scaling: float) -> torch.Tensor:
+    """One sampling step for unpadded rows (no gradient): the N*L queries b_{j,m+1} ``[B, H, N*L, d]`` attend to
+    the text ``k_text/v_text [B, Hkv, L, d]`` (keys 0..j) and to their own branch slots 0..m,
+    ``k_branch/v_branch [B, Hkv, N, L, m+1, d]``. Returns ``[B, N*L, H, d]``.
 
-    The N*L queries b_{j,step+1} over the text are causal in j for each sample: one flash call in which
-    the N samples are extra query heads of the text K/V (a view, no copy). Their own branch slots
-    0..step are a small batched product. The two softmaxes are merged by their log-sum-exps.
+    Same contract as :func:`quietstar.attention.eager.sample_step_attention`. The queries over the text
+    are causal in j for each sample: one flash call in which the N samples are extra query heads of the
+    text K/V (a view, no copy). Their own branch slots are a small batched product. The two softmaxes
+    are merged by their log-sum-exps.
     """
-    B, hkv, N, L, _, d = k_buffer.shape
-    m = layout.step
-    k_buffer[:, :, :, :, m] = k_new.view(B, hkv, N, L, d)
-    v_buffer[:, :, :, :, m] = v_new.view(B, hkv, N, L, d)
+    B, hkv, N, L, _, d = k_branch.shape
     H = q.shape[1]
     q = q.to(v_text.dtype)
     out_a, lse_a = _flash(q.reshape(B, H * N, L, d), k_text.to(v_text.dtype), v_text, is_causal=True, scale=scaling)
     out_a, lse_a = out_a.view(B, H, N, L, d), lse_a.view(B, H, N, L)
     grouped = q.view(B, hkv, H // hkv, N, L, d).float()
-    scores = torch.einsum("bkgnld,bknlsd->bkgnls", grouped, k_buffer[:, :, :, :, : m + 1].float()) * scaling
+    scores = torch.einsum("bkgnld,bknlsd->bkgnls", grouped, k_branch.float()) * scaling
     lse_b = torch.logsumexp(scores, dim=-1)
-    out_b = torch.einsum("bkgnls,bknlsd->bkgnld", torch.exp(scores - lse_b.unsqueeze(-1)),
-                         v_buffer[:, :, :, :, : m + 1].float())
+    out_b = torch.einsum("bkgnls,bknlsd->bkgnld", torch.exp(scores - lse_b.unsqueeze(-1)), v_branch.float())
     lse_b, out_b = lse_b.reshape(B, H, N, L), out_b.reshape(B, H, N, L, d)
     lse = torch.logaddexp(lse_a.float(), lse_b)
     out = torch.exp(lse_a - lse).unsqueeze(-1) * out_a.float() + torch.exp(lse_b - lse).unsqueeze(-1) * out_b

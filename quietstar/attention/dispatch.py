@@ -1,0 +1,170 @@
+"""The "quietstar" attention function: a short entry point, one function per phase, one backend choice.
+
+transformers calls :func:`quietstar_attention` in every layer of a model loaded with
+``attn_implementation="quietstar"``. The call's ``thought_layout`` keyword names the phase
+(:mod:`.layout`): none (ordinary causal attention: the text pass, generation, any plain LM),
+``"prefix"``, ``"sample"`` or ``"expanded"``. :func:`resolve_backend` is the one place
+``attention_backend`` ("auto", "eager", "triton") becomes the implementation that serves a call.
+
+Shapes as transformers passes them: q ``[B, H, n, d]``, k/v ``[B, Hkv, n, d]`` (after RoPE); every
+phase returns ``[B, n, H, d]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops import flash_cpu, flex, sus
+from . import eager
+from .layout import ThoughtLayout
+
+def quietstar_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    thought_layout: ThoughtLayout | None = None,
+    sus_c: float | None = None,
+    **kwargs,
+):
+    """Attention with transformers' calling convention; returns (output ``[B, n, H, d]``, None).
+
+    ``sus_c`` (a keyword of the model call, without a thought layout): ordinary causal attention with
+    an exact forward and a SUS backward (quietstar.ops.sus), for any causal LM loaded with this attention.
+    """
+    if softcap is not None:
+        raise ValueError("The quietstar attention does not implement attention-logit soft-capping.")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    dropout = dropout if module.training else 0.0
+    layout = thought_layout
+    if layout is None:
+        return plain_attention(query, key, value, attention_mask, scaling, dropout, sliding_window, sus_c), None
+    if key.shape[2] != layout.expected_length():
+        raise ValueError(
+            f"The quietstar '{layout.phase}' layout expects {layout.expected_length()} tokens per row, the model "
+            f"call held {key.shape[2]}. Do not pass past_key_values together with a thought layout."
+        )
+    if layout.phase == "prefix":
+        return prefix_attention(module.layer_idx, query, key, value, layout, scaling, sliding_window), None
+    if layout.phase == "sample":
+        return sampling_step_attention(module.layer_idx, query, key, value, layout, scaling), None
+    return gradient_pass_attention(query, key, value, layout, scaling, dropout, sliding_window), None
+
+
+def resolve_backend(layout: ThoughtLayout, query: torch.Tensor, dropout: float) -> str:
+    """Which implementation serves a sampling step or the gradient pass: "eager", "flash_cpu", "flex", "sus_torch"
+    or "sus_triton".
+
+    The gradient pass takes named backends as named ("triton": the SUS kernels of quietstar.ops.sus, exact or SUS;
+    "flex": FlexAttention with the thought layout as a block mask, quietstar.ops.flex). Under "auto" a SUS backward
+    (``sus_c``) runs in the Triton kernels wherever quietstar.ops.sus's own "auto" picks them (CUDA with Triton),
+    else in its PyTorch reference; an exact one runs in FlexAttention on CUDA where it applies. Otherwise "auto"
+    takes the exact CPU flash path where it applies, and everything else (always under "eager") is eager.
+    """
+    if layout.phase == "expanded":
+        if layout.backend == "triton":
+            return "sus_triton"
+        if layout.backend == "flex":
+            return "flex"
+        auto_on_cuda = layout.backend == "auto" and query.device.type == "cuda"
+        if layout.sus_c is not None:
+            triton = layout.backend == "auto" and sus.resolve_backend("auto", query.device) == "triton"
+            return "sus_triton" if triton else "sus_torch"
+        if auto_on_cuda and flex.applies(query, dropout):
+            return "flex"
+    if layout.backend == "auto" and flash_cpu.applies(query, layout.key_padding, dropout):
+        return "flash_cpu"
+    return "eager"
+
+
+def plain_attention(query, key, value, attention_mask, scaling, dropout, sliding_window, sus_c):
+    """Ordinary causal attention over a 2-D padding mask ``[B, n_kv]``; with ``sus_c``, a SUS backward."""
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            "The quietstar attention takes a 2-D padding mask [batch, keys]; got a "
+            f"{attention_mask.dim()}-D mask. Pass attention_mask as transformers' usual [batch, length] tensor."
+        )
+    _check_span(sliding_window, key.shape[2])
+    if sus_c is None:
+        return eager.causal_attention(query, key, value, attention_mask, scaling, dropout)
+    if query.shape[2] != key.shape[2]:
+        raise ValueError("sus_c applies to full-sequence calls (training), not to cached decoding.")
+    if dropout > 0:
+        raise ValueError(f"Attention dropout ({dropout}) is not implemented with sus_c; set the model's "
+                         "attention_dropout to 0.")
+    out = sus.attention(query.to(value.dtype), key.to(value.dtype), value, c=sus_c, scale=scaling,
+                        seed=_fresh_seed(), key_valid=attention_mask)
+    return out.transpose(1, 2).contiguous()
+
+
+def prefix_attention(layer: int, query, key, value, layout: ThoughtLayout, scaling, sliding_window):
+    """The text pass before sampling: causal attention over the L text tokens, whose K/V are kept for the steps."""
+    _check_span(sliding_window, layout.num_text)
+    layout.text_cache[layer] = (key, value)
+    return eager.causal_attention(query, key, value, layout.key_padding, scaling)
+
+
+def sampling_step_attention(layer: int, query, key, value, layout: ThoughtLayout, scaling):
+    """Sampling step m = ``layout.step``: the N*L new tokens b_{.,m+1} (k/v ``[B, Hkv, N*L, d]``) go into slot m
+    of this layer's branch buffers ``[B, Hkv, N, L, T, d]`` (allocated at step 0); their queries then attend to
+    the cached text and to their own branch slots 0..m."""
+    m = layout.step
+    if m == 0:
+        B, hkv, _, d = key.shape
+        shape = (B, hkv, layout.num_thoughts, layout.num_text, layout.num_thought_tokens, d)
+        layout.branch_cache[layer] = (key.new_zeros(shape), value.new_zeros(shape))
+    k_text, v_text = layout.text_cache[layer]
+    k_buffer, v_buffer = layout.branch_cache[layer]
+    B, hkv, N, L, _, d = k_buffer.shape
+    k_buffer[:, :, :, :, m] = key.view(B, hkv, N, L, d)
+    v_buffer[:, :, :, :, m] = value.view(B, hkv, N, L, d)
+    k_branch, v_branch = k_buffer[:, :, :, :, : m + 1], v_buffer[:, :, :, :, : m + 1]
+    if resolve_backend(layout, query, dropout=0.0) == "flash_cpu":
+        return flash_cpu.sample_step_attention(query, k_text, v_text, k_branch, v_branch, scaling)
+    return eager.sample_step_attention(query, k_text, v_text, k_branch, v_branch, layout.key_padding, scaling)
+
+
+def gradient_pass_attention(query, key, value, layout: ThoughtLayout, scaling, dropout, sliding_window):
+    """The expanded phase: the L text tokens then the N*L*S branch tokens, with gradient."""
+    _check_span(sliding_window, layout.num_text + layout.branch_length)
+    backend = resolve_backend(layout, query, dropout)
+    if backend in ("sus_torch", "sus_triton"):
+        engine = backend.removeprefix("sus_")
+        if dropout > 0:
+            raise ValueError(
+                f"Attention dropout ({dropout}) is not implemented by the {engine!r} SUS attention; set the model's "
+                "attention_dropout to 0 or use attention_backend='eager' without sus_c."
+            )
+        key_valid = None if bool(layout.key_padding.all()) else layout.key_padding
+        out = sus.attention(
+            query.to(value.dtype), key.to(value.dtype), value, c=layout.sus_c, scale=scaling, seed=_fresh_seed(),
+            backend=engine, num_text=layout.num_text, branch_length=layout.branch_length, key_valid=key_valid,
+        )
+        return out.transpose(1, 2).contiguous()
+    if backend == "flex":
+        return flex.expanded_attention(query, key, value, layout, scaling, dropout)
+    if backend == "flash_cpu":
+        return flash_cpu.expanded_attention(query, key, value, layout.num_text, layout.num_thoughts,
+                                            layout.branch_length, scaling)
+    return eager.expanded_attention(query, key, value, layout, scaling, dropout)
+
+
+def _check_span(sliding_window, span: int) -> None:
+    if sliding_window is not None and sliding_window < span:
+        raise ValueError(
+            f"This model uses sliding-window attention (window {sliding_window}) but a row here spans {span} "
+            "positions; the quietstar attention does not implement sliding windows. Use rows no longer than the "
+            "window (max_length), or a model with full attention."
+        )
+
+
+def _fresh_seed() -> int:
+    """A new SUS mask per call, reproducible under torch.manual_seed (and replayed by activation
+    checkpointing, which restores the RNG state before recomputing)."""
+    return int(torch.randint(0, 2**31 - 1, ()).item())
