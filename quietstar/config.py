@@ -1,4 +1,4 @@
-"""QuietStarConfig: the model-side hyperparameters of Quiet-STaR (DESIGN §1), saved with checkpoints
+"""QuietStarConfig: the model-side hyperparameters of Quiet-STaR (docs/design.md §1), saved with checkpoints
 (quietstar/checkpoint.py)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ REWARD_PRECISIONS = ("fp32", "autocast")
 ADVANTAGE_NORMALIZATIONS = ("none", "batch_std")
 TEXT_PATHS = ("train", "frozen", "thought_lora")
 
-# The official code's loss settings (DESIGN §1): a preset, not the default (see QuietStarConfig.official).
+# The official code's loss settings (docs/design.md §1): a preset, not the default (see QuietStarConfig.official).
 OFFICIAL_LOSS = dict(reinforce_temperature=3.0, clip_negative_advantage=True, policy_weight=1e6, reward_source="mixed",
                      reward_precision="autocast", advantage_normalization="none", thought_nll_weight=0.0)
 
@@ -26,7 +26,7 @@ ADDED_FIELDS_BEFORE = dict(reward_source="mixed", reward_precision="autocast", a
 class QuietStarConfig:
     """Hyperparameters of the thought process, the mixing head and the losses.
 
-    Names follow DESIGN §1: T = ``num_thought_tokens``, A = ``num_lookahead_tokens``,
+    Names follow docs/design.md §1: T = ``num_thought_tokens``, A = ``num_lookahead_tokens``,
     N = ``num_thoughts``; a branch holds S = T + A + 1 tokens.
 
     The loss defaults are the recipe that does not wreck the LM (docs/recipe.md): scoring at the sampling
@@ -133,7 +133,7 @@ class QuietStarConfig:
     )
     sus_c: float | None = field(
         default=None,
-        metadata={"help": "SUS backprop (DESIGN §3) in the gradient pass: keep each attention weight P in the "
+        metadata={"help": "SUS backprop (docs/design.md §3) in the gradient pass: keep each attention weight P in the "
                           "backward with probability min(1, c P), rescaled. None: exact backward. The paper found "
                           "c of 25-30 costs about one percent extra gradient variance at n = 2000."},
     )

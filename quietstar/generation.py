@@ -1,7 +1,7 @@
 """Thought-aware generation: every new token is predicted from the mixed logits after a thought.
 
 At each step, with context x_0..x_t: think <sot> c_1..c_T <eot> at position t, take the thought hidden
-state h^thought_{t,0} at <eot> and the base hidden state h^base_t, mix (DESIGN §1, s = 0) and pick
+state h^thought_{t,0} at <eot> and the base hidden state h^base_t, mix (docs/design.md §1, s = 0) and pick
 x_{t+1}. The context's K/V cache is kept across steps; the thought is decoded on top of it into
 scratch slots that are cropped away afterwards, so a step costs T + 1 forwards
 of one or two tokens (the new token and the next thought's <sot> share one).

@@ -1,4 +1,4 @@
-"""Quiet-STaR losses as plain functions of tensors (DESIGN §1, "Losses").
+"""Quiet-STaR losses as plain functions of tensors (docs/design.md §1, "Losses").
 
 Shapes: B batch, N thought samples, L text positions, A lookahead tokens, T thought tokens, V vocab.
 A target is valid when it exists (inside the row) and is neither padding nor ignored (-100).

@@ -1,4 +1,4 @@
-"""The mixing head: how much to trust the thought-conditioned prediction (DESIGN §1, "Mixing head")."""
+"""The mixing head: how much to trust the thought-conditioned prediction (docs/design.md §1, "Mixing head")."""
 
 from __future__ import annotations
 

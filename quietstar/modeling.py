@@ -29,7 +29,7 @@ from .vocab import mask_thought_tokens
 
 @dataclass
 class QuietStarOutput:
-    """What a forward pass returns (DESIGN §4). Logits of thought tokens are -inf in ``logits``."""
+    """What a forward pass returns (docs/design.md §4). Logits of thought tokens are -inf in ``logits``."""
 
     loss: torch.Tensor | None = None
     metrics: dict = field(default_factory=dict)
@@ -51,7 +51,7 @@ def _add_thought_tokens(tokenizer, config: QuietStarConfig) -> tuple[int, int]:
 
 
 class QuietStarForCausalLM(nn.Module):
-    """Wraps a causal LM (``self.base``) so it thinks at every position (DESIGN §1-2).
+    """Wraps a causal LM (``self.base``) so it thinks at every position (docs/design.md §1-2).
 
     Trainable parts: the LM itself, ``thought_embeddings`` (the input vectors of <|startofthought|>
     and <|endofthought|>, a separate parameter so they can get their own learning rate) and

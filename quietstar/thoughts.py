@@ -1,4 +1,4 @@
-"""The three phases of a Quiet-STaR step (DESIGN §2): text pass, no-grad thought sampling, expanded gradient pass.
+"""The three phases of a Quiet-STaR step (docs/design.md §2): text pass, no-grad thought sampling, expanded gradient pass.
 
 Shapes: B batch, L text tokens, N thought samples, T thought tokens, A lookahead tokens,
 S = T + A + 1 branch tokens, D hidden size, V vocabulary.

@@ -1,7 +1,7 @@
-"""Oracles 2 and 3 (DESIGN §5): the no-thought identity, and the loss and gradients against a slow reference.
+"""Oracles 2 and 3 (docs/design.md §5): the no-thought identity, and the loss and gradients against a slow reference.
 
 The reference runs the plain model (transformers' own eager attention) on every explicit branch
-sequence and computes L_NLL, rewards, advantages and L_RL with Python loops straight from DESIGN §1.
+sequence and computes L_NLL, rewards, advantages and L_RL with Python loops straight from docs/design.md §1.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Oracle 1 (DESIGN §5): the parallel thought computation equals running the plain model on each branch.
+"""Oracle 1 (docs/design.md §5): the parallel thought computation equals running the plain model on each branch.
 
 For a position j and sample n, the explicit sequence x_0..x_j, <sot>, c_1..c_T, <eot>, x_{j+1}..x_{j+A-1}
 (real tokens only, so a left-padded row is unpadded) is run through the base model with transformers'

@@ -1,6 +1,6 @@
 """SUS attention: the PyTorch reference against exact attention, the estimator's statistics, bad input.
 
-Statistics (DESIGN §5.6), on one attention call with fixed q, k, v and upstream gradient dO:
+Statistics (docs/design.md §5.6), on one attention call with fixed q, k, v and upstream gradient dO:
 the exact gradient g; M SUS samples g_1..g_M with seeds 0..M-1; per element the analytic variance
 of the estimator (each weight is an independent Bernoulli draw, Var P~ = P^2 (1/q - 1) with
 q = min(1, cP), and every gradient is linear in P~). The z-test checks every element's mean with a

@@ -1,4 +1,4 @@
-"""The "quietstar" attention, registered with transformers' AttentionInterface (DESIGN §2, "The attention seam").
+"""The "quietstar" attention, registered with transformers' AttentionInterface (docs/design.md §2, "The attention seam").
 
 A model loaded with ``attn_implementation="quietstar"`` calls :func:`quietstar_attention` in every
 layer. Without a ``thought_layout`` keyword it is ordinary causal attention (with the 2-D padding

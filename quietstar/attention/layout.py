@@ -1,4 +1,4 @@
-"""The thought layout: which tokens a model call holds and who may see whom (DESIGN §1, "Visibility").
+"""The thought layout: which tokens a model call holds and who may see whom (docs/design.md §1, "Visibility").
 
 A row of L text tokens grows, at every position j and for each of N thought samples, a branch of
 S tokens b_{j,1..S} with position ids j + 1 .. j + S. The visibility rule, in one place:

@@ -1,4 +1,4 @@
-"""SUS backprop: attention with an exact forward and a sparse, unbiased, stochastic backward (DESIGN §3).
+"""SUS backprop: attention with an exact forward and a sparse, unbiased, stochastic backward (docs/design.md §3).
 
 ``sus_attention`` is the public entry point; ``attention`` also takes the thought layout, and
 ``resolve_backend`` says what backend="auto" picks. The PyTorch reference is in ``reference.py``,

@@ -126,7 +126,7 @@ def attention(q, k, v, *, c=None, scale=None, seed=0, backend="auto", causal=Tru
 
 
 def sus_attention(q, k, v, c, causal=True, scale=None, seed=0, backend="auto"):
-    """Attention with an exact forward and a SUS backward (DESIGN §3, §4).
+    """Attention with an exact forward and a SUS backward (docs/design.md §3, §4).
 
     q ``[B, H, n, d]``, k/v ``[B, Hkv, n, d]`` -> ``[B, H, n, d]``. Every attention weight P enters
     the backward with probability min(1, c P), rescaled to max(P, 1/c): an unbiased gradient for

@@ -2,7 +2,7 @@
 
 One program handles one block of query rows (forward, dQ) or of key columns (dK, dV) of one head.
 The attention pattern is the one of :mod:`.reference`: plain (causal or not) over the whole row, or
-the thought layout (L text tokens, then branches of S tokens, DESIGN §2). Text blocks and branch
+the thought layout (L text tokens, then branches of S tokens, docs/design.md §2). Text blocks and branch
 blocks are numbered separately so that no block straddles the two, and each block visits only the
 key (or query) ranges its rows can see:
 

@@ -12,7 +12,7 @@ tokens, so any mask can be rebuilt from the seed.
 Attention patterns (global indices, row = query, col = key):
 
 * plain (``branch_length = 0``): row i sees cols 0..i (``causal``) or all cols;
-* thought layout (DESIGN §2): the first ``num_text`` = L tokens are text, causal among themselves;
+* thought layout (docs/design.md §2): the first ``num_text`` = L tokens are text, causal among themselves;
   the remaining n - L tokens are branches of ``branch_length`` = S tokens, laid out (n, j, k), and
   the branch of segment g (text position j = g mod L) sees text cols 0..j and its own earlier tokens.
 
