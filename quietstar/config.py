@@ -12,6 +12,7 @@ REWARD_SOURCES = ("mixed", "thought")
 REWARD_PRECISIONS = ("fp32", "autocast")
 ADVANTAGE_NORMALIZATIONS = ("none", "batch_std")
 TEXT_PATHS = ("train", "frozen", "thought_lora")
+TRITON_FP32_PRECISIONS = ("tf32", "ieee")
 
 # The official code's loss settings (docs/design.md §1): a preset, not the default (see QuietStarConfig.official).
 OFFICIAL_LOSS = dict(reinforce_temperature=3.0, clip_negative_advantage=True, policy_weight=1e6, reward_source="mixed",
@@ -19,7 +20,7 @@ OFFICIAL_LOSS = dict(reinforce_temperature=3.0, clip_negative_advantage=True, po
 
 # Fields added after checkpoints were first written, with the behaviour of the code that wrote those checkpoints.
 ADDED_FIELDS_BEFORE = dict(reward_source="mixed", reward_precision="autocast", advantage_normalization="none",
-                           thought_nll_weight=0.0, text_path="train")
+                           thought_nll_weight=0.0, text_path="train", triton_fp32_precision="ieee")
 
 
 @dataclass
@@ -138,13 +139,22 @@ class QuietStarConfig:
                           "c of 25-30 costs about one percent extra gradient variance at n = 2000."},
     )
 
+    triton_fp32_precision: str = field(
+        default="tf32",
+        metadata={"help": "How the Triton kernels (attention_backend 'triton', or SUS under 'auto' on CUDA) multiply fp32 "
+                          "inputs: 'tf32' (tensor cores, about 1e-3 relative error per product) or 'ieee' (exact fp32, "
+                          "several times slower; the setting the tests compare against the fp32 reference with). fp16 "
+                          "and bf16 inputs ignore it."},
+    )
+
     def __post_init__(self):
         for name in ("num_thought_tokens", "num_lookahead_tokens", "num_thoughts"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"QuietStarConfig.{name} must be a positive integer, got {value!r}.")
         for name, allowed in (("reward_source", REWARD_SOURCES), ("reward_precision", REWARD_PRECISIONS),
-                              ("advantage_normalization", ADVANTAGE_NORMALIZATIONS), ("text_path", TEXT_PATHS)):
+                              ("advantage_normalization", ADVANTAGE_NORMALIZATIONS), ("text_path", TEXT_PATHS),
+                              ("triton_fp32_precision", TRITON_FP32_PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"QuietStarConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         if not self.advantage_std_floor > 0:

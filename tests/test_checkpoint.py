@@ -53,7 +53,8 @@ def test_a_checkpoint_saved_before_later_config_fields_loads_with_the_behaviour_
     model = QuietStarForCausalLM.from_pretrained(folder).eval()
     config = model.quietstar_config
     assert (config.reward_source, config.reward_precision, config.advantage_normalization, config.thought_nll_weight,
-            config.text_path, config.sus_c) == ("mixed", "autocast", "none", 0.0, "train", None)
+            config.text_path, config.sus_c, config.triton_fp32_precision) == ("mixed", "autocast", "none", 0.0, "train",
+                                                                              None, "ieee")
     assert (config.reinforce_temperature, config.policy_weight, config.clip_negative_advantage) == (3.0, 1e6, True)
     assert model.base_model_id is None and model.thought_token_ids == (258, 259)
     recorded = load_file(OLD_OUTPUTS)

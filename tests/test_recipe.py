@@ -75,6 +75,7 @@ def test_thought_rewards_are_live_where_mixed_rewards_are_dead():
     ("reward_precision", "fp16", "reward_precision must be one of"),
     ("advantage_normalization", "z", "advantage_normalization must be one of"),
     ("text_path", "lora", "text_path must be one of"),
+    ("triton_fp32_precision", "fp64", "triton_fp32_precision must be one of"),
     ("advantage_std_floor", 0.0, "advantage_std_floor must be > 0"),
     ("thought_nll_weight", -1.0, "thought_nll_weight must be >= 0"),
 ])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from quietstar.attention import eager
 from quietstar.attention.layout import ThoughtLayout
-from quietstar.ops.sus import attention, rng, sus_attention
+from quietstar.ops.sus import attention, resolve_backend, rng, sus_attention
 from quietstar.ops.sus import reference
 from quietstar.ops.sus.reference import visible
 
@@ -231,7 +232,7 @@ def test_seed_fixes_the_mask():
 
 # ---------------------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("c", [0, -1.0, True, "32"])
+@pytest.mark.parametrize("c", [0, -1.0, True, "32", float("nan")])
 def test_bad_c_is_refused(c):
     q, k, v, _ = _inputs()
     with pytest.raises(ValueError, match="c must be a positive number"):
@@ -252,6 +253,21 @@ def test_bad_shapes_dtypes_and_backends_are_refused():
         sus_attention(q, k, v, 4.0, backend="cuda")
     with pytest.raises(ValueError, match="head dims"):
         sus_attention(q[..., :8], k[..., :8], v[..., :8], 4.0, backend="triton")
+    with pytest.raises(ValueError, match="fp32_precision must be one of"):
+        sus_attention(q, k, v, 4.0, fp32_precision="fp64")
+
+
+@pytest.mark.parametrize("head_dim, dtype, reason", [(80, torch.bfloat16, "head dims"), (96, torch.float16, "head dims"),
+                                                     (256, torch.float32, "head dims"), (64, torch.float64, "fp16")])
+def test_auto_falls_back_to_the_reference_with_a_warning_where_the_kernels_do_not_apply(head_dim, dtype, reason):
+    pytest.importorskip("triton")
+    cuda = torch.device("cuda")  # a device, not a tensor: the choice is made without a GPU
+    with pytest.warns(UserWarning, match=f"falls back to the PyTorch reference: .*{reason}"):
+        assert resolve_backend("auto", cuda, head_dim, dtype) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_backend("auto", cuda, 128, torch.bfloat16) == "triton"
+        assert resolve_backend("auto", torch.device("cpu"), head_dim, dtype) == "torch"  # CPU: no kernels, no warning
 
 
 def test_triton_backend_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):

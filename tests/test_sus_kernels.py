@@ -16,6 +16,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from quietstar.ops.sus import attention, kernels, rng  # noqa: E402
+from quietstar.ops.sus import launch  # noqa: E402
 from quietstar.ops.sus.launch import triton_backward, triton_forward  # noqa: E402
 from quietstar.ops.sus.reference import attention_backward, attention_forward  # noqa: E402
 
@@ -49,6 +50,9 @@ def _problem(case, dtype, seed=0):
     return q, k, v, do, pattern, d**-0.5
 
 
+EXACT_FP32 = dict(fp32_precision="ieee")  # fp32 inputs compared with the fp32 reference: no tf32 rounding
+
+
 def _poisoned(*tensors):
     return tuple(torch.full_like(t, float("nan")) for t in tensors)
 
@@ -69,7 +73,7 @@ def test_kernels_match_reference(name, dtype, c):
     q, k, v, do, pattern, scale = _problem(CASES[name], dtype)
     o_ref, lse_ref = attention_forward(q, k, v, scale, **pattern)
     o, lse = _poisoned(q, lse_ref)
-    triton_forward(q, k, v, scale, **pattern, out=(o, lse))
+    triton_forward(q, k, v, scale, **pattern, out=(o, lse), **EXACT_FP32)
     _compare(o, o_ref, dtype)
     finite = torch.isfinite(lse_ref)
     assert torch.equal(torch.isfinite(lse), finite)  # rows that see nothing: lse = +inf in both
@@ -77,7 +81,7 @@ def test_kernels_match_reference(name, dtype, c):
 
     grads_ref = attention_backward(q, k, v, o_ref, lse_ref, do, scale, **pattern, c=c, seed=1234)
     grads = _poisoned(q, k, v)
-    triton_backward(q, k, v, o_ref.to(dtype), lse_ref, do, scale, **pattern, c=c, seed=1234, out=grads)
+    triton_backward(q, k, v, o_ref.to(dtype), lse_ref, do, scale, **pattern, c=c, seed=1234, out=grads, **EXACT_FP32)
     for got, want in zip(grads, grads_ref):
         _compare(got, want, dtype)
 
@@ -87,7 +91,7 @@ def test_autograd_function_matches_reference_end_to_end():
     results = []
     for backend in ("torch", "triton"):
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        out = attention(*leaves, c=2.0, seed=77, backend=backend, **pattern)
+        out = attention(*leaves, c=2.0, seed=77, backend=backend, **pattern, **EXACT_FP32)
         results.append((out, *torch.autograd.grad(out, leaves, do)))
     for got, want in zip(*results):
         _compare(got, want, torch.float32)
@@ -95,11 +99,31 @@ def test_autograd_function_matches_reference_end_to_end():
 
 def test_huge_c_kernel_equals_exact_kernel_bit_for_bit():
     q, k, v, do, pattern, scale = _problem(CASES["causal-odd"], torch.float32, seed=2)
-    o, lse = triton_forward(q, k, v, scale, **pattern)
-    exact = triton_backward(q, k, v, o, lse, do, scale, **pattern, c=None, seed=0)
-    huge = triton_backward(q, k, v, o, lse, do, scale, **pattern, c=1e30, seed=5)
+    o, lse = triton_forward(q, k, v, scale, **pattern, **EXACT_FP32)
+    exact = triton_backward(q, k, v, o, lse, do, scale, **pattern, c=None, seed=0, **EXACT_FP32)
+    huge = triton_backward(q, k, v, o, lse, do, scale, **pattern, c=1e30, seed=5, **EXACT_FP32)
     for a, b in zip(exact, huge):
         assert torch.equal(a, b)
+
+
+def test_launch_configurations_cover_every_head_dim_and_dtype():
+    for kernel in launch.KERNELS:
+        for head_dim in (16, 32, 64, 128):
+            half = launch.tile_config(kernel, head_dim, torch.bfloat16, compiled=True)
+            fp32 = launch.tile_config(kernel, head_dim, torch.float32, compiled=True)
+            assert half == launch.tile_config(kernel, head_dim, torch.float16, compiled=True)
+            assert fp32.block_m * fp32.block_n < half.block_m * half.block_n  # fp32 tiles hold twice the bytes
+            assert launch.tile_config(kernel, head_dim, torch.float32, compiled=False).block_m == 16
+    assert launch.dot_precision(torch.float32, "tf32") == "tf32"
+    assert launch.dot_precision(torch.float32, "ieee") == "ieee"
+    assert launch.dot_precision(torch.bfloat16, "ieee") == "tf32"  # 2-byte inputs have no fp32 products to keep
+
+
+def test_a_head_past_32_bit_offsets_is_refused():
+    q = torch.empty(1, 1, 2**24, 128, device="meta")  # 2^31 elements in one head; meta: nothing is allocated
+    with pytest.raises(ValueError, match="2\\^31 per head"):
+        triton_forward(q, q, q, 0.1, num_text=q.shape[2])
+    launch.check_sizes(q[:, :, : 2**24 - 1])  # one row less fits
 
 
 @triton.jit

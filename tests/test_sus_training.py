@@ -17,6 +17,9 @@ from test_training import tiny_quietstar, training_args, window_dataset
 
 pytest.importorskip("triton")
 
+# Models on the GPU where there is one: outside the interpreter (CPU only) the kernels need CUDA tensors.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def _loss_and_grads(model, ids, mask, thoughts, seed=0):
     model.zero_grad()
@@ -29,6 +32,7 @@ def _loss_and_grads(model, ids, mask, thoughts, seed=0):
 def _with_backend(model, backend, sus_c=None):
     model.quietstar_config.attention_backend = backend
     model.quietstar_config.sus_c = sus_c
+    model.quietstar_config.triton_fp32_precision = "ieee"  # compared with fp32 eager attention: no tf32 rounding
     return model
 
 
@@ -40,7 +44,8 @@ def problem():
     model = make_model("llama", num_thought_tokens=2, num_lookahead_tokens=2,
                        **{**OFFICIAL_LOSS, "policy_weight": 5.0})
     randomize_mixing_head(model)
-    ids, mask = padded_batch(lengths=(9, 6))
+    model.to(DEVICE)
+    ids, mask = (t.to(DEVICE) for t in padded_batch(lengths=(9, 6)))
     thoughts = model.sample_thoughts(ids, mask)
     loss, grads = _loss_and_grads(_with_backend(model, "eager"), ids, mask, thoughts)
     return model, ids, mask, thoughts, loss, grads

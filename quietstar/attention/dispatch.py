@@ -74,7 +74,8 @@ def resolve_backend(layout: ThoughtLayout, query: torch.Tensor, dropout: float) 
             return "flex"
         auto_on_cuda = layout.backend == "auto" and query.device.type == "cuda"
         if layout.sus_c is not None:
-            triton = layout.backend == "auto" and sus.resolve_backend("auto", query.device) == "triton"
+            triton = layout.backend == "auto" and sus.resolve_backend("auto", query.device, query.shape[-1],
+                                                                      query.dtype) == "triton"
             return "sus_triton" if triton else "sus_torch"
         if auto_on_cuda and flex.applies(query, dropout):
             return "flex"
@@ -145,6 +146,7 @@ def gradient_pass_attention(query, key, value, layout: ThoughtLayout, scaling, d
         out = sus.attention(
             query.to(value.dtype), key.to(value.dtype), value, c=layout.sus_c, scale=scaling, seed=_fresh_seed(),
             backend=engine, num_text=layout.num_text, branch_length=layout.branch_length, key_valid=key_valid,
+            fp32_precision=layout.fp32_precision,
         )
         return out.transpose(1, 2).contiguous()
     if backend == "flex":

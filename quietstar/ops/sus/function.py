@@ -8,6 +8,7 @@ attention); the output is ``[B, H, n, d]``. ``num_text``/``branch_length`` selec
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -15,6 +16,8 @@ from . import reference
 
 BACKENDS = ("auto", "torch", "triton")
 HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP32_PRECISIONS = ("tf32", "ieee")
 SEED_MASK = 0x7FFFFFFF  # the kernels take the seed as a 32-bit signed integer
 
 
@@ -30,15 +33,32 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> 'triton' on CUDA with Triton installed, else 'torch'; checks forced choices.
+def kernel_limitation(head_dim: int | None, dtype: torch.dtype | None) -> str | None:
+    """Why the Triton kernels cannot take this head dim or dtype, or None if they can (None arguments: unchecked)."""
+    if head_dim is not None and head_dim not in HEAD_DIMS:
+        return f"the Triton kernels support head dims {HEAD_DIMS}, got {head_dim}"
+    if dtype is not None and dtype not in DTYPES:
+        return f"the Triton kernels take fp16, bf16 or fp32, got {dtype}"
+    return None
+
+
+def resolve_backend(backend: str, device: torch.device, head_dim: int | None = None,
+                    dtype: torch.dtype | None = None) -> str:
+    """'auto' -> 'triton' on CUDA with Triton installed for a head dim and dtype the kernels take, else 'torch'
+    (with a one-line warning when only the head dim or dtype stands in the way); checks forced choices.
 
     The one place "auto" becomes Triton or not; quietstar.attention.dispatch asks it too.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        if device.type != "cuda" or not triton_available():
+            return "torch"
+        reason = kernel_limitation(head_dim, dtype)
+        if reason is not None:
+            warnings.warn(f"SUS attention falls back to the PyTorch reference: {reason}.", stacklevel=2)
+            return "torch"
+        return "triton"
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package (pip install triton); use backend='torch'.")
@@ -65,14 +85,17 @@ class SusAttention(torch.autograd.Function):
     one gradient per input (q, k, v) and None for the settings."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_valid, scale, num_text, branch_length, causal, c, seed, backend):
+    def forward(ctx, q, k, v, key_valid, scale, num_text, branch_length, causal, c, seed, backend, fp32_precision):
+        kernel_options = {}
         if backend == "triton":
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            kernel_options = dict(fp32_precision=fp32_precision)
         forward, _ = _implementation(backend)
         o, lse = forward(q, k, v, scale=scale, num_text=num_text, branch_length=branch_length, causal=causal,
-                         key_valid=key_valid)
+                         key_valid=key_valid, **kernel_options)
         ctx.save_for_backward(q, k, v, o, lse, key_valid)
-        ctx.settings = dict(scale=scale, num_text=num_text, branch_length=branch_length, causal=causal, c=c, seed=seed)
+        ctx.settings = dict(scale=scale, num_text=num_text, branch_length=branch_length, causal=causal, c=c, seed=seed,
+                            **kernel_options)
         ctx.backend = backend
         return o.to(q.dtype)
 
@@ -81,12 +104,14 @@ class SusAttention(torch.autograd.Function):
         q, k, v, o, lse, key_valid = ctx.saved_tensors
         _, backward = _implementation(ctx.backend)
         dq, dk, dv = backward(q, k, v, o, lse, do, key_valid=key_valid, **ctx.settings)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None, None
 
 
-def check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend):
-    if c is not None and not (isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0):
+def check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend, fp32_precision="tf32"):
+    if c is not None and not (isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0):  # NaN fails c > 0
         raise ValueError(f"c must be a positive number (or None for the exact backward), got {c!r}.")
+    if fp32_precision not in FP32_PRECISIONS:
+        raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got {fp32_precision!r}.")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [batch, heads, n, head_dim]; got shapes {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}.")
@@ -105,33 +130,38 @@ def check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend):
     if key_valid is not None and tuple(key_valid.shape) != (B, num_text):
         raise ValueError(f"key_valid must be [batch, num_text] = {(B, num_text)}, got {tuple(key_valid.shape)}.")
     if backend == "triton":
-        if d not in HEAD_DIMS:
-            raise ValueError(f"The Triton kernels support head dims {HEAD_DIMS}, got {d}; use backend='torch'.")
-        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"The Triton kernels take fp16, bf16 or fp32, got {q.dtype}.")
+        reason = kernel_limitation(d, q.dtype)
+        if reason is not None:
+            raise ValueError(f"backend='triton': {reason}; use backend='torch' (or 'auto', which falls back).")
 
 
 def attention(q, k, v, *, c=None, scale=None, seed=0, backend="auto", causal=True, num_text=None,
-              branch_length=0, key_valid=None):
-    """Exact attention forward with an exact (``c=None``) or SUS backward, for any supported pattern."""
+              branch_length=0, key_valid=None, fp32_precision="tf32"):
+    """Exact attention forward with an exact (``c=None``) or SUS backward, for any supported pattern.
+
+    ``fp32_precision``: how the Triton kernels multiply fp32 inputs, "tf32" (tensor cores) or "ieee" (exact fp32).
+    """
     num_text = q.shape[2] if num_text is None else num_text
-    backend = resolve_backend(backend, q.device)
-    check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend)
+    backend = resolve_backend(backend, q.device, q.shape[-1], q.dtype)
+    check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend, fp32_precision)
     if not causal and branch_length:
         raise ValueError("The thought layout is causal; causal=False applies to plain attention only.")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     seed = int(seed) & SEED_MASK
     key_valid = None if key_valid is None else key_valid.bool()
-    return SusAttention.apply(q, k, v, key_valid, scale, num_text, branch_length, causal, c, seed, backend)
+    return SusAttention.apply(q, k, v, key_valid, scale, num_text, branch_length, causal, c, seed, backend,
+                              fp32_precision)
 
 
-def sus_attention(q, k, v, c, causal=True, scale=None, seed=0, backend="auto"):
+def sus_attention(q, k, v, c, causal=True, scale=None, seed=0, backend="auto", fp32_precision="tf32"):
     """Attention with an exact forward and a SUS backward (docs/design.md §3, §4).
 
     q ``[B, H, n, d]``, k/v ``[B, Hkv, n, d]`` -> ``[B, H, n, d]``. Every attention weight P enters
     the backward with probability min(1, c P), rescaled to max(P, 1/c): an unbiased gradient for
     O(n c) backward work. ``c=None`` gives the exact backward. ``seed`` (low 31 bits) fixes the
     mask: u(seed, batch * H + head, row, col) from a counter-based hash. ``backend``: "auto"
-    (Triton on CUDA, the PyTorch reference elsewhere), "torch" or "triton".
+    (Triton on CUDA for head dims 16, 32, 64, 128 and fp16/bf16/fp32, the PyTorch reference elsewhere), "torch" or
+    "triton". ``fp32_precision``: fp32 inputs in the kernels through "tf32" tensor cores or exact "ieee".
     """
-    return attention(q, k, v, c=c, scale=scale, seed=seed, backend=backend, causal=causal)
+    return attention(q, k, v, c=c, scale=scale, seed=seed, backend=backend, causal=causal,
+                     fp32_precision=fp32_precision)

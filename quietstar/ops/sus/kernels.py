@@ -18,7 +18,9 @@ with the counter-based hash of :mod:`.rng`, and use P~ = max(P, 1/c) where u < c
 with no kept entry skips its four backward matmuls; QK^T is always recomputed (this is what caps
 design A's gain; see README.md).
 
-Kernels are written for contiguous last dimensions; head dims 16, 32, 64, 128.
+Kernels are written for contiguous last dimensions; head dims 16, 32, 64, 128. Batch and head base offsets
+are 64-bit (a batch can pass 2^31 elements); offsets inside one head's [n, d] slice are 32-bit (launch.py
+refuses a head past 2^31 elements).
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ def forward_kernel(Q, K, V, O, LSE, KEY_VALID,
                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     """O = softmax(scale Q K^T) V over visible pairs and lse per row; grid (query blocks, B*H)."""
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit base offsets
     b = bh // num_heads
     h = bh % num_heads
     start, stop, text_hi, branch_lo, branch_hi = _query_block(pid, text_blocks, n, num_text, branch_length,
@@ -202,7 +204,7 @@ def backward_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KEY_VALID,
                        PRECISION: tl.constexpr):
     """dQ = scale * (P~ * (dO V^T - D)) K for one query block; grid (query blocks, B*H)."""
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit base offsets
     b = bh // num_heads
     h = bh % num_heads
     start, stop, text_hi, branch_lo, branch_hi = _query_block(pid, text_blocks, n, num_text, branch_length,
@@ -210,9 +212,10 @@ def backward_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KEY_VALID,
     rows = start + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     row_ok = rows < stop
-    offsets = b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + dims[None, :]
-    q = tl.load(Q + offsets, mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + offsets, mask=row_ok[:, None], other=0.0)
+    head = b * stride_qb + h * stride_qh
+    offsets = rows[:, None] * stride_qn + dims[None, :]
+    q = tl.load(Q + head + offsets, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + head + offsets, mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + bh * n + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + bh * n + rows, mask=row_ok, other=0.0)
     row_keys = _row_keys(seed, bh, rows)
@@ -230,7 +233,7 @@ def backward_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KEY_VALID,
         cols = _clip(col_start + tl.arange(0, BLOCK_N), branch_hi, n)
         dq = _dq_tile(dq, q, do, lse, delta, row_keys, k_base, v_base, stride_kn, rows_seen, cols, n, num_text,
                       branch_length, key_valid_row, scale, c, CAUSAL, HAS_KEY_VALID, SUS, HEAD_DIM, PRECISION)
-    tl.store(DQ + offsets, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(DQ + head + offsets, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -271,7 +274,7 @@ def backward_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KEY_VALID,
     """dV = P~^T dO and dK = scale * (P~ * (dO V^T - D))^T Q for one key block of one key/value head,
     summed over the query heads of its group; grid (key blocks, B*Hkv)."""
     pid = tl.program_id(0)
-    bhk = tl.program_id(1)
+    bhk = tl.program_id(1).to(tl.int64)  # 64-bit base offsets
     num_kv_heads = num_heads // group
     b = bhk // num_kv_heads
     hk = bhk % num_kv_heads
@@ -284,9 +287,10 @@ def backward_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KEY_VALID,
     cols = start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     col_ok = cols < stop
-    kv_offsets = b * stride_kb + hk * stride_kh + cols[:, None] * stride_kn + dims[None, :]
-    k = tl.load(K + kv_offsets, mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + kv_offsets, mask=col_ok[:, None], other=0.0)
+    kv_head = b * stride_kb + hk * stride_kh
+    kv_offsets = cols[:, None] * stride_kn + dims[None, :]
+    k = tl.load(K + kv_head + kv_offsets, mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + kv_head + kv_offsets, mask=col_ok[:, None], other=0.0)
     cols_seen = tl.where(col_ok, cols, n)
     key_valid_row = KEY_VALID + b * num_text
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -319,5 +323,5 @@ def backward_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KEY_VALID,
             dk, dv = _dkdv_rows(dk, dv, k, v, cols_seen, q_base, do_base, lse_base, delta_base, stride_qn, bh, seed,
                                 start, row_hi, n, num_text, branch_length, key_valid_row, scale, c, CAUSAL,
                                 HAS_KEY_VALID, SUS, BLOCK_M, HEAD_DIM, PRECISION)
-    tl.store(DK + kv_offsets, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + kv_offsets, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DK + kv_head + kv_offsets, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + kv_head + kv_offsets, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
