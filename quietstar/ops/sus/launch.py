@@ -59,7 +59,7 @@ def tile_config(kernel: str, head_dim: int, dtype: torch.dtype, compiled: bool) 
     width = "fp32" if dtype == torch.float32 else "half"
     if width == "fp32":  # fp32 tiles are twice the bytes: halve the rows to stay within registers and shared memory
         half = _COMPILED_TILES[(kernel, head_dim, "half")]
-        return TileConfig(max(half.block_m // 2, 32), max(half.block_n // 2, 32), half.num_warps, half.num_stages)
+        return TileConfig(max(half.block_m // 2, 16), max(half.block_n // 2, 16), half.num_warps, half.num_stages)
     return _COMPILED_TILES[(kernel, head_dim, width)]
 
 
