@@ -68,6 +68,10 @@ def tiny_config(model_type: str, vocab_size: int):
             elif key in EXPERTS_PER_TOKEN:
                 setattr(part, key, min(value, 2))
         part.vocab_size = vocab_size
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # ids of the family's own, larger vocabulary
+            value = getattr(part, key, None)
+            if isinstance(value, int) and value >= vocab_size:
+                setattr(part, key, None)
         if getattr(part, "sliding_window", None):
             part.sliding_window = WINDOW
             if hasattr(part, "use_sliding_window"):
