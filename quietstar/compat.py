@@ -8,23 +8,14 @@ from .attention import ATTENTION_NAME, ThoughtLayout
 from .head import LogitTransform
 from .thoughts import expanded_pass
 
-_UNSUPPORTED_CONFIG = {
-    "attn_logit_softcapping": "attention-logit soft-capping",
-}
-
-
 def check_model_supported(base) -> None:
     """Raise ValueError unless every layer of ``base`` attends through the "quietstar" function exactly.
 
-    Checks the config for features the function does not implement, then runs a 6-token probe:
-    every decoder layer must call the function, and the family's head of ``body(x)`` (quietstar.head) must equal
-    the model's own logits under its "eager" attention.
+    Runs a 6-token probe: every decoder layer must call the function, and the family's head of ``body(x)``
+    (quietstar.head) must equal the model's own logits under its "eager" attention. (Sliding windows and
+    attention-logit soft-capping arrive per call; a backend that lacks one refuses it there, by name.)
     """
     name = type(base).__name__
-    for key, feature in _UNSUPPORTED_CONFIG.items():
-        if getattr(base.config, key, None):
-            raise ValueError(f"{name} uses {feature} ({key}={getattr(base.config, key)}), which Quiet-STaR's attention "
-                             "does not implement; its thoughts would be computed wrongly.")
     if base.config._attn_implementation != ATTENTION_NAME:
         raise ValueError(f"{name} did not accept attn_implementation='{ATTENTION_NAME}': its attention does not route "
                          "through transformers' AttentionInterface, so Quiet-STaR cannot lay out thoughts in it.")

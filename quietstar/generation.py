@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from .mixing import mix, thought_weight
 from .thoughts import draw, text_positions
@@ -94,10 +94,13 @@ class _BufferedLayer(DynamicLayer):
 
 
 def _buffered_cache(config, capacity: int) -> DynamicCache:
-    """transformers' DynamicCache for this model, its plain full-attention layers buffered (sliding-window,
-    linear-attention and other special layers stay as transformers builds them)."""
+    """transformers' DynamicCache for this model, its attention layers buffered (linear-attention and other special
+    layers stay as transformers builds them). Sliding-window layers keep every token too: the quietstar attention
+    applies the window itself, on position ids that skip padding, and cropping a thought must restore the context
+    a window-sized cache would already have dropped."""
     cache = DynamicCache(config=config)
-    cache.layers = [_BufferedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [_BufferedLayer(capacity) if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) else layer
+                    for layer in cache.layers]
     return cache
 
 

@@ -13,12 +13,8 @@ from __future__ import annotations
 import torch
 
 from .attention import ThoughtLayout
+from .attention.layout import text_positions
 from .vocab import mask_thought_tokens
-
-
-def text_positions(key_padding: torch.Tensor) -> torch.Tensor:
-    """Position ids ``[B, L]`` that skip padding: a left-padded row gets the positions of its unpadded self."""
-    return (key_padding.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
 def draw(logits: torch.Tensor, temperature: float, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:

@@ -35,7 +35,14 @@ TINY_ARCHITECTURES = {
     # Families whose logits are not lm_head(h) alone (quietstar.head): scaled, or soft-capped.
     "granite": dict(model_type="granite", logits_scaling=4.0),
     "cohere": dict(model_type="cohere", logit_scale=0.5, bos_token_id=None, eos_token_id=None),
-    "gemma2": dict(model_type="gemma2", head_dim=16, final_logit_softcapping=3.0, attn_logit_softcapping=None),
+    # Gemma 2: attention-logit soft-capping with a cap small enough to bend tiny random scores, and local layers
+    # (window 5, shorter than a row plus a branch) alternating with global ones.
+    "gemma2": dict(model_type="gemma2", head_dim=16, final_logit_softcapping=3.0, attn_logit_softcapping=1.0,
+                   sliding_window=5, layer_types=["sliding_attention", "full_attention"]),
+    # Sliding windows shorter than the tests' rows (and, for mistral_window, than a branch of 7 tokens).
+    "mistral_window": dict(model_type="mistral", sliding_window=4),
+    "gemma3_text": dict(model_type="gemma3_text", head_dim=16, sliding_window=6,
+                        layer_types=["full_attention", "sliding_attention"]),
 }
 
 

@@ -179,8 +179,6 @@ def survey(families: list[str] | None = None, progress: bool = False) -> dict:
 
 REASONS = (  # (text in the refusal, the README's short reason); the full message stays in docs/families.json
     ("does not route through", "attention does not go through transformers' AttentionInterface"),
-    ("sliding-window attention", "a sliding window shorter than the row plus a branch"),
-    ("attention-logit soft-capping", "attention-logit soft-capping"),
     ("mixes tokens outside attention", "mixes tokens outside attention (a convolution over time)"),
     ("attention layers but its config declares", "an encoder-decoder's decoder (more attention layers than declared)"),
     ("layers attend through", "some layers do not attend through the interface (linear-attention or state-space mixers)"),

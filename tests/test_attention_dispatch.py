@@ -43,6 +43,16 @@ def test_backend_choice_on_cpu(phase, backend, padded, sus_c, dropout, expected)
     assert dispatch.resolve_backend(_layout(phase, backend, padded, sus_c), query, dropout) == expected
 
 
+@needs_flash
+@pytest.mark.parametrize("phase", ["expanded", "sample"])
+def test_auto_keeps_a_window_on_the_flash_path_and_soft_capping_on_eager(phase):
+    """The CPU flash path implements sliding windows but not soft-capping (its kernels take no cap)."""
+    query, layout = torch.zeros(1, H, 1, D), _layout(phase, "auto")
+    assert dispatch.resolve_backend(layout, query, 0.0, window=3) == "flash_cpu"
+    assert dispatch.resolve_backend(layout, query, 0.0, softcap=1.0) == "eager"
+    assert dispatch.resolve_backend(layout, query, 0.0, window=3, softcap=1.0) == "eager"
+
+
 def _spy(monkeypatch, module, name, calls):
     original = getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(f"{module.__name__}.{name}") or original(*a, **kw))

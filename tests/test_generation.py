@@ -9,8 +9,9 @@ from conftest import make_model, padded_batch, randomize_mixing_head
 from quietstar.generation import generate_reference
 
 
-# granite: scaled logits, gemma2: soft-capped logits (quietstar.head).
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "granite", "gemma2"])
+# granite: scaled logits, gemma2: soft-capped logits (quietstar.head) and scores, local and global layers;
+# mistral_window: a window shorter than prompt + thought.
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "granite", "gemma2", "mistral_window"])
 @pytest.mark.parametrize("mixing", ["logits", "logprobs"])
 def test_cached_generation_equals_the_slow_definition(arch, mixing):
     model = make_model(arch, mixing=mixing, num_thought_tokens=4)

@@ -106,11 +106,6 @@ def test_bad_shapes_are_refused():
 
 def test_models_with_unsupported_attention_are_refused():
     tokenizer = byte_tokenizer()
-    softcapped = AutoModelForCausalLM.from_config(AutoConfig.for_model(
-        "gemma2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16))
-    with pytest.raises(ValueError, match="soft-capping"):
-        QuietStarForCausalLM.from_base(softcapped, tokenizer, QuietStarConfig())
     not_routed = AutoModelForCausalLM.from_config(AutoConfig.for_model(
         "bloom", vocab_size=len(tokenizer), hidden_size=64, n_layer=2, n_head=4))
     with pytest.raises(ValueError, match="does not route through transformers' AttentionInterface"):
@@ -132,14 +127,34 @@ def test_models_that_mix_tokens_outside_attention_are_refused():
         QuietStarForCausalLM.from_base(base, tokenizer, QuietStarConfig())
 
 
-def test_sliding_window_shorter_than_the_row_is_refused():
-    tokenizer = byte_tokenizer()
-    base = tiny_model("mistral", vocab_size=len(tokenizer), sliding_window=8)
-    model = QuietStarForCausalLM.from_base(base, tokenizer, QuietStarConfig(num_thought_tokens=2,
-                                                                            num_lookahead_tokens=2))
-    ids, mask = padded_batch(lengths=(6, 6))  # rows span 6 + S = 11 positions > 8
-    with pytest.raises(ValueError, match="sliding-window attention \\(window 8\\)"):
-        model(ids, attention_mask=mask)
+@pytest.mark.parametrize("backend, sus_c, refused_by", [("auto", 0.5, "SUS attention"),
+                                                         ("eager", 0.5, "SUS attention"),
+                                                         ("flex", None, "FlexAttention")])
+@pytest.mark.parametrize("arch, feature", [("mistral_window", "sliding-window attention \\(window 4\\)"),
+                                           ("gemma2", "attention-logit soft-capping \\(cap 1.0\\)|sliding-window")])
+def test_a_backend_without_the_familys_attention_rule_refuses_it_by_name(arch, feature, backend, sus_c, refused_by):
+    """Windows and soft-capping run in the eager and CPU flash paths (test_window_softcap.py and the oracle); the SUS
+    attention and FlexAttention lack them and say so, naming the backends that have them, rather than compute the
+    thoughts wrongly."""
+    model = make_model(arch, num_thought_tokens=2, num_lookahead_tokens=2)
+    model.quietstar_config.attention_backend, model.quietstar_config.sus_c = backend, sus_c
+    ids, mask = padded_batch(lengths=(6, 6))
+    with pytest.raises(ValueError, match=f"(?s)({feature}).*{refused_by}.*attention_backend='auto' or 'eager'"):
+        model(ids, attention_mask=mask, labels=ids)
+
+
+def test_sliding_window_shorter_than_the_row_runs_and_the_window_matters():
+    """Rows longer than the window are computed (the oracle checks how); a wider window changes the result."""
+    ids, mask = padded_batch(lengths=(9, 7))
+    losses = []
+    for window in (4, 64):
+        tokenizer = byte_tokenizer()
+        base = tiny_model("mistral", vocab_size=len(tokenizer), sliding_window=window)
+        model = QuietStarForCausalLM.from_base(base, tokenizer, QuietStarConfig(num_thought_tokens=2,
+                                                                                num_lookahead_tokens=2))
+        torch.manual_seed(0)
+        losses.append(model(ids, attention_mask=mask, labels=ids).loss.detach())
+    assert torch.isfinite(losses[0]) and not torch.allclose(losses[0], losses[1])
 
 
 def test_without_a_layout_the_attention_is_an_ordinary_causal_lm():

@@ -34,30 +34,32 @@ def quietstar_attention(
 ):
     """Attention with transformers' calling convention; returns (output ``[B, n, H, d]``, None).
 
+    ``sliding_window`` (this layer's window, None in global layers) and ``softcap`` (attention-logit
+    soft-capping) are the family's own, applied in every phase (:mod:`.layout`, :mod:`.eager`).
     ``sus_c`` (a keyword of the model call, without a thought layout): ordinary causal attention with
     an exact forward and a SUS backward (quietstar.ops.sus), for any causal LM loaded with this attention.
     """
-    if softcap is not None:
-        raise ValueError("The quietstar attention does not implement attention-logit soft-capping.")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     dropout = dropout if module.training else 0.0
+    rule = dict(window=sliding_window, softcap=softcap)
     layout = thought_layout
     if layout is None:
-        return plain_attention(query, key, value, attention_mask, scaling, dropout, sliding_window, sus_c), None
+        return plain_attention(query, key, value, attention_mask, scaling, dropout, sus_c, **rule), None
     if key.shape[2] != layout.expected_length():
         raise ValueError(
             f"The quietstar '{layout.phase}' layout expects {layout.expected_length()} tokens per row, the model "
             f"call held {key.shape[2]}. Do not pass past_key_values together with a thought layout."
         )
     if layout.phase == "prefix":
-        return prefix_attention(module.layer_idx, query, key, value, layout, scaling, sliding_window), None
+        return prefix_attention(module.layer_idx, query, key, value, layout, scaling, **rule), None
     if layout.phase == "sample":
-        return sampling_step_attention(module.layer_idx, query, key, value, layout, scaling), None
-    return gradient_pass_attention(query, key, value, layout, scaling, dropout, sliding_window), None
+        return sampling_step_attention(module.layer_idx, query, key, value, layout, scaling, **rule), None
+    return gradient_pass_attention(query, key, value, layout, scaling, dropout, **rule), None
 
 
-def resolve_backend(layout: ThoughtLayout, query: torch.Tensor, dropout: float) -> str:
+def resolve_backend(layout: ThoughtLayout, query: torch.Tensor, dropout: float, window: int | None = None,
+                    softcap: float | None = None) -> str:
     """Which implementation serves a sampling step or the gradient pass: "eager", "flash_cpu", "flex", "sus_torch"
     or "sus_triton".
 
@@ -66,6 +68,8 @@ def resolve_backend(layout: ThoughtLayout, query: torch.Tensor, dropout: float) 
     (``sus_c``) runs in the Triton kernels wherever quietstar.ops.sus's own "auto" picks them (CUDA with Triton),
     else in its PyTorch reference; an exact one runs in FlexAttention on CUDA where it applies. Otherwise "auto"
     takes the exact CPU flash path where it applies, and everything else (always under "eager") is eager.
+    A layer's sliding ``window`` or ``softcap`` keeps "auto" off the backends that lack it (the backend that
+    gets it instead is exact too); a named backend that lacks it refuses, in :func:`gradient_pass_attention`.
     """
     if layout.phase == "expanded":
         if layout.backend == "triton":
@@ -77,41 +81,42 @@ def resolve_backend(layout: ThoughtLayout, query: torch.Tensor, dropout: float) 
             triton = layout.backend == "auto" and sus.resolve_backend("auto", query.device, query.shape[-1],
                                                                       query.dtype) == "triton"
             return "sus_triton" if triton else "sus_torch"
-        if auto_on_cuda and flex.applies(query, dropout):
+        if auto_on_cuda and window is None and softcap is None and flex.applies(query, dropout):
             return "flex"
-    if layout.backend == "auto" and flash_cpu.applies(query, layout.key_padding, dropout):
+    if (layout.backend == "auto" and softcap is None
+            and flash_cpu.applies(query, layout.key_padding, dropout)):
         return "flash_cpu"
     return "eager"
 
 
-def plain_attention(query, key, value, attention_mask, scaling, dropout, sliding_window, sus_c):
+def plain_attention(query, key, value, attention_mask, scaling, dropout, sus_c, window=None, softcap=None):
     """Ordinary causal attention over a 2-D padding mask ``[B, n_kv]``; with ``sus_c``, a SUS backward."""
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
             "The quietstar attention takes a 2-D padding mask [batch, keys]; got a "
             f"{attention_mask.dim()}-D mask. Pass attention_mask as transformers' usual [batch, length] tensor."
         )
-    _check_span(sliding_window, key.shape[2])
     if sus_c is None:
-        return eager.causal_attention(query, key, value, attention_mask, scaling, dropout)
+        return eager.causal_attention(query, key, value, attention_mask, scaling, dropout, window, softcap)
     if query.shape[2] != key.shape[2]:
         raise ValueError("sus_c applies to full-sequence calls (training), not to cached decoding.")
     if dropout > 0:
         raise ValueError(f"Attention dropout ({dropout}) is not implemented with sus_c; set the model's "
                          "attention_dropout to 0.")
+    _refuse_rule(window, softcap, "the SUS attention (sus_c)")
     out = sus.attention(query.to(value.dtype), key.to(value.dtype), value, c=sus_c, scale=scaling,
                         seed=_fresh_seed(), key_valid=attention_mask)
     return out.transpose(1, 2).contiguous()
 
 
-def prefix_attention(layer: int, query, key, value, layout: ThoughtLayout, scaling, sliding_window):
+def prefix_attention(layer: int, query, key, value, layout: ThoughtLayout, scaling, window=None, softcap=None):
     """The text pass before sampling: causal attention over the L text tokens, whose K/V are kept for the steps."""
-    _check_span(sliding_window, layout.num_text)
     layout.text_cache[layer] = (key, value)
-    return eager.causal_attention(query, key, value, layout.key_padding, scaling)
+    return eager.causal_attention(query, key, value, layout.key_padding, scaling, window=window, softcap=softcap)
 
 
-def sampling_step_attention(layer: int, query, key, value, layout: ThoughtLayout, scaling):
+def sampling_step_attention(layer: int, query, key, value, layout: ThoughtLayout, scaling, window=None,
+                            softcap=None):
     """Sampling step m = ``layout.step``: the N*L new tokens b_{.,m+1} (k/v ``[B, Hkv, N*L, d]``) go into slot m
     of this layer's branch buffers ``[B, Hkv, N, L, T, d]`` (allocated at step 0); their queries then attend to
     the cached text and to their own branch slots 0..m."""
@@ -126,15 +131,15 @@ def sampling_step_attention(layer: int, query, key, value, layout: ThoughtLayout
     k_buffer[:, :, :, :, m] = key.view(B, hkv, N, L, d)
     v_buffer[:, :, :, :, m] = value.view(B, hkv, N, L, d)
     k_branch, v_branch = k_buffer[:, :, :, :, : m + 1], v_buffer[:, :, :, :, : m + 1]
-    if resolve_backend(layout, query, dropout=0.0) == "flash_cpu":
-        return flash_cpu.sample_step_attention(query, k_text, v_text, k_branch, v_branch, scaling)
-    return eager.sample_step_attention(query, k_text, v_text, k_branch, v_branch, layout.key_padding, scaling)
+    if resolve_backend(layout, query, 0.0, window, softcap) == "flash_cpu":
+        return flash_cpu.sample_step_attention(query, k_text, v_text, k_branch, v_branch, scaling, window)
+    return eager.sample_step_attention(query, k_text, v_text, k_branch, v_branch, layout.key_padding, scaling,
+                                       window, softcap)
 
 
-def gradient_pass_attention(query, key, value, layout: ThoughtLayout, scaling, dropout, sliding_window):
+def gradient_pass_attention(query, key, value, layout: ThoughtLayout, scaling, dropout, window=None, softcap=None):
     """The expanded phase: the L text tokens then the N*L*S branch tokens, with gradient."""
-    _check_span(sliding_window, layout.num_text + layout.branch_length)
-    backend = resolve_backend(layout, query, dropout)
+    backend = resolve_backend(layout, query, dropout, window, softcap)
     if backend in ("sus_torch", "sus_triton"):
         engine = backend.removeprefix("sus_")
         if dropout > 0:
@@ -142,6 +147,7 @@ def gradient_pass_attention(query, key, value, layout: ThoughtLayout, scaling, d
                 f"Attention dropout ({dropout}) is not implemented by the {engine!r} SUS attention; set the model's "
                 "attention_dropout to 0 or use attention_backend='eager' without sus_c."
             )
+        _refuse_rule(window, softcap, f"the {engine!r} SUS attention (sus_c)")
         key_valid = None if bool(layout.key_padding.all()) else layout.key_padding
         out = sus.attention(
             query.to(value.dtype), key.to(value.dtype), value, c=layout.sus_c, scale=scaling, seed=_fresh_seed(),
@@ -150,20 +156,22 @@ def gradient_pass_attention(query, key, value, layout: ThoughtLayout, scaling, d
         )
         return out.transpose(1, 2).contiguous()
     if backend == "flex":
+        _refuse_rule(window, softcap, "attention_backend='flex' (FlexAttention)")
         return flex.expanded_attention(query, key, value, layout, scaling, dropout)
     if backend == "flash_cpu":
         return flash_cpu.expanded_attention(query, key, value, layout.num_text, layout.num_thoughts,
-                                            layout.branch_length, scaling)
-    return eager.expanded_attention(query, key, value, layout, scaling, dropout)
+                                            layout.branch_length, scaling, window)
+    return eager.expanded_attention(query, key, value, layout, scaling, dropout, window, softcap)
 
 
-def _check_span(sliding_window, span: int) -> None:
-    if sliding_window is not None and sliding_window < span:
-        raise ValueError(
-            f"This model uses sliding-window attention (window {sliding_window}) but a row here spans {span} "
-            "positions; the quietstar attention does not implement sliding windows. Use rows no longer than the "
-            "window (max_length), or a model with full attention."
-        )
+def _refuse_rule(window, softcap, backend: str) -> None:
+    """Refuse a layer's sliding window or soft-capping on a backend that does not implement it, naming one that does."""
+    for feature, value in (("sliding-window attention (window", window), ("attention-logit soft-capping (cap", softcap)):
+        if value is not None:
+            raise ValueError(
+                f"This model uses {feature} {value}), which {backend} does not implement; its thoughts would be "
+                "computed wrongly. Use attention_backend='auto' or 'eager' without sus_c, which implement it."
+            )
 
 
 def _fresh_seed() -> int:

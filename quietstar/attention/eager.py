@@ -7,6 +7,10 @@ computed in fp32 (fp64 for fp64 inputs, so gradient checks stay fp64) and masked
 dtype, so a query with nothing to see (a padding query) yields finite garbage that the losses mask
 out, never NaN.
 
+Every function takes the layer's ``window`` (sliding-window attention, :mod:`.layout`'s rule; None: full)
+and ``softcap`` (attention-logit soft-capping as Gemma 2 does it: scaled scores s -> cap * tanh(s / cap)
+before the mask and the softmax; None: off).
+
 Work per head: O(L^2 N S + L N S^2); no tensor of size (N L S) x (N L S) is ever built.
 """
 
@@ -16,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..precision import at_least_fp32, wide_dtype
-from .layout import ThoughtLayout, branch_visibility, prefix_visibility
+from .layout import ThoughtLayout, branch_visibility, in_window, prefix_visibility, text_positions
 
 
 def _grouped(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -31,8 +35,13 @@ def _ungrouped(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, hkv * g, n, d).transpose(1, 2).contiguous()
 
 
+def capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Attention-logit soft-capping of scaled scores: cap * tanh(s / cap) (identity for ``softcap=None``)."""
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
 def _masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    # In place: scores are fresh matmul outputs, which autograd does not keep.
+    # In place: scores are fresh outputs of a matmul or of the cap's final product, which autograd does not keep.
     return torch.softmax(scores.masked_fill_(~visible, torch.finfo(scores.dtype).min), dim=-1,
                          dtype=wide_dtype(scores.dtype))
 
@@ -42,36 +51,47 @@ def _softmax(scores: torch.Tensor, visible: torch.Tensor, dropout: float) -> tor
     return F.dropout(probs, p=dropout) if dropout > 0 else probs
 
 
-def causal_attention(q, k, v, key_padding, scaling, dropout=0.0):
+def causal_attention(q, k, v, key_padding, scaling, dropout=0.0, window=None, softcap=None):
     """Ordinary causal attention; queries are the last q.shape[2] of the k.shape[2] key positions.
 
     key_padding: ``[B, n_kv]`` bool (True = real token) or None; ``dropout``: the attention-dropout
-    rate to apply (0 outside training). Returns ``[B, n_q, H, d]``.
-    Without padding this is PyTorch's fused attention (much less overhead per call when decoding).
+    rate to apply (0 outside training). Positions skip padding keys, so a window reaches as far back as on
+    the unpadded row. Returns ``[B, n_q, H, d]``.
+    Without padding or soft-capping this is PyTorch's fused attention (much less overhead per call when decoding).
     """
     hkv, n_q, n_kv = k.shape[1], q.shape[2], k.shape[2]
-    if key_padding is None or bool(key_padding.all()):
+    padded = key_padding is not None and not bool(key_padding.all())
+    key_padding = key_padding if padded else None
+    query_index = torch.arange(n_kv - n_q, n_kv, device=q.device)[:, None]
+    visible = query_index >= torch.arange(n_kv, device=q.device)  # [n_q, n_kv]
+    if window is not None:
+        if padded:
+            positions = text_positions(key_padding.bool())
+            gaps = positions[:, -n_q:, None] - positions[:, None, :]  # [B, n_q, n_kv]
+        else:
+            gaps = query_index - torch.arange(n_kv, device=q.device)
+        visible = visible & in_window(gaps, window)
+    if key_padding is None and softcap is None:
         q, k = q.to(v.dtype), k.to(v.dtype)  # under autocast RoPE can leave q, k in fp32 and v in bf16
-        mask = None if n_q in (1, n_kv) else torch.ones(n_q, n_kv, dtype=torch.bool, device=q.device).tril(n_kv - n_q)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                             is_causal=n_q == n_kv and n_q > 1, scale=scaling,
+        plain_causal = window is None and n_q in (1, n_kv)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if plain_causal else visible, dropout_p=dropout,
+                                             is_causal=plain_causal and n_q > 1, scale=scaling,
                                              enable_gqa=hkv != q.shape[1])
         return out.transpose(1, 2).contiguous()
     qg = at_least_fp32(_grouped(q, hkv)) * scaling  # scaling q is cheaper than scaling the scores
-    scores = torch.matmul(qg, at_least_fp32(k).unsqueeze(2).transpose(-1, -2))
-    visible = torch.ones(n_q, n_kv, dtype=torch.bool, device=q.device).tril(diagonal=n_kv - n_q)
-    visible = visible[None, None, None]
+    scores = capped(torch.matmul(qg, at_least_fp32(k).unsqueeze(2).transpose(-1, -2)), softcap)
+    visible = visible.view(-1, 1, 1, n_q, n_kv)
     if key_padding is not None:
         visible = visible & key_padding[:, None, None, None, :].bool()
     probs = _softmax(scores, visible, dropout).to(v.dtype)
     return _ungrouped(torch.matmul(probs, v.unsqueeze(2)))
 
 
-def expanded_attention(q, k, v, layout: ThoughtLayout, scaling, dropout=0.0):
+def expanded_attention(q, k, v, layout: ThoughtLayout, scaling, dropout=0.0, window=None, softcap=None):
     """Attention over a thought-expanded row: L text tokens, then N*L*S branch tokens.
 
     Text queries attend causally to text; branch queries of position j attend jointly (one
-    softmax) to text keys 0..j and to their own branch's keys 0..k.
+    softmax) to text keys 0..j and to their own branch's keys 0..k (all within the window).
     """
     B, hkv, _, d = k.shape
     L, N, S = layout.num_text, layout.num_thoughts, layout.branch_length
@@ -80,10 +100,11 @@ def expanded_attention(q, k, v, layout: ThoughtLayout, scaling, dropout=0.0):
     k_text, v_text = k[:, :, :L].unsqueeze(2), v[:, :, :L].unsqueeze(2)  # [B, Hkv, 1, L, d]
     k_branch = k[:, :, L:].reshape(B, hkv, 1, N, L, S, d)
     v_branch = v[:, :, L:].reshape(B, hkv, 1, N, L, S, d)
-    prefix_visible = prefix_visibility(layout.key_padding.bool())  # [B, L(j), L(i)]
+    key_padding = layout.key_padding.bool()
+    prefix_visible = prefix_visibility(key_padding, window)  # [B, L(j), L(i)]
 
     # Text queries.
-    text_scores = torch.matmul(qg[:, :, :, :L], at_least_fp32(k_text).transpose(-1, -2))
+    text_scores = capped(torch.matmul(qg[:, :, :, :L], at_least_fp32(k_text).transpose(-1, -2)), softcap)
     text_probs = _softmax(text_scores, prefix_visible[:, None, None], dropout).to(v.dtype)
     text_out = torch.matmul(text_probs, v_text)  # [B, Hkv, G, L, d]
 
@@ -92,14 +113,16 @@ def expanded_attention(q, k, v, layout: ThoughtLayout, scaling, dropout=0.0):
     to_prefix = torch.matmul(q_branch.reshape(B, hkv, g, N * L * S, d), at_least_fp32(k_text).transpose(-1, -2))
     to_prefix = to_prefix.view(B, hkv, g, N, L, S, L)
     to_branch = torch.matmul(q_branch, at_least_fp32(k_branch).transpose(-1, -2))  # [..., N, L, S, S]
+    slot_offsets = torch.arange(1, S + 1, device=q.device)
+    branch_prefix_visible = prefix_visibility(key_padding, window, slot_offsets).transpose(1, 2)  # [B, L, S, L]
     visible = torch.cat(
         [
-            prefix_visible[:, None, None, None, :, None, :].expand(B, 1, 1, 1, L, S, L),
-            branch_visibility(S, q.device).expand(B, 1, 1, 1, L, S, S),
+            branch_prefix_visible[:, None, None, None].expand(B, 1, 1, 1, L, S, L),
+            branch_visibility(S, q.device, window).expand(B, 1, 1, 1, L, S, S),
         ],
         dim=-1,
     )
-    probs = _softmax(torch.cat([to_prefix, to_branch], dim=-1), visible, dropout).to(v.dtype)
+    probs = _softmax(capped(torch.cat([to_prefix, to_branch], dim=-1), softcap), visible, dropout).to(v.dtype)
     prefix_probs, branch_probs = probs.split([L, S], dim=-1)
     branch_out = torch.matmul(prefix_probs.reshape(B, hkv, g, N * L * S, L), v_text)
     branch_out = branch_out.view(B, hkv, g, N, L, S, d) + torch.matmul(branch_probs, v_branch)
@@ -107,10 +130,11 @@ def expanded_attention(q, k, v, layout: ThoughtLayout, scaling, dropout=0.0):
     return _ungrouped(out)
 
 
-def sample_step_attention(q, k_text, v_text, k_branch, v_branch, key_padding, scaling):
+def sample_step_attention(q, k_text, v_text, k_branch, v_branch, key_padding, scaling, window=None, softcap=None):
     """One sampling step (no gradient): the N*L queries b_{j,m+1} ``[B, H, N*L, d]`` attend to the text
     prefix ``k_text/v_text [B, Hkv, L, d]`` (keys 0..j that are not padding, ``key_padding [B, L]``) and to
-    their own branch slots 0..m, ``k_branch/v_branch [B, Hkv, N, L, m+1, d]``. Returns ``[B, N*L, H, d]``.
+    their own branch slots 0..m, ``k_branch/v_branch [B, Hkv, N, L, m+1, d]``, within the window of their
+    position pos_j + 1 + m. Returns ``[B, N*L, H, d]``.
     """
     B, hkv, N, L, slots, d = k_branch.shape
     qg = at_least_fp32(_grouped(q, hkv)) * scaling
@@ -118,9 +142,10 @@ def sample_step_attention(q, k_text, v_text, k_branch, v_branch, key_padding, sc
     to_prefix = torch.matmul(qg, at_least_fp32(k_text).unsqueeze(2).transpose(-1, -2)).view(B, hkv, g, N, L, L)
     q_step = qg.view(B, hkv, g, N, L, 1, d)
     to_branch = torch.matmul(q_step, at_least_fp32(k_branch).unsqueeze(2).transpose(-1, -2)).squeeze(-2)
-    prefix_visible = prefix_visibility(key_padding.bool())[:, None, None, None]  # [B, 1, 1, 1, L, L]
-    visible = torch.cat([prefix_visible.expand(B, 1, 1, 1, L, L), prefix_visible.new_ones(B, 1, 1, 1, L, slots)], -1)
-    probs = _masked_softmax(torch.cat([to_prefix, to_branch], dim=-1), visible)
+    prefix_visible = prefix_visibility(key_padding.bool(), window, slots)[:, None, None, None]  # [B, 1, 1, 1, L, L]
+    branch_visible = branch_visibility(slots, q.device, window)[-1].expand(B, 1, 1, 1, L, slots)
+    visible = torch.cat([prefix_visible.expand(B, 1, 1, 1, L, L), branch_visible], -1)
+    probs = _masked_softmax(capped(torch.cat([to_prefix, to_branch], dim=-1), softcap), visible)
     prefix_probs, branch_probs = probs.to(v_text.dtype).split([L, slots], dim=-1)
     out = torch.matmul(prefix_probs.reshape(B, hkv, g, N * L, L), v_text.unsqueeze(2))
     out = out.view(B, hkv, g, N, L, d) + torch.matmul(branch_probs.unsqueeze(-2), v_branch.unsqueeze(2)).squeeze(-2)
