@@ -182,7 +182,8 @@ REASONS = (  # (text in the refusal, the README's short reason); the full messag
     ("mixes tokens outside attention", "mixes tokens outside attention (a convolution over time)"),
     ("attention layers but its config declares", "an encoder-decoder's decoder (more attention layers than declared)"),
     ("layers attend through", "some layers do not attend through the interface (linear-attention or state-space mixers)"),
-    ("logits differ from", "logits are not the family's head of the final hidden state (a BERT-style prediction head)"),
+    ("logits differ from", "its logits differ from the probe's: a computation outside the seam (a BERT-style prediction "
+                           "transform, attention sinks, a layer the probe does not see)"),
     ("failed Quiet-STaR's probe", "its decoder does not hand final hidden states to its head"),
 )
 
@@ -193,6 +194,11 @@ def _reason(detail: str) -> str:
         if marker in detail:
             return reason
     return detail.split(": ", 1)[-1]
+
+
+def short_reason(row: dict) -> str:
+    """What the README says of one family's verdict: its short refusal reason, else nothing."""
+    return _reason(row["detail"]) if row["status"] == "refused" else ""
 
 
 def render_table(record: dict) -> str:

@@ -42,7 +42,9 @@ def test_the_readme_table_is_the_surveys(record):
     with open(families_survey.README_FILE) as f:
         table = families_survey.readme_table(f.read())
     assert table == families_survey.render_table(recorded), "README table out of date: run tests/families_survey.py --write"
-    assert recorded["families"] == record["families"], (
+    verdicts = [(row["family"], row["status"], families_survey.short_reason(row)) for row in record["families"]]
+    recorded_verdicts = [(row["family"], row["status"], families_survey.short_reason(row)) for row in recorded["families"]]
+    assert recorded_verdicts == verdicts, (  # errors' digits vary with thread counts; verdicts and reasons may not
         "the survey changed: run `python tests/families_survey.py --write` and commit docs/families.json and README.md")
 
 
