@@ -391,7 +391,8 @@ def test_a_new_result_has_the_keys_of_one_written_before(saved_model, synthetic_
     with open(os.path.join(FIXTURES, "gsm8k_accuracy_thoughts.json")) as f:
         old = json.load(f)
     assert list(new) == list(old) and list(new["settings"]) == list(old["settings"])
-    assert list(new["quietstar_config"]) == list(old["quietstar_config"])
+    # Config fields added since (triton_fp32_precision) may follow; the old ones keep their names and order.
+    assert [key for key in new["quietstar_config"] if key in old["quietstar_config"]] == list(old["quietstar_config"])
     assert list(new["items"][0]) == list(old["items"][0])
 
 

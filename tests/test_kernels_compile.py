@@ -43,11 +43,14 @@ def test_every_kernel_compiles_for_sm80_and_sm90_with_tensor_cores_and_no_sm90_s
 
 
 def test_the_variant_lists_cover_what_the_launches_take():
+    interpret = os.environ.get("TRITON_INTERPRET")  # the script turns it off on import; later tests need it
     sys.path.insert(0, str(SCRIPT.parent))
     try:
         import compile_check
     finally:
         sys.path.remove(str(SCRIPT.parent))
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
     table = compile_check.variants("table")
     assert len(table) == len(set(table)) == 2 * (4 * 4 + 2 * 4 * 4 * 2)  # archs x (forward + two backward kernels)
     everything = compile_check.variants("all")
