@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
+    # Every process waits for the saves, then the process group is torn down: a process that exits with its gloo
+    # group alive aborts ("terminate called without an active exception") and fails the launch.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     if trainer.is_world_process_zero():
         print(f"Saved the trained model to {training_args.output_dir} "
               "(load it with quietstar.QuietStarForCausalLM.from_pretrained).")
