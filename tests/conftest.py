@@ -16,6 +16,13 @@ from quietstar import QuietStarConfig, QuietStarForCausalLM
 from quietstar.tiny import byte_tokenizer, tiny_model
 
 ARCHITECTURES = ["llama", "mistral", "qwen2"]
+# Two GSM8K and two CommonsenseQA items in the offline data's row format (quietstar.evaluation.data).
+GSM8K_ROWS = [{"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"},
+              {"question": "Tom has 3 apples and buys 39 more. How many?", "answer": "3 + 39 = 42\n#### 42"}]
+CSQA_ROWS = [{"id": "a", "question": "Where do fish live?", "labels": list("ABCDE"),
+              "texts": ["sea", "tree", "sky", "desk", "moon"], "answer_key": "A"},
+             {"id": "b", "question": "What is hot?", "labels": list("ABCDE"),
+              "texts": ["ice", "fire", "snow", "rain", "wind"], "answer_key": "B"}]
 
 
 @pytest.fixture(autouse=True)
