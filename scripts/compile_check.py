@@ -2,16 +2,18 @@
 
 A stand-in Triton driver reports the target GPU (sm_80 = A100, sm_90 = H100/H200), and each kernel variant is
 compiled by ``JITFunction.warmup`` through Triton's real NVIDIA pipeline (TTIR, TTGIR, LLVM, PTX, cubin with the
-ptxas of the triton wheel); nothing runs. The arguments come from ``quietstar.ops.sus.launch``'s own
-``forward_launch`` / ``backward_launches`` with ``compiled=True``, so the tiles, warps, stages and constexpr flags
-are the ones a GPU run launches. Per variant: shared memory, the tensor-core instruction the dots became (wgmma,
-mma or none: fma), registers and spill bytes from ``ptxas -v``. Exits 1 if any variant fails to compile.
+ptxas of the triton wheel); nothing runs. The kernels are those of ``quietstar.ops.sus.launch.LAUNCHED_KERNELS``
+and the arguments come from their own launch code with the target's arch, so the tiles, warps, stages and
+constexpr flags are the ones a GPU run launches. Per variant: shared memory, the tensor-core instruction the dots
+became (wgmma, mma or none: fma), registers and spill bytes from ``ptxas -v``, and instructions per score in the
+tile loop: the SASS (``nvdisasm``) of the largest innermost loop, counted by class and divided by the scores each
+thread holds per iteration (BLOCK_M x BLOCK_N / threads). Exits 1 if any variant fails to compile.
 
     .venv/bin/python scripts/compile_check.py                            # the README table (thought layout, padded)
     .venv/bin/python scripts/compile_check.py --variants all --jobs 16   # every pattern too
     .venv/bin/python scripts/compile_check.py --readme                   # rewrite the table in quietstar/ops/sus/README.md
 
-Variants: kernel (forward, dq, dkdv) x input dtype (fp16, bf16, fp32 through tf32, fp32 exact) x head dim x
+Variants: kernel (forward, dq, dkdv, and any other registered) x input dtype (fp16, bf16, fp32 through tf32, fp32 exact) x head dim x
 backward (exact, SUS), at odd sizes (no divisibility specialisation) with grouped-query heads. ``table`` takes the
 padded thought layout (every constexpr branch of the visibility rule on); ``all`` adds the plain causal,
 padded causal, non-causal and unpadded thought patterns (each compiles separately: CAUSAL, HAS_KEY_VALID and
@@ -58,35 +60,32 @@ BATCH, HEADS, KV_HEADS = 2, 4, 2
 @dataclasses.dataclass(frozen=True)
 class Variant:
     arch: int
-    kernel: str  # forward, dq, dkdv
+    kernel: str  # the name of an entry of launch.LAUNCHED_KERNELS
     dtype: str  # a key of DTYPES
     head_dim: int
     pattern: str  # a key of PATTERNS
     sus: bool  # backward kernels only
+    backward: bool = True  # the kernel takes exact and SUS variants
 
     @property
     def name(self) -> str:
-        mode = "" if self.kernel == "forward" else ("-sus" if self.sus else "-exact")
+        mode = ("-sus" if self.sus else "-exact") if self.backward else ""
         return f"sm_{self.arch}/{self.kernel}{mode}/{self.dtype}/d{self.head_dim}/{self.pattern}"
 
 
 def variants(kind: str, archs=ARCHS) -> list[Variant]:
-    """The variants of ``kind`` ("representative", "table" or "all")."""
-    if kind == "representative":
-        return [Variant(arch, kernel, "bf16", 128, "thought-padded", kernel != "forward")
-                for arch in archs for kernel in ("forward", "dq", "dkdv")]
-    patterns = ["thought-padded"] if kind == "table" else list(PATTERNS)
-    if kind not in ("table", "all"):
+    """The variants of ``kind`` ("representative", "table" or "all") of every kernel in launch.LAUNCHED_KERNELS."""
+    from quietstar.ops.sus.launch import LAUNCHED_KERNELS
+
+    if kind not in ("representative", "table", "all"):
         raise ValueError(f"variants must be representative, table or all, got {kind!r}.")
-    found = []
-    for arch in archs:
-        for kernel in ("forward", "dq", "dkdv"):
-            for dtype in DTYPES:
-                for head_dim in HEAD_DIMS:
-                    for pattern in patterns:
-                        for sus in ((False,) if kernel == "forward" else (False, True)):
-                            found.append(Variant(arch, kernel, dtype, head_dim, pattern, sus))
-    return found
+    if kind == "representative":
+        return [Variant(arch, kernel.name, "bf16", 128, "thought-padded", kernel.backward, kernel.backward)
+                for arch in archs for kernel in LAUNCHED_KERNELS]
+    patterns = ["thought-padded"] if kind == "table" else list(PATTERNS)
+    return [Variant(arch, kernel.name, dtype, head_dim, pattern, sus, kernel.backward)
+            for arch in archs for kernel in LAUNCHED_KERNELS for dtype in DTYPES for head_dim in HEAD_DIMS
+            for pattern in patterns for sus in ((False, True) if kernel.backward else (False,))]
 
 
 class StandInDriver:
@@ -112,7 +111,7 @@ class StandInDriver:
 
 def _launch(variant: Variant):
     """(kernel, grid, keyword arguments) that quietstar.ops.sus.launch builds for this variant, on CPU tensors."""
-    from quietstar.ops.sus import launch
+    from quietstar.ops.sus.launch import LAUNCHED_KERNELS
 
     dtype, fp32_precision = DTYPES[variant.dtype]
     L, N, S, causal, padded = PATTERNS[variant.pattern]
@@ -121,13 +120,10 @@ def _launch(variant: Variant):
     k = torch.zeros(BATCH, KV_HEADS, n, d, dtype=dtype)
     lse = torch.zeros(BATCH, HEADS, n)
     key_valid = torch.ones(BATCH, L, dtype=torch.bool) if padded else None
-    pattern = dict(num_text=L, branch_length=S if N else 0, causal=causal, key_valid=key_valid,
-                   fp32_precision=fp32_precision, compiled=True)
-    if variant.kernel == "forward":
-        return launch.forward_launch(q, k, k, q, lse, 0.125, **pattern)
-    launches = launch.backward_launches(q, k, k, q, lse, lse, q, k, k, 0.125, c=32.0 if variant.sus else None,
-                                        seed=12345, **pattern)
-    return launches[0 if variant.kernel == "dq" else 1]
+    kernel = next(kernel for kernel in LAUNCHED_KERNELS if kernel.name == variant.kernel)
+    return kernel.example(q, k, torch.zeros_like(k), lse, c=32.0 if variant.sus else None, seed=12345, num_text=L,
+                          branch_length=S if N else 0, causal=causal, key_valid=key_valid,
+                          fp32_precision=fp32_precision, arch=variant.arch)
 
 
 def _ptxas(arch: int) -> str:
@@ -166,6 +162,76 @@ def tensor_core_instruction(ptx: str) -> str:
     return "fma"
 
 
+def _nvdisasm() -> str:
+    import triton
+
+    try:
+        from triton import knobs
+
+        return knobs.nvidia.nvdisasm.path
+    except (ImportError, AttributeError):
+        return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm")
+
+
+def _sass(cubin: bytes) -> str:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        done = subprocess.run([_nvdisasm(), "-c", str(path)], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"nvdisasm failed: {(done.stdout + done.stderr)[-2000:]}")
+    return done.stdout
+
+
+# Opcode classes of the SASS loop profile; an opcode is classed by its name before the first dot, else "other"
+# (moves, branches, barriers, shuffles, warp-group fences).
+SASS_CLASSES = {
+    "mma": {"HMMA", "HGMMA", "IMMA", "IGMMA", "QGMMA", "DMMA", "BMMA", "UTCHMMA", "UTCQMMA"},
+    "int/cmp/sel": {"IMAD", "IADD", "IADD3", "VIADD", "VIADDMNMX", "IMNMX", "VIMNMX", "IABS", "LOP", "LOP3", "SHF",
+                    "SHL", "SHR", "LEA", "ISETP", "ISCADD", "SEL", "FSEL", "FSETP", "HSETP2", "PLOP3", "PSETP", "P2R",
+                    "R2P", "POPC", "FLO", "BREV", "PRMT", "SGXT", "BMSK", "I2F", "I2FP", "F2I", "IDP", "IMUL",
+                    "UIADD3", "UIMAD", "ULOP3", "USHF", "ULEA", "UISETP", "USEL", "USGXT", "UPRMT", "UPOPC", "UFLO",
+                    "UP2R", "UR2P", "UPLOP3", "UBMSK", "UIMNMX"},
+    "fp": {"FFMA", "FMUL", "FADD", "FMNMX", "MUFU", "F2F", "F2FP", "FRND", "FCHK", "HADD2", "HMUL2", "HFMA2",
+           "HMNMX2", "DADD", "DMUL", "DFMA", "FSWZADD"},
+    "memory": {"LDG", "STG", "LDS", "STS", "LDSM", "STSM", "LDGSTS", "LDC", "ULDC", "LD", "ST", "LDL", "STL", "ATOM",
+               "ATOMG", "ATOMS", "RED", "REDG", "UBLKCP", "UTMALDG", "UTMASTG", "LDGDEPBAR"},
+}
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[0-9T]+\s+)?([A-Z][A-Z0-9_]*)([.\w]*)(.*?);")
+_BRANCH_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+
+
+def sass_opcode_class(opcode: str) -> str:
+    return next((name for name, opcodes in SASS_CLASSES.items() if opcode in opcodes), "other")
+
+
+def tile_loops(sass: str) -> list[dict[str, int]]:
+    """Instructions by class in each tile loop of disassembled SASS (``nvdisasm``), the largest first. A tile loop is
+    an innermost loop (a label and the branch back to it, no loop inside) holding a tensor-core instruction (any
+    innermost loop in code without them: the exact fp32 path). Counted once per instruction: one iteration that takes
+    every branch in the body (a tile with a kept entry)."""
+    opcodes, labels, loops = [], {}, []
+    for line in sass.splitlines():
+        if label := _LABEL.match(line):
+            labels[label.group(1)] = len(opcodes)
+        elif instruction := _INSTRUCTION.match(line):
+            opcode, operands = instruction.group(1), instruction.group(3)
+            target = _BRANCH_TARGET.search(operands)
+            if opcode == "BRA" and target and target.group(1) in labels and labels[target.group(1)] < len(opcodes):
+                loops.append((labels[target.group(1)], len(opcodes)))  # a backward branch closes a loop
+            opcodes.append(opcode)
+    profiles = []
+    for start, end in loops:
+        if not any(start <= a and b <= end and (a, b) != (start, end) for a, b in loops):
+            counts = {name: 0 for name in (*SASS_CLASSES, "other")}
+            for opcode in opcodes[start:end + 1]:
+                counts[sass_opcode_class(opcode)] += 1
+            profiles.append(counts)
+    with_tensor_cores = [counts for counts in profiles if counts["mma"]]
+    return sorted(with_tensor_cores or profiles, key=lambda counts: -sum(counts.values()))
+
+
 def _use_arch(arch: int) -> None:
     """Point this process's Triton at a stand-in driver for ``arch``. Once per process: Triton's in-memory kernel
     cache is keyed by device, not target, so a process that compiled for one arch would hand its binaries back for
@@ -186,11 +252,17 @@ def compile_variant(variant: Variant) -> dict:
             raise RuntimeError(f"compiled for sm_{compiled.metadata.target.arch}, not sm_{variant.arch}")
         ptx = compiled.asm["ptx"]
         registers, spill_stores, spill_loads = _register_report(ptx, variant.arch)
+        loops = tile_loops(_sass(compiled.asm["cubin"]))
+        if not loops:
+            raise RuntimeError("no tile loop in the SASS")
+        scores_per_thread = arguments["BLOCK_M"] * arguments["BLOCK_N"] / (32 * compiled.metadata.num_warps)
         row |= dict(ok=True, shared_kib=round(compiled.metadata.shared / 1024, 1),
                     num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
                     block_m=arguments["BLOCK_M"], block_n=arguments["BLOCK_N"],
                     tensor_cores=tensor_core_instruction(ptx), registers=registers,
-                    spill_stores=spill_stores, spill_loads=spill_loads)
+                    spill_stores=spill_stores, spill_loads=spill_loads, loop_instructions=loops[0],
+                    per_score={name: round(count / scores_per_thread, 2) for name, count in loops[0].items()},
+                    lightest_loop_per_score=round(sum(loops[-1].values()) / scores_per_thread, 1))
     except Exception as error:  # noqa: BLE001 - every compiler failure is a result to report
         lines = str(error).strip().splitlines() or [type(error).__name__]
         row |= dict(ok=False, error=f"{type(error).__name__}: {' | '.join(lines)[-1500:]}")
@@ -213,28 +285,47 @@ def compile_all(selected: list[Variant], jobs: int, on_result=None) -> list[dict
     return rows
 
 
+PER_SCORE_COLUMNS = ("int/cmp/sel", "fp", "memory", "mma")
+
+
+def _per_score(row: dict) -> list[str]:
+    """Instructions per score in the largest tile loop (in all, then by PER_SCORE_COLUMNS), then in the lightest."""
+    per_score = row["per_score"]
+    return [f"{value:.1f}" for value in (sum(per_score.values()), *(per_score[name] for name in PER_SCORE_COLUMNS),
+                                         row["lightest_loop_per_score"])]
+
+
 def format_row(row: dict) -> str:
     if not row["ok"]:
         return f"FAIL {row['name']} ({row['seconds']} s): {row['error']}"
+    total, *classes, lightest = _per_score(row)
     return (f"ok   {row['name']:42s} {row['block_m']}x{row['block_n']} w{row['num_warps']} s{row['num_stages']} "
             f"smem {row['shared_kib']:6.1f} KiB {row['tensor_cores']:5s} regs {row['registers']:3d} "
-            f"spills {row['spill_stores']}/{row['spill_loads']} B ({row['seconds']} s)")
+            f"spills {row['spill_stores']}/{row['spill_loads']} B, tile loop {total} instr/score "
+            f"({', '.join(f'{name} {value}' for name, value in zip(PER_SCORE_COLUMNS, classes))}; lightest loop "
+            f"{lightest}) ({row['seconds']} s)")
 
 
 def markdown_table(rows: list[dict], triton_version: str) -> str:
     lines = [TABLE_BEGIN, "",
              f"Triton {triton_version}, `scripts/compile_check.py` (padded thought layout, grouped-query heads). "
-             "Tiles: query rows x key columns, warps, pipeline stages; spills: store/load bytes per thread.", "",
-             "| arch | kernel | inputs | d | tiles | shared KiB | tensor cores | registers | spills |",
-             "|---|---|---|---:|---|---:|---|---:|---:|"]
+             "Tiles: query rows x key columns, warps, pipeline stages; spills: store/load bytes per thread; "
+             "instr/score: SASS instructions in one iteration of the largest tile loop (every branch taken: a tile "
+             "with a kept entry) over the scores each thread holds (BLOCK_M x BLOCK_N / threads), in all, by class "
+             "(integer, compare and select; floating point; memory; tensor core), and in the lightest tile loop.", "",
+             "| arch | kernel | inputs | d | tiles | shared KiB | tensor cores | registers | spills | instr/score "
+             f"| {' | '.join(PER_SCORE_COLUMNS)} | lightest loop |",
+             "|---|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
-        kernel = row["kernel"] if row["kernel"] == "forward" else f"{row['kernel']} {'SUS' if row['sus'] else 'exact'}"
+        kernel = f"{row['kernel']} {'SUS' if row['sus'] else 'exact'}" if row["backward"] else row["kernel"]
         if row["ok"]:
             lines.append(f"| sm_{row['arch']} | {kernel} | {row['dtype']} | {row['head_dim']} | {row['block_m']}x"
                          f"{row['block_n']} w{row['num_warps']} s{row['num_stages']} | {row['shared_kib']} | "
-                         f"{row['tensor_cores']} | {row['registers']} | {row['spill_stores']}/{row['spill_loads']} |")
+                         f"{row['tensor_cores']} | {row['registers']} | {row['spill_stores']}/{row['spill_loads']} | "
+                         f"{' | '.join(_per_score(row))} |")
         else:
-            lines.append(f"| sm_{row['arch']} | {kernel} | {row['dtype']} | {row['head_dim']} | compile error | | | | |")
+            lines.append(f"| sm_{row['arch']} | {kernel} | {row['dtype']} | {row['head_dim']} | compile error |"
+                         + " |" * 10)
     return "\n".join(lines + ["", TABLE_END])
 
 

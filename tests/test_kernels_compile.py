@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not any((NVIDIA_BIN / name).exists() for name in
                                 reason="needs Triton's NVIDIA backend with its ptxas")
 
 
-def test_every_kernel_compiles_for_sm80_and_sm90_with_tensor_cores_and_no_sm90_spills(tmp_path):
+def test_every_kernel_compiles_for_sm80_and_sm90_with_tensor_cores_and_no_spills(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
     report = tmp_path / "report.json"
@@ -38,11 +38,15 @@ def test_every_kernel_compiles_for_sm80_and_sm90_with_tensor_cores_and_no_sm90_s
     for row in rows:
         assert row["ok"] and row["registers"] > 0 and row["shared_kib"] > 0, row
         assert row["tensor_cores"] == ("wgmma" if row["arch"] == 90 else "mma"), row
-        if row["arch"] == 90:
-            assert row["spill_stores"] == row["spill_loads"] == 0, row
+        assert row["spill_stores"] == row["spill_loads"] == 0, row
+        # The tile loop: its dots on tensor cores, the visibility rule and the SUS hash as integer work per score.
+        per_score = row["per_score"]
+        assert per_score["mma"] > 0 and per_score["int/cmp/sel"] > per_score["mma"] and per_score["fp"] > 0, row
+        assert sum(row["loop_instructions"].values()) * 32 * row["num_warps"] == pytest.approx(
+            sum(per_score.values()) * row["block_m"] * row["block_n"], rel=1e-2), row
 
 
-def test_the_variant_lists_cover_what_the_launches_take():
+def _compile_check():
     interpret = os.environ.get("TRITON_INTERPRET")  # the script turns it off on import; later tests need it
     sys.path.insert(0, str(SCRIPT.parent))
     try:
@@ -51,6 +55,11 @@ def test_the_variant_lists_cover_what_the_launches_take():
         sys.path.remove(str(SCRIPT.parent))
         if interpret is not None:
             os.environ["TRITON_INTERPRET"] = interpret
+    return compile_check
+
+
+def test_the_variant_lists_cover_what_the_launches_take(monkeypatch):
+    compile_check = _compile_check()
     table = compile_check.variants("table")
     assert len(table) == len(set(table)) == 2 * (4 * 4 + 2 * 4 * 4 * 2)  # archs x (forward + two backward kernels)
     everything = compile_check.variants("all")
@@ -58,3 +67,56 @@ def test_the_variant_lists_cover_what_the_launches_take():
     assert compile_check.tensor_core_instruction("wgmma.mma_async.sync.aligned") == "wgmma"
     assert compile_check.tensor_core_instruction("mma.sync.aligned.m16n8k16") == "mma"
     assert compile_check.tensor_core_instruction("fma.rn.f32") == "fma"
+    # A kernel registered in launch.py joins every list.
+    from quietstar.ops.sus import launch
+
+    extra = launch.LaunchedKernel("row_tiles", True, launch.LAUNCHED_KERNELS[1].example)
+    monkeypatch.setattr(launch, "LAUNCHED_KERNELS", (*launch.LAUNCHED_KERNELS, extra))
+    added = [v for v in compile_check.variants("table") if v.kernel == "row_tiles"]
+    assert len(added) == 2 * 4 * 4 * 2 and {v.sus for v in added} == {False, True}
+    assert "row_tiles" in {v.kernel for v in compile_check.variants("representative")}
+
+
+# nvdisasm's layout: an outer loop (.L_x_1) around three inner ones: .L_x_2 without tensor cores (not a tile loop),
+# .L_x_3 with a forward branch (the kept-tile test) and the smaller .L_x_6; the end branches to itself (the trap, no
+# loop).
+SASS = """\
+backward_dq_kernel:
+        /*0000*/                   S2R R0, SR_CTAID.X ;
+.L_x_1:
+        /*0010*/                   IMAD R1, R0, 0x2, RZ ;
+.L_x_2:
+        /*0020*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0030*/               @P0 BRA `(.L_x_2) ;
+.L_x_3:
+        /*0040*/                   ISETP.GE.AND P1, PT, R1, 0x10, PT ;
+        /*0050*/                   FSEL R3, R3, -INF , P1 ;
+        /*0060*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+        /*0070*/                   MUFU.EX2 R3, R3 ;
+        /*0080*/              @!P1 BRA `(.L_x_4) ;
+        /*0090*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*00a0*/                   LDS.128 R4, [R2] ;
+.L_x_4:
+        /*00b0*/                   FFMA R5, R5, R6, R7 ;
+        /*00c0*/                   LOP3.LUT R1, R1, 0x3, RZ, 0xc0, !PT ;
+        /*00d0*/              @!P2 BRA `(.L_x_3) ;
+.L_x_6:
+        /*00d4*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+        /*00d8*/               @P2 BRA `(.L_x_6) ;
+        /*00e0*/               @P3 BRA `(.L_x_1) ;
+        /*00f0*/                   EXIT ;
+.L_x_5:
+        /*0100*/                   BRA `(.L_x_5);
+"""
+
+
+def test_the_tile_loops_are_the_innermost_loops_with_tensor_cores_counted_by_class():
+    compile_check = _compile_check()
+    assert compile_check.tile_loops(SASS) == [{"mma": 2, "int/cmp/sel": 3, "fp": 2, "memory": 1, "other": 2},
+                                              {"mma": 1, "int/cmp/sel": 0, "fp": 0, "memory": 0, "other": 1}]
+    assert compile_check.tile_loops(SASS.replace("HMMA", "FFMA").replace("HGMMA", "FFMA")) == [  # the FMA path
+        {"mma": 0, "int/cmp/sel": 3, "fp": 4, "memory": 1, "other": 2},
+        {"mma": 0, "int/cmp/sel": 0, "fp": 0, "memory": 1, "other": 1},
+        {"mma": 0, "int/cmp/sel": 0, "fp": 1, "memory": 0, "other": 1}]
+    assert compile_check.tile_loops(SASS.split(".L_x_1:")[0]) == []  # no loop
+

@@ -106,14 +106,19 @@ def test_huge_c_kernel_equals_exact_kernel_bit_for_bit():
         assert torch.equal(a, b)
 
 
-def test_launch_configurations_cover_every_head_dim_and_dtype():
-    for kernel in launch.KERNELS:
-        for head_dim in (16, 32, 64, 128):
-            half = launch.tile_config(kernel, head_dim, torch.bfloat16, compiled=True)
-            fp32 = launch.tile_config(kernel, head_dim, torch.float32, compiled=True)
-            assert half == launch.tile_config(kernel, head_dim, torch.float16, compiled=True)
-            assert fp32.block_m * fp32.block_n < half.block_m * half.block_n  # fp32 tiles hold twice the bytes
-            assert launch.tile_config(kernel, head_dim, torch.float32, compiled=False).block_m == 16
+def test_launch_configurations_cover_every_head_dim_dtype_and_arch():
+    for arch in (80, 86, 89, 90, 100, 120):
+        for kernel in launch.KERNELS:
+            for head_dim in (16, 32, 64, 128):
+                for dtype, precision in ((torch.bfloat16, "tf32"), (torch.float32, "tf32"), (torch.float32, "ieee")):
+                    tiles = launch.tile_config(kernel, head_dim, dtype, precision, arch)
+                    # tensor-core tiles: powers of two of at least 16 (tl.dot's smallest side)
+                    assert all(size >= 16 and size & (size - 1) == 0 for size in (tiles.block_m, tiles.block_n)), tiles
+                    assert tiles.num_warps in (4, 8) and tiles.num_stages in (1, 2, 3, 4), tiles
+                assert launch.tile_config(kernel, head_dim, torch.float16, "ieee", arch) == \
+                    launch.tile_config(kernel, head_dim, torch.bfloat16, "tf32", arch)  # 2-byte inputs ignore it
+                assert launch.tile_config(kernel, head_dim, torch.float32, "ieee", None).block_m == 16
+    assert [launch.tile_arch(arch) for arch in (80, 86, 89, 90, 100, 120)] == [80, 80, 80, 90, 90, 80]
     assert launch.dot_precision(torch.float32, "tf32") == "tf32"
     assert launch.dot_precision(torch.float32, "ieee") == "ieee"
     assert launch.dot_precision(torch.bfloat16, "ieee") == "tf32"  # 2-byte inputs have no fp32 products to keep

@@ -6,18 +6,19 @@ K and V share one set of strides, and so do Q, dO, O and their gradients.
 
 Each ``*_launch`` function returns (kernel, grid, keyword arguments) without launching, so the compile
 check (``scripts/compile_check.py``) compiles exactly what :func:`triton_forward` and
-:func:`triton_backward` launch.
+:func:`triton_backward` launch; it compiles every kernel of :data:`LAUNCHED_KERNELS`.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from . import kernels
-from .function import FP32_PRECISIONS
+from .function import FP32_PRECISIONS, HEAD_DIMS
 MAX_HEAD_ELEMENTS = 2**31  # offsets inside one head's [n, d] slice are 32-bit; batch/head bases are 64-bit
 
 
@@ -31,36 +32,57 @@ class TileConfig:
     num_stages: int
 
 
-# Compiled tiles per (kernel, head dim, 2-byte or fp32 inputs), fixed per head dim and dtype (no autotuning on n),
-# chosen from the compile check's registers, spills and tensor-core instructions on sm_90 (README.md holds the table).
+_T = TileConfig
+# Compiled tiles per (kernel, inputs, arch), one per head dim of HEAD_DIMS (16, 32, 64, 128), fixed per head dim and
+# dtype (no autotuning on n). Inputs: "half" (fp16, bf16), "tf32" (fp32 through tf32 tensor cores), "ieee" (exact
+# fp32 on FMA units: the kernel tests' oracle setting). Arch 90: H100/H200 (wgmma, 227 KiB of shared memory per
+# block); arch 80: A100, under 99 KiB so that the 8.6/8.9/12.x parts fit too. Each is the largest tensor-core tile
+# that the compile check (scripts/compile_check.py; README.md holds its table) finds free of register spills and
+# within shared memory. dK/dV works transposed: its BLOCK_N keys are the dots' M side, BLOCK_M query rows per step.
 _COMPILED_TILES = {
-    ("forward", 16, "half"): TileConfig(128, 64, 4, 3),
-    ("forward", 32, "half"): TileConfig(128, 64, 4, 3),
-    ("forward", 64, "half"): TileConfig(128, 64, 8, 3),
-    ("forward", 128, "half"): TileConfig(128, 64, 8, 2),
-    ("dq", 16, "half"): TileConfig(128, 64, 8, 2),
-    ("dq", 32, "half"): TileConfig(128, 64, 8, 2),
-    ("dq", 64, "half"): TileConfig(128, 64, 8, 2),
-    ("dq", 128, "half"): TileConfig(128, 64, 8, 2),
-    # dK/dV works transposed: BLOCK_N keys per program are the dots' M side, BLOCK_M query rows per step.
-    ("dkdv", 16, "half"): TileConfig(64, 128, 8, 2),
-    ("dkdv", 32, "half"): TileConfig(64, 128, 8, 2),
-    ("dkdv", 64, "half"): TileConfig(32, 128, 8, 2),
-    ("dkdv", 128, "half"): TileConfig(16, 128, 8, 2),
+    ("forward", "half", 90): (_T(128, 64, 4, 3), _T(128, 64, 4, 3), _T(128, 64, 8, 3), _T(128, 64, 8, 2)),
+    ("dq", "half", 90): (_T(128, 64, 8, 2),) * 4,
+    ("dkdv", "half", 90): (_T(64, 128, 8, 2), _T(64, 128, 8, 2), _T(32, 128, 8, 2), _T(16, 128, 8, 2)),
+    # mma.sync keeps the dots' operands and accumulators in registers: at d 128, 128 x 64 reaches 255 and spills.
+    ("forward", "half", 80): (_T(128, 64, 4, 3), _T(128, 64, 4, 3), _T(128, 64, 8, 3), _T(128, 32, 8, 3)),
+    # d 16: 8 warps let ptxas cap registers at 128 (two blocks per SM) and spill; d 64/128: the SUS hash adds ~40.
+    ("dq", "half", 80): (_T(128, 64, 4, 2), _T(128, 64, 8, 2), _T(128, 32, 8, 2), _T(64, 64, 8, 2)),
+    # dK and dV accumulate [keys, d] in fp32 beside K and V: 32 keys at d 64 and 128.
+    ("dkdv", "half", 80): (_T(64, 128, 8, 2), _T(32, 128, 8, 2), _T(64, 32, 8, 2), _T(32, 32, 4, 2)),
+    # fp32 operands are twice the registers and shared memory of fp16: 32 key columns, 4 warps where 8 would split a
+    # 64 x 32 tile too thinly (twice the instructions per score).
+    ("forward", "tf32", 90): (_T(64, 32, 4, 3), _T(64, 32, 4, 3), _T(128, 32, 8, 2), _T(128, 32, 8, 2)),
+    ("dq", "tf32", 90): (_T(128, 32, 8, 2),) * 4,
+    # d 128: dK, dV, K and V of 64 keys in fp32 spill whatever the warps; 32 keys run on mma.sync instead of wgmma.
+    ("dkdv", "tf32", 90): (_T(32, 64, 4, 2), _T(32, 64, 4, 2), _T(32, 64, 4, 2), _T(32, 32, 8, 2)),
+    ("forward", "tf32", 80): (_T(64, 32, 4, 3), _T(64, 32, 4, 3), _T(128, 32, 8, 3), _T(128, 32, 8, 2)),
+    ("dq", "tf32", 80): (_T(64, 32, 4, 2), _T(64, 32, 4, 2), _T(128, 32, 8, 2), _T(32, 32, 4, 2)),
+    ("dkdv", "tf32", 80): (_T(32, 64, 8, 2), _T(32, 64, 8, 2), _T(32, 32, 4, 2), _T(32, 32, 8, 2)),
+    # Exact fp32 (FMA dots) spills at d 64 and 128 whatever the tile; it serves the tests, not training speed.
+    ("forward", "ieee", 90): (_T(64, 32, 4, 3), _T(64, 32, 4, 3), _T(64, 32, 8, 3), _T(64, 32, 8, 2)),
+    ("dq", "ieee", 90): (_T(64, 32, 8, 2),) * 4,
+    ("dkdv", "ieee", 90): (_T(32, 64, 8, 2), _T(32, 64, 8, 2), _T(16, 64, 8, 2), _T(16, 64, 8, 2)),
+    ("forward", "ieee", 80): (_T(64, 32, 4, 3), _T(64, 32, 4, 3), _T(64, 32, 8, 3), _T(64, 32, 8, 2)),
+    ("dq", "ieee", 80): (_T(64, 32, 8, 2), _T(64, 32, 8, 2), _T(64, 32, 8, 2), _T(32, 32, 4, 2)),
+    ("dkdv", "ieee", 80): (_T(32, 64, 8, 2), _T(32, 64, 8, 2), _T(16, 64, 8, 2), _T(16, 64, 8, 2)),
 }
 _INTERPRETED_TILES = TileConfig(16, 16, 4, 1)  # the interpreter: small tiles keep tiny tests fast
 KERNELS = ("forward", "dq", "dkdv")
 
 
-def tile_config(kernel: str, head_dim: int, dtype: torch.dtype, compiled: bool) -> TileConfig:
-    """The tiles of ``kernel`` ("forward", "dq", "dkdv") for this head dim and input dtype."""
-    if not compiled:
+def tile_arch(arch: int) -> int:
+    """The tile table an arch (compute capability major * 10 + minor) takes: 90 for Hopper and the data-centre
+    Blackwells (9.x, 10.x: at least 227 KiB of shared memory), 80 for the rest (8.x, 12.x)."""
+    return 90 if 90 <= arch < 120 else 80
+
+
+def tile_config(kernel: str, head_dim: int, dtype: torch.dtype, fp32_precision: str, arch: int | None) -> TileConfig:
+    """The tiles of ``kernel`` ("forward", "dq", "dkdv") for this head dim, input dtype and GPU arch (None: the
+    interpreter)."""
+    if arch is None:
         return _INTERPRETED_TILES
-    width = "fp32" if dtype == torch.float32 else "half"
-    if width == "fp32":  # fp32 tiles are twice the bytes: halve the rows to stay within registers and shared memory
-        half = _COMPILED_TILES[(kernel, head_dim, "half")]
-        return TileConfig(max(half.block_m // 2, 16), max(half.block_n // 2, 16), half.num_warps, half.num_stages)
-    return _COMPILED_TILES[(kernel, head_dim, width)]
+    inputs = fp32_precision if dtype == torch.float32 else "half"
+    return _COMPILED_TILES[(kernel, inputs, tile_arch(arch))][HEAD_DIMS.index(head_dim)]
 
 
 def dot_precision(dtype: torch.dtype, fp32_precision: str) -> str:
@@ -99,10 +121,11 @@ def _shared_arguments(q, k, key_valid, lse, num_text, branch_length, causal, fp3
     )
 
 
-def forward_launch(q, k, v, o, lse, scale, num_text, branch_length, causal, key_valid, fp32_precision, compiled):
-    """(kernel, grid, keyword arguments) of the forward."""
+def forward_launch(q, k, v, o, lse, scale, num_text, branch_length, causal, key_valid, fp32_precision, arch):
+    """(kernel, grid, keyword arguments) of the forward; ``arch``: the GPU's compute capability (80, 90, ...), None
+    under the interpreter."""
     B, H, n, d = q.shape
-    tiles = tile_config("forward", d, q.dtype, compiled)
+    tiles = tile_config("forward", d, q.dtype, fp32_precision, arch)
     text_blocks, total = _launch_geometry(n, num_text, tiles.block_m)
     arguments = dict(Q=q, K=k, V=v, O=o, LSE=lse, text_blocks=text_blocks, scale=scale,
                      **_shared_arguments(q, k, key_valid, lse, num_text, branch_length, causal, fp32_precision, tiles))
@@ -110,23 +133,61 @@ def forward_launch(q, k, v, o, lse, scale, num_text, branch_length, causal, key_
 
 
 def backward_launches(q, k, v, do, lse, delta, dq, dk, dv, scale, num_text, branch_length, causal, key_valid, c, seed,
-                      fp32_precision, compiled):
-    """[(kernel, grid, keyword arguments)] of the dQ and the dK/dV kernels."""
+                      fp32_precision, arch):
+    """[(kernel, grid, keyword arguments)] of the dQ and the dK/dV kernels; ``arch`` as in :func:`forward_launch`."""
     B, H, n, d = q.shape
     common = dict(Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, scale=scale, c=float(c) if c is not None else 1.0,
                   seed=seed, SUS=c is not None)
     launches = []
-    tiles = tile_config("dq", d, q.dtype, compiled)
+    tiles = tile_config("dq", d, q.dtype, fp32_precision, arch)
     text_blocks, total = _launch_geometry(n, num_text, tiles.block_m)
     launches.append((kernels.backward_dq_kernel, (total, B * H), dict(
         DQ=dq, text_blocks=text_blocks, **common,
         **_shared_arguments(q, k, key_valid, lse, num_text, branch_length, causal, fp32_precision, tiles))))
-    tiles = tile_config("dkdv", d, q.dtype, compiled)
+    tiles = tile_config("dkdv", d, q.dtype, fp32_precision, arch)
     text_key_blocks, total_keys = _launch_geometry(n, num_text, tiles.block_n)
     launches.append((kernels.backward_dkdv_kernel, (total_keys, B * k.shape[1]), dict(
         DK=dk, DV=dv, text_key_blocks=text_key_blocks, **common,
         **_shared_arguments(q, k, key_valid, lse, num_text, branch_length, causal, fp32_precision, tiles))))
     return launches
+
+
+@dataclass(frozen=True)
+class LaunchedKernel:
+    """A kernel the launches use, as the compile check (``scripts/compile_check.py``) builds it for each arch, input
+    dtype and head dim (exact and SUS where ``backward``). ``example(q, k, v, lse, c, seed, num_text, branch_length,
+    causal, key_valid, fp32_precision, arch)`` returns the (kernel, grid, keyword arguments) this module launches for
+    those inputs (``c`` None: exact); BLOCK_M x BLOCK_N in the keyword arguments are the scores of one iteration of
+    the kernel's tile loop."""
+
+    name: str
+    backward: bool
+    example: Callable
+
+
+def _forward_example(q, k, v, lse, c, seed, **pattern):
+    return forward_launch(q, k, v, torch.empty_like(q), lse, q.shape[-1] ** -0.5, **pattern)
+
+
+def _backward_example(index: int) -> Callable:
+    def example(q, k, v, lse, c, seed, **pattern):
+        return backward_launches(q, k, v, torch.empty_like(q), lse, torch.empty_like(lse), torch.empty_like(q),
+                                 torch.empty_like(k), torch.empty_like(v), q.shape[-1] ** -0.5, c=c, seed=seed,
+                                 **pattern)[index]
+    return example
+
+
+LAUNCHED_KERNELS = (LaunchedKernel("forward", False, _forward_example),
+                    LaunchedKernel("dq", True, _backward_example(0)),
+                    LaunchedKernel("dkdv", True, _backward_example(1)))
+
+
+def _arch(device: torch.device) -> int | None:
+    """The compute capability the kernels compile for on ``device``; None on CPU (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
 
 
 def _on_device(device: torch.device):
@@ -143,7 +204,7 @@ def triton_forward(q, k, v, scale, num_text, branch_length=0, causal=True, key_v
         out = torch.empty_like(q), torch.empty(B, H, n, device=q.device, dtype=torch.float32)
     o, lse = out
     kernel, grid, arguments = forward_launch(q, k, v, o, lse, scale, num_text, branch_length, causal, key_valid,
-                                             fp32_precision, compiled=q.device.type == "cuda")
+                                             fp32_precision, arch=_arch(q.device))
     with _on_device(q.device):
         kernel[grid](**arguments)
     return o, lse
@@ -157,7 +218,7 @@ def triton_backward(q, k, v, o, lse, do, scale, num_text, branch_length=0, causa
     delta = (do.float() * o.float()).sum(-1)  # D from the exact output, never from P~ (that would bias dQ)
     dq, dk, dv = out if out is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     launches = backward_launches(q, k, v, do, lse, delta, dq, dk, dv, scale, num_text, branch_length, causal, key_valid,
-                                 c, seed, fp32_precision, compiled=q.device.type == "cuda")
+                                 c, seed, fp32_precision, arch=_arch(q.device))
     with _on_device(q.device):
         for kernel, grid, arguments in launches:
             kernel[grid](**arguments)
