@@ -43,13 +43,18 @@ TINY_ARCHITECTURES = {
     "mistral_window": dict(model_type="mistral", sliding_window=4),
     "gemma3_text": dict(model_type="gemma3_text", head_dim=16, sliding_window=6,
                         layer_types=["full_attention", "sliding_attention"]),
+    # Multi-head latent attention: keys of 8 + 16 dims per head (RoPE and not), values of 12; one key/value head per
+    # query head. One dense layer, then a mixture of 4 experts.
+    "deepseek_v3": dict(model_type="deepseek_v3", num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
+                        qk_rope_head_dim=8, head_dim=8, qk_nope_head_dim=16, v_head_dim=12, first_k_dense_replace=1,
+                        n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=32),
 }
 
 
 def tiny_model(model_type: str = "llama", vocab_size: int = 258, seed: int = 0, **overrides):
-    """A randomly initialised causal LM of the given family: hidden 64, 2 layers, 4 heads, 2 KV heads, fp32."""
-    values = dict(TINY_ARCHITECTURES[model_type])
-    values.update(
+    """A randomly initialised causal LM of the given family: hidden 64, 2 layers, 4 heads, 2 KV heads (unless the
+    family's entry says otherwise), fp32."""
+    values = dict(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -59,7 +64,7 @@ def tiny_model(model_type: str = "llama", vocab_size: int = 258, seed: int = 0, 
         max_position_embeddings=2048,
         tie_word_embeddings=False,
     )
-    values.update(overrides)
+    values.update(TINY_ARCHITECTURES[model_type], **overrides)
     config = AutoConfig.for_model(**values)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)

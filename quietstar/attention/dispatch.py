@@ -6,8 +6,8 @@ transformers calls :func:`quietstar_attention` in every layer of a model loaded 
 ``"prefix"``, ``"sample"`` or ``"expanded"``. :func:`resolve_backend` is the one place
 ``attention_backend`` ("auto", "eager", "triton") becomes the implementation that serves a call.
 
-Shapes as transformers passes them: q ``[B, H, n, d]``, k/v ``[B, Hkv, n, d]`` (after RoPE); every
-phase returns ``[B, n, H, d]``.
+Shapes as transformers passes them: q ``[B, H, n, d]``, k ``[B, Hkv, n, d]``, v ``[B, Hkv, n, dv]`` (after RoPE;
+dv != d in multi-head latent attention); every phase returns ``[B, n, H, dv]``.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def quietstar_attention(
 
 
 def resolve_backend(layout: ThoughtLayout, query: torch.Tensor, dropout: float, window: int | None = None,
-                    softcap: float | None = None) -> str:
+                    softcap: float | None = None, value_head_dim: int | None = None) -> str:
     """Which implementation serves a sampling step or the gradient pass: "eager", "flash_cpu", "flex", "sus_torch"
     or "sus_triton".
 
@@ -68,9 +68,11 @@ def resolve_backend(layout: ThoughtLayout, query: torch.Tensor, dropout: float, 
     (``sus_c``) runs in the Triton kernels wherever quietstar.ops.sus's own "auto" picks them (CUDA with Triton),
     else in its PyTorch reference; an exact one runs in FlexAttention on CUDA where it applies. Otherwise "auto"
     takes the exact CPU flash path where it applies, and everything else (always under "eager") is eager.
-    A layer's sliding ``window`` or ``softcap`` keeps "auto" off the backends that lack it (the backend that
-    gets it instead is exact too); a named backend that lacks it refuses, in :func:`gradient_pass_attention`.
+    A layer's sliding ``window`` or ``softcap``, or values with their own head dim (``value_head_dim`` != the
+    query's), keep "auto" off the backends that lack it (the backend that gets it instead is exact too); a named
+    backend that lacks it refuses, in :func:`gradient_pass_attention`.
     """
+    own_value_dim = value_head_dim not in (None, query.shape[-1])
     if layout.phase == "expanded":
         if layout.backend == "triton":
             return "sus_triton"
@@ -81,7 +83,8 @@ def resolve_backend(layout: ThoughtLayout, query: torch.Tensor, dropout: float, 
             triton = layout.backend == "auto" and sus.resolve_backend("auto", query.device, query.shape[-1],
                                                                       query.dtype) == "triton"
             return "sus_triton" if triton else "sus_torch"
-        if auto_on_cuda and window is None and softcap is None and flex.applies(query, dropout):
+        if (auto_on_cuda and window is None and softcap is None and not own_value_dim
+                and flex.applies(query, dropout)):
             return "flex"
     if (layout.backend == "auto" and softcap is None
             and flash_cpu.applies(query, layout.key_padding, dropout)):
@@ -104,6 +107,7 @@ def plain_attention(query, key, value, attention_mask, scaling, dropout, sus_c, 
         raise ValueError(f"Attention dropout ({dropout}) is not implemented with sus_c; set the model's "
                          "attention_dropout to 0.")
     _refuse_rule(window, softcap, "the SUS attention (sus_c)")
+    _refuse_value_head_dim(query, value, "the SUS attention (sus_c)")
     out = sus.attention(query.to(value.dtype), key.to(value.dtype), value, c=sus_c, scale=scaling,
                         seed=_fresh_seed(), key_valid=attention_mask)
     return out.transpose(1, 2).contiguous()
@@ -117,19 +121,18 @@ def prefix_attention(layer: int, query, key, value, layout: ThoughtLayout, scali
 
 def sampling_step_attention(layer: int, query, key, value, layout: ThoughtLayout, scaling, window=None,
                             softcap=None):
-    """Sampling step m = ``layout.step``: the N*L new tokens b_{.,m+1} (k/v ``[B, Hkv, N*L, d]``) go into slot m
-    of this layer's branch buffers ``[B, Hkv, N, L, T, d]`` (allocated at step 0); their queries then attend to
-    the cached text and to their own branch slots 0..m."""
+    """Sampling step m = ``layout.step``: the N*L new tokens b_{.,m+1} (k ``[B, Hkv, N*L, d]``, v ``[B, Hkv, N*L,
+    dv]``) go into slot m of this layer's branch buffers ``[B, Hkv, N, L, T, d or dv]`` (allocated at step 0); their
+    queries then attend to the cached text and to their own branch slots 0..m."""
     m = layout.step
     if m == 0:
-        B, hkv, _, d = key.shape
-        shape = (B, hkv, layout.num_thoughts, layout.num_text, layout.num_thought_tokens, d)
-        layout.branch_cache[layer] = (key.new_zeros(shape), value.new_zeros(shape))
+        slots = (layout.num_thoughts, layout.num_text, layout.num_thought_tokens)
+        layout.branch_cache[layer] = tuple(x.new_zeros(*x.shape[:2], *slots, x.shape[-1]) for x in (key, value))
     k_text, v_text = layout.text_cache[layer]
     k_buffer, v_buffer = layout.branch_cache[layer]
-    B, hkv, N, L, _, d = k_buffer.shape
-    k_buffer[:, :, :, :, m] = key.view(B, hkv, N, L, d)
-    v_buffer[:, :, :, :, m] = value.view(B, hkv, N, L, d)
+    B, hkv, N, L = k_buffer.shape[:4]
+    k_buffer[:, :, :, :, m] = key.view(B, hkv, N, L, -1)
+    v_buffer[:, :, :, :, m] = value.view(B, hkv, N, L, -1)
     k_branch, v_branch = k_buffer[:, :, :, :, : m + 1], v_buffer[:, :, :, :, : m + 1]
     if resolve_backend(layout, query, 0.0, window, softcap) == "flash_cpu":
         return flash_cpu.sample_step_attention(query, k_text, v_text, k_branch, v_branch, scaling, window)
@@ -139,7 +142,7 @@ def sampling_step_attention(layer: int, query, key, value, layout: ThoughtLayout
 
 def gradient_pass_attention(query, key, value, layout: ThoughtLayout, scaling, dropout, window=None, softcap=None):
     """The expanded phase: the L text tokens then the N*L*S branch tokens, with gradient."""
-    backend = resolve_backend(layout, query, dropout, window, softcap)
+    backend = resolve_backend(layout, query, dropout, window, softcap, value.shape[-1])
     if backend in ("sus_torch", "sus_triton"):
         engine = backend.removeprefix("sus_")
         if dropout > 0:
@@ -148,6 +151,7 @@ def gradient_pass_attention(query, key, value, layout: ThoughtLayout, scaling, d
                 "attention_dropout to 0 or use attention_backend='eager' without sus_c."
             )
         _refuse_rule(window, softcap, f"the {engine!r} SUS attention (sus_c)")
+        _refuse_value_head_dim(query, value, f"the {engine!r} SUS attention (sus_c)")
         key_valid = None if bool(layout.key_padding.all()) else layout.key_padding
         out = sus.attention(
             query.to(value.dtype), key.to(value.dtype), value, c=layout.sus_c, scale=scaling, seed=_fresh_seed(),
@@ -157,6 +161,7 @@ def gradient_pass_attention(query, key, value, layout: ThoughtLayout, scaling, d
         return out.transpose(1, 2).contiguous()
     if backend == "flex":
         _refuse_rule(window, softcap, "attention_backend='flex' (FlexAttention)")
+        _refuse_value_head_dim(query, value, "attention_backend='flex' (FlexAttention)")
         return flex.expanded_attention(query, key, value, layout, scaling, dropout)
     if backend == "flash_cpu":
         return flash_cpu.expanded_attention(query, key, value, layout.num_text, layout.num_thoughts,
@@ -172,6 +177,16 @@ def _refuse_rule(window, softcap, backend: str) -> None:
                 f"This model uses {feature} {value}), which {backend} does not implement; its thoughts would be "
                 "computed wrongly. Use attention_backend='auto' or 'eager' without sus_c, which implement it."
             )
+
+
+def _refuse_value_head_dim(query, value, backend: str) -> None:
+    """Refuse values with a head dim of their own (multi-head latent attention) on a backend that takes one for q, k
+    and v, naming the backends that take it."""
+    if value.shape[-1] != query.shape[-1]:
+        raise ValueError(
+            f"This model's values have their own head dim ({value.shape[-1]}; queries and keys: {query.shape[-1]}, "
+            f"as in multi-head latent attention), which {backend} does not implement. Use attention_backend='auto' "
+            "or 'eager' without sus_c, which implement it.")
 
 
 def _fresh_seed() -> int:

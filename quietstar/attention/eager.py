@@ -1,8 +1,10 @@
 """Exact PyTorch backend of the "quietstar" attention; the reference every other backend is tested against.
 
 Shapes: B batch, H query heads, Hkv key/value heads (H = Hkv * G, grouped-query attention),
-L text tokens, N thought samples, S branch tokens, d head dim. Queries arrive as ``[B, H, n, d]``
-and keys/values as ``[B, Hkv, n, d]`` (after RoPE), as transformers passes them. Scores are
+L text tokens, N thought samples, S branch tokens, d query/key head dim, dv value head dim (multi-head latent
+attention, as DeepSeek-V2/V3 have it, gives values their own; elsewhere dv = d). Queries arrive as ``[B, H, n, d]``,
+keys as ``[B, Hkv, n, d]`` and values as ``[B, Hkv, n, dv]`` (after RoPE), as transformers passes them; outputs are
+``[B, n, H, dv]``. Scores are
 computed in fp32 (fp64 for fp64 inputs, so gradient checks stay fp64) and masked with the most negative finite value of their
 dtype, so a query with nothing to see (a padding query) yields finite garbage that the losses mask
 out, never NaN.
@@ -56,7 +58,7 @@ def causal_attention(q, k, v, key_padding, scaling, dropout=0.0, window=None, so
 
     key_padding: ``[B, n_kv]`` bool (True = real token) or None; ``dropout``: the attention-dropout
     rate to apply (0 outside training). Positions skip padding keys, so a window reaches as far back as on
-    the unpadded row. Returns ``[B, n_q, H, d]``.
+    the unpadded row. Returns ``[B, n_q, H, dv]``.
     Without padding or soft-capping this is PyTorch's fused attention (much less overhead per call when decoding).
     """
     hkv, n_q, n_kv = k.shape[1], q.shape[2], k.shape[2]
@@ -94,12 +96,13 @@ def expanded_attention(q, k, v, layout: ThoughtLayout, scaling, dropout=0.0, win
     softmax) to text keys 0..j and to their own branch's keys 0..k (all within the window).
     """
     B, hkv, _, d = k.shape
+    dv = v.shape[-1]
     L, N, S = layout.num_text, layout.num_thoughts, layout.branch_length
     qg = at_least_fp32(_grouped(q, hkv)) * scaling
     g = qg.shape[2]
     k_text, v_text = k[:, :, :L].unsqueeze(2), v[:, :, :L].unsqueeze(2)  # [B, Hkv, 1, L, d]
     k_branch = k[:, :, L:].reshape(B, hkv, 1, N, L, S, d)
-    v_branch = v[:, :, L:].reshape(B, hkv, 1, N, L, S, d)
+    v_branch = v[:, :, L:].reshape(B, hkv, 1, N, L, S, dv)
     key_padding = layout.key_padding.bool()
     prefix_visible = prefix_visibility(key_padding, window)  # [B, L(j), L(i)]
 
@@ -125,18 +128,19 @@ def expanded_attention(q, k, v, layout: ThoughtLayout, scaling, dropout=0.0, win
     probs = _softmax(capped(torch.cat([to_prefix, to_branch], dim=-1), softcap), visible, dropout).to(v.dtype)
     prefix_probs, branch_probs = probs.split([L, S], dim=-1)
     branch_out = torch.matmul(prefix_probs.reshape(B, hkv, g, N * L * S, L), v_text)
-    branch_out = branch_out.view(B, hkv, g, N, L, S, d) + torch.matmul(branch_probs, v_branch)
-    out = torch.cat([text_out, branch_out.reshape(B, hkv, g, N * L * S, d)], dim=3)
+    branch_out = branch_out.view(B, hkv, g, N, L, S, dv) + torch.matmul(branch_probs, v_branch)
+    out = torch.cat([text_out, branch_out.reshape(B, hkv, g, N * L * S, dv)], dim=3)
     return _ungrouped(out)
 
 
 def sample_step_attention(q, k_text, v_text, k_branch, v_branch, key_padding, scaling, window=None, softcap=None):
     """One sampling step (no gradient): the N*L queries b_{j,m+1} ``[B, H, N*L, d]`` attend to the text
-    prefix ``k_text/v_text [B, Hkv, L, d]`` (keys 0..j that are not padding, ``key_padding [B, L]``) and to
-    their own branch slots 0..m, ``k_branch/v_branch [B, Hkv, N, L, m+1, d]``, within the window of their
-    position pos_j + 1 + m. Returns ``[B, N*L, H, d]``.
+    prefix ``k_text [B, Hkv, L, d]``, ``v_text [B, Hkv, L, dv]`` (keys 0..j that are not padding, ``key_padding
+    [B, L]``) and to their own branch slots 0..m, ``k_branch [B, Hkv, N, L, m+1, d]``, ``v_branch [B, Hkv, N, L,
+    m+1, dv]``, within the window of their position pos_j + 1 + m. Returns ``[B, N*L, H, dv]``.
     """
     B, hkv, N, L, slots, d = k_branch.shape
+    dv = v_branch.shape[-1]
     qg = at_least_fp32(_grouped(q, hkv)) * scaling
     g = qg.shape[2]
     to_prefix = torch.matmul(qg, at_least_fp32(k_text).unsqueeze(2).transpose(-1, -2)).view(B, hkv, g, N, L, L)
@@ -148,5 +152,5 @@ def sample_step_attention(q, k_text, v_text, k_branch, v_branch, key_padding, sc
     probs = _masked_softmax(capped(torch.cat([to_prefix, to_branch], dim=-1), softcap), visible)
     prefix_probs, branch_probs = probs.to(v_text.dtype).split([L, slots], dim=-1)
     out = torch.matmul(prefix_probs.reshape(B, hkv, g, N * L, L), v_text.unsqueeze(2))
-    out = out.view(B, hkv, g, N, L, d) + torch.matmul(branch_probs.unsqueeze(-2), v_branch.unsqueeze(2)).squeeze(-2)
-    return _ungrouped(out.reshape(B, hkv, g, N * L, d))
+    out = out.view(B, hkv, g, N, L, dv) + torch.matmul(branch_probs.unsqueeze(-2), v_branch.unsqueeze(2)).squeeze(-2)
+    return _ungrouped(out.reshape(B, hkv, g, N * L, dv))

@@ -26,7 +26,10 @@ j + 1 + s - W < i <= j (so the branch-over-text part runs once per slot, each wi
 runs in chunks of queries, each over only the keys its band reaches (key tiles wholly outside are never
 read), with the band's edge as an additive mask; inside a branch, slots more than W - 1 apart are masked.
 Soft-capping is not available in these kernels; the dispatch sends soft-capped layers to the eager path.
-Shapes: q ``[B, H, L + N L S, d]``, k/v ``[B, Hkv, L + N L S, d]``.
+
+The kernels take one head dim for q, k and v. Values with a head dim of their own (dv != d: multi-head latent
+attention) are zero-padded to d, or queries and keys to dv (:func:`_common_head_dim`); both are exact.
+Shapes: q ``[B, H, L + N L S, d]``, k ``[B, Hkv, L + N L S, d]``, v ``[B, Hkv, L + N L S, dv]``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from ..attention.layout import branch_visibility
 
@@ -58,6 +62,20 @@ def applies(query: torch.Tensor, key_padding: torch.Tensor, dropout: float) -> b
     return (_flash is not None and query.device.type == "cpu" and dropout == 0.0
             and query.dtype in (torch.float32, torch.bfloat16) and bool(key_padding.all())
             and _native_grouped_heads())
+
+
+def _common_head_dim(q, k, v):
+    """q, k, v zero-padded on the last dim to max(d, dv); the caller slices the output back to dv.
+
+    Zero value columns only add zero output columns; zero query and key columns add nothing to a score. So the
+    sliced output is exact, and so are the gradients (autograd drops those of the padding).
+    """
+    d, dv = q.shape[-1], v.shape[-1]
+    if dv < d:
+        return q, k, F.pad(v, (0, d - dv))
+    if dv > d:
+        return F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d)), v
+    return q, k, v
 
 
 def _split(x: torch.Tensor, L: int, N: int, S: int):
@@ -238,22 +256,24 @@ class ExpandedFlashAttention(torch.autograd.Function):
 
 def expanded_attention(q, k, v, num_text: int, num_thoughts: int, branch_length: int, scaling: float,
                        window: int | None = None) -> torch.Tensor:
-    """The gradient pass: q ``[B, H, L + N L S, d]``, k/v ``[B, Hkv, L + N L S, d]`` -> ``[B, n, H, d]``.
+    """The gradient pass: q ``[B, H, L + N L S, d]``, k ``[B, Hkv, L + N L S, d]``, v ``[B, Hkv, L + N L S, dv]``
+    -> ``[B, n, H, dv]``.
 
     Same contract as :func:`quietstar.attention.eager.expanded_attention` for unpadded rows.
     """
     # Under autocast RoPE can leave q and k in fp32 and v in bf16; compute in v's dtype, as eager's output is.
-    q, k = q.to(v.dtype), k.to(v.dtype)
+    dv = v.shape[-1]
+    q, k, v = _common_head_dim(q.to(v.dtype), k.to(v.dtype), v)
     out = ExpandedFlashAttention.apply(q, k, v, num_text, num_thoughts, branch_length, scaling, window)
-    return out.transpose(1, 2).contiguous()
+    return out[..., :dv].transpose(1, 2).contiguous()
 
 
 def sample_step_attention(q, k_text, v_text, k_branch, v_branch, scaling: float,
                           window: int | None = None) -> torch.Tensor:
     """One sampling step for unpadded rows (no gradient): the N*L queries b_{j,m+1} ``[B, H, N*L, d]`` attend to
-    the text ``k_text/v_text [B, Hkv, L, d]`` (keys 0..j) and to their own branch slots 0..m,
-    ``k_branch/v_branch [B, Hkv, N, L, m+1, d]``, within the window of their position j + 1 + m.
-    Returns ``[B, N*L, H, d]``.
+    the text ``k_text [B, Hkv, L, d]``, ``v_text [B, Hkv, L, dv]`` (keys 0..j) and to their own branch slots 0..m,
+    ``k_branch [B, Hkv, N, L, m+1, d]``, ``v_branch [B, Hkv, N, L, m+1, dv]``, within the window of their position
+    j + 1 + m. Returns ``[B, N*L, H, dv]``.
 
     Same contract as :func:`quietstar.attention.eager.sample_step_attention`. The queries over the text
     are causal in j for each sample: one flash call in which the N samples are extra query heads of the
@@ -261,17 +281,17 @@ def sample_step_attention(q, k_text, v_text, k_branch, v_branch, scaling: float,
     are merged by their log-sum-exps.
     """
     B, hkv, N, L, slots, d = k_branch.shape
-    H = q.shape[1]
+    H, dv = q.shape[1], v_text.shape[-1]
     q = q.to(v_text.dtype)
-    out_a, lse_a = _band_forward(q.reshape(B, H * N, L, d), k_text.to(v_text.dtype), v_text,
-                                 _slot_reach(window, slots - 1), scaling)
-    out_a, lse_a = out_a.view(B, H, N, L, d), lse_a.view(B, H, N, L)
+    q_over, k_over, v_over = _common_head_dim(q.reshape(B, H * N, L, d), k_text.to(v_text.dtype), v_text)
+    out_a, lse_a = _band_forward(q_over, k_over, v_over, _slot_reach(window, slots - 1), scaling)
+    out_a, lse_a = out_a[..., :dv].reshape(B, H, N, L, dv), lse_a.view(B, H, N, L)
     grouped = q.view(B, hkv, H // hkv, N, L, d).float()
     scores = torch.einsum("bkgnld,bknlsd->bkgnls", grouped, k_branch.float()) * scaling
     scores.masked_fill_(~branch_visibility(slots, scores.device, window)[-1], float("-inf"))
     lse_b = torch.logsumexp(scores, dim=-1)
     out_b = torch.einsum("bkgnls,bknlsd->bkgnld", torch.exp(scores - lse_b.unsqueeze(-1)), v_branch.float())
-    lse_b, out_b = lse_b.reshape(B, H, N, L), out_b.reshape(B, H, N, L, d)
+    lse_b, out_b = lse_b.reshape(B, H, N, L), out_b.reshape(B, H, N, L, dv)
     lse = torch.logaddexp(lse_a.float(), lse_b)
     out = torch.exp(lse_a - lse).unsqueeze(-1) * out_a.float() + torch.exp(lse_b - lse).unsqueeze(-1) * out_b
-    return out.to(v_text.dtype).reshape(B, H, N * L, d).transpose(1, 2).contiguous()
+    return out.to(v_text.dtype).reshape(B, H, N * L, dv).transpose(1, 2).contiguous()
