@@ -5,14 +5,15 @@ from __future__ import annotations
 import torch
 
 from .attention import ATTENTION_NAME, ThoughtLayout
-from .head import LogitTransform
+from .head import LogitTransform, output_head_name
 from .thoughts import expanded_pass
 
 def check_model_supported(base) -> None:
     """Raise ValueError unless every layer of ``base`` attends through the "quietstar" function exactly.
 
     Runs a 6-token probe: every decoder layer must call the function, and the family's head of ``body(x)``
-    (quietstar.head) must equal the model's own logits under its "eager" attention. (Sliding windows and
+    (quietstar.head: its output head module, then its logit scaling or soft-capping) must equal the model's own
+    logits under its "eager" attention. (Sliding windows and
     attention-logit soft-capping arrive per call; a backend that lacks one refuses it there, by name.)
     """
     name = type(base).__name__
@@ -31,7 +32,8 @@ def check_model_supported(base) -> None:
     try:
         with torch.no_grad():
             hidden = base.get_decoder()(input_ids=ids, thought_layout=layout, use_cache=False).last_hidden_state
-            ours = LogitTransform.from_config(base.config)(base.get_output_embeddings()(hidden)).float()
+            head = base.get_submodule(output_head_name(base))
+            ours = LogitTransform.from_config(base.config)(head(hidden)).float()
             base.set_attn_implementation("eager")
             reference = base(input_ids=ids, use_cache=False).logits.float()
     except ValueError:

@@ -1,7 +1,9 @@
 """The family's output head: logits from final hidden states, with the scaling or soft-capping some families add.
 
-Most causal LMs compute ``logits = lm_head(h)``. Some change it after the projection, and every place Quiet-STaR turns a
-hidden state into logits (base, sampling, thought and mixed predictions, generation) must do the same:
+Most causal LMs compute ``logits = lm_head(h)``. BERT-style decoders (BERT, RoBERTa, ERNIE, ...) put a transform
+(dense, activation, layer norm) before the projection, in one module that holds it (:func:`output_head_name`). Some
+change the logits after the projection, and every place Quiet-STaR turns a hidden state into logits (base, sampling,
+thought and mixed predictions, generation) must do the same:
 
 - Granite (``logits_scaling``): ``lm_head(h) / logits_scaling``;
 - Cohere (``logit_scale``): ``lm_head(h) * logit_scale``;
@@ -16,6 +18,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+def output_head_name(base) -> str:
+    """The name, in ``base``, of the module that turns final hidden states into logits (before :class:`LogitTransform`).
+
+    The top-level part of ``base`` that holds its output embeddings but not its decoder: the output embeddings
+    themselves (``lm_head``) in most families, the transform and the projection together in BERT-style ones (``cls``,
+    ``lm_head``). ``quietstar.compat.check_model_supported`` probes that calling it on the decoder's output gives the
+    family's logits.
+    """
+    embeddings, decoder = base.get_output_embeddings(), base.get_decoder()
+    for name, child in base.named_children():
+        parts = list(child.modules())
+        if any(part is embeddings for part in parts) and not any(part is decoder for part in parts):
+            return name
+    return next(name for name, module in base.named_modules() if module is embeddings)
 
 
 @dataclass(frozen=True)

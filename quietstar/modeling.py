@@ -17,11 +17,13 @@ from .attention import ATTENTION_NAME
 from .compat import check_model_supported, check_thought_layout
 from .config import QuietStarConfig
 from .generation import GenerationOutput, generate
-from .head import LogitTransform
+from .attention.layout import text_positions
+from .head import LogitTransform, output_head_name
 from .lora import THOUGHT_BRANCH_MASK, ThoughtTokenGate
 from .losses import IGNORE_INDEX, quietstar_loss
 from .mixing import MixingHead, mix, thought_weight
 from .padding import ensure_pad_token
+from .positions import first_position_id
 from .precision import at_least_fp32
 from .thoughts import expanded_pass, sample_thoughts
 from .vocab import mask_thought_tokens
@@ -72,6 +74,8 @@ class QuietStarForCausalLM(nn.Module):
         self.thought_embeddings = nn.Parameter(weight.new_zeros(2, hidden_size, dtype=torch.float32))
         self.mixing_head = MixingHead(hidden_size).to(device=weight.device)
         self.logit_transform = LogitTransform.from_config(base.config)
+        self.output_head_name = output_head_name(base)
+        self.first_position_id = first_position_id(base)
         self._lora = None
         self._thought_gate = None
 
@@ -136,7 +140,20 @@ class QuietStarForCausalLM(nn.Module):
 
     @property
     def lm_head(self):
+        """The output embeddings (the projection to the vocabulary)."""
         return self.base.get_output_embeddings()
+
+    @property
+    def output_head(self):
+        """The module that turns final hidden states into logits: ``lm_head``, or a transform and ``lm_head``
+        (BERT-style families; quietstar.head.output_head_name)."""
+        return self.base.get_submodule(self.output_head_name)
+
+    @property
+    def head_is_affine(self) -> bool:
+        """True when logits are an affine function of the final hidden state, so mixing hidden states equals mixing
+        logits: a bare projection and no soft-capping."""
+        return self.output_head is self.lm_head and self.logit_transform.is_affine
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings ``[..., D]``, thought tokens mapped to ``thought_embeddings``."""
@@ -146,6 +163,11 @@ class QuietStarForCausalLM(nn.Module):
         for slot, token_id in enumerate(self.thought_token_ids):
             out = torch.where((input_ids == token_id).unsqueeze(-1), vectors[slot], out)
         return out
+
+    def text_positions(self, key_padding: torch.Tensor) -> torch.Tensor:
+        """Position ids ``[B, L]`` of the text (``key_padding [B, L]`` bool): numbered as the family numbers them,
+        skipping padding, so a left-padded row gets the positions of its unpadded self."""
+        return text_positions(key_padding) + self.first_position_id
 
     @property
     def filler_token_id(self) -> int:
@@ -236,7 +258,7 @@ class QuietStarForCausalLM(nn.Module):
         shifted = (torch.arange(L, device=input_ids.device)[:, None] + torch.arange(A, device=input_ids.device))
         shifted = shifted.clamp(max=L - 1)  # h^base_{j+s}; out-of-row entries are never scored
         base_hidden = text_hidden[:, shifted].unsqueeze(1).expand_as(thought_hidden)
-        mixes_logits = cfg.mixing == "logprobs" or not self.logit_transform.is_affine
+        mixes_logits = cfg.mixing == "logprobs" or not self.head_is_affine
         needs_thought_logits = (output_logits or mixes_logits
                                 or (labels is not None and (cfg.reward_source == "thought" or cfg.thought_nll_weight > 0)))
         with self._reward_precision(input_ids.device):
@@ -268,13 +290,16 @@ class QuietStarForCausalLM(nn.Module):
         return contextlib.nullcontext()
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The family's logits of final hidden states ``hidden [..., D]`` -> ``[..., V]``: lm_head, then its scaling or
-        soft-capping (quietstar.head). In fp32 when ``hidden`` is fp32 and the head's weights are not (pure bf16
-        weights). The rows are flattened first: a strided N-D input would make the matmul broadcast the head's
+        """The family's logits of final hidden states ``hidden [..., D]`` -> ``[..., V]``: its output head, then its
+        scaling or soft-capping (quietstar.head). A bare projection runs in fp32 when ``hidden`` is fp32 and its
+        weights are not (pure bf16 weights); a head with a transform before it (BERT-style) runs in its weights'
+        dtype. The rows are flattened first: a strided N-D input would make the matmul broadcast the head's
         weight into a batched product (seconds instead of milliseconds at a 49k vocabulary)."""
-        head = self.lm_head
+        head, projection = self.output_head, self.lm_head
         flat = hidden.reshape(-1, hidden.shape[-1])
-        if hidden.dtype == torch.float32 and head.weight.dtype != torch.float32:
+        if head is not projection:
+            logits = head(flat.to(projection.weight.dtype))
+        elif hidden.dtype == torch.float32 and head.weight.dtype != torch.float32:
             bias = None if getattr(head, "bias", None) is None else head.bias.float()
             logits = torch.nn.functional.linear(flat, head.weight.float(), bias)
         else:
@@ -290,7 +315,7 @@ class QuietStarForCausalLM(nn.Module):
         """
         mode = self.quietstar_config.mixing
         weights = thought_weight(self.mixing_head(base_hidden, thought_hidden), mode)
-        if mode == "logits" and self.logit_transform.is_affine:
+        if mode == "logits" and self.head_is_affine:
             # The head is affine, so mixing hidden states equals mixing logits at a fraction of the cost.
             w = weights.unsqueeze(-1).to(thought_hidden.dtype)
             mixed = self.head_logits((1 - w) * base_hidden + w * thought_hidden)

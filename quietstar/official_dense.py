@@ -38,7 +38,7 @@ import torch
 from transformers import DynamicCache
 
 from .modeling import QuietStarForCausalLM, QuietStarOutput
-from .thoughts import draw, text_positions
+from .thoughts import draw
 from .vocab import mask_thought_tokens
 
 PLAIN_ATTENTIONS = ("eager", "sdpa")
@@ -99,7 +99,7 @@ def dense_passes(model: QuietStarForCausalLM, input_ids, key_padding, thoughts=N
     given = None if thoughts is None else thoughts.reshape(rows, L, T)
     drawn = []  # c_1, c_2, ... as they are drawn: [B*N, L] each
     lookahead = lookahead_tokens(input_ids, A, model.pad_token_id).repeat_interleave(N, dim=0)  # [B*N, L, A-1]
-    positions = text_positions(key_padding).repeat_interleave(N, dim=0)
+    positions = model.text_positions(key_padding).repeat_interleave(N, dim=0)
     text_block, diagonal_block = dense_masks(key_padding, N, model.lm_head.weight.dtype)
 
     cache = DynamicCache(config=model.config)

@@ -43,6 +43,10 @@ TINY_ARCHITECTURES = {
     "mistral_window": dict(model_type="mistral", sliding_window=4),
     "gemma3_text": dict(model_type="gemma3_text", head_dim=16, sliding_window=6,
                         layer_types=["full_attention", "sliding_attention"]),
+    # BERT-style decoders: a transform (dense, activation, layer norm) before the projection in the output head;
+    # RoBERTa numbers positions from padding_idx + 1.
+    "bert": dict(model_type="bert", is_decoder=True),
+    "roberta": dict(model_type="roberta", is_decoder=True),
     # Multi-head latent attention: keys of 8 + 16 dims per head (RoPE and not), values of 12; one key/value head per
     # query head. One dense layer, then a mixture of 4 experts.
     "deepseek_v3": dict(model_type="deepseek_v3", num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,

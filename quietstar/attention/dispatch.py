@@ -39,6 +39,10 @@ def quietstar_attention(
     ``sus_c`` (a keyword of the model call, without a thought layout): ordinary causal attention with
     an exact forward and a SUS backward (quietstar.ops.sus), for any causal LM loaded with this attention.
     """
+    if getattr(module, "is_causal", True) is False:  # transformers' own attention functions read it from the module
+        raise ValueError(
+            f"{type(module).__name__} attends bidirectionally (is_causal=False): this model is an encoder, not a causal "
+            "LM (BERT-style families become one with config.is_decoder=True); Quiet-STaR needs causal attention.")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     dropout = dropout if module.training else 0.0

@@ -1,0 +1,45 @@
+"""Families whose logits come from an output head with a transform before the projection (BERT-style decoders), whose
+positions start past 0 (RoBERTa), or whose attention is bidirectional (an encoder): found generically, and a wrong
+choice refused by from_base's probes. The families themselves run in tests/test_parallel_equals_sequential.py and
+tests/test_generation.py (tiny bert and roberta)."""
+
+from __future__ import annotations
+
+import pytest
+
+import quietstar.compat as compat
+import quietstar.modeling as modeling
+from quietstar import QuietStarConfig, QuietStarForCausalLM
+from quietstar.tiny import byte_tokenizer, tiny_model
+
+
+def _from_base(arch, **overrides):
+    tokenizer = byte_tokenizer()
+    base = tiny_model(arch, vocab_size=len(tokenizer), **overrides).eval()
+    return QuietStarForCausalLM.from_base(base, tokenizer, QuietStarConfig(num_thought_tokens=2, num_lookahead_tokens=2))
+
+
+@pytest.mark.parametrize("arch, head, affine, first_position", [
+    ("llama", "lm_head", True, 0), ("bert", "cls", False, 0), ("roberta", "lm_head", False, 2)])
+def test_the_head_and_the_first_position_are_the_familys(arch, head, affine, first_position):
+    model = _from_base(arch)
+    assert model.output_head_name == head and model.head_is_affine is affine
+    assert model.first_position_id == first_position
+    assert any(part is model.lm_head for part in model.output_head.modules())
+
+
+def test_a_bare_projection_as_a_bert_head_is_refused(monkeypatch):
+    monkeypatch.setattr(compat, "output_head_name", lambda base: "cls.predictions.decoder")
+    with pytest.raises(ValueError, match="logits differ"):
+        _from_base("bert")
+
+
+def test_positions_from_zero_in_roberta_are_refused(monkeypatch):
+    monkeypatch.setattr(modeling, "first_position_id", lambda base: 0)
+    with pytest.raises(ValueError, match="differently in one expanded pass"):
+        _from_base("roberta")
+
+
+def test_an_encoder_is_refused_as_bidirectional():
+    with pytest.raises(ValueError, match="attends bidirectionally.*is_decoder=True"):
+        _from_base("bert", is_decoder=False)
