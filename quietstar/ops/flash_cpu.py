@@ -25,7 +25,8 @@ text query j sees keys j - W < i <= j, and branch slot s, at position j + 1 + s,
 j + 1 + s - W < i <= j (so the branch-over-text part runs once per slot, each with its own band). A band
 runs in chunks of queries, each over only the keys its band reaches (key tiles wholly outside are never
 read), with the band's edge as an additive mask; inside a branch, slots more than W - 1 apart are masked.
-Soft-capping is not available in these kernels; the dispatch sends soft-capped layers to the eager path.
+Soft-capping is not available in these kernels; the dispatch sends soft-capped layers to the eager path. Attention
+sinks (one logit per head in every softmax's denominator, GPT-OSS) rescale each part's output by its log-sum-exp.
 
 The kernels take one head dim for q, k and v. Values with a head dim of their own (dv != d: multi-head latent
 attention) are zero-padded to d, or queries and keys to dv (:func:`_common_head_dim`); both are exact.
@@ -202,16 +203,31 @@ def _over_text_backward(g_branch, q_branch, k_text, v_text, o_branch, lse, scale
     return torch.stack(dq, dim=4), dk, dv
 
 
+def _with_sinks(out, lse, sinks):
+    """Add per-head sink logits ``sinks [H]`` to a softmax's denominator: out ``[B, H, ..., d]`` and lse ``[B, H, ...]``
+    of the softmax without them -> those of the softmax with them (the sink carries no value)."""
+    sink = sinks.float().view(1, -1, *[1] * (lse.dim() - 2))
+    merged = torch.logaddexp(lse, sink)
+    return (out.float() * torch.exp(lse - merged).unsqueeze(-1)).to(out.dtype), merged
+
+
+def _sink_gradient(grad, out, lse, sinks):
+    """The gradient of per-head sink logits ``sinks [H]``: the sink is a key with value 0, so its score's gradient is
+    P_sink * (0 - rowsum(dO * O)), summed over every query of the head. grad/out ``[B, H, n, d]``, lse ``[B, H, n]``."""
+    delta = (grad.float() * out.float()).sum(-1)
+    return -(torch.exp(sinks.float().view(1, -1, 1) - lse) * delta).sum(dim=(0, 2)).to(sinks.dtype)
+
+
 class ExpandedFlashAttention(torch.autograd.Function):
-    """Exact attention over a thought-expanded row; one gradient per input (q, k, v) and None for the rest.
+    """Exact attention over a thought-expanded row; one gradient per input (q, k, v, sinks) and None for the rest.
 
     Branch queries attend to the text (flash, causal in j) and to their own branch (S x S blocks); the
-    two parts share one softmax, merged by log-sum-exp. The backward of each part uses the merged output
-    and log-sum-exp, which is exact for a joint softmax.
+    two parts share one softmax, merged by log-sum-exp (with per-head ``sinks [H]``, their logits join it too). The
+    backward of each part uses the merged output and log-sum-exp, which is exact for a joint softmax.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, L: int, N: int, S: int, scale: float, window: int | None):
+    def forward(ctx, q, k, v, L: int, N: int, S: int, scale: float, window: int | None, sinks=None):
         B, H, _, d = q.shape
         (q_text, q_branch), (k_text, k_branch), (v_text, v_branch) = (_split(x, L, N, S) for x in (q, k, v))
         out_text, lse_text = _band_forward(q_text, k_text, v_text, window, scale)
@@ -223,14 +239,17 @@ class ExpandedFlashAttention(torch.autograd.Function):
         lse = torch.logaddexp(lse_a, lse_b)  # [B, H, N, L, S]
         out_branch = (torch.exp(lse_a - lse).unsqueeze(-1) * out_over
                       + torch.exp(lse_b - lse).unsqueeze(-1) * out_in.flatten(1, 2)).to(q.dtype)
+        if sinks is not None:
+            out_text, lse_text = _with_sinks(out_text, lse_text, sinks)
+            out_branch, lse = _with_sinks(out_branch, lse, sinks)
         out = torch.cat([out_text, out_branch.reshape(B, H, N * L * S, d)], dim=2)
-        ctx.save_for_backward(q, k, v, out, lse_text, lse)
+        ctx.save_for_backward(q, k, v, out, lse_text, lse, sinks)
         ctx.sizes = (L, N, S, scale, window)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out, lse_text, lse = ctx.saved_tensors
+        q, k, v, out, lse_text, lse, sinks = ctx.saved_tensors
         L, N, S, scale, window = ctx.sizes
         B, H, _, d = q.shape
         hkv = k.shape[1]
@@ -248,14 +267,19 @@ class ExpandedFlashAttention(torch.autograd.Function):
         dq_in = torch.einsum("bkgnlst,bknltd->bkgnlsd", d_scores, k_branch.float()).flatten(1, 2)
         dk_in = torch.einsum("bkgnlst,bkgnlsd->bknltd", d_scores, _grouped(q_branch, hkv).float())
         dq_branch = dq_over + dq_in.to(dq_over.dtype)
+        d_sinks = None
+        if sinks is not None:
+            flat = lambda x: x.reshape(B, H, N * L * S, *x.shape[5:])  # noqa: E731
+            d_sinks = (_sink_gradient(g_text, o_text, lse_text, sinks)
+                       + _sink_gradient(flat(g_branch), flat(o_branch), flat(lse), sinks))
         return (torch.cat([dq_text, dq_branch.reshape(B, H, N * L * S, d)], 2),
                 torch.cat([dk_text + dk_over, dk_in.to(k.dtype).reshape(B, hkv, N * L * S, d)], 2),
                 torch.cat([dv_text + dv_over, dv_in.to(v.dtype).reshape(B, hkv, N * L * S, d)], 2),
-                None, None, None, None, None)
+                None, None, None, None, None, d_sinks)
 
 
 def expanded_attention(q, k, v, num_text: int, num_thoughts: int, branch_length: int, scaling: float,
-                       window: int | None = None) -> torch.Tensor:
+                       window: int | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """The gradient pass: q ``[B, H, L + N L S, d]``, k ``[B, Hkv, L + N L S, d]``, v ``[B, Hkv, L + N L S, dv]``
     -> ``[B, n, H, dv]``.
 
@@ -264,12 +288,12 @@ def expanded_attention(q, k, v, num_text: int, num_thoughts: int, branch_length:
     # Under autocast RoPE can leave q and k in fp32 and v in bf16; compute in v's dtype, as eager's output is.
     dv = v.shape[-1]
     q, k, v = _common_head_dim(q.to(v.dtype), k.to(v.dtype), v)
-    out = ExpandedFlashAttention.apply(q, k, v, num_text, num_thoughts, branch_length, scaling, window)
+    out = ExpandedFlashAttention.apply(q, k, v, num_text, num_thoughts, branch_length, scaling, window, sinks)
     return out[..., :dv].transpose(1, 2).contiguous()
 
 
 def sample_step_attention(q, k_text, v_text, k_branch, v_branch, scaling: float,
-                          window: int | None = None) -> torch.Tensor:
+                          window: int | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """One sampling step for unpadded rows (no gradient): the N*L queries b_{j,m+1} ``[B, H, N*L, d]`` attend to
     the text ``k_text [B, Hkv, L, d]``, ``v_text [B, Hkv, L, dv]`` (keys 0..j) and to their own branch slots 0..m,
     ``k_branch [B, Hkv, N, L, m+1, d]``, ``v_branch [B, Hkv, N, L, m+1, dv]``, within the window of their position
@@ -294,4 +318,6 @@ def sample_step_attention(q, k_text, v_text, k_branch, v_branch, scaling: float,
     lse_b, out_b = lse_b.reshape(B, H, N, L), out_b.reshape(B, H, N, L, dv)
     lse = torch.logaddexp(lse_a.float(), lse_b)
     out = torch.exp(lse_a - lse).unsqueeze(-1) * out_a.float() + torch.exp(lse_b - lse).unsqueeze(-1) * out_b
+    if sinks is not None:
+        out, _ = _with_sinks(out, lse, sinks)
     return out.to(v_text.dtype).reshape(B, H, N * L, dv).transpose(1, 2).contiguous()
