@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .attention import ATTENTION_NAME, ThoughtLayout
-from .head import LogitTransform, output_head_name
+from .head import LogitTransform, decoder, output_head_name
 from .thoughts import expanded_pass
 
 def check_model_supported(base) -> None:
@@ -31,7 +31,7 @@ def check_model_supported(base) -> None:
     base.eval()  # dropout would make the two runs differ
     try:
         with torch.no_grad():
-            hidden = base.get_decoder()(input_ids=ids, thought_layout=layout, use_cache=False).last_hidden_state
+            hidden = decoder(base)(input_ids=ids, thought_layout=layout, use_cache=False).last_hidden_state
             head = base.get_submodule(output_head_name(base))
             ours = LogitTransform.from_config(base.config)(head(hidden)).float()
             base.set_attn_implementation("eager")
@@ -40,7 +40,7 @@ def check_model_supported(base) -> None:
         raise
     except Exception as error:  # the family's structure is not the decoder -> hidden -> head split we need
         raise ValueError(f"{name} failed Quiet-STaR's probe ({type(error).__name__}: {error}); its decoder "
-                         "(get_decoder) must return final hidden states that its output embeddings turn into "
+                         "(quietstar.head.decoder) must return final hidden states that its output embeddings turn into "
                          "logits.") from error
     finally:
         base.set_attn_implementation(ATTENTION_NAME)

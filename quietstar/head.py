@@ -1,4 +1,5 @@
-"""The family's output head: logits from final hidden states, with the scaling or soft-capping some families add.
+"""The family's split into a decoder (ids or embeddings -> final hidden states) and an output head: logits from final
+hidden states, with the scaling or soft-capping some families add.
 
 Most causal LMs compute ``logits = lm_head(h)``. BERT-style decoders (BERT, RoBERTa, ERNIE, ...) put a transform
 (dense, activation, layer norm) before the projection, in one module that holds it (:func:`output_head_name`). Some
@@ -20,6 +21,17 @@ from dataclasses import dataclass
 import torch
 
 
+def decoder(base):
+    """The decoder stack of ``base``: ``get_decoder()``, or where that returns the whole LM (Llama 4's causal LM names
+    its base model after an attribute it does not have), the top-level part of ``base`` holding the input embeddings.
+    """
+    found = base.get_decoder()
+    if found is not base:
+        return found
+    embeddings = base.get_input_embeddings()
+    return next((child for child in base.children() if any(part is embeddings for part in child.modules())), found)
+
+
 def output_head_name(base) -> str:
     """The name, in ``base``, of the module that turns final hidden states into logits (before :class:`LogitTransform`).
 
@@ -28,10 +40,10 @@ def output_head_name(base) -> str:
     ``lm_head``). ``quietstar.compat.check_model_supported`` probes that calling it on the decoder's output gives the
     family's logits.
     """
-    embeddings, decoder = base.get_output_embeddings(), base.get_decoder()
+    embeddings, body = base.get_output_embeddings(), decoder(base)
     for name, child in base.named_children():
         parts = list(child.modules())
-        if any(part is embeddings for part in parts) and not any(part is decoder for part in parts):
+        if any(part is embeddings for part in parts) and not any(part is body for part in parts):
             return name
     return next(name for name, module in base.named_modules() if module is embeddings)
 

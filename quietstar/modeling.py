@@ -18,7 +18,7 @@ from .compat import check_model_supported, check_thought_layout
 from .config import QuietStarConfig
 from .generation import GenerationOutput, generate
 from .attention.layout import text_positions
-from .head import LogitTransform, output_head_name
+from .head import LogitTransform, decoder, output_head_name
 from .lora import THOUGHT_BRANCH_MASK, ThoughtTokenGate
 from .losses import IGNORE_INDEX, quietstar_loss
 from .mixing import MixingHead, mix, thought_weight
@@ -136,7 +136,7 @@ class QuietStarForCausalLM(nn.Module):
     @property
     def body(self):
         """The decoder stack: ids/embeddings -> final (post-norm) hidden states."""
-        return self.base.get_decoder()
+        return decoder(self.base)
 
     @property
     def lm_head(self):

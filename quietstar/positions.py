@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from .head import decoder
+
 
 def first_position_id(base) -> int:
     """The position id ``base`` gives the first token of a row it is handed as embeddings, without position ids."""
-    for module in base.get_decoder().modules():
+    for module in decoder(base).modules():
         number = getattr(module, "create_position_ids_from_inputs_embeds", None)
         if number is not None:
             return int(number(torch.zeros(1, 1, 1), module.padding_idx)[0, 0])

@@ -50,6 +50,8 @@ TINY_ARCHITECTURES = {
     # Attention sinks (one logit per head in every softmax), local and global layers, a mixture of 4 experts.
     "gpt_oss": dict(model_type="gpt_oss", head_dim=16, sliding_window=4, layer_types=["sliding_attention",
                     "full_attention"], num_local_experts=4, num_experts_per_tok=2),
+    # Llama 4: get_decoder() returns the whole LM (quietstar.head.decoder finds the decoder), a mixture of 4 experts.
+    "llama4_text": dict(model_type="llama4_text", head_dim=16, num_local_experts=4, intermediate_size_mlp=128),
     # Multi-head latent attention: keys of 8 + 16 dims per head (RoPE and not), values of 12; one key/value head per
     # query head. One dense layer, then a mixture of 4 experts.
     "deepseek_v3": dict(model_type="deepseek_v3", num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,

@@ -1,7 +1,8 @@
-"""Families whose logits come from an output head with a transform before the projection (BERT-style decoders), whose
-positions start past 0 (RoBERTa), or whose attention is bidirectional (an encoder): found generically, and a wrong
-choice refused by from_base's probes. The families themselves run in tests/test_parallel_equals_sequential.py and
-tests/test_generation.py (tiny bert and roberta)."""
+"""The decoder/head split of families that differ from lm_head(get_decoder()(x)): an output head with a transform
+before the projection (BERT-style decoders), positions that start past 0 (RoBERTa), a get_decoder() that returns the
+whole LM (Llama 4), and bidirectional attention (an encoder, refused). Found generically, and a wrong choice refused
+by from_base's probes. The families themselves run in tests/test_parallel_equals_sequential.py and
+tests/test_generation.py (tiny bert, roberta, llama4_text)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,9 @@ def test_positions_from_zero_in_roberta_are_refused(monkeypatch):
 def test_an_encoder_is_refused_as_bidirectional():
     with pytest.raises(ValueError, match="attends bidirectionally.*is_decoder=True"):
         _from_base("bert", is_decoder=False)
+
+
+def test_the_decoder_is_found_where_get_decoder_returns_the_whole_lm():
+    model = _from_base("llama4_text")
+    assert model.base.get_decoder() is model.base  # transformers' lookup misses Llama 4's decoder
+    assert model.body is model.base.model and model.output_head_name == "lm_head"
