@@ -20,6 +20,11 @@ def check_model_supported(base) -> None:
     if base.config._attn_implementation != ATTENTION_NAME:
         raise ValueError(f"{name} did not accept attn_implementation='{ATTENTION_NAME}': its attention does not route "
                          "through transformers' AttentionInterface, so Quiet-STaR cannot lay out thoughts in it.")
+    layer_types = getattr(base.config.get_text_config(), "layer_types", None) or []
+    if "indexed_attention" in layer_types:
+        raise ValueError(f"{name} attends sparsely: in its 'indexed_attention' layers a learned indexer picks the keys "
+                         "each query sees (DeepSeek sparse attention), a selection Quiet-STaR's thought layout cannot "
+                         "make for branch tokens.")
     num_layers = getattr(base.config.get_text_config(), "num_hidden_layers", None)
     if num_layers is None:
         raise ValueError(f"{name}'s config has no num_hidden_layers: Quiet-STaR takes decoder-only causal LMs whose "
@@ -56,10 +61,10 @@ def check_model_supported(base) -> None:
     tolerance = 1e-3 if hidden.dtype == torch.float32 else 3e-2
     error = (ours - reference).abs().max() / reference.abs().max().clamp(min=1e-6)
     if not error <= tolerance:
-        raise ValueError(f"{name}'s logits differ from lm_head(final hidden state) under the quietstar attention "
-                         f"(relative error {error:.2e}); the model does something Quiet-STaR's attention or head "
-                         "split does not implement (a logit change other than quietstar.head's scaling and "
-                         "soft-capping, a custom attention rule).")
+        raise ValueError(f"{name}'s logits differ from its output head on the final hidden state under the quietstar "
+                         f"attention (relative error {error:.2e}); the model does something Quiet-STaR's attention or "
+                         "head split does not implement (a logit change other than quietstar.head's output head, "
+                         "scaling and soft-capping, or an attention rule the attention function is not told of).")
 
 
 def check_thought_layout(model) -> None:

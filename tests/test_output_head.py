@@ -1,6 +1,6 @@
 """The decoder/head split of families that differ from lm_head(get_decoder()(x)): an output head with a transform
 before the projection (BERT-style decoders), positions that start past 0 (RoBERTa), a get_decoder() that returns the
-whole LM (Llama 4), and bidirectional attention (an encoder, refused). Found generically, and a wrong choice refused
+whole LM (Llama 4). Found generically, and a wrong choice refused
 by from_base's probes. The families themselves run in tests/test_parallel_equals_sequential.py and
 tests/test_generation.py (tiny bert, roberta, llama4_text)."""
 
@@ -39,11 +39,6 @@ def test_positions_from_zero_in_roberta_are_refused(monkeypatch):
     monkeypatch.setattr(modeling, "first_position_id", lambda base: 0)
     with pytest.raises(ValueError, match="differently in one expanded pass"):
         _from_base("roberta")
-
-
-def test_an_encoder_is_refused_as_bidirectional():
-    with pytest.raises(ValueError, match="attends bidirectionally.*is_decoder=True"):
-        _from_base("bert", is_decoder=False)
 
 
 def test_the_decoder_is_found_where_get_decoder_returns_the_whole_lm():

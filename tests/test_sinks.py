@@ -111,11 +111,3 @@ def test_backends_without_sinks_refuse(backend, sus_c, named):
                            sus_c=sus_c)
     with pytest.raises(ValueError, match=f"attention sinks .*{named}.*'auto' or 'eager'"):
         dispatch.gradient_pass_attention(q, k, v, layout, 0.25, 0.0, sinks=sinks)
-
-
-@pytest.mark.parametrize("keyword, value, named", [("sinks", torch.zeros(1, 2, 6, 1), "sinks that vary by token"),
-                                                   ("position_bias", torch.zeros(1, 2, 6, 6), "position bias")])
-def test_what_the_layout_cannot_take_is_refused(keyword, value, named):
-    q, k, v, _, _ = _inputs(1, 2, 2, 6, 8, 8)
-    with pytest.raises(ValueError, match=f"Module passes .*{named}"):
-        dispatch.quietstar_attention(torch.nn.Module(), q, k, v, None, **{keyword: value})

@@ -62,8 +62,10 @@ def quietstar_attention(
         return plain_attention(query, key, value, attention_mask, scaling, dropout, sus_c, **rule), None
     if key.shape[2] != layout.expected_length():
         raise ValueError(
-            f"The quietstar '{layout.phase}' layout expects {layout.expected_length()} tokens per row, the model "
-            f"call held {key.shape[2]}. Do not pass past_key_values together with a thought layout."
+            f"The quietstar '{layout.phase}' layout expects {layout.expected_length()} keys per row (one per token of "
+            f"the call), {type(module).__name__} attended over {key.shape[2]}: either past_key_values were passed "
+            "with a thought layout (do not), or the model adds key/value entries of its own to the tokens' (compressed "
+            "or memory entries, as DeepSeek-V4's compressed attention appends), which the thought layout cannot place."
         )
     if layout.phase == "prefix":
         return prefix_attention(module.layer_idx, query, key, value, layout, scaling, **rule), None
