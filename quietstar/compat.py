@@ -53,7 +53,10 @@ def check_model_supported(base) -> None:
     attended = len(layout.text_cache)
     if attended < num_layers:
         raise ValueError(f"Only {attended} of {name}'s {num_layers} layers attend through "
-                         "transformers' AttentionInterface; Quiet-STaR needs all of them to.")
+                         "transformers' AttentionInterface with the model call's keywords; Quiet-STaR needs all of "
+                         "them to. The others mix tokens another way (linear attention, a state-space mixer) or do "
+                         "not pass the call's keywords on to their attention (StableLM's and Nemotron's decoder "
+                         "layers drop them), so the thought layout never reaches them.")
     if attended > num_layers:
         raise ValueError(f"{name} ran {attended} attention layers but its config declares num_hidden_layers="
                          f"{num_layers} (an encoder-decoder's decoder?); Quiet-STaR needs a decoder-only LM whose "

@@ -1,6 +1,7 @@
 """What the thought layout cannot take, refused by name rather than computed wrongly: bidirectional attention (an
 encoder), sparse attention through a learned indexer (DeepSeek sparse attention), sinks that vary by token, an
-additive position bias (Inkling), and keys beyond the call's tokens (DeepSeek-V4's compressed entries)."""
+additive position bias (Inkling), keys beyond the call's tokens (DeepSeek-V4's compressed entries), and decoder layers
+that do not pass the call's keywords on to their attention (StableLM)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,12 @@ def test_keys_beyond_the_calls_tokens_are_refused():
     layout = ThoughtLayout("prefix", torch.ones(1, 4, dtype=torch.bool), 1, num_thought_tokens=1, backend="auto")
     with pytest.raises(ValueError, match="expects 4 keys per row .* over 5: .*entries of its own"):
         dispatch.quietstar_attention(module, q[:, :, :4], k, v, None, thought_layout=layout)
+
+
+def test_layers_that_drop_the_calls_keywords_are_refused():
+    """StableLM's decoder layers do not pass the model call's keywords on: the thought layout never reaches them."""
+    config = AutoConfig.for_model("stablelm", vocab_size=260, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    base = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(ValueError, match="Only 0 of StableLmForCausalLM's 2 layers .* keywords"):
+        QuietStarForCausalLM.from_base(base, byte_tokenizer(), QuietStarConfig())
