@@ -52,6 +52,36 @@ def _add_thought_tokens(tokenizer, config: QuietStarConfig) -> tuple[int, int]:
     return tuple(tokenizer.convert_tokens_to_ids(t) for t in wanted)
 
 
+def _resize_token_embeddings(base, size: int) -> None:
+    """``base.resize_token_embeddings``, fixing what it does to BERT-style heads, which keep a bias beside the projection
+    (``lm_head.bias``, in transformers' ties the source of ``lm_head.decoder.bias``): it resizes the projection's bias
+    and leaves that one at the old size, or makes it the projection's even where the two were separate, which the
+    checkpoint then saves once and loading does not tie. Each such bias ends tied exactly where it was before, at the
+    new size (a separate one grown with zeros), so checkpoints load."""
+    tied = getattr(base, "_tied_weights_keys", None)
+    pairs = []  # (target, source, the source before resizing, whether the two were one parameter)
+    for target, source in (tied.items() if isinstance(tied, dict) else ()):
+        try:
+            before = base.get_parameter(source)
+            pairs.append((target, source, before, base.get_parameter(target) is before))
+        except AttributeError:  # a tie this configuration does not have
+            continue
+    base.resize_token_embeddings(size, mean_resizing=False)
+    for target, source, before, shared in pairs:
+        resized, current = base.get_parameter(target), base.get_parameter(source)
+        if shared:
+            wanted = resized
+        elif current is resized or current.shape != resized.shape:
+            grown = resized.detach().new_zeros(resized.shape)
+            grown[tuple(slice(0, n) for n in before.shape)] = before.detach()
+            wanted = nn.Parameter(grown, requires_grad=before.requires_grad)
+        else:
+            continue
+        if current is not wanted:
+            owner, _, name = source.rpartition(".")
+            setattr(base.get_submodule(owner), name, wanted)
+
+
 class QuietStarForCausalLM(nn.Module):
     """Wraps a causal LM (``self.base``) so it thinks at every position (docs/design.md §1-2).
 
@@ -115,7 +145,7 @@ class QuietStarForCausalLM(nn.Module):
             raise ValueError(f"thought_init_text {config.thought_init_text!r} tokenizes to nothing.")
         thought_ids = _add_thought_tokens(tokenizer, config)
         if len(tokenizer) > base.get_input_embeddings().num_embeddings:
-            base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            _resize_token_embeddings(base, len(tokenizer))
         base.set_attn_implementation(ATTENTION_NAME)
         check_model_supported(base)
         name = getattr(base, "name_or_path", "") or ""

@@ -50,7 +50,7 @@ def ours_and_dense(model, ids, mask, thoughts, attention):
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "deepseek_v3"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_dense_scheme_equals_ours(arch, attention, padding_side):
     model = make_model(arch, num_thought_tokens=3, num_lookahead_tokens=3, num_thoughts=2, **OFFICIAL)
@@ -71,10 +71,11 @@ def test_dense_scheme_equals_ours(arch, attention, padding_side):
     assert_same_gradients(ours_grads, dense_grads)
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "mistral_window", "gemma3_text"])
+@pytest.mark.parametrize("arch", ["gemma2", "mistral_window", "gemma3_text", "gpt_oss"])
 def test_dense_scheme_equals_ours_with_sliding_windows(arch):
     """Windows shorter than a row and a branch (Mistral on every layer; Gemma local and global layers mixed, Gemma 2
-    with soft-capped scores): the dense passes hand each layer its own windowed mask, on positions as the family does.
+    with soft-capped scores, GPT-OSS with sinks): the dense passes hand each layer its own windowed mask, on positions
+    as the family does.
     """
     model = make_model(arch, num_thought_tokens=3, num_lookahead_tokens=3, num_thoughts=2, **OFFICIAL)
     randomize_mixing_head(model)

@@ -7,6 +7,7 @@ tests/test_generation.py (tiny bert, roberta, llama4_text)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 import quietstar.compat as compat
 import quietstar.modeling as modeling
@@ -45,3 +46,19 @@ def test_the_decoder_is_found_where_get_decoder_returns_the_whole_lm():
     model = _from_base("llama4_text")
     assert model.base.get_decoder() is model.base  # transformers' lookup misses Llama 4's decoder
     assert model.body is model.base.model and model.output_head_name == "lm_head"
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_bert_style_head_round_trips_its_bias(arch, tied, tmp_path):
+    """Resizing for the thought tokens must leave the head's own bias at the new size, tied where it was
+    (transformers resizes only the projection's)."""
+    model = _from_base(arch, tie_word_embeddings=tied)
+    with torch.no_grad():
+        model.lm_head.bias.normal_()
+    ids = torch.arange(3, 12)[None]
+    model.save_pretrained(tmp_path / "saved")
+    loaded = QuietStarForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    thoughts = model.sample_thoughts(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, thoughts=thoughts).base_logits, model(ids, thoughts=thoughts).base_logits)
