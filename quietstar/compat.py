@@ -13,8 +13,8 @@ def check_model_supported(base) -> None:
 
     Runs a 6-token probe: every decoder layer must call the function, and the family's head of ``body(x)``
     (quietstar.head: its output head module, then its logit scaling or soft-capping) must equal the model's own
-    logits under its "eager" attention. (Sliding windows and
-    attention-logit soft-capping arrive per call; a backend that lacks one refuses it there, by name.)
+    logits under its "eager" attention. (Sliding windows, attention-logit soft-capping and sinks arrive per call; a
+    backend that lacks one refuses it there, by name.)
     """
     name = type(base).__name__
     if base.config._attn_implementation != ATTENTION_NAME:
@@ -45,7 +45,7 @@ def check_model_supported(base) -> None:
         raise
     except Exception as error:  # the family's structure is not the decoder -> hidden -> head split we need
         raise ValueError(f"{name} failed Quiet-STaR's probe ({type(error).__name__}: {error}); its decoder "
-                         "(quietstar.head.decoder) must return final hidden states that its output embeddings turn into "
+                         "(quietstar.head.decoder) must return final hidden states that its output head turns into "
                          "logits.") from error
     finally:
         base.set_attn_implementation(ATTENTION_NAME)

@@ -53,11 +53,11 @@ def _add_thought_tokens(tokenizer, config: QuietStarConfig) -> tuple[int, int]:
 
 
 def _resize_token_embeddings(base, size: int) -> None:
-    """``base.resize_token_embeddings``, fixing what it does to BERT-style heads, which keep a bias beside the projection
-    (``lm_head.bias``, in transformers' ties the source of ``lm_head.decoder.bias``): it resizes the projection's bias
-    and leaves that one at the old size, or makes it the projection's even where the two were separate, which the
-    checkpoint then saves once and loading does not tie. Each such bias ends tied exactly where it was before, at the
-    new size (a separate one grown with zeros), so checkpoints load."""
+    """``base.resize_token_embeddings``, fixing what it does to BERT-style heads, which keep a bias beside the
+    projection (``lm_head.bias``, in transformers' ties the source of ``lm_head.decoder.bias``): it resizes the
+    projection's bias and leaves that one at the old size, or makes it the projection's even where the two were
+    separate, which the checkpoint then saves once and loading does not tie. Each such bias ends tied exactly where it
+    was before, at the new size (a separate one grown with zeros), so checkpoints load."""
     tied = getattr(base, "_tied_weights_keys", None)
     pairs = []  # (target, source, the source before resizing, whether the two were one parameter)
     for target, source in (tied.items() if isinstance(tied, dict) else ()):

@@ -17,7 +17,8 @@ from quietstar.tiny import TINY_ARCHITECTURES, byte_tokenizer, tiny_model
 def _from_base(arch, **overrides):
     tokenizer = byte_tokenizer()
     base = tiny_model(arch, vocab_size=len(tokenizer), **overrides).eval()
-    return QuietStarForCausalLM.from_base(base, tokenizer, QuietStarConfig(num_thought_tokens=2, num_lookahead_tokens=2))
+    config = QuietStarConfig(num_thought_tokens=2, num_lookahead_tokens=2)
+    return QuietStarForCausalLM.from_base(base, tokenizer, config)
 
 
 def _inputs(n, d=8, heads=2, seed=0):

@@ -18,7 +18,8 @@ from quietstar.tiny import byte_tokenizer, tiny_model
 def _from_base(arch, **overrides):
     tokenizer = byte_tokenizer()
     base = tiny_model(arch, vocab_size=len(tokenizer), **overrides).eval()
-    return QuietStarForCausalLM.from_base(base, tokenizer, QuietStarConfig(num_thought_tokens=2, num_lookahead_tokens=2))
+    config = QuietStarConfig(num_thought_tokens=2, num_lookahead_tokens=2)
+    return QuietStarForCausalLM.from_base(base, tokenizer, config)
 
 
 @pytest.mark.parametrize("arch, head, affine, first_position", [
@@ -61,4 +62,5 @@ def test_a_bert_style_head_round_trips_its_bias(arch, tied, tmp_path):
     loaded = QuietStarForCausalLM.from_pretrained(tmp_path / "saved").eval()
     thoughts = model.sample_thoughts(ids)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids, thoughts=thoughts).base_logits, model(ids, thoughts=thoughts).base_logits)
+        expected = model(ids, thoughts=thoughts).base_logits
+        torch.testing.assert_close(loaded(ids, thoughts=thoughts).base_logits, expected)

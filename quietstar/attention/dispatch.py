@@ -51,8 +51,8 @@ def quietstar_attention(
     sinks = s_aux if sinks is None else sinks
     if position_bias is not None or (sinks is not None and sinks.dim() != 1):
         feature = "an additive position bias" if position_bias is not None else "attention sinks that vary by token"
-        raise ValueError(f"{type(module).__name__} passes {feature} to its attention, which Quiet-STaR's attention does "
-                         "not implement; its thoughts would be computed wrongly.")
+        raise ValueError(f"{type(module).__name__} passes {feature} to its attention, which Quiet-STaR's attention "
+                         "does not implement; its thoughts would be computed wrongly.")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     dropout = dropout if module.training else 0.0
