@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .attention import ATTENTION_NAME, ThoughtLayout
-from .head import LogitTransform, decoder, output_head_name
+from .head import LogitTransform, apply_output_head, decoder, output_head_names
 from .thoughts import expanded_pass
 
 def check_model_supported(base) -> None:
@@ -37,8 +37,8 @@ def check_model_supported(base) -> None:
     try:
         with torch.no_grad():
             hidden = decoder(base)(input_ids=ids, thought_layout=layout, use_cache=False).last_hidden_state
-            head = base.get_submodule(output_head_name(base))
-            ours = LogitTransform.from_config(base.config)(head(hidden)).float()
+            logits = apply_output_head(base, output_head_names(base), hidden)
+            ours = LogitTransform.from_config(base.config)(logits).float()
             base.set_attn_implementation("eager")
             reference = base(input_ids=ids, use_cache=False).logits.float()
     except ValueError:

@@ -18,7 +18,7 @@ from .compat import check_model_supported, check_thought_layout
 from .config import QuietStarConfig
 from .generation import GenerationOutput, generate
 from .attention.layout import text_positions
-from .head import LogitTransform, decoder, output_head_name
+from .head import LogitTransform, apply_output_head, decoder, hidden_width, output_head_names
 from .lora import THOUGHT_BRANCH_MASK, ThoughtTokenGate
 from .losses import IGNORE_INDEX, quietstar_loss
 from .mixing import MixingHead, mix, thought_weight
@@ -99,12 +99,13 @@ class QuietStarForCausalLM(nn.Module):
         self.quietstar_config = quietstar_config
         self.thought_token_ids = tuple(int(i) for i in thought_token_ids)
         self.pad_token_id = int(pad_token_id)
-        hidden_size = base.get_input_embeddings().embedding_dim
+        self.output_head_names = output_head_names(base)
+        embedding_size = base.get_input_embeddings().embedding_dim
         weight = base.get_input_embeddings().weight
-        self.thought_embeddings = nn.Parameter(weight.new_zeros(2, hidden_size, dtype=torch.float32))
-        self.mixing_head = MixingHead(hidden_size).to(device=weight.device)
+        self.thought_embeddings = nn.Parameter(weight.new_zeros(2, embedding_size, dtype=torch.float32))
+        # The mixing head reads final hidden states, whose width can differ from the embeddings' (ELECTRA, OPT).
+        self.mixing_head = MixingHead(hidden_width(base, self.output_head_names)).to(device=weight.device)
         self.logit_transform = LogitTransform.from_config(base.config)
-        self.output_head_name = output_head_name(base)
         self.first_position_id = first_position_id(base)
         self._lora = None
         self._thought_gate = None
@@ -174,16 +175,15 @@ class QuietStarForCausalLM(nn.Module):
         return self.base.get_output_embeddings()
 
     @property
-    def output_head(self):
-        """The module that turns final hidden states into logits: ``lm_head``, or a transform and ``lm_head``
-        (BERT-style families; quietstar.head.output_head_name)."""
-        return self.base.get_submodule(self.output_head_name)
+    def head_is_projection(self) -> bool:
+        """True when the family's output head is ``lm_head`` alone (no transform before it)."""
+        return len(self.output_head_names) == 1 and self.base.get_submodule(self.output_head_names[0]) is self.lm_head
 
     @property
     def head_is_affine(self) -> bool:
         """True when logits are an affine function of the final hidden state, so mixing hidden states equals mixing
         logits: a bare projection and no soft-capping."""
-        return self.output_head is self.lm_head and self.logit_transform.is_affine
+        return self.head_is_projection and self.logit_transform.is_affine
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings ``[..., D]``, thought tokens mapped to ``thought_embeddings``."""
@@ -325,10 +325,10 @@ class QuietStarForCausalLM(nn.Module):
         weights are not (pure bf16 weights); a head with a transform before it (BERT-style) runs in its weights'
         dtype. The rows are flattened first: a strided N-D input would make the matmul broadcast the head's
         weight into a batched product (seconds instead of milliseconds at a 49k vocabulary)."""
-        head, projection = self.output_head, self.lm_head
+        head = self.lm_head
         flat = hidden.reshape(-1, hidden.shape[-1])
-        if head is not projection:
-            logits = head(flat.to(projection.weight.dtype))
+        if not self.head_is_projection:
+            logits = apply_output_head(self.base, self.output_head_names, flat.to(head.weight.dtype))
         elif hidden.dtype == torch.float32 and head.weight.dtype != torch.float32:
             bias = None if getattr(head, "bias", None) is None else head.bias.float()
             logits = torch.nn.functional.linear(flat, head.weight.float(), bias)

@@ -47,6 +47,8 @@ TINY_ARCHITECTURES = {
     # RoBERTa numbers positions from padding_idx + 1.
     "bert": dict(model_type="bert", is_decoder=True),
     "roberta": dict(model_type="roberta", is_decoder=True),
+    # ELECTRA's generator: its head is two top-level parts (a transform to the embedding width 32, then lm_head).
+    "electra": dict(model_type="electra", is_decoder=True, embedding_size=32),
     # Attention sinks (one logit per head in every softmax), local and global layers, a mixture of 4 experts.
     "gpt_oss": dict(model_type="gpt_oss", head_dim=16, sliding_window=4, layer_types=["sliding_attention",
                     "full_attention"], num_local_experts=4, num_experts_per_tok=2),

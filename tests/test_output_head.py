@@ -1,13 +1,14 @@
 """The decoder/head split of families that differ from lm_head(get_decoder()(x)): an output head with a transform
-before the projection (BERT-style decoders), positions that start past 0 (RoBERTa), a get_decoder() that returns the
+before the projection (BERT-style decoders, ELECTRA's in two parts), positions that start past 0 (RoBERTa), a get_decoder() that returns the
 whole LM (Llama 4). Found generically, and a wrong choice refused
 by from_base's probes. The families themselves run in tests/test_parallel_equals_sequential.py and
-tests/test_generation.py (tiny bert, roberta, llama4_text)."""
+tests/test_generation.py (tiny bert, roberta, electra, llama4_text)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import quietstar.compat as compat
 import quietstar.modeling as modeling
@@ -23,18 +24,20 @@ def _from_base(arch, **overrides):
 
 
 @pytest.mark.parametrize("arch, head, affine, first_position", [
-    ("llama", "lm_head", True, 0), ("bert", "cls", False, 0), ("roberta", "lm_head", False, 2)])
+    ("llama", ("lm_head",), True, 0), ("bert", ("cls",), False, 0), ("roberta", ("lm_head",), False, 2),
+    ("electra", ("generator_predictions", "generator_lm_head"), False, 0)])
 def test_the_head_and_the_first_position_are_the_familys(arch, head, affine, first_position):
     model = _from_base(arch)
-    assert model.output_head_name == head and model.head_is_affine is affine
+    assert model.output_head_names == head and model.head_is_affine is affine
     assert model.first_position_id == first_position
-    assert any(part is model.lm_head for part in model.output_head.modules())
+    assert any(part is model.lm_head for part in model.base.get_submodule(head[-1]).modules())
 
 
-def test_a_bare_projection_as_a_bert_head_is_refused(monkeypatch):
-    monkeypatch.setattr(compat, "output_head_name", lambda base: "cls.predictions.decoder")
-    with pytest.raises(ValueError, match="logits differ"):
-        _from_base("bert")
+@pytest.mark.parametrize("arch, wrong", [("bert", ("cls.predictions.decoder",)), ("electra", ("generator_lm_head",))])
+def test_a_head_without_its_transform_is_refused(arch, wrong, monkeypatch):
+    monkeypatch.setattr(compat, "output_head_names", lambda base: wrong)
+    with pytest.raises(ValueError, match="logits differ|failed Quiet-STaR's probe"):
+        _from_base(arch)
 
 
 def test_positions_from_zero_in_roberta_are_refused(monkeypatch):
@@ -46,7 +49,7 @@ def test_positions_from_zero_in_roberta_are_refused(monkeypatch):
 def test_the_decoder_is_found_where_get_decoder_returns_the_whole_lm():
     model = _from_base("llama4_text")
     assert model.base.get_decoder() is model.base  # transformers' lookup misses Llama 4's decoder
-    assert model.body is model.base.model and model.output_head_name == "lm_head"
+    assert model.body is model.base.model and model.output_head_names == ("lm_head",)
 
 
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
@@ -64,3 +67,16 @@ def test_a_bert_style_head_round_trips_its_bias(arch, tied, tmp_path):
     with torch.no_grad():
         expected = model(ids, thoughts=thoughts).base_logits
         torch.testing.assert_close(loaded(ids, thoughts=thoughts).base_logits, expected)
+
+
+@pytest.mark.parametrize("model_type, sizes, width", [("electra", dict(embedding_size=32, is_decoder=True), 64),
+                                                     ("opt", dict(word_embed_proj_dim=32, ffn_dim=128), 32)])
+def test_the_mixing_head_reads_the_final_hidden_states_width(model_type, sizes, width):
+    """ELECTRA projects its embeddings up to hidden_size, OPT its final states down to word_embed_proj_dim."""
+    config = AutoConfig.for_model(model_type, vocab_size=260, hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, **sizes)
+    base = AutoModelForCausalLM.from_config(config).eval()
+    model = QuietStarForCausalLM.from_base(base, byte_tokenizer(), QuietStarConfig(num_lookahead_tokens=2))
+    assert model.mixing_head.net[0].in_features == 2 * width
+    ids = torch.arange(3, 12)[None]
+    assert torch.isfinite(model(ids, labels=ids).loss)
