@@ -14,10 +14,10 @@ from transformers import AddedToken
 from . import attention  # noqa: F401  (registers the "quietstar" attention with transformers)
 from . import checkpoint
 from .attention import ATTENTION_NAME
+from .attention.layout import text_positions
 from .compat import check_model_supported, check_thought_layout
 from .config import QuietStarConfig
 from .generation import GenerationOutput, generate
-from .attention.layout import text_positions
 from .head import LogitTransform, apply_output_head, decoder, hidden_width, output_head_names
 from .lora import THOUGHT_BRANCH_MASK, ThoughtTokenGate
 from .losses import IGNORE_INDEX, quietstar_loss

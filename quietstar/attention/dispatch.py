@@ -75,7 +75,8 @@ def quietstar_attention(
 
 
 def resolve_backend(layout: ThoughtLayout, query: torch.Tensor, dropout: float, window: int | None = None,
-                    softcap: float | None = None, value_head_dim: int | None = None, sinks=None) -> str:
+                    softcap: float | None = None, value_head_dim: int | None = None,
+                    sinks: torch.Tensor | None = None) -> str:
     """Which implementation serves a sampling step or the gradient pass: "eager", "flash_cpu", "flex", "sus_torch"
     or "sus_triton".
 
