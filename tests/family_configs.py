@@ -15,17 +15,18 @@ import re
 WINDOW = 5  # shorter than the oracle's rows plus a branch, so sliding windows are crossed
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=False)
-# Head sizes by name. MLA keeps a value head (16) narrower than its query/key head (nope 16 + rope 8), as in
-# DeepSeek's configs, so the survey sees that difference.
+# Other sizes by name. MLA keeps a value head (16) narrower than its query/key head (nope 16 + rope 8), as in
+# DeepSeek's configs, so the survey sees that difference; Mamba mixers keep heads * head size = 2 * width.
 HEAD_SIZES = dict(qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, kv_lora_rank=32, q_lora_rank=48,
-                  rotary_dim=8, mamba_d_ssm=128, hidden_size_global=64, expert_ffn_hidden_size=128, linear_head_dim=16, linear_num_heads=4, index_head_dim=16, index_n_heads=2,
+                  rotary_dim=8, linear_head_dim=16, linear_num_heads=4, index_head_dim=16, index_n_heads=2,
                   index_topk=8, mamba_d_head=16, mamba_headdim=16, mamba_n_heads=8, n_mamba_heads=2,
-                  mamba_d_state=16, mamba_dt_rank=8, num_encoder_layers=2, num_decoder_layers=2,
-                  encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-                  encoder_ffn_dim=128, decoder_ffn_dim=128, d_model=64, d_ff=128, d_kv=16)
+                  mamba_d_ssm=128, mamba_d_state=16, mamba_dt_rank=8, hidden_size_global=64,
+                  expert_ffn_hidden_size=128, num_encoder_layers=2, num_decoder_layers=2, encoder_layers=2,
+                  decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                  decoder_ffn_dim=128, d_model=64, d_ff=128, d_kv=16)
 EXPERT_COUNTS = ("zero_expert_num", "num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
-EXPERTS_PER_TOKEN = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "moe_top_k", "n_group", "topk_group",
-                     "num_expert_group")
+EXPERTS_PER_TOKEN = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "moe_top_k", "n_group",
+                     "topk_group", "num_expert_group")
 # Token ids beyond the tiny vocabulary become the byte tokenizer's own: <|endoftext|> = 256, <|pad|> = 257.
 SPECIAL_IDS = dict(pad_token_id=257, bos_token_id=256, eos_token_id=256, decoder_start_token_id=256)
 
@@ -36,27 +37,25 @@ _DOTS3_TEXT = dict(num_key_value_heads=4, head_dim=24, swa_num_attention_heads=4
                    swa_q_lora_rank=48, swa_kv_lora_rank=32, swa_head_dim=24, swa_qk_nope_head_dim=16,
                    swa_v_head_dim=16, swa_qk_rope_head_dim=8)
 OVERRIDES: dict[str, dict] = {
-    # Defaults of None where the model needs numbers.
+    # Defaults of None where the family's model needs numbers.
     "dots1": dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1),
     "deepseek_v2": dict(num_experts_per_tok=2),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
     "qwen4_exp": _QSA_INDEXER,
     "qwen4_exp_text": _QSA_INDEXER,
-    # Defaults the family's own model cannot run: per-layer-type RoPE parameters, a decoder flag.
+    # Defaults the family's own model cannot run with.
     "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
-    "reformer": dict(is_decoder=True, axial_pos_embds_dim=[32, 32], axial_pos_shape=[16, 32]),
-    "xmod": dict(default_language="en_XX"),
-    "dbrx": dict(attn_config=dict(rope_theta=10000.0, clip_qkv=8.0)),
-    "musicgen": dict(num_codebooks=1),  # input ids are [batch * codebooks, length]
+    "reformer": dict(is_decoder=True, axial_pos_embds_dim=[32, 32], axial_pos_shape=[16, 32]),  # dims sum to width
+    "xmod": dict(default_language="en_XX"),  # the language adapter its forward picks
+    "dbrx": dict(attn_config=dict(rope_theta=10000.0, clip_qkv=8.0)),  # read unconditionally by its attention
+    "musicgen": dict(num_codebooks=1),  # input ids are [batch * codebooks, length]: one codebook takes a plain row
     "musicgen_melody": dict(num_codebooks=1),
     # Architecture checks the generic sizes break.
     "dots3_note": _DOTS3_TEXT,
     "dots3_note_text": _DOTS3_TEXT,
-    "gemma4_assistant": dict(text_config=dict(hidden_size_per_layer_input=0)),
-    "blt": dict(encoder_hash_byte_group_vocab=512),
+    "blt": dict(encoder_hash_byte_group_vocab=512),  # 3M rows of hashed byte-group embeddings otherwise
     "mamba2": dict(num_heads=8),  # Mamba heads: num_heads * head_dim = expand * hidden_size
-    "gemma3n_text": dict(num_kv_shared_layers=0),
-    "gemma3n": dict(text_config=dict(num_kv_shared_layers=0)),
+    "gemma3n_text": dict(num_kv_shared_layers=0),  # with 2 layers, the 15 KV-sharing layers would leave none to share
 }
 
 
