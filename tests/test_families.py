@@ -27,7 +27,8 @@ def record():
 def test_no_family_is_accepted_and_computed_wrongly(record):
     wrong = [row for row in record["families"] if row["status"] == "DISAGREES"]
     assert not wrong, f"accepted but computed wrongly (refuse them or fix them): {wrong}"
-    failed = {row["family"]: families_survey.short_reason(row) for row in record["families"] if row["status"] == "failed"}
+    failed = {row["family"]: families_survey.short_reason(row)
+              for row in record["families"] if row["status"] == "failed"}
     assert not failed, f"neither computed nor refused: quietstar failed on them (fix it or refuse them): {failed}"
     statuses = {row["family"]: row["status"] for row in record["families"]}
     assert all(statuses[family] == "agrees" for family in MAINTAINED), {f: statuses[f] for f in MAINTAINED}
