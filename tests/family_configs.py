@@ -45,7 +45,7 @@ OVERRIDES: dict[str, dict] = {
     "qwen4_exp_text": _QSA_INDEXER,
     # Defaults the family's own model cannot run with.
     "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
-    "reformer": dict(is_decoder=True, axial_pos_embds_dim=[32, 32], axial_pos_shape=[16, 32]),  # dims sum to width
+    "reformer": dict(axial_pos_embds_dim=[32, 32], axial_pos_shape=[16, 32]),  # dims sum to the width
     "xmod": dict(default_language="en_XX"),  # the language adapter its forward picks
     "dbrx": dict(attn_config=dict(rope_theta=10000.0, clip_qkv=8.0)),  # read unconditionally by its attention
     "musicgen": dict(num_codebooks=1),  # input ids are [batch * codebooks, length]: one codebook takes a plain row
@@ -118,6 +118,8 @@ def shrunk(part, vocab_size: int) -> dict:
             changes[key] = special
         elif isinstance(value, list) and any(v >= vocab_size for v in value):
             changes[key] = special
+    if "is_decoder" in fields:  # BERT-style and seq2seq families: their causal-LM use is as a (causal) decoder
+        changes["is_decoder"] = True
     if fields.get("sliding_window"):
         changes["sliding_window"] = WINDOW
         if "use_sliding_window" in fields:
