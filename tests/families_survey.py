@@ -35,7 +35,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD_FILE = os.path.join(ROOT, "docs", "families.json")
 README_FILE = os.path.join(ROOT, "README.md")
 TABLE_START, TABLE_END = "<!-- families table: start -->", "<!-- families table: end -->"
-LIBRARY = os.path.join(ROOT, "quietstar")
 TOLERANCE = 1e-4  # relative, fp32
 MAX_PARAMETERS = 30_000_000
 NOT_STANDALONE = {  # families whose causal-LM class cannot run on its own: no tiny model of theirs can be judged
@@ -131,8 +130,11 @@ def survey_family(model_type: str) -> dict:
 
 def _raised_in_quietstar(error: BaseException) -> bool:
     """Whether the innermost frame that raised ``error`` is the library's own code."""
+    import quietstar
+
+    library = os.path.dirname(os.path.abspath(quietstar.__file__))
     frames = traceback.extract_tb(error.__traceback__)
-    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(LIBRARY + os.sep)
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(library + os.sep)
 
 
 def _split_runs_eagerly(base) -> bool:
