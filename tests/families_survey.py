@@ -137,27 +137,36 @@ def _raised_in_quietstar(error: BaseException) -> bool:
     return bool(frames) and os.path.abspath(frames[-1].filename).startswith(library + os.sep)
 
 
-def _split_runs_eagerly(base) -> bool:
-    """Whether the probe's split (decoder -> final hidden states -> output embeddings, with the thought_layout
-    argument) runs under transformers' eager attention: if it does, a probe failure is the quietstar attention's."""
-    ids = torch.arange(3, 9)[None] % base.config.get_text_config().vocab_size
-    base.set_attn_implementation("eager")
+def _probe_passes_the_structure_without_our_attention(base) -> bool:
+    """Whether the library's probe gets past the family's structure (its decoder -> final hidden states -> head
+    split) with transformers' SDPA attention and mask in the place of the quietstar ones: if so, a probe failure
+    was theirs."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from quietstar.attention import ATTENTION_NAME, padding_mask, quietstar_attention
+    from quietstar.compat import check_model_supported
+
+    AttentionInterface.register(ATTENTION_NAME, sdpa_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
     try:
-        with torch.no_grad():
-            hidden = base.get_decoder()(input_ids=ids, thought_layout=None, use_cache=False).last_hidden_state
-            base.get_output_embeddings()(hidden)
-    except Exception:  # noqa: BLE001 - the family's structure is not that split: the refusal stands
-        return False
+        check_model_supported(base)
+    except ValueError as error:  # a refusal after the run (layers counted, logits compared) passed the structure
+        return error.__cause__ is None
+    finally:
+        AttentionInterface.register(ATTENTION_NAME, quietstar_attention)
+        AttentionMaskInterface.register(ATTENTION_NAME, padding_mask)
     return True
 
 
 def _verdict(raised: BaseException, base) -> str:
     """``refused`` for the library's own refusal (a ValueError raised by quietstar); ``failed`` for anything else:
     an error of another kind, one raised outside the library, or a probe failure the quietstar attention caused
-    (the probe wraps whatever its run raised; the same split under eager attention tells whose it is)."""
+    (the probe wraps whatever its run raised; the same probe with another attention tells whose it is)."""
     if not isinstance(raised, ValueError) or not _raised_in_quietstar(raised):
         return "failed"
-    if raised.__cause__ is not None and _split_runs_eagerly(base):
+    if raised.__cause__ is not None and _probe_passes_the_structure_without_our_attention(base):
         return "failed"
     return "refused"
 
