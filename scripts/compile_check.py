@@ -6,18 +6,20 @@ ptxas of the triton wheel); nothing runs. The kernels are those of ``quietstar.o
 and the arguments come from their own launch code with the target's arch, so the tiles, warps, stages and
 constexpr flags are the ones a GPU run launches. Per variant: shared memory, the tensor-core instruction the dots
 became (wgmma, mma or none: fma), registers and spill bytes from ``ptxas -v``, and instructions per score in the
-tile loop: the SASS (``nvdisasm``) of the largest innermost loop, counted by class and divided by the scores each
-thread holds per iteration (BLOCK_M x BLOCK_N / threads). Exits 1 if any variant fails to compile.
+tile loops (the innermost loops of the SASS from ``nvdisasm`` that hold tensor-core instructions), counted by class
+and divided by the scores each thread holds per iteration (BLOCK_M x BLOCK_N / threads), for the largest loop and
+the lightest. Exits 1 if any variant fails to compile.
 
     .venv/bin/python scripts/compile_check.py                            # the README table (thought layout, padded)
     .venv/bin/python scripts/compile_check.py --variants all --jobs 16   # every pattern too
     .venv/bin/python scripts/compile_check.py --readme                   # rewrite the table in quietstar/ops/sus/README.md
 
-Variants: kernel (forward, dq, dkdv, and any other registered) x input dtype (fp16, bf16, fp32 through tf32, fp32 exact) x head dim x
-backward (exact, SUS), at odd sizes (no divisibility specialisation) with grouped-query heads. ``table`` takes the
-padded thought layout (every constexpr branch of the visibility rule on); ``all`` adds the plain causal,
-padded causal, non-causal and unpadded thought patterns (each compiles separately: CAUSAL, HAS_KEY_VALID and
-branch_length == 1 are specialised); ``representative`` is one variant per kernel (bf16, head dim 128, SUS).
+Variants: kernel (forward, dq, dkdv, any other registered) x input dtype (fp16, bf16, fp32 through tf32, fp32
+exact) x head dim x backward (exact, SUS), at odd sizes (no divisibility specialisation) with grouped-query heads.
+``table`` takes the padded thought layout (every constexpr branch of the visibility rule on); ``all`` adds the
+plain causal, padded causal, non-causal and unpadded thought patterns (each compiles separately: CAUSAL,
+HAS_KEY_VALID and branch_length == 1 are specialised); ``representative`` is one variant per kernel (bf16, head
+dim 128, SUS).
 """
 
 from __future__ import annotations
