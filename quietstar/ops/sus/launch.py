@@ -51,8 +51,9 @@ _COMPILED_TILES = {
     # d 16: 4 warps, fewer instructions per score than 8; d 64 and 128: the SUS hash and keep test take 128 x 64 past
     # 255 registers.
     ("dq", "half", 80): (_T(128, 64, 4, 2), _T(128, 64, 8, 2), _T(128, 32, 8, 2), _T(64, 64, 8, 2)),
-    # dK and dV accumulate [keys, d] in fp32 beside K and V: 32 keys at d 64 and 128.
-    ("dkdv", "half", 80): (_T(64, 128, 8, 2), _T(32, 128, 8, 2), _T(64, 32, 8, 2), _T(32, 32, 4, 2)),
+    # dK and dV accumulate [keys, d] in fp32 beside K and V: 32 keys at d 64 and 128; small query steps leave room for
+    # the boundary-tile and band loops of sliding windows.
+    ("dkdv", "half", 80): (_T(32, 128, 8, 2), _T(32, 128, 8, 2), _T(32, 32, 4, 2), _T(16, 32, 4, 2)),
     # fp32 operands are twice the registers and shared memory of fp16: 32 key columns, 4 warps where 8 would split a
     # 64 x 32 tile too thinly (twice the instructions per score).
     ("forward", "tf32", 90): (_T(64, 32, 4, 3), _T(64, 32, 4, 3), _T(128, 32, 8, 2), _T(128, 32, 8, 2)),
