@@ -13,7 +13,8 @@ in layer l only, g~(x) with SUS in every layer. Per parameter group G (a slice o
     rho_l = V_sus,l / V_mb,   rho_all = V_sus,all / V_mb
 
 The masks of different layers are independent and each layer's noise has mean zero, so to first order the
-per-layer variances add up: sum_l rho_l ~ rho_all (the measurement checks it). The same draws also give
+per-layer variances add up: sum_l rho_l ~ rho_all; with SUS in every layer, noise from layer l also passes
+through the masks below it, a second-order term (the measurement checks the sum on paired draws). The same draws also give
 V_sus,all / ||E g||^2 and V_sus,all / E||g||^2, the other normalisations a "relative variance" can mean.
 
 The speed trick. SUS leaves the forward exact and every layer above the SUS layer exact, so per window
@@ -70,7 +71,7 @@ class SusPlacement:
         self.c = c
         self.seeds: dict[int, int] = {}  # layer -> seed of its SUS mask; layers not here are exact
         self.staged = False
-        self.records: dict[int, tuple] = {}
+        self.records: dict[int, dict] = {}
 
     def setting(self, layer: int):
         """(c, seed) for this layer's backward: (None, 0) is the exact backward."""
@@ -122,8 +123,9 @@ AttentionMaskInterface.register(ATTENTION_NAME, padding_mask)
 
 
 def parameter_groups(names: list[str], num_layers: int) -> tuple[list[str], torch.Tensor]:
-    """Column names and a 0/1 matrix [parameters, columns]: "all", one column per kind (KINDS), one per layer
-    of parameters ("embed", "0".."L-1", "final": the embeddings, each decoder layer, the final norm)."""
+    """Column names and a 0/1 matrix [parameters, columns]: "all", one column per kind (KINDS; "embed" is the input
+    embeddings with the output head, tied in SmolLM2), one per layer of parameters ("embed", "0".."L-1", "final":
+    the embeddings and head, each decoder layer, the final norm)."""
     columns = ["all"] + [f"kind:{k}" for k in KINDS] + ["layer:embed"] + [f"layer:{i}" for i in range(num_layers)]
     columns.append("layer:final")
     matrix = torch.zeros(len(names), len(columns), dtype=torch.float64)
@@ -312,7 +314,7 @@ def parse_args(argv=None):
     parser.add_argument("--windows", type=int, default=32,
                         help="windows (K): each gives an exact gradient (V_mb) and --draws all-layer SUS draws")
     parser.add_argument("--draws", type=int, default=1, help="all-layer SUS draws per window")
-    parser.add_argument("--layer-windows", type=int, default=4,
+    parser.add_argument("--layer-windows", type=int, default=5,
                         help="of the windows, how many (spread evenly) also get SUS in one layer at a time")
     parser.add_argument("--layer-draws", type=int, default=1, help="per-layer draws on those (<= --draws)")
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="layers measured alone (default: all)")
