@@ -19,7 +19,7 @@ runs in three parts (:func:`_tile_split`): tiles that every row of the block see
 rules hold for all pairs; only padding keys are masked) skip the visibility mask, and the boundary tiles on either
 side compute it. Soft-capping (``SOFTCAP``) turns the scaled scores s into cap * tanh(s / cap) in every kernel and
 multiplies dS by the slope 1 - tanh^2 in both backward kernels. Both are constexpr switches: a launch without them
-compiles the same code as before.
+compiles no window or cap code.
 
 SUS backward: both backward kernels recompute P = exp(S - lse) per tile, draw u(seed, bh, row, col)
 with the counter-based hash of :mod:`.rng`, and use P~ = max(P, 1/c) where u < cP, else 0. A tile
