@@ -85,17 +85,18 @@ class SusAttention(torch.autograd.Function):
     one gradient per input (q, k, v) and None for the settings."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_valid, scale, num_text, branch_length, causal, c, seed, backend, fp32_precision):
+    def forward(ctx, q, k, v, key_valid, scale, num_text, branch_length, causal, c, seed, backend, fp32_precision,
+                window, softcap):
         kernel_options = {}
         if backend == "triton":
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             kernel_options = dict(fp32_precision=fp32_precision)
         forward, _ = _implementation(backend)
         o, lse = forward(q, k, v, scale=scale, num_text=num_text, branch_length=branch_length, causal=causal,
-                         key_valid=key_valid, **kernel_options)
+                         key_valid=key_valid, window=window, softcap=softcap, **kernel_options)
         ctx.save_for_backward(q, k, v, o, lse, key_valid)
         ctx.settings = dict(scale=scale, num_text=num_text, branch_length=branch_length, causal=causal, c=c, seed=seed,
-                            **kernel_options)
+                            window=window, softcap=softcap, **kernel_options)
         ctx.backend = backend
         return o.to(q.dtype)
 
@@ -104,10 +105,11 @@ class SusAttention(torch.autograd.Function):
         q, k, v, o, lse, key_valid = ctx.saved_tensors
         _, backward = _implementation(ctx.backend)
         dq, dk, dv = backward(q, k, v, o, lse, do, key_valid=key_valid, **ctx.settings)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *[None] * 11
 
 
-def check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend, fp32_precision="tf32"):
+def check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend, fp32_precision="tf32", causal=True,
+                 window=None, softcap=None):
     if c is not None and not (isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0):  # NaN fails c > 0
         raise ValueError(f"c must be a positive number (or None for the exact backward), got {c!r}.")
     if fp32_precision not in FP32_PRECISIONS:
@@ -126,7 +128,7 @@ def check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend, fp32_p
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}.")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}.")
-    reference.check_pattern(n, num_text, branch_length)
+    reference.check_pattern(n, num_text, branch_length, causal, window, softcap)
     if key_valid is not None and tuple(key_valid.shape) != (B, num_text):
         raise ValueError(f"key_valid must be [batch, num_text] = {(B, num_text)}, got {tuple(key_valid.shape)}.")
     if backend == "triton":
@@ -136,21 +138,24 @@ def check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend, fp32_p
 
 
 def attention(q, k, v, *, c=None, scale=None, seed=0, backend="auto", causal=True, num_text=None,
-              branch_length=0, key_valid=None, fp32_precision="tf32"):
+              branch_length=0, key_valid=None, fp32_precision="tf32", window=None, softcap=None):
     """Exact attention forward with an exact (``c=None``) or SUS backward, for any supported pattern.
+
+    ``window``: a sliding window on position ids (:mod:`.reference`; causal only); ``softcap``: scaled scores s
+    become softcap * tanh(s / softcap) (Gemma 2's attention-logit soft-capping). None: off.
 
     ``fp32_precision``: how the Triton kernels multiply fp32 inputs, "tf32" (tensor cores) or "ieee" (exact fp32).
     """
     num_text = q.shape[2] if num_text is None else num_text
     backend = resolve_backend(backend, q.device, q.shape[-1], q.dtype)
-    check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend, fp32_precision)
+    check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend, fp32_precision, causal, window, softcap)
     if not causal and branch_length:
         raise ValueError("The thought layout is causal; causal=False applies to plain attention only.")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     seed = int(seed) & SEED_MASK
     key_valid = None if key_valid is None else key_valid.bool()
     return SusAttention.apply(q, k, v, key_valid, scale, num_text, branch_length, causal, c, seed, backend,
-                              fp32_precision)
+                              fp32_precision, window, None if softcap is None else float(softcap))
 
 
 def sus_attention(q, k, v, c, causal=True, scale=None, seed=0, backend="auto", fp32_precision="tf32"):
