@@ -63,7 +63,8 @@ class SusPlacement:
     """Which layers' attention backward is SUS, and with which mask seed; read by :func:`placed_attention`.
 
     ``staged=True``: every layer runs :class:`ControlledAttention` and records what the staged per-layer
-    backward needs (``records[layer]``: q, k, v, o, lse, scale and ``output``, o in the graph); otherwise
+    backward needs (``records[layer]``: q, k, v, o, lse, the attention rule (scale, window, softcap) and
+    ``output``, o in the graph); otherwise
     every layer calls the library's ``quietstar.ops.sus.attention``.
     """
 
@@ -86,35 +87,36 @@ class ControlledAttention(torch.autograd.Function):
     time, so one recorded graph serves the exact and the SUS backward. q ``[B, H, n, d]``, k/v ``[B, Hkv, n, d]``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, layer, scale):
-        o, lse = reference.attention_forward(q, k, v, scale, num_text=q.shape[2])
-        PLACEMENT.records[layer] = dict(o=o, lse=lse, scale=scale)
+    def forward(ctx, q, k, v, layer, rule):
+        o, lse = reference.attention_forward(q, k, v, num_text=q.shape[2], **rule)
+        PLACEMENT.records[layer] = dict(o=o, lse=lse, rule=rule)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.layer, ctx.scale = layer, scale
+        ctx.layer, ctx.rule = layer, rule
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         c, seed = PLACEMENT.setting(ctx.layer)
-        dq, dk, dv = reference.attention_backward(q, k, v, o, lse, do, ctx.scale, num_text=q.shape[2], c=c, seed=seed)
+        dq, dk, dv = reference.attention_backward(q, k, v, o, lse, do, num_text=q.shape[2], c=c, seed=seed, **ctx.rule)
         return dq, dk, dv, None, None
 
 
 def placed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                      softcap=None, **kwargs):
-    """transformers' attention convention (returns ``[B, n, H, d]``, None); causal, no padding, no dropout."""
-    if attention_mask is not None or (dropout and module.training) or sliding_window is not None or softcap is not None:
-        raise ValueError("bench/sus_variance_layers.py measures plain causal windows: no padding mask, dropout, "
-                         "sliding window or soft-capping (use a model without them, in eval mode).")
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    """transformers' attention convention (returns ``[B, n, H, d]``, None); causal, with the layer's sliding window
+    and soft-capping, no padding, no dropout."""
+    if attention_mask is not None or (dropout and module.training):
+        raise ValueError("bench/sus_variance_layers.py measures unpadded causal windows without dropout: pass no "
+                         "attention_mask and keep the model in eval mode.")
+    rule = dict(scale=query.shape[-1] ** -0.5 if scaling is None else scaling, window=sliding_window, softcap=softcap)
     layer = module.layer_idx
     if PLACEMENT.staged:
-        out = ControlledAttention.apply(query, key, value, layer, scale)
+        out = ControlledAttention.apply(query, key, value, layer, rule)
         PLACEMENT.records[layer].update(q=query, k=key, v=value, output=out)
     else:
         c, seed = PLACEMENT.setting(layer)
-        out = sus.attention(query, key, value, c=c, scale=scale, seed=seed, backend="torch")
+        out = sus.attention(query, key, value, c=c, seed=seed, backend="torch", **rule)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -173,10 +175,10 @@ def staged_noise(params, record, d_out, seed, exact_qkv=None) -> list:
     vector-Jacobian product of delta_l = SUS (dQ, dK, dV) - exact (dQ, dK, dV) through the recorded (Q, K, V).
     ``exact_qkv``: this layer's exact (dQ, dK, dV) when already computed."""
     r = record
-    inputs = (r["q"].detach(), r["k"].detach(), r["v"].detach(), r["o"], r["lse"], d_out, r["scale"])
+    inputs = (r["q"].detach(), r["k"].detach(), r["v"].detach(), r["o"], r["lse"], d_out)
     if exact_qkv is None:
-        exact_qkv = reference.attention_backward(*inputs, num_text=r["q"].shape[2])
-    sus_qkv = reference.attention_backward(*inputs, num_text=r["q"].shape[2], c=PLACEMENT.c, seed=seed)
+        exact_qkv = reference.attention_backward(*inputs, num_text=r["q"].shape[2], **r["rule"])
+    sus_qkv = reference.attention_backward(*inputs, num_text=r["q"].shape[2], c=PLACEMENT.c, seed=seed, **r["rule"])
     delta = [s - e for s, e in zip(sus_qkv, exact_qkv)]
     return list(torch.autograd.grad((r["q"], r["k"], r["v"]), params, grad_outputs=delta, retain_graph=True,
                                     allow_unused=True))
@@ -209,7 +211,7 @@ def window_draws(model, params, window, seeds, groups, layers, layer_draws: int)
                 if layer not in exact_qkv:
                     exact_qkv[layer] = reference.attention_backward(
                         r["q"].detach(), r["k"].detach(), r["v"].detach(), r["o"], r["lse"], d_out[layer],
-                        r["scale"], num_text=r["q"].shape[2])
+                        num_text=r["q"].shape[2], **r["rule"])
                 noise = staged_noise(params, r, d_out[layer], int(draw_seeds[layer]), exact_qkv[layer])
                 draw["per_layer"].append(squared_norms(noise, groups))
         full = all_layer_gradient(loss, params, draw_seeds)
