@@ -129,31 +129,32 @@ def test_memory_benchmark_runs_both_modes(tmp_path):
     assert os.path.exists(tmp_path / "m.json")
 
 
-def variance_layers_model(folder: Path, layers: int = 2):
-    """bench/sus_variance_layers.py and a tiny llama of ``layers`` layers loaded with its attention."""
+def variance_layers_model(folder: Path, family: str = "llama", layers: int = 2):
+    """bench/sus_variance_layers.py and a tiny model of ``layers`` layers loaded with its attention."""
     from transformers import AutoModelForCausalLM
 
     script = bench_script("sus_variance_layers")
     tokenizer = byte_tokenizer()
-    tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=layers).save_pretrained(folder)
+    tiny_model(family, vocab_size=len(tokenizer), num_hidden_layers=layers).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=script.ATTENTION_NAME).eval()
     return script, model
 
 
-def test_staged_sus_gradient_equals_a_full_backward_with_sus_in_that_layer_only(tmp_path):
+@pytest.mark.parametrize("family, layers", [("llama", 3), ("gemma2", 2)])  # gemma2: a sliding window and soft-capping
+def test_staged_sus_gradient_equals_a_full_backward_with_sus_in_that_layer_only(tmp_path, family, layers):
     """The speed trick of bench/sus_variance_layers.py: exact gradient + the VJP of one layer's (dQ, dK, dV) change is
     the gradient of a full backward with SUS in that layer alone (the library's sus.attention, same seed)."""
     import torch
 
-    script, model = variance_layers_model(tmp_path / "tiny", layers=3)
+    script, model = variance_layers_model(tmp_path / "tiny", family, layers)
     script.PLACEMENT.c = 2.0  # keeps few weights: a large, easily seen SUS change
     params = [p for p in model.parameters()]
     window = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(1))
     loss, exact, records, d_out = script.record_window(model, params, window)
     assert torch.allclose(torch.cat([g.flatten() for g in exact]),
                           torch.cat([g.flatten() for g in script.gradient(model, params, window)]), atol=1e-7)
-    seeds = [11, 22, 33]
+    seeds = [11, 22, 33][:layers]
     for layer, seed in enumerate(seeds):
         noise = script.staged_noise(params, records[layer], d_out[layer], seed)
         staged = torch.cat([g.flatten() + (0 if n is None else n.flatten()) for g, n in zip(exact, noise)])
@@ -165,7 +166,7 @@ def test_staged_sus_gradient_equals_a_full_backward_with_sus_in_that_layer_only(
         torch.testing.assert_close(staged, full, rtol=1e-4, atol=1e-6 * float(change))
         above = [i for i, (name, _) in enumerate(model.named_parameters())
                  if f"layers.{layer}.self_attn.o_proj" in name or "model.norm" in name or "lm_head" in name
-                 or any(f"layers.{m}." in name for m in range(layer + 1, 3))]
+                 or any(f"layers.{m}." in name for m in range(layer + 1, layers))]
         assert all(noise[i] is None or not noise[i].any() for i in above)  # nothing above the SUS layer moves
     script.PLACEMENT.seeds = dict(enumerate(seeds))
     every_layer = script.gradient(model, params, window)  # the library's sus.attention in every layer
