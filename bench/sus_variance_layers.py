@@ -1,6 +1,6 @@
 """Where SUS gradient variance comes from: SUS in one layer at a time and in all layers, per parameter group.
 
-    python bench/sus_variance_layers.py          # SmolLM2-135M, n = 512, c = 30, MATH + vim's options.txt: ~1 h on 1 core
+    python bench/sus_variance_layers.py   # SmolLM2-135M, n = 512, c = 30, MATH + vim's options.txt: ~1 h on 1 core
     python bench/sus_variance_layers.py --windows 4 --layer-windows 1 --length 128 --texts long   # a quick look
 
 Definitions (bench/sus_variance.py has the all-layer one). For a window x of n tokens, g(x) is the exact
@@ -14,8 +14,9 @@ in layer l only, g~(x) with SUS in every layer. Per parameter group G (a slice o
 
 The masks of different layers are independent and each layer's noise has mean zero, so to first order the
 per-layer variances add up: sum_l rho_l ~ rho_all; with SUS in every layer, noise from layer l also passes
-through the masks below it, a second-order term (the measurement checks the sum on paired draws). The same draws also give
-V_sus,all / ||E g||^2 and V_sus,all / E||g||^2, the other normalisations a "relative variance" can mean.
+through the masks below it, a second-order term (the measurement checks the sum on paired draws). The same
+draws also give V_sus,all / ||E g||^2 and V_sus,all / E||g||^2, the other normalisations a "relative
+variance" can mean.
 
 The speed trick. SUS leaves the forward exact and every layer above the SUS layer exact, so per window
 one forward and one exact backward (which also returns dL/dO_l, the gradient at each layer's attention
@@ -40,6 +41,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -288,7 +290,9 @@ def summarise(raw: dict, gram: torch.Tensor, columns: list[str], layers: list[in
 
     def stat(x):
         x = x.numpy()
-        lo, hi = np.nanpercentile(x[1:], [2.5, 97.5], axis=0)
+        with warnings.catch_warnings():  # a column SUS never reaches (the final norm) gives 0/0 ratios: NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            lo, hi = np.nanpercentile(x[1:], [2.5, 97.5], axis=0)
         return dict(value=x[0].tolist(), low=lo.tolist(), high=hi.tolist())
 
     return dict(
@@ -392,8 +396,9 @@ def print_table(results: dict, columns: list[str]) -> None:
                           ("E_x[V_sus,all(x) / ||g(x)||^2]", "all_over_own_window_gradient"),
                           ("sum_l V_sus,l / V_sus,all (paired)", "sum_of_layers_over_all_paired")):
             print(f"  {name:32s} {cell(s[key], all_column)}")
+        kinds = [c for c in columns if c.startswith("kind:")]
         print("  per kind, SUS in all layers:  " + "  ".join(
-            f"{c.split(':')[1]} {100 * s['rho_all']['value'][columns.index(c)]:.2f}" for c in columns if c.startswith("kind:")))
+            f"{c.split(':')[1]} {100 * s['rho_all']['value'][columns.index(c)]:.2f}" for c in kinds))
         print("  rho_l (all parameters), layer by layer:  " + " ".join(
             f"{100 * row[all_column]:.2f}" for row in s["rho_per_layer"]["value"]))
 
