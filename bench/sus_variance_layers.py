@@ -307,6 +307,17 @@ def summarise(raw: dict, gram: torch.Tensor, columns: list[str], layers: list[in
     )
 
 
+def finite(value):
+    """``value`` with every NaN or infinity (a 0/0 ratio: a group SUS never reaches) as None, for strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -477,7 +488,7 @@ def main(argv=None) -> None:
     def write():
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out + ".tmp", "w") as f:
-            json.dump(document, f)
+            json.dump(finite(document), f, allow_nan=False)
         os.replace(args.out + ".tmp", args.out)
 
     with tqdm(total=len(args.texts) * args.windows, desc="windows", unit="window") as progress:
