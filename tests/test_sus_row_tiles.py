@@ -235,3 +235,26 @@ def test_seed_fixes_the_sample():
     first, again, other = (_reference_grads(q, k, v, do, 0.25, 2.0, seed) for seed in (9, 9, 10))
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(first[0], other[0])
+
+
+# ---------------------------------------------------------------------------- the option
+
+def test_sus_design_c_selects_this_estimator_in_attention():
+    q, k, v, do = _inputs(B=1, H=4, Hkv=2, n=70, d=8, seed=6)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    grads = {}
+    for design in ("a", "c"):
+        out = attention(*leaves, c=3.0, seed=8, backend="torch", sus_design=design)
+        grads[design] = torch.autograd.grad(out, leaves, do)
+    want = _reference_grads(q, k, v, do, 8**-0.5, 3.0, 8, tile=row_tiles.TILE)
+    for got, expected in zip(grads["c"], want):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.equal(grads["a"][0], grads["c"][0])  # the same marginals, other samples
+    exact = [torch.autograd.grad(attention(*leaves, backend="torch", sus_design=d), leaves, do) for d in ("a", "c")]
+    assert all(torch.equal(a, b) for a, b in zip(*exact))  # c=None: the exact backward whatever the design
+
+
+def test_unknown_sus_design_is_refused():
+    q, k, v, _ = _inputs()
+    with pytest.raises(ValueError, match="sus_design must be one of"):
+        attention(q, k, v, c=2.0, sus_design="b")

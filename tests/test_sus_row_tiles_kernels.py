@@ -1,0 +1,164 @@
+"""Design C's Triton kernels (quietstar/ops/sus/row_tiles_kernels.py) against its PyTorch reference (row_tiles.py).
+
+On CPU under TRITON_INTERPRET=1 (conftest) at tiny odd sizes, fp32 and fp16; compiled on a GPU. Outputs are
+poisoned with NaN before each launch. Kernel and reference draw from the same seed, so they open the same cells
+and keep the same entries (up to a draw falling within fp32 rounding of its threshold).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from quietstar.ops.sus import attention, row_tiles  # noqa: E402
+from quietstar.ops.sus import row_tiles_launch as launch_c  # noqa: E402
+from quietstar.ops.sus.reference import attention_forward  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float16: dict(rtol=2e-2, atol=2e-2),
+             torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
+EXACT_FP32 = dict(fp32_precision="ieee")
+
+# (batch, heads, kv heads, head dim, text tokens L, thoughts N, branch length S, causal, left padding, key tile)
+CASES = {
+    "causal-odd": (1, 2, 1, 16, 37, 0, 0, True, 0, 16),
+    "causal-gqa3": (2, 3, 1, 32, 19, 0, 0, True, 0, 16),
+    "noncausal": (1, 2, 2, 16, 29, 0, 0, False, 0, 16),
+    "single-token": (1, 1, 1, 16, 1, 0, 0, True, 0, 16),
+    "thoughts": (2, 4, 2, 16, 7, 2, 3, True, 2, 16),
+    "thoughts-long-branch": (1, 2, 1, 16, 5, 1, 19, True, 1, 16),
+    "tile-64": (1, 1, 1, 16, 70, 0, 0, True, 0, 64),
+}
+
+
+def _problem(case, dtype, seed=0):
+    B, H, Hkv, d, L, N, S, causal, pad, tile = case
+    n = L + N * L * S
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, n, d, generator=g).to(DEVICE, dtype) for h in (H, Hkv, Hkv))
+    do = torch.randn(B, H, n, d, generator=g).to(DEVICE, dtype)
+    key_valid = None
+    if pad:
+        key_valid = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+        key_valid[-1, :pad] = False
+    pattern = dict(num_text=L, branch_length=S if N else 0, causal=causal, key_valid=key_valid)
+    return q, k, v, do, pattern, d**-0.5, tile
+
+
+def _poisoned(*tensors):
+    return tuple(torch.full_like(t, float("nan")) for t in tensors)
+
+
+def _compare(got, want, dtype):
+    assert not torch.isnan(got).any(), "a kernel left part of its output unwritten"
+    torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype])
+
+
+def _reference_tile_lse(q, k, scale, pattern, tile):
+    """l_it from the reference's probabilities: log(m_it) + lse_i."""
+    B, H, n, _ = q.shape
+    from quietstar.ops.sus import reference
+
+    qf, kf = q.float(), reference._expand_heads(k.float(), H)
+    pieces, probs, lse = reference._all_probs(qf, kf, scale, pattern["num_text"], pattern["branch_length"],
+                                              pattern["causal"], pattern["key_valid"])
+    return torch.log(row_tiles.tile_mass(pieces, probs, B, H, n, pattern["num_text"], tile)) + lse[..., None]
+
+
+def _dtypes():
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("dtype", _dtypes(), ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_writes_the_tile_log_sum_exp(name, dtype):
+    q, k, v, do, pattern, scale, tile = _problem(CASES[name], dtype)
+    o_ref, lse_ref = attention_forward(q, k, v, scale, **pattern)
+    o, lse = _poisoned(q, lse_ref)
+    tile_lse = torch.full((*lse_ref.shape, row_tiles.num_key_tiles(q.shape[2], pattern["num_text"], tile)),
+                          float("nan"), device=DEVICE)
+    launch_c.triton_forward(q, k, v, scale, **pattern, out=(o, lse, tile_lse), tile=tile, **EXACT_FP32)
+    _compare(o, o_ref, dtype)
+    finite = torch.isfinite(lse_ref)
+    assert torch.equal(torch.isfinite(lse), finite)
+    _compare(lse[finite], lse_ref[finite], dtype)
+    want = _reference_tile_lse(q, k, scale, pattern, tile)
+    seen = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(tile_lse), seen) and not torch.isnan(tile_lse).any()
+    _compare(tile_lse[seen], want[seen], dtype)
+
+
+@pytest.mark.parametrize("dtype", _dtypes(), ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("c", [1.5, 6.0])
+def test_backward_matches_reference(name, dtype, c):
+    q, k, v, do, pattern, scale, tile = _problem(CASES[name], dtype, seed=1)
+    o_ref, lse_ref = attention_forward(q, k, v, scale, **pattern)
+    want = row_tiles.attention_backward(q, k, v, o_ref, lse_ref, do, scale, **pattern, c=c, seed=4321, tile=tile)
+    _, _, tile_lse = launch_c.triton_forward(q, k, v, scale, **pattern, tile=tile, **EXACT_FP32)
+    grads = _poisoned(q, k, v)
+    launch_c.triton_backward(q, k, v, o_ref.to(dtype), lse_ref, tile_lse, do, scale, **pattern, c=c, seed=4321,
+                             out=grads, tile=tile, **EXACT_FP32)
+    for got, expected in zip(grads, want):
+        _compare(got, expected, dtype)
+
+
+def test_opened_cells_list_every_open_cell_once_by_tile():
+    g = torch.Generator().manual_seed(0)
+    lse = torch.randn(2, 3, 20, generator=g).abs() + 3
+    tile_lse = torch.randn(2, 3, 20, 4, generator=g)
+    tile_lse[0, 1, 5:] = float("-inf")  # tiles nobody sees
+    cells = launch_c.opened_cells(lse, tile_lse, 2.0, seed=9)
+    cell_open, pi = row_tiles.open_cells(torch.exp(tile_lse - lse[..., None]), 2.0, 9)
+    assert cells.count.sum() == cell_open.sum() == cells.rows.numel()
+    for bh in range(6):
+        for tile in range(4):
+            cell = bh * 4 + tile
+            rows = cells.rows[cells.first[cell]:cells.first[cell] + cells.count[cell]].long()
+            b, h = divmod(bh, 3)
+            assert torch.equal(rows, cell_open[b, h, :, tile].nonzero()[:, 0])
+            assert torch.equal(cells.pi[cells.first[cell]:cells.first[cell] + cells.count[cell]], pi[b, h, rows, tile])
+    assert not cell_open[0, 1, 5:].any()
+
+
+def test_huge_c_equals_the_exact_gradient():
+    q, k, v, do, pattern, scale, tile = _problem(CASES["thoughts"], torch.float32, seed=2)
+    o, lse, tile_lse = launch_c.triton_forward(q, k, v, scale, **pattern, tile=tile, **EXACT_FP32)
+    exact = row_tiles.attention_backward(q, k, v, o, lse, do, scale, **pattern, c=None)
+    huge = launch_c.triton_backward(q, k, v, o, lse, tile_lse, do, scale, **pattern, c=1e30, seed=5, tile=tile,
+                                    **EXACT_FP32)
+    for got, want in zip(huge, exact):
+        _compare(got, want, torch.float32)
+
+
+def test_autograd_function_with_design_c_matches_the_reference_end_to_end():
+    q, k, v, do, pattern, _, _ = _problem(CASES["thoughts"], torch.float32, seed=3)
+    results = []
+    for backend in ("torch", "triton"):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = attention(*leaves, c=2.0, seed=77, backend=backend, sus_design="c", **pattern, **EXACT_FP32)
+        results.append((out, *torch.autograd.grad(out, leaves, do)))
+    for got, want in zip(*results):
+        _compare(got, want, torch.float32)
+
+
+def test_a_tile_table_past_32_bit_offsets_is_refused():
+    with pytest.raises(ValueError, match="sus_design='a'"):
+        launch_c.check_tile_sizes(2**21, 2**15)
+    launch_c.check_tile_sizes(2**14, 2**8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n", [1000, 2049])
+def test_design_c_matches_the_reference_at_gpu_sizes(n):
+    q, k, v, do, pattern, _, _ = _problem((2, 8, 2, 64, n, 0, 0, True, 0, 64), torch.bfloat16, seed=n)
+    results = []
+    for backend in ("torch", "triton"):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = attention(*leaves, c=32.0, seed=3, backend=backend, sus_design="c", **pattern)
+        results.append((out, *torch.autograd.grad(out, leaves, do)))
+    for got, want in zip(*results):
+        _compare(got, want, torch.bfloat16)
