@@ -22,6 +22,25 @@ from .kernels import _clip, _query_block, _row_keys, _uniform, _visible
 
 
 @triton.jit
+def _visible_span(rows, text_tile, n, num_text, branch_length, CAUSAL: tl.constexpr):
+    """Within one key tile, the keys row r sees form one span [lo, hi] (padding aside): a text tile holds text keys
+    0..limit(r) (limit = r for a text row, its position j for a branch row), a branch tile the keys of r's own
+    branch up to r. Two compares per score instead of the general rule of :func:`.kernels._visible`."""
+    row_is_text = rows < num_text
+    row_segment = (rows - num_text) // branch_length  # only used where rows >= num_text
+    if text_tile:
+        lo = tl.zeros_like(rows)
+        hi = tl.where(row_is_text, rows, row_segment % num_text)
+        if not CAUSAL:
+            hi = tl.full(rows.shape, num_text - 1, rows.dtype)
+    else:
+        lo = tl.where(row_is_text, n, num_text + row_segment * branch_length)
+        hi = rows
+    lo = tl.where(rows < n, lo, n)  # rows past the list see nothing
+    return lo, hi
+
+
+@triton.jit
 def _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows, cols, n, num_text, branch_length,
                   key_valid_row, scale, tile_lse_ptrs, row_ok, CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
                   HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
@@ -95,10 +114,9 @@ def forward_kernel(Q, K, V, O, LSE, TILE_LSE, KEY_VALID,
 
 
 @triton.jit
-def _opened_rows(dk, dv, k, v, cols, Q, DO, DQ, LSE, DELTA, ROWS, PI, first, count, q_base, do_base, stride_qn,
-                 bh, seed, n, num_text, branch_length, key_valid_row, scale, c, CAUSAL: tl.constexpr,
-                 HAS_KEY_VALID: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 PRECISION: tl.constexpr):
+def _opened_rows(dk, dv, k, v, cols, col_ok, text_tile, Q, DO, DQ, LSE, DELTA, ROWS, PI, first, count, q_base,
+                 do_base, stride_qn, bh, seed, n, num_text, branch_length, scale, c, CAUSAL: tl.constexpr,
+                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     """dK, dV of this key tile from the ``count`` rows of head ``bh`` that opened it (ROWS/PI from ``first``), and
     their dQ added atomically; works transposed ([keys, rows]) like design A's dK/dV kernel."""
     dims = tl.arange(0, HEAD_DIM)
@@ -113,10 +131,9 @@ def _opened_rows(dk, dv, k, v, cols, Q, DO, DQ, LSE, DELTA, ROWS, PI, first, cou
         do = tl.load(do_base + offsets, mask=ok[:, None], other=0.0)
         lse = tl.load(LSE + bh * n + rows, mask=ok, other=float("inf"))
         delta = tl.load(DELTA + bh * n + rows, mask=ok, other=0.0)
-        rows_seen = tl.where(ok, rows, n)
+        lo, hi = _visible_span(tl.where(ok, rows, n), text_tile, n, num_text, branch_length, CAUSAL)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale  # [keys, rows]
-        seen = _visible(rows_seen[None, :], cols[:, None], n, num_text, branch_length, key_valid_row, CAUSAL,
-                        HAS_KEY_VALID)
+        seen = (cols[:, None] >= lo[None, :]) & (cols[:, None] <= hi[None, :]) & col_ok[:, None]
         p_t = tl.where(seen, tl.exp(s_t - lse[None, :]), 0.0)
         keep_prob = tl.minimum(c * p_t, 1.0)
         u = _uniform(_row_keys(seed, bh, rows)[None, :], cols[:, None])
@@ -157,8 +174,11 @@ def backward_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, KEY_VALID, ROWS, PI, CE
     kv_offsets = cols[:, None] * stride_kn + dims[None, :]
     k = tl.load(K + kv_head + kv_offsets, mask=col_ok[:, None], other=0.0)
     v = tl.load(V + kv_head + kv_offsets, mask=col_ok[:, None], other=0.0)
-    cols_seen = tl.where(col_ok, cols, n)
-    key_valid_row = KEY_VALID + b * num_text
+    text_tile = pid < text_tiles
+    col_seen = col_ok
+    if HAS_KEY_VALID:
+        if text_tile:  # padding keys: seen by nobody
+            col_seen = col_seen & (tl.load(KEY_VALID + b * num_text + cols, mask=col_ok, other=0) != 0)
     dk = tl.zeros([TILE, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([TILE, HEAD_DIM], dtype=tl.float32)
     for g in range(0, group):
@@ -167,9 +187,8 @@ def backward_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, KEY_VALID, ROWS, PI, CE
         cell = bh * num_tiles + pid
         first = tl.load(CELL_FIRST + cell)
         count = tl.load(CELL_COUNT + cell)
-        dk, dv = _opened_rows(dk, dv, k, v, cols_seen, Q, DO, DQ, LSE, DELTA, ROWS, PI, first, count,
+        dk, dv = _opened_rows(dk, dv, k, v, cols, col_seen, text_tile, Q, DO, DQ, LSE, DELTA, ROWS, PI, first, count,
                               Q + b * stride_qb + h * stride_qh, DO + b * stride_qb + h * stride_qh, stride_qn, bh,
-                              seed, n, num_text, branch_length, key_valid_row, scale, c, CAUSAL, HAS_KEY_VALID,
-                              BLOCK_M, HEAD_DIM, PRECISION)
+                              seed, n, num_text, branch_length, scale, c, CAUSAL, BLOCK_M, HEAD_DIM, PRECISION)
     tl.store(DK + kv_head + kv_offsets, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + kv_head + kv_offsets, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])

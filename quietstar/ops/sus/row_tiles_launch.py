@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from . import row_tiles, row_tiles_kernels
-from .launch import _on_device, _shared_arguments, check_sizes, tile_config
+from .launch import TileConfig, _on_device, _shared_arguments, check_sizes, tile_config
 
 
 @dataclass(frozen=True)
@@ -28,11 +28,22 @@ class OpenedCells:
     count: torch.Tensor  # [B * H * tiles] int32
 
 
-def _backward_rows(dtype: torch.dtype, compiled: bool) -> int:
-    """Gathered query rows per step of the backward: the dots' N side next to a 64-key tile."""
+# Backward tiles per (head dim, 2-byte or fp32 inputs): gathered query rows per step (the dots' N side next to the
+# 64-key tile), warps, stages. From the compile check on sm_90: wgmma and no spills, except fp32 at head dim 128
+# (104/88 bytes; 8 warps spill more); 8 warps or more rows spill at head dim 64 and 128 (dK, dV and K, V of the
+# tile stay in registers).
+_BACKWARD_TILES = {
+    (16, "half"): (64, 4, 2), (32, "half"): (64, 4, 2), (64, "half"): (32, 4, 2), (128, "half"): (16, 4, 2),
+    (16, "fp32"): (32, 4, 2), (32, "fp32"): (32, 4, 2), (64, "fp32"): (32, 4, 2), (128, "fp32"): (16, 4, 2),
+}
+
+
+def backward_tiles(head_dim: int, dtype: torch.dtype, compiled: bool) -> TileConfig:
+    """The backward's tiles: block_m gathered rows, block_n the key tile (set by the estimator, not here)."""
     if not compiled:
-        return 16
-    return 32 if dtype == torch.float32 else 64
+        return TileConfig(16, row_tiles.TILE, 4, 1)
+    block_m, num_warps, num_stages = _BACKWARD_TILES[(head_dim, "fp32" if dtype == torch.float32 else "half")]
+    return TileConfig(block_m, row_tiles.TILE, num_warps, num_stages)
 
 
 def check_tile_sizes(n: int, num_tiles: int) -> None:
@@ -58,14 +69,13 @@ def forward_launch(q, k, v, o, lse, tile_lse, scale, num_text, branch_length, ca
 def backward_launch(q, k, v, do, lse, delta, dq32, dk, dv, cells, scale, num_text, branch_length, causal, key_valid,
                     c, seed, fp32_precision, compiled, tile=row_tiles.TILE):
     B, H, n, d = q.shape
-    tiles = tile_config("dkdv", d, q.dtype, compiled)
+    tiles = backward_tiles(d, q.dtype, compiled)
     num_tiles = row_tiles.num_key_tiles(n, num_text, tile)
     arguments = _shared_arguments(q, k, key_valid, lse, num_text, branch_length, causal, fp32_precision, tiles)
     del arguments["BLOCK_N"]
     arguments.update(Q=q, K=k, V=v, DO=do, DQ=dq32, DK=dk, DV=dv, LSE=lse, DELTA=delta, ROWS=cells.rows, PI=cells.pi,
                      CELL_FIRST=cells.first, CELL_COUNT=cells.count, text_tiles=-(-num_text // tile),
-                     num_tiles=num_tiles, scale=scale, c=float(c), seed=seed, TILE=tile,
-                     BLOCK_M=_backward_rows(q.dtype, compiled))
+                     num_tiles=num_tiles, scale=scale, c=float(c), seed=seed, TILE=tile)
     return row_tiles_kernels.backward_kernel, (num_tiles, B * k.shape[1]), arguments
 
 
