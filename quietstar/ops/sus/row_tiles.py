@@ -30,8 +30,8 @@ which vanishes for cells with pi = 1 (mass >= 1/c). Hence:
 * dQ_i = s sum_j dS_ij K_j sums over the entries of row i's cells: with a_j = (dP_ij - D_i) K_je,
   Var dQ_ie = s^2 sum_t [ sum_{j in t} a_j^2 P_ij^2 (1/q_ij - 1/pi_it) + (1/pi_it - 1) (sum_{j in t} a_j P_ij)^2 ].
 
-**Work.** A row opens sum_t pi_it <= min(#tiles, c + #tiles with mass >= 1/c) cells on average; the
-backward gathers, per key tile, the rows that opened it and runs the dense tile math on them only.
+**Work.** A row opens sum_t pi_it <= min(#tiles, c sum_t m_it) = min(#tiles, c) cells on average, whatever n
+is; the backward gathers, per key tile, the rows that opened it and runs the dense tile math on them only.
 
 **What the kernels store.** The forward (``row_tiles_kernels.py``) writes the tile log-sum-exp
 l_it = log sum_{j in t} exp(S_ij) per (row, tile), fp32, -inf for a tile the row does not see:
