@@ -12,13 +12,13 @@ import warnings
 
 import torch
 
+from ...config import SUS_DESIGNS
 from . import reference
 
 BACKENDS = ("auto", "torch", "triton")
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FP32_PRECISIONS = ("tf32", "ieee")
-SUS_DESIGNS = ("a", "c")  # a: per-entry draws (reference.py, kernels.py); c: per (row, key tile) first (row_tiles*.py)
 SEED_MASK = 0x7FFFFFFF  # the kernels take the seed as a 32-bit signed integer
 
 
