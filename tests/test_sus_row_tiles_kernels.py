@@ -1,11 +1,18 @@
 """Design C's Triton kernels (quietstar/ops/sus/row_tiles_kernels.py) against its PyTorch reference (row_tiles.py).
 
-On CPU under TRITON_INTERPRET=1 (conftest) at tiny odd sizes, fp32 and fp16; compiled on a GPU. Outputs are
+On CPU under TRITON_INTERPRET=1 (conftest) at tiny odd sizes, fp32 and fp16; compiled on a GPU; compiled for sm_90
+without a GPU (scripts/compile_check.py's stand-in driver) where Triton's NVIDIA backend is installed. Outputs are
 poisoned with NaN before each launch. Kernel and reference draw from the same seed, so they open the same cells
 and keep the same entries (up to a draw falling within fp32 rounding of its threshold).
 """
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,3 +169,50 @@ def test_design_c_matches_the_reference_at_gpu_sizes(n):
         results.append((out, *torch.autograd.grad(out, leaves, do)))
     for got, want in zip(*results):
         _compare(got, want, torch.bfloat16)
+
+
+_COMPILE = """
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)  # off before the kernels are defined
+sys.path.insert(0, "scripts")
+import compile_check, torch
+compile_check._use_arch(90)
+from quietstar.ops.sus import row_tiles, row_tiles_launch as lc
+d = int(sys.argv[1])
+L, N, S, B, H, HK = 37, 2, 5, 2, 4, 2  # compile_check's padded thought layout
+n, tiles = L + N * L * S, row_tiles.num_key_tiles(L + N * L * S, L)
+q, k = torch.zeros(B, H, n, d, dtype=torch.bfloat16), torch.zeros(B, HK, n, d, dtype=torch.bfloat16)
+lse, tile_lse = torch.zeros(B, H, n), torch.zeros(B, H, n, tiles)
+cells = lc.OpenedCells(torch.zeros(1, dtype=torch.int32), torch.zeros(1), torch.zeros(B * H * tiles, dtype=torch.int64),
+                       torch.zeros(B * H * tiles, dtype=torch.int32))
+pattern = dict(num_text=L, branch_length=S, causal=True, key_valid=torch.ones(B, L, dtype=torch.bool),
+               fp32_precision="tf32", compiled=True)
+for name, (kernel, grid, arguments) in {
+        "forward": lc.forward_launch(q, k, k, q, lse, tile_lse, 0.125, **pattern),
+        "backward": lc.backward_launch(q, k, k, q, lse, lse, q.float(), k, k, cells, 0.125, c=32.0, seed=1, **pattern)}.items():
+    ptx = kernel.warmup(grid=grid, **arguments).asm["ptx"]
+    registers, stores, loads = compile_check._register_report(ptx, 90)
+    print(json.dumps(dict(kernel=name, tensor_cores=compile_check.tensor_core_instruction(ptx), registers=registers,
+                          spills=stores + loads)))
+"""
+
+
+NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+@pytest.mark.skipif(not any((NVIDIA_BIN / name).exists() for name in ("ptxas", "ptxas-blackwell")),
+                    reason="needs Triton's NVIDIA backend with its ptxas")
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_design_c_kernels_compile_for_sm90_with_wgmma_and_no_spills(head_dim, tmp_path):
+    """Through scripts/compile_check.py's stand-in driver, without a GPU: bf16, the padded thought layout."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", _COMPILE, str(head_dim)], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [row["kernel"] for row in rows] == ["forward", "backward"]
+    for row in rows:
+        assert row["tensor_cores"] == "wgmma" and row["spills"] == 0 and row["registers"] > 0, row
