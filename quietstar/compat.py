@@ -5,20 +5,26 @@ from __future__ import annotations
 import torch
 
 from .attention import ATTENTION_NAME, ThoughtLayout
-from .head import LogitTransform
+from .head import LogitTransform, apply_output_head, decoder, output_head_names
 from .thoughts import expanded_pass
 
 def check_model_supported(base) -> None:
     """Raise ValueError unless every layer of ``base`` attends through the "quietstar" function exactly.
 
     Runs a 6-token probe: every decoder layer must call the function, and the family's head of ``body(x)``
-    (quietstar.head) must equal the model's own logits under its "eager" attention. (Sliding windows and
-    attention-logit soft-capping arrive per call; a backend that lacks one refuses it there, by name.)
+    (quietstar.head: its output head module, then its logit scaling or soft-capping) must equal the model's own
+    logits under its "eager" attention. (Sliding windows, attention-logit soft-capping and sinks arrive per call; a
+    backend that lacks one refuses it there, by name.)
     """
     name = type(base).__name__
     if base.config._attn_implementation != ATTENTION_NAME:
         raise ValueError(f"{name} did not accept attn_implementation='{ATTENTION_NAME}': its attention does not route "
                          "through transformers' AttentionInterface, so Quiet-STaR cannot lay out thoughts in it.")
+    layer_types = getattr(base.config.get_text_config(), "layer_types", None) or []
+    if "indexed_attention" in layer_types:
+        raise ValueError(f"{name} attends sparsely: in its 'indexed_attention' layers a learned indexer picks the keys "
+                         "each query sees (DeepSeek sparse attention), a selection Quiet-STaR's thought layout cannot "
+                         "make for branch tokens.")
     num_layers = getattr(base.config.get_text_config(), "num_hidden_layers", None)
     if num_layers is None:
         raise ValueError(f"{name}'s config has no num_hidden_layers: Quiet-STaR takes decoder-only causal LMs whose "
@@ -30,15 +36,16 @@ def check_model_supported(base) -> None:
     base.eval()  # dropout would make the two runs differ
     try:
         with torch.no_grad():
-            hidden = base.get_decoder()(input_ids=ids, thought_layout=layout, use_cache=False).last_hidden_state
-            ours = LogitTransform.from_config(base.config)(base.get_output_embeddings()(hidden)).float()
+            hidden = decoder(base)(input_ids=ids, thought_layout=layout, use_cache=False).last_hidden_state
+            logits = apply_output_head(base, output_head_names(base), hidden)
+            ours = LogitTransform.from_config(base.config)(logits).float()
             base.set_attn_implementation("eager")
             reference = base(input_ids=ids, use_cache=False).logits.float()
     except ValueError:
         raise
     except Exception as error:  # the family's structure is not the decoder -> hidden -> head split we need
         raise ValueError(f"{name} failed Quiet-STaR's probe ({type(error).__name__}: {error}); its decoder "
-                         "(get_decoder) must return final hidden states that its output embeddings turn into "
+                         "(quietstar.head.decoder) must return final hidden states that its output head turns into "
                          "logits.") from error
     finally:
         base.set_attn_implementation(ATTENTION_NAME)
@@ -46,7 +53,10 @@ def check_model_supported(base) -> None:
     attended = len(layout.text_cache)
     if attended < num_layers:
         raise ValueError(f"Only {attended} of {name}'s {num_layers} layers attend through "
-                         "transformers' AttentionInterface; Quiet-STaR needs all of them to.")
+                         "transformers' AttentionInterface with the model call's keywords; Quiet-STaR needs all of "
+                         "them to. The others mix tokens another way (linear attention, a state-space mixer) or do "
+                         "not pass the call's keywords on to their attention (StableLM's and Nemotron's decoder "
+                         "layers drop them), so the thought layout never reaches them.")
     if attended > num_layers:
         raise ValueError(f"{name} ran {attended} attention layers but its config declares num_hidden_layers="
                          f"{num_layers} (an encoder-decoder's decoder?); Quiet-STaR needs a decoder-only LM whose "
@@ -54,10 +64,10 @@ def check_model_supported(base) -> None:
     tolerance = 1e-3 if hidden.dtype == torch.float32 else 3e-2
     error = (ours - reference).abs().max() / reference.abs().max().clamp(min=1e-6)
     if not error <= tolerance:
-        raise ValueError(f"{name}'s logits differ from lm_head(final hidden state) under the quietstar attention "
-                         f"(relative error {error:.2e}); the model does something Quiet-STaR's attention or head "
-                         "split does not implement (a logit change other than quietstar.head's scaling and "
-                         "soft-capping, a custom attention rule).")
+        raise ValueError(f"{name}'s logits differ from its output head on the final hidden state under the quietstar "
+                         f"attention (relative error {error:.2e}); the model does something Quiet-STaR's attention or "
+                         "head split does not implement (a logit change other than quietstar.head's output head, "
+                         "scaling and soft-capping, or an attention rule the attention function is not told of).")
 
 
 def check_thought_layout(model) -> None:

@@ -20,7 +20,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from .mixing import mix, thought_weight
-from .thoughts import draw, text_positions
+from .thoughts import draw
 from .vocab import mask_thought_tokens
 
 
@@ -152,7 +152,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=32, do_sample
     sot_column = torch.full((B, 1), sot, dtype=torch.long, device=device)
     # The first thought's <sot> rides along with the prompt, and each later one with the token before
     # it: one forward instead of two per new token. The <sot> slot is scratch like the rest of the thought.
-    prompt_positions = text_positions(attention_mask.bool())
+    prompt_positions = model.text_positions(attention_mask.bool())
     last_position = prompt_positions[:, -1]  # [B]
     text_then_sot = torch.arange(input_ids.shape[1] + 1, device=device) == input_ids.shape[1]
     hidden = lm.feed(torch.cat([input_ids, sot_column], dim=1),

@@ -14,14 +14,16 @@ from transformers import AddedToken
 from . import attention  # noqa: F401  (registers the "quietstar" attention with transformers)
 from . import checkpoint
 from .attention import ATTENTION_NAME
+from .attention.layout import text_positions
 from .compat import check_model_supported, check_thought_layout
 from .config import QuietStarConfig
 from .generation import GenerationOutput, generate
-from .head import LogitTransform
+from .head import LogitTransform, apply_output_head, decoder, hidden_width, output_head_names
 from .lora import THOUGHT_BRANCH_MASK, ThoughtTokenGate
 from .losses import IGNORE_INDEX, quietstar_loss
 from .mixing import MixingHead, mix, thought_weight
 from .padding import ensure_pad_token
+from .positions import first_position_id
 from .precision import at_least_fp32
 from .thoughts import expanded_pass, sample_thoughts
 from .vocab import mask_thought_tokens
@@ -50,6 +52,36 @@ def _add_thought_tokens(tokenizer, config: QuietStarConfig) -> tuple[int, int]:
     return tuple(tokenizer.convert_tokens_to_ids(t) for t in wanted)
 
 
+def _resize_token_embeddings(base, size: int) -> None:
+    """``base.resize_token_embeddings``, fixing what it does to BERT-style heads, which keep a bias beside the
+    projection (``lm_head.bias``, in transformers' ties the source of ``lm_head.decoder.bias``): it resizes the
+    projection's bias and leaves that one at the old size, or makes it the projection's even where the two were
+    separate, which the checkpoint then saves once and loading does not tie. Each such bias ends tied exactly where it
+    was before, at the new size (a separate one grown with zeros), so checkpoints load."""
+    tied = getattr(base, "_tied_weights_keys", None)
+    pairs = []  # (target, source, the source before resizing, whether the two were one parameter)
+    for target, source in (tied.items() if isinstance(tied, dict) else ()):
+        try:
+            before = base.get_parameter(source)
+            pairs.append((target, source, before, base.get_parameter(target) is before))
+        except AttributeError:  # a tie this configuration does not have
+            continue
+    base.resize_token_embeddings(size, mean_resizing=False)
+    for target, source, before, shared in pairs:
+        resized, current = base.get_parameter(target), base.get_parameter(source)
+        if shared:
+            wanted = resized
+        elif current is resized or current.shape != resized.shape:
+            grown = resized.detach().new_zeros(resized.shape)
+            grown[tuple(slice(0, n) for n in before.shape)] = before.detach()
+            wanted = nn.Parameter(grown, requires_grad=before.requires_grad)
+        else:
+            continue
+        if current is not wanted:
+            owner, _, name = source.rpartition(".")
+            setattr(base.get_submodule(owner), name, wanted)
+
+
 class QuietStarForCausalLM(nn.Module):
     """Wraps a causal LM (``self.base``) so it thinks at every position (docs/design.md §1-2).
 
@@ -67,11 +99,14 @@ class QuietStarForCausalLM(nn.Module):
         self.quietstar_config = quietstar_config
         self.thought_token_ids = tuple(int(i) for i in thought_token_ids)
         self.pad_token_id = int(pad_token_id)
-        hidden_size = base.get_input_embeddings().embedding_dim
+        self.output_head_names = output_head_names(base)
+        embedding_size = base.get_input_embeddings().embedding_dim
         weight = base.get_input_embeddings().weight
-        self.thought_embeddings = nn.Parameter(weight.new_zeros(2, hidden_size, dtype=torch.float32))
-        self.mixing_head = MixingHead(hidden_size).to(device=weight.device)
+        self.thought_embeddings = nn.Parameter(weight.new_zeros(2, embedding_size, dtype=torch.float32))
+        # The mixing head reads final hidden states, whose width can differ from the embeddings' (ELECTRA, OPT).
+        self.mixing_head = MixingHead(hidden_width(base, self.output_head_names)).to(device=weight.device)
         self.logit_transform = LogitTransform.from_config(base.config)
+        self.first_position_id = first_position_id(base)
         self._lora = None
         self._thought_gate = None
 
@@ -111,7 +146,7 @@ class QuietStarForCausalLM(nn.Module):
             raise ValueError(f"thought_init_text {config.thought_init_text!r} tokenizes to nothing.")
         thought_ids = _add_thought_tokens(tokenizer, config)
         if len(tokenizer) > base.get_input_embeddings().num_embeddings:
-            base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            _resize_token_embeddings(base, len(tokenizer))
         base.set_attn_implementation(ATTENTION_NAME)
         check_model_supported(base)
         name = getattr(base, "name_or_path", "") or ""
@@ -132,11 +167,23 @@ class QuietStarForCausalLM(nn.Module):
     @property
     def body(self):
         """The decoder stack: ids/embeddings -> final (post-norm) hidden states."""
-        return self.base.get_decoder()
+        return decoder(self.base)
 
     @property
     def lm_head(self):
+        """The output embeddings (the projection to the vocabulary)."""
         return self.base.get_output_embeddings()
+
+    @property
+    def head_is_projection(self) -> bool:
+        """True when the family's output head is ``lm_head`` alone (no transform before it)."""
+        return len(self.output_head_names) == 1 and self.base.get_submodule(self.output_head_names[0]) is self.lm_head
+
+    @property
+    def head_is_affine(self) -> bool:
+        """True when logits are an affine function of the final hidden state, so mixing hidden states equals mixing
+        logits: a bare projection and no soft-capping."""
+        return self.head_is_projection and self.logit_transform.is_affine
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings ``[..., D]``, thought tokens mapped to ``thought_embeddings``."""
@@ -146,6 +193,11 @@ class QuietStarForCausalLM(nn.Module):
         for slot, token_id in enumerate(self.thought_token_ids):
             out = torch.where((input_ids == token_id).unsqueeze(-1), vectors[slot], out)
         return out
+
+    def text_positions(self, key_padding: torch.Tensor) -> torch.Tensor:
+        """Position ids ``[B, L]`` of the text (``key_padding [B, L]`` bool): numbered as the family numbers them,
+        skipping padding, so a left-padded row gets the positions of its unpadded self."""
+        return text_positions(key_padding) + self.first_position_id
 
     @property
     def filler_token_id(self) -> int:
@@ -236,7 +288,7 @@ class QuietStarForCausalLM(nn.Module):
         shifted = (torch.arange(L, device=input_ids.device)[:, None] + torch.arange(A, device=input_ids.device))
         shifted = shifted.clamp(max=L - 1)  # h^base_{j+s}; out-of-row entries are never scored
         base_hidden = text_hidden[:, shifted].unsqueeze(1).expand_as(thought_hidden)
-        mixes_logits = cfg.mixing == "logprobs" or not self.logit_transform.is_affine
+        mixes_logits = cfg.mixing == "logprobs" or not self.head_is_affine
         needs_thought_logits = (output_logits or mixes_logits
                                 or (labels is not None and (cfg.reward_source == "thought" or cfg.thought_nll_weight > 0)))
         with self._reward_precision(input_ids.device):
@@ -268,13 +320,16 @@ class QuietStarForCausalLM(nn.Module):
         return contextlib.nullcontext()
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The family's logits of final hidden states ``hidden [..., D]`` -> ``[..., V]``: lm_head, then its scaling or
-        soft-capping (quietstar.head). In fp32 when ``hidden`` is fp32 and the head's weights are not (pure bf16
-        weights). The rows are flattened first: a strided N-D input would make the matmul broadcast the head's
+        """The family's logits of final hidden states ``hidden [..., D]`` -> ``[..., V]``: its output head, then its
+        scaling or soft-capping (quietstar.head). A bare projection runs in fp32 when ``hidden`` is fp32 and its
+        weights are not (pure bf16 weights); a head with a transform before it (BERT-style) runs in its weights'
+        dtype. The rows are flattened first: a strided N-D input would make the matmul broadcast the head's
         weight into a batched product (seconds instead of milliseconds at a 49k vocabulary)."""
         head = self.lm_head
         flat = hidden.reshape(-1, hidden.shape[-1])
-        if hidden.dtype == torch.float32 and head.weight.dtype != torch.float32:
+        if not self.head_is_projection:
+            logits = apply_output_head(self.base, self.output_head_names, flat.to(head.weight.dtype))
+        elif hidden.dtype == torch.float32 and head.weight.dtype != torch.float32:
             bias = None if getattr(head, "bias", None) is None else head.bias.float()
             logits = torch.nn.functional.linear(flat, head.weight.float(), bias)
         else:
@@ -290,7 +345,7 @@ class QuietStarForCausalLM(nn.Module):
         """
         mode = self.quietstar_config.mixing
         weights = thought_weight(self.mixing_head(base_hidden, thought_hidden), mode)
-        if mode == "logits" and self.logit_transform.is_affine:
+        if mode == "logits" and self.head_is_affine:
             # The head is affine, so mixing hidden states equals mixing logits at a fraction of the cost.
             w = weights.unsqueeze(-1).to(thought_hidden.dtype)
             mixed = self.head_logits((1 - w) * base_hidden + w * thought_hidden)

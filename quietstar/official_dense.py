@@ -27,7 +27,8 @@ Deliberate differences from the official code, none of which changes the cost st
 embeddings are gathered (the official code multiplies one-hot rows by the embedding matrix), thoughts
 are drawn with :func:`quietstar.thoughts.draw` at ``thought_temperature`` (the official
 ``gumbel_softmax`` ignores its temperature), and the visibility and position rules are ours
-(docs/design.md §1), so a padded row behaves like its unpadded self.
+(docs/design.md §1), so a padded row behaves like its unpadded self. Sliding-window layers get their window
+in the mask (one mask per layer type where local and global layers mix), on positions as the family does.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 from transformers import DynamicCache
 
 from .modeling import QuietStarForCausalLM, QuietStarOutput
-from .thoughts import draw, text_positions
+from .thoughts import draw
 from .vocab import mask_thought_tokens
 
 PLAIN_ATTENTIONS = ("eager", "sdpa")
@@ -65,21 +66,55 @@ def lookahead_tokens(input_ids: torch.Tensor, num_lookahead: int, pad_token_id: 
     return tokens.masked_fill(index >= L, pad_token_id)
 
 
-def dense_masks(key_padding: torch.Tensor, num_thoughts: int, dtype: torch.dtype):
-    """The two L x L blocks the growing mask is made of, additive (0 = visible, dtype's min = hidden).
+def pass_visibility(key_padding: torch.Tensor, positions: torch.Tensor, k: int, window: int | None) -> torch.Tensor:
+    """Who the tokens of pass k see: ``[R, L, L * (k + 1)]`` bool over the text keys and the keys of passes 1..k.
 
-    Returns the text block ``[B*N, 1, L, L]`` (causal, padding keys hidden) and the diagonal block
-    ``[B*N, 1, L, L]`` appended once per branch pass (position j sees only its own branch token).
+    The token of pass k at index j (position pos_j + k) sees the text x_i for i <= j and the tokens of passes
+    1..k at index j; in a sliding-window layer only keys whose position lies less than ``window`` behind its own
+    (the family's rule, on positions: pos_j + k - pos_i < window for the text, k - k' < window for pass k').
+    ``key_padding [R, L]`` hides padded text keys; ``positions [R, L]`` are the text positions.
     """
-    hidden = torch.finfo(dtype).min
     L = key_padding.shape[-1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=key_padding.device).tril()
-    text_visible = (causal[None] & key_padding[:, None, :].bool()).repeat_interleave(num_thoughts, dim=0)
-    text_block = torch.zeros(text_visible.shape, dtype=dtype, device=key_padding.device)
-    text_block = text_block.masked_fill(~text_visible, hidden).unsqueeze(1)
-    own = torch.eye(L, dtype=torch.bool, device=key_padding.device)
-    diagonal_block = torch.full((L, L), hidden, dtype=dtype, device=key_padding.device).masked_fill(own, 0.0)
-    return text_block, diagonal_block.expand_as(text_block)
+    index = torch.arange(L, device=key_padding.device)
+    text = (index[None, :, None] >= index[None, None, :]) & key_padding[:, None, :]
+    own = (index[:, None] == index[None, :]).expand_as(text)
+    if window is not None:
+        text = text & (positions[:, :, None] + k - positions[:, None, :] < window)
+    blocks = [text] + [own if window is None or k - earlier < window else torch.zeros_like(own)
+                       for earlier in range(1, k + 1)]
+    return torch.cat(blocks, dim=-1)
+
+
+def additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool visibility ``[R, Q, K]`` as the additive mask transformers' attentions take: ``[R, 1, Q, K]``."""
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return mask.masked_fill(~visible, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def layer_windows(config) -> tuple[int | None, bool]:
+    """The family's sliding window and whether it is mixed with global layers: ``(window, mixed)``.
+
+    Local and global layers mixed (``layer_types``) take one mask per layer type, a dict the family's model
+    hands each layer; a window on every layer (Mistral) takes one windowed mask.
+    """
+    window = getattr(config, "sliding_window", None)
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    unknown = layer_types - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise ValueError(f"dense_forward builds masks for full and sliding-window layers only; this family also has "
+                         f"{sorted(unknown)} layers. Use QuietStarForCausalLM.forward for it.")
+    if window is None or layer_types == {"full_attention"}:
+        return None, False
+    return window, layer_types == {"full_attention", "sliding_attention"}
+
+
+def pass_mask(key_padding, positions, k: int, config, dtype):
+    """The attention mask of pass k for ``model.body``: one additive mask, or one per layer type."""
+    window, mixed = layer_windows(config)
+    if not mixed:
+        return additive(pass_visibility(key_padding, positions, k, window), dtype)
+    return {"full_attention": additive(pass_visibility(key_padding, positions, k, None), dtype),
+            "sliding_attention": additive(pass_visibility(key_padding, positions, k, window), dtype)}
 
 
 def dense_passes(model: QuietStarForCausalLM, input_ids, key_padding, thoughts=None, generator=None):
@@ -99,19 +134,19 @@ def dense_passes(model: QuietStarForCausalLM, input_ids, key_padding, thoughts=N
     given = None if thoughts is None else thoughts.reshape(rows, L, T)
     drawn = []  # c_1, c_2, ... as they are drawn: [B*N, L] each
     lookahead = lookahead_tokens(input_ids, A, model.pad_token_id).repeat_interleave(N, dim=0)  # [B*N, L, A-1]
-    positions = text_positions(key_padding).repeat_interleave(N, dim=0)
-    text_block, diagonal_block = dense_masks(key_padding, N, model.lm_head.weight.dtype)
+    positions = model.text_positions(key_padding).repeat_interleave(N, dim=0)
+    row_padding = key_padding.bool().repeat_interleave(N, dim=0)
+    dtype = model.lm_head.weight.dtype
 
-    cache = DynamicCache(config=model.config)
-    mask = text_block
+    # Full-length cache layers for every layer: a family's sliding-window cache layer would drop the keys that
+    # the masks above hide or show themselves.
+    cache = DynamicCache()
     tokens = input_ids.repeat_interleave(N, dim=0)
     sample_logits, thought_hidden = [], []
     for k in range(S + 1):
-        if k > 0:
-            mask = torch.cat([mask, diagonal_block], dim=-1)  # [B*N, 1, L, L*(k+1)]
         hidden = model.body(
             inputs_embeds=model.embed(tokens),
-            attention_mask=mask,
+            attention_mask=pass_mask(row_padding, positions, k, model.base.config, dtype),  # [B*N, 1, L, L*(k+1)]
             position_ids=positions + k,
             past_key_values=cache,
             use_cache=True,

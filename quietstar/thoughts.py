@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from .attention import ThoughtLayout
-from .attention.layout import text_positions
 from .vocab import mask_thought_tokens
 
 
@@ -41,7 +40,7 @@ def sample_thoughts(model, input_ids, key_padding, *, temperature=1.0, greedy=Fa
     cfg = model.quietstar_config
     B, L = input_ids.shape
     N, T = cfg.num_thoughts, cfg.num_thought_tokens
-    positions = text_positions(key_padding)
+    positions = model.text_positions(key_padding)
     layout = ThoughtLayout("prefix", key_padding, N, num_thought_tokens=T, backend=cfg.attention_backend)
     model.body(inputs_embeds=model.embed(input_ids), position_ids=positions, thought_layout=layout, use_cache=False)
 
@@ -89,7 +88,7 @@ def expanded_pass(model, input_ids, key_padding, thoughts):
     B, L = input_ids.shape
     N, S = cfg.num_thoughts, cfg.branch_length
     branches = branch_tokens(input_ids, thoughts, model.thought_token_ids, model.pad_token_id, cfg.num_lookahead_tokens)
-    positions = text_positions(key_padding)
+    positions = model.text_positions(key_padding)
     branch_positions = positions[:, None, :, None] + torch.arange(1, S + 1, device=input_ids.device)
     ids = torch.cat([input_ids, branches.reshape(B, -1)], dim=1)
     all_positions = torch.cat([positions, branch_positions.expand(B, N, L, S).reshape(B, -1)], dim=1)

@@ -43,13 +43,29 @@ TINY_ARCHITECTURES = {
     "mistral_window": dict(model_type="mistral", sliding_window=4),
     "gemma3_text": dict(model_type="gemma3_text", head_dim=16, sliding_window=6,
                         layer_types=["full_attention", "sliding_attention"]),
+    # BERT-style decoders: a transform (dense, activation, layer norm) before the projection in the output head;
+    # RoBERTa numbers positions from padding_idx + 1.
+    "bert": dict(model_type="bert", is_decoder=True),
+    "roberta": dict(model_type="roberta", is_decoder=True),
+    # ELECTRA's generator: its head is two top-level parts (a transform to the embedding width 32, then lm_head).
+    "electra": dict(model_type="electra", is_decoder=True, embedding_size=32),
+    # Attention sinks (one logit per head in every softmax), local and global layers, a mixture of 4 experts.
+    "gpt_oss": dict(model_type="gpt_oss", head_dim=16, sliding_window=4, layer_types=["sliding_attention",
+                    "full_attention"], num_local_experts=4, num_experts_per_tok=2),
+    # Llama 4: get_decoder() returns the whole LM (quietstar.head.decoder finds the decoder), a mixture of 4 experts.
+    "llama4_text": dict(model_type="llama4_text", head_dim=16, num_local_experts=4, intermediate_size_mlp=128),
+    # Multi-head latent attention: keys of 8 + 16 dims per head (RoPE and not), values of 12; one key/value head per
+    # query head. One dense layer, then a mixture of 4 experts.
+    "deepseek_v3": dict(model_type="deepseek_v3", num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
+                        qk_rope_head_dim=8, head_dim=8, qk_nope_head_dim=16, v_head_dim=12, first_k_dense_replace=1,
+                        n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=32),
 }
 
 
 def tiny_model(model_type: str = "llama", vocab_size: int = 258, seed: int = 0, **overrides):
-    """A randomly initialised causal LM of the given family: hidden 64, 2 layers, 4 heads, 2 KV heads, fp32."""
-    values = dict(TINY_ARCHITECTURES[model_type])
-    values.update(
+    """A randomly initialised causal LM of the given family: hidden 64, 2 layers, 4 heads, 2 KV heads (unless the
+    family's entry says otherwise), fp32."""
+    values = dict(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -59,7 +75,7 @@ def tiny_model(model_type: str = "llama", vocab_size: int = 258, seed: int = 0, 
         max_position_embeddings=2048,
         tie_word_embeddings=False,
     )
-    values.update(overrides)
+    values.update(TINY_ARCHITECTURES[model_type], **overrides)
     config = AutoConfig.for_model(**values)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)

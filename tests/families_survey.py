@@ -2,14 +2,17 @@
 "Supported models" table.
 
 For every model type in transformers' causal-LM mapping, a tiny random model is built from its default config (no
-downloads), made small, given a short sliding window where the family has one (so rows cross it) and mixed local and
-global layers where it has both. Each family ends in one of:
+downloads), made small by tests/family_configs.py, given a short sliding window where the family has one (so rows
+cross it) and mixed local and global layers where it has both. Each family ends in one of:
 
 - ``agrees``: ``from_base`` accepts it and the parallel = sequential oracle holds (thought and base logits of the
   expanded pass equal the family's own eager attention on each explicit sequence, fp32);
-- ``refused``: ``from_base`` or the forward refuses it, with the reason (the first line of the error);
-- ``not built``: a tiny model could not be built from its config here, or its own forward fails on it (the family
-  needs inputs or sizes this generic recipe does not give); not a Quiet-STaR verdict;
+- ``refused``: the library refuses it, with its reason (a ValueError raised by quietstar: ``from_base``'s checks);
+- ``failed``: accepted or probed, then an error that is not the library's refusal (a crash in quietstar, a family
+  call it makes that breaks, a probe failure only the quietstar attention causes): a bug to fix or to turn into a
+  refusal. tests/test_families.py fails on it;
+- ``not built``: the family's own model cannot be built or run alone here (a missing package, a draft model that
+  needs its target's states); not a Quiet-STaR verdict;
 - ``DISAGREES``: accepted but computed wrongly. Never acceptable: tests/test_families.py fails on it.
 
     python tests/families_survey.py --write   # re-run the survey, rewrite docs/families.json and the README table
@@ -21,65 +24,30 @@ import argparse
 import json
 import os
 import sys
+import traceback
 import warnings
 
 import torch
+
+from family_configs import causal_lm_class, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD_FILE = os.path.join(ROOT, "docs", "families.json")
 README_FILE = os.path.join(ROOT, "README.md")
 TABLE_START, TABLE_END = "<!-- families table: start -->", "<!-- families table: end -->"
-WINDOW = 5  # shorter than the oracle's rows plus a branch, so sliding windows are crossed
 TOLERANCE = 1e-4  # relative, fp32
 MAX_PARAMETERS = 30_000_000
-SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=False)
-EXPERT_COUNTS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
-EXPERTS_PER_TOKEN = ("num_experts_per_tok", "moe_topk", "n_group", "topk_group")
+NOT_STANDALONE = {  # families whose causal-LM class cannot run on its own: no tiny model of theirs can be judged
+    "gemma4_assistant": "a draft model for Gemma 4 that reads its target model's shared K/V (and whose default "
+                        "config fails its own validation)",
+    "gemma4_unified_assistant": "a draft model for Gemma 4 that needs its target model's shared K/V states",
+}
 
 
 def causal_lm_families() -> list[str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-
-
-def _configs(config) -> list:
-    text = config.get_text_config()
-    return [config] if text is config else [config, text]
-
-
-def tiny_config(model_type: str, vocab_size: int):
-    """The family's default config made tiny: 2 layers, width 64, 4 heads of 16, 4 experts, a short window."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.for_model(model_type)
-    for part in _configs(config):
-        for key, value in SIZES.items():
-            if hasattr(part, key) or key in getattr(part, "attribute_map", {}):
-                setattr(part, key, value)
-        for key, value in list(vars(part).items()):
-            if isinstance(value, bool) or not isinstance(value, int):
-                continue
-            if key.endswith("intermediate_size"):
-                setattr(part, key, 128)
-            elif key in EXPERT_COUNTS:
-                setattr(part, key, 4)
-            elif key in EXPERTS_PER_TOKEN:
-                setattr(part, key, min(value, 2))
-        part.vocab_size = vocab_size
-        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # ids of the family's own, larger vocabulary
-            value = getattr(part, key, None)
-            if isinstance(value, int) and value >= vocab_size:
-                setattr(part, key, None)
-        if getattr(part, "sliding_window", None):
-            part.sliding_window = WINDOW
-            if hasattr(part, "use_sliding_window"):
-                part.use_sliding_window = True
-        kinds = list(dict.fromkeys(getattr(part, "layer_types", None) or []))
-        if kinds:  # one layer of each of the first two kinds (local and global where the family mixes them)
-            part.layer_types = (kinds * 2)[:2] if len(kinds) > 1 else kinds * 2
-    return config
 
 
 def _explicit_logits(model, sequence: torch.Tensor) -> torch.Tensor:
@@ -129,21 +97,22 @@ def oracle_error(model) -> float:
 
 def survey_family(model_type: str) -> dict:
     """``{"family", "status", "detail"}`` for one model type."""
-    from transformers import AutoModelForCausalLM
-
     from quietstar import QuietStarConfig, QuietStarForCausalLM
     from quietstar.tiny import byte_tokenizer
 
     tokenizer = byte_tokenizer()
+    if model_type in NOT_STANDALONE:
+        return {"family": model_type, "status": "not built", "detail": NOT_STANDALONE[model_type]}
     try:
         config = tiny_config(model_type, len(tokenizer))
-        with torch.device("meta"):  # count first: sub-configs the generic shrinking misses can be huge
-            size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        model_class = causal_lm_class(model_type)
+        with torch.device("meta"):  # count first: a sub-config the shrinking misses can be huge
+            size = sum(p.numel() for p in model_class._from_config(config).parameters())
         if size > MAX_PARAMETERS:
             return {"family": model_type, "status": "not built",
-                    "detail": f"{size / 1e6:.0f}M parameters after generic shrinking (a sub-config keeps its size)"}
+                    "detail": f"{size / 1e6:.0f}M parameters after shrinking (a sub-config keeps its size)"}
         torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        base = model_class._from_config(config, dtype=torch.float32).eval()
         with torch.no_grad():  # the family's own forward must run on this config before Quiet-STaR is judged
             base(input_ids=torch.arange(3, 10)[None], use_cache=False)
     except Exception as error:  # noqa: BLE001 - any failure to build is recorded, not raised
@@ -152,11 +121,54 @@ def survey_family(model_type: str) -> dict:
         model = QuietStarForCausalLM.from_base(base, tokenizer, QuietStarConfig(
             num_thought_tokens=2, num_lookahead_tokens=2, num_thoughts=1)).eval()
         error = oracle_error(model)
-    except Exception as refusal:  # noqa: BLE001
-        return {"family": model_type, "status": "refused", "detail": _first_line(refusal)}
+    except Exception as raised:  # noqa: BLE001
+        return {"family": model_type, "status": _verdict(raised, base), "detail": _first_line(raised)}
     if error <= TOLERANCE:
         return {"family": model_type, "status": "agrees", "detail": f"relative error {error:.1e}"}
     return {"family": model_type, "status": "DISAGREES", "detail": f"relative error {error:.1e}"}
+
+
+def _raised_in_quietstar(error: BaseException) -> bool:
+    """Whether the innermost frame that raised ``error`` is the library's own code."""
+    import quietstar
+
+    library = os.path.dirname(os.path.abspath(quietstar.__file__))
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(library + os.sep)
+
+
+def _probe_passes_the_structure_without_our_attention(base) -> bool:
+    """Whether the library's probe gets past the family's structure (its decoder -> final hidden states -> head
+    split) with transformers' SDPA attention and mask in the place of the quietstar ones: if so, a probe failure
+    was theirs."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from quietstar.attention import ATTENTION_NAME, padding_mask, quietstar_attention
+    from quietstar.compat import check_model_supported
+
+    AttentionInterface.register(ATTENTION_NAME, sdpa_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    try:
+        check_model_supported(base)
+    except ValueError as error:  # a refusal after the run (layers counted, logits compared) passed the structure
+        return error.__cause__ is None
+    finally:
+        AttentionInterface.register(ATTENTION_NAME, quietstar_attention)
+        AttentionMaskInterface.register(ATTENTION_NAME, padding_mask)
+    return True
+
+
+def _verdict(raised: BaseException, base) -> str:
+    """``refused`` for the library's own refusal (a ValueError raised by quietstar); ``failed`` for anything else:
+    an error of another kind, one raised outside the library, or a probe failure the quietstar attention caused
+    (the probe wraps whatever its run raised; the same probe with another attention tells whose it is)."""
+    if not isinstance(raised, ValueError) or not _raised_in_quietstar(raised):
+        return "failed"
+    if raised.__cause__ is not None and _probe_passes_the_structure_without_our_attention(base):
+        return "failed"
+    return "refused"
 
 
 def _first_line(error: BaseException) -> str:
@@ -167,6 +179,7 @@ def _first_line(error: BaseException) -> str:
 def survey(families: list[str] | None = None, progress: bool = False) -> dict:
     import transformers
 
+    transformers.logging.set_verbosity_error()  # families' notices (slow kernels, sub-config attention) per build
     records = []
     for family in families or causal_lm_families():
         with warnings.catch_warnings():
@@ -177,19 +190,35 @@ def survey(families: list[str] | None = None, progress: bool = False) -> dict:
     return {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0], "families": records}
 
 
-REASONS = (  # (text in the refusal, the README's short reason); the full message stays in docs/families.json
+REASONS = (  # (text in the error, the README's short reason); the full message stays in docs/families.json
+    # refusals
     ("does not route through", "attention does not go through transformers' AttentionInterface"),
-    ("mixes tokens outside attention", "mixes tokens outside attention (a convolution over time)"),
+    ("mixes tokens outside attention", "its expanded pass differs from explicit sequences outside attention (e.g. a "
+                                       "convolution over time)"),
     ("attention layers but its config declares", "an encoder-decoder's decoder (more attention layers than declared)"),
     ("layers attend through", "some layers do not attend through the interface (linear-attention or state-space mixers)"),
     ("logits differ from", "its logits differ from the probe's: a computation outside the seam (a BERT-style prediction "
                            "transform, attention sinks, a layer the probe does not see)"),
+    ("has no num_hidden_layers", "its config does not say how many attention layers it has"),
+    # failures (status "failed")
+    ("Q/K/V should have the same head size", "value heads narrower than query/key heads (MLA): the quietstar "
+                                             "attention assumes one head size"),
+    ("no attribute 'vocab_size'", "from_base reads config.vocab_size, which a composite (vision-language or audio) "
+                                  "config lacks"),
+    ("object is not subscriptable", "a sparse-attention indexer reads the attention mask outside the attention "
+                                    "function; under the quietstar attention there is none"),
+    ("no attribute 'dtype'", "a sparse-attention indexer reads the attention mask outside the attention "
+                             "function; under the quietstar attention there is none"),
+    ("'ModuleList' object has no attribute 'num_embeddings'", "one input embedding table per audio codebook"),
+    ("do not exactly match the embedding weights", "its per-layer inputs reverse the input embedding, so thought "
+                                                   "embeddings cannot be fed as inputs_embeds"),
+    ("object has no attribute 'embeddings'", "transformers' resize_token_embeddings fails on it"),
     ("failed Quiet-STaR's probe", "its decoder does not hand final hidden states to its head"),
 )
 
 
 def _reason(detail: str) -> str:
-    """A refusal's short reason, so families refused for one reason share a row."""
+    """A refusal's or failure's short reason, so families refused (or failing) for one reason share a row."""
     for marker, reason in REASONS:
         if marker in detail:
             return reason
@@ -197,12 +226,13 @@ def _reason(detail: str) -> str:
 
 
 def short_reason(row: dict) -> str:
-    """What the README says of one family's verdict: its short refusal reason, else nothing."""
-    return _reason(row["detail"]) if row["status"] == "refused" else ""
+    """What the README says of one family's verdict: its short refusal or failure reason, else nothing."""
+    return _reason(row["detail"]) if row["status"] in ("refused", "failed") else ""
 
 
 def render_table(record: dict) -> str:
-    """The README block: families that agree, then refusals grouped by reason, then what was not built here."""
+    """The README block: families computed wrongly, then those that agree, then failures and refusals grouped by
+    reason, then what was not built here."""
     by_status: dict[str, list[dict]] = {}
     for row in record["families"]:
         by_status.setdefault(row["status"], []).append(row)
@@ -214,14 +244,15 @@ def render_table(record: dict) -> str:
         names = [row["family"] for row in by_status.get(status, [])]
         if names:
             lines.append(f"| **{status}** ({len(names)}) | {', '.join(names)} |")
-    reasons: dict[str, list[str]] = {}
-    for row in by_status.get("refused", []):
-        reasons.setdefault(_reason(row["detail"]), []).append(row["family"])
-    for reason, names in sorted(reasons.items(), key=lambda item: -len(item[1])):
-        lines.append(f"| refused ({len(names)}): {reason.replace('|', '/')} | {', '.join(names)} |")
-    not_built = [row["family"] for row in by_status.get("not built", [])]
-    if not_built:
-        lines.append(f"| not built from a generic tiny config here ({len(not_built)}) | {', '.join(not_built)} |")
+    for status in ("failed", "refused"):
+        reasons: dict[str, list[str]] = {}
+        for row in by_status.get(status, []):
+            reasons.setdefault(_reason(row["detail"]), []).append(row["family"])
+        label = "**failed**" if status == "failed" else status
+        for reason, names in sorted(reasons.items(), key=lambda item: -len(item[1])):
+            lines.append(f"| {label} ({len(names)}): {reason.replace('|', '/')} | {', '.join(names)} |")
+    for row in by_status.get("not built", []):
+        lines.append(f"| not built: {row['detail'].replace('|', '/')} | {row['family']} |")
     lines.append(TABLE_END)
     return "\n".join(lines)
 

@@ -10,8 +10,12 @@ from quietstar.generation import generate_reference
 
 
 # granite: scaled logits, gemma2: soft-capped logits (quietstar.head) and scores, local and global layers;
-# mistral_window: a window shorter than prompt + thought.
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "granite", "gemma2", "mistral_window"])
+# mistral_window: a window shorter than prompt + thought; deepseek_v3: values with their own head dim (MLA);
+# roberta: an output head with a transform before the projection, positions from padding_idx + 1; electra: a head
+# in two parts, hidden states wider than the embeddings; gpt_oss: sinks;
+# llama4_text: a decoder that get_decoder() does not return.
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "granite", "gemma2", "mistral_window", "deepseek_v3",
+                                  "roberta", "electra", "gpt_oss", "llama4_text"])
 @pytest.mark.parametrize("mixing", ["logits", "logprobs"])
 def test_cached_generation_equals_the_slow_definition(arch, mixing):
     model = make_model(arch, mixing=mixing, num_thought_tokens=4)

@@ -50,7 +50,7 @@ def ours_and_dense(model, ids, mask, thoughts, attention):
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "deepseek_v3"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_dense_scheme_equals_ours(arch, attention, padding_side):
     model = make_model(arch, num_thought_tokens=3, num_lookahead_tokens=3, num_thoughts=2, **OFFICIAL)
@@ -69,6 +69,36 @@ def test_dense_scheme_equals_ours(arch, attention, padding_side):
         assert dense.metrics[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
     assert len(ours_grads) == len(list(model.parameters()))  # every parameter, thought embeddings and head included
     assert_same_gradients(ours_grads, dense_grads)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "mistral_window", "gemma3_text", "gpt_oss"])
+def test_dense_scheme_equals_ours_with_sliding_windows(arch):
+    """Windows shorter than a row and a branch (Mistral on every layer; Gemma local and global layers mixed, Gemma 2
+    with soft-capped scores, GPT-OSS with sinks): the dense passes hand each layer its own windowed mask, on positions
+    as the family does.
+    """
+    model = make_model(arch, num_thought_tokens=3, num_lookahead_tokens=3, num_thoughts=2, **OFFICIAL)
+    randomize_mixing_head(model)
+    ids, mask = padded_batch(lengths=(8, 11), left_padding_rows=(0,))
+    thoughts = model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(3))
+
+    ours, ours_grads, dense, dense_grads = ours_and_dense(model, ids, mask, thoughts, "eager")
+
+    torch.testing.assert_close(dense.loss, ours.loss, rtol=LOSS_RTOL, atol=0.0)
+    assert_same_gradients(ours_grads, dense_grads)
+
+
+def test_dense_windows_matter():
+    """The check above can fail: the same dense passes without the windows give another loss."""
+    model = make_model("mistral_window", num_thought_tokens=3, num_lookahead_tokens=3, num_thoughts=2, **OFFICIAL)
+    ids, mask = padded_batch(lengths=(8, 11))
+    thoughts = model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask, labels=ids, thoughts=thoughts)
+        model.base.config.sliding_window = None
+        with plain_attention(model, "eager"):
+            unwindowed = dense_forward(model, ids, mask, labels=ids, thoughts=thoughts)
+    assert not torch.allclose(unwindowed.loss, ours.loss, rtol=1e-3)
 
 
 def test_dense_scheme_equals_ours_with_logprob_mixing():

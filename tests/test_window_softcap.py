@@ -15,8 +15,9 @@ from quietstar.attention import ThoughtLayout, eager
 from quietstar.ops import flash_cpu
 
 
-def dense_reference(q, k, v, key_padding, N, S, scale, window=None, softcap=None):
-    """q ``[B, H, L + NLS, d]``, k/v ``[B, Hkv, ...]`` -> ``[B, n, H, d]``: one dense softmax per query, fp64."""
+def dense_reference(q, k, v, key_padding, N, S, scale, window=None, softcap=None, sinks=None):
+    """q ``[B, H, L + NLS, d]``, k/v ``[B, Hkv, ...]`` -> ``[B, n, H, d]``: one dense softmax per query, fp64.
+    ``sinks [H]``: a key of score sinks[h] and value 0 that every query of head h sees (attention sinks)."""
     B, H, n, d = q.shape
     L = key_padding.shape[1]
     text_pos = key_padding.long().cumsum(-1) - 1
@@ -47,6 +48,9 @@ def dense_reference(q, k, v, key_padding, N, S, scale, window=None, softcap=None
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.double().view(1, H, 1, 1).expand(B, H, n, 1)], dim=-1)
+        vv = torch.cat([vv, vv.new_zeros(B, H, 1, vv.shape[-1])], dim=2)
     probs = torch.softmax(scores, -1).nan_to_num(0.0)  # a padding query sees nothing
     return (probs @ vv).transpose(1, 2)
 

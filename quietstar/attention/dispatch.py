@@ -6,8 +6,8 @@ transformers calls :func:`quietstar_attention` in every layer of a model loaded 
 ``"prefix"``, ``"sample"`` or ``"expanded"``. :func:`resolve_backend` is the one place
 ``attention_backend`` ("auto", "eager", "triton") becomes the implementation that serves a call.
 
-Shapes as transformers passes them: q ``[B, H, n, d]``, k/v ``[B, Hkv, n, d]`` (after RoPE); every
-phase returns ``[B, n, H, d]``.
+Shapes as transformers passes them: q ``[B, H, n, d]``, k ``[B, Hkv, n, d]``, v ``[B, Hkv, n, dv]`` (after RoPE;
+dv != d in multi-head latent attention); every phase returns ``[B, n, H, dv]``.
 """
 
 from __future__ import annotations
@@ -30,26 +30,42 @@ def quietstar_attention(
     softcap: float | None = None,
     thought_layout: ThoughtLayout | None = None,
     sus_c: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    position_bias: torch.Tensor | None = None,
     **kwargs,
 ):
-    """Attention with transformers' calling convention; returns (output ``[B, n, H, d]``, None).
+    """Attention with transformers' calling convention; returns (output ``[B, n, H, dv]``, None).
 
-    ``sliding_window`` (this layer's window, None in global layers) and ``softcap`` (attention-logit
-    soft-capping) are the family's own, applied in every phase (:mod:`.layout`, :mod:`.eager`).
+    ``sliding_window`` (this layer's window, None in global layers), ``softcap`` (attention-logit
+    soft-capping) and attention sinks (``s_aux`` as GPT-OSS names them, or ``sinks``: one logit per query head,
+    ``[H]``) are the family's own, applied in every phase (:mod:`.layout`, :mod:`.eager`). Sinks per token and an
+    additive ``position_bias`` over query-key pairs are refused.
     ``sus_c`` (a keyword of the model call, without a thought layout): ordinary causal attention with
     an exact forward and a SUS backward (quietstar.ops.sus), for any causal LM loaded with this attention.
     """
+    if getattr(module, "is_causal", True) is False:  # transformers' own attention functions read it from the module
+        raise ValueError(
+            f"{type(module).__name__} attends bidirectionally (is_causal=False); Quiet-STaR needs every attention "
+            "over tokens to be causal (BERT-style encoders become causal LMs with config.is_decoder=True).")
+    sinks = s_aux if sinks is None else sinks
+    if position_bias is not None or (sinks is not None and sinks.dim() != 1):
+        feature = "an additive position bias" if position_bias is not None else "attention sinks that vary by token"
+        raise ValueError(f"{type(module).__name__} passes {feature} to its attention, which Quiet-STaR's attention "
+                         "does not implement; its thoughts would be computed wrongly.")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     dropout = dropout if module.training else 0.0
-    rule = dict(window=sliding_window, softcap=softcap)
+    rule = dict(window=sliding_window, softcap=softcap, sinks=sinks)
     layout = thought_layout
     if layout is None:
         return plain_attention(query, key, value, attention_mask, scaling, dropout, sus_c, **rule), None
     if key.shape[2] != layout.expected_length():
         raise ValueError(
-            f"The quietstar '{layout.phase}' layout expects {layout.expected_length()} tokens per row, the model "
-            f"call held {key.shape[2]}. Do not pass past_key_values together with a thought layout."
+            f"The quietstar '{layout.phase}' layout expects {layout.expected_length()} keys per row (one per token of "
+            f"the call), {type(module).__name__} attended over {key.shape[2]}: either past_key_values were passed "
+            "with a thought layout (do not), or the model adds key/value entries of its own to the tokens' (compressed "
+            "or memory entries, as DeepSeek-V4's compressed attention appends), which the thought layout cannot place."
         )
     if layout.phase == "prefix":
         return prefix_attention(module.layer_idx, query, key, value, layout, scaling, **rule), None
@@ -59,7 +75,8 @@ def quietstar_attention(
 
 
 def resolve_backend(layout: ThoughtLayout, query: torch.Tensor, dropout: float, window: int | None = None,
-                    softcap: float | None = None) -> str:
+                    softcap: float | None = None, value_head_dim: int | None = None,
+                    sinks: torch.Tensor | None = None) -> str:
     """Which implementation serves a sampling step or the gradient pass: "eager", "flash_cpu", "flex", "sus_torch"
     or "sus_triton".
 
@@ -68,9 +85,11 @@ def resolve_backend(layout: ThoughtLayout, query: torch.Tensor, dropout: float, 
     (``sus_c``) runs in the Triton kernels wherever quietstar.ops.sus's own "auto" picks them (CUDA with Triton),
     else in its PyTorch reference; an exact one runs in FlexAttention on CUDA where it applies. Otherwise "auto"
     takes the exact CPU flash path where it applies, and everything else (always under "eager") is eager.
-    A layer's sliding ``window`` or ``softcap`` keeps "auto" off the backends that lack it (the backend that
-    gets it instead is exact too); a named backend that lacks it refuses, in :func:`gradient_pass_attention`.
+    A layer's sliding ``window``, ``softcap`` or ``sinks``, or values with their own head dim (``value_head_dim`` !=
+    the query's), keep "auto" off the backends that lack it (the backend that gets it instead is exact too); a named
+    backend that lacks it refuses, in :func:`gradient_pass_attention`.
     """
+    own_value_dim = value_head_dim not in (None, query.shape[-1])
     if layout.phase == "expanded":
         if layout.backend == "triton":
             return "sus_triton"
@@ -81,7 +100,8 @@ def resolve_backend(layout: ThoughtLayout, query: torch.Tensor, dropout: float, 
             triton = layout.backend == "auto" and sus.resolve_backend("auto", query.device, query.shape[-1],
                                                                       query.dtype) == "triton"
             return "sus_triton" if triton else "sus_torch"
-        if auto_on_cuda and window is None and softcap is None and flex.applies(query, dropout):
+        if (auto_on_cuda and window is None and softcap is None and sinks is None and not own_value_dim
+                and flex.applies(query, dropout)):
             return "flex"
     if (layout.backend == "auto" and softcap is None
             and flash_cpu.applies(query, layout.key_padding, dropout)):
@@ -89,7 +109,8 @@ def resolve_backend(layout: ThoughtLayout, query: torch.Tensor, dropout: float, 
     return "eager"
 
 
-def plain_attention(query, key, value, attention_mask, scaling, dropout, sus_c, window=None, softcap=None):
+def plain_attention(query, key, value, attention_mask, scaling, dropout, sus_c, window=None, softcap=None,
+                    sinks=None):
     """Ordinary causal attention over a 2-D padding mask ``[B, n_kv]``; with ``sus_c``, a SUS backward."""
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
@@ -97,49 +118,52 @@ def plain_attention(query, key, value, attention_mask, scaling, dropout, sus_c, 
             f"{attention_mask.dim()}-D mask. Pass attention_mask as transformers' usual [batch, length] tensor."
         )
     if sus_c is None:
-        return eager.causal_attention(query, key, value, attention_mask, scaling, dropout, window, softcap)
+        return eager.causal_attention(query, key, value, attention_mask, scaling, dropout, window, softcap, sinks)
     if query.shape[2] != key.shape[2]:
         raise ValueError("sus_c applies to full-sequence calls (training), not to cached decoding.")
     if dropout > 0:
         raise ValueError(f"Attention dropout ({dropout}) is not implemented with sus_c; set the model's "
                          "attention_dropout to 0.")
-    _refuse_rule(window, softcap, "the SUS attention (sus_c)")
+    _refuse_rule(window, softcap, sinks, "the SUS attention (sus_c)")
+    _refuse_value_head_dim(query, value, "the SUS attention (sus_c)")
     out = sus.attention(query.to(value.dtype), key.to(value.dtype), value, c=sus_c, scale=scaling,
                         seed=_fresh_seed(), key_valid=attention_mask)
     return out.transpose(1, 2).contiguous()
 
 
-def prefix_attention(layer: int, query, key, value, layout: ThoughtLayout, scaling, window=None, softcap=None):
+def prefix_attention(layer: int, query, key, value, layout: ThoughtLayout, scaling, window=None, softcap=None,
+                     sinks=None):
     """The text pass before sampling: causal attention over the L text tokens, whose K/V are kept for the steps."""
     layout.text_cache[layer] = (key, value)
-    return eager.causal_attention(query, key, value, layout.key_padding, scaling, window=window, softcap=softcap)
+    return eager.causal_attention(query, key, value, layout.key_padding, scaling, window=window, softcap=softcap,
+                                  sinks=sinks)
 
 
 def sampling_step_attention(layer: int, query, key, value, layout: ThoughtLayout, scaling, window=None,
-                            softcap=None):
-    """Sampling step m = ``layout.step``: the N*L new tokens b_{.,m+1} (k/v ``[B, Hkv, N*L, d]``) go into slot m
-    of this layer's branch buffers ``[B, Hkv, N, L, T, d]`` (allocated at step 0); their queries then attend to
-    the cached text and to their own branch slots 0..m."""
+                            softcap=None, sinks=None):
+    """Sampling step m = ``layout.step``: the N*L new tokens b_{.,m+1} (k ``[B, Hkv, N*L, d]``, v ``[B, Hkv, N*L,
+    dv]``) go into slot m of this layer's branch buffers ``[B, Hkv, N, L, T, d or dv]`` (allocated at step 0); their
+    queries then attend to the cached text and to their own branch slots 0..m."""
     m = layout.step
     if m == 0:
-        B, hkv, _, d = key.shape
-        shape = (B, hkv, layout.num_thoughts, layout.num_text, layout.num_thought_tokens, d)
-        layout.branch_cache[layer] = (key.new_zeros(shape), value.new_zeros(shape))
+        slots = (layout.num_thoughts, layout.num_text, layout.num_thought_tokens)
+        layout.branch_cache[layer] = tuple(x.new_zeros(*x.shape[:2], *slots, x.shape[-1]) for x in (key, value))
     k_text, v_text = layout.text_cache[layer]
     k_buffer, v_buffer = layout.branch_cache[layer]
-    B, hkv, N, L, _, d = k_buffer.shape
-    k_buffer[:, :, :, :, m] = key.view(B, hkv, N, L, d)
-    v_buffer[:, :, :, :, m] = value.view(B, hkv, N, L, d)
+    B, hkv, N, L = k_buffer.shape[:4]
+    k_buffer[:, :, :, :, m] = key.view(B, hkv, N, L, -1)
+    v_buffer[:, :, :, :, m] = value.view(B, hkv, N, L, -1)
     k_branch, v_branch = k_buffer[:, :, :, :, : m + 1], v_buffer[:, :, :, :, : m + 1]
-    if resolve_backend(layout, query, 0.0, window, softcap) == "flash_cpu":
-        return flash_cpu.sample_step_attention(query, k_text, v_text, k_branch, v_branch, scaling, window)
+    if resolve_backend(layout, query, 0.0, window, softcap, sinks=sinks) == "flash_cpu":
+        return flash_cpu.sample_step_attention(query, k_text, v_text, k_branch, v_branch, scaling, window, sinks)
     return eager.sample_step_attention(query, k_text, v_text, k_branch, v_branch, layout.key_padding, scaling,
-                                       window, softcap)
+                                       window, softcap, sinks)
 
 
-def gradient_pass_attention(query, key, value, layout: ThoughtLayout, scaling, dropout, window=None, softcap=None):
+def gradient_pass_attention(query, key, value, layout: ThoughtLayout, scaling, dropout, window=None, softcap=None,
+                            sinks=None):
     """The expanded phase: the L text tokens then the N*L*S branch tokens, with gradient."""
-    backend = resolve_backend(layout, query, dropout, window, softcap)
+    backend = resolve_backend(layout, query, dropout, window, softcap, value.shape[-1], sinks)
     if backend in ("sus_torch", "sus_triton"):
         engine = backend.removeprefix("sus_")
         if dropout > 0:
@@ -147,7 +171,8 @@ def gradient_pass_attention(query, key, value, layout: ThoughtLayout, scaling, d
                 f"Attention dropout ({dropout}) is not implemented by the {engine!r} SUS attention; set the model's "
                 "attention_dropout to 0 or use attention_backend='eager' without sus_c."
             )
-        _refuse_rule(window, softcap, f"the {engine!r} SUS attention (sus_c)")
+        _refuse_rule(window, softcap, sinks, f"the {engine!r} SUS attention (sus_c)")
+        _refuse_value_head_dim(query, value, f"the {engine!r} SUS attention (sus_c)")
         key_valid = None if bool(layout.key_padding.all()) else layout.key_padding
         out = sus.attention(
             query.to(value.dtype), key.to(value.dtype), value, c=layout.sus_c, scale=scaling, seed=_fresh_seed(),
@@ -156,22 +181,36 @@ def gradient_pass_attention(query, key, value, layout: ThoughtLayout, scaling, d
         )
         return out.transpose(1, 2).contiguous()
     if backend == "flex":
-        _refuse_rule(window, softcap, "attention_backend='flex' (FlexAttention)")
+        _refuse_rule(window, softcap, sinks, "attention_backend='flex' (FlexAttention)")
+        _refuse_value_head_dim(query, value, "attention_backend='flex' (FlexAttention)")
         return flex.expanded_attention(query, key, value, layout, scaling, dropout)
     if backend == "flash_cpu":
         return flash_cpu.expanded_attention(query, key, value, layout.num_text, layout.num_thoughts,
-                                            layout.branch_length, scaling, window)
-    return eager.expanded_attention(query, key, value, layout, scaling, dropout, window, softcap)
+                                            layout.branch_length, scaling, window, sinks)
+    return eager.expanded_attention(query, key, value, layout, scaling, dropout, window, softcap, sinks)
 
 
-def _refuse_rule(window, softcap, backend: str) -> None:
-    """Refuse a layer's sliding window or soft-capping on a backend that does not implement it, naming one that does."""
-    for feature, value in (("sliding-window attention (window", window), ("attention-logit soft-capping (cap", softcap)):
+def _refuse_rule(window, softcap, sinks, backend: str) -> None:
+    """Refuse a layer's sliding window, soft-capping or sinks on a backend that does not implement it, naming one that
+    does."""
+    features = (("sliding-window attention (window", window), ("attention-logit soft-capping (cap", softcap),
+                ("attention sinks (one logit per head", None if sinks is None else tuple(sinks.shape)))
+    for feature, value in features:
         if value is not None:
             raise ValueError(
                 f"This model uses {feature} {value}), which {backend} does not implement; its thoughts would be "
                 "computed wrongly. Use attention_backend='auto' or 'eager' without sus_c, which implement it."
             )
+
+
+def _refuse_value_head_dim(query, value, backend: str) -> None:
+    """Refuse values with a head dim of their own (multi-head latent attention) on a backend that takes one for q, k
+    and v, naming the backends that take it."""
+    if value.shape[-1] != query.shape[-1]:
+        raise ValueError(
+            f"This model's values have their own head dim ({value.shape[-1]}; queries and keys: {query.shape[-1]}, "
+            f"as in multi-head latent attention), which {backend} does not implement. Use attention_backend='auto' "
+            "or 'eager' without sus_c, which implement it.")
 
 
 def _fresh_seed() -> int:

@@ -1,15 +1,18 @@
 """Exact PyTorch backend of the "quietstar" attention; the reference every other backend is tested against.
 
 Shapes: B batch, H query heads, Hkv key/value heads (H = Hkv * G, grouped-query attention),
-L text tokens, N thought samples, S branch tokens, d head dim. Queries arrive as ``[B, H, n, d]``
-and keys/values as ``[B, Hkv, n, d]`` (after RoPE), as transformers passes them. Scores are
+L text tokens, N thought samples, S branch tokens, d query/key head dim, dv value head dim (multi-head latent
+attention, as DeepSeek-V2/V3 have it, gives values their own; elsewhere dv = d). Queries arrive as ``[B, H, n, d]``,
+keys as ``[B, Hkv, n, d]`` and values as ``[B, Hkv, n, dv]`` (after RoPE), as transformers passes them; outputs are
+``[B, n, H, dv]``. Scores are
 computed in fp32 (fp64 for fp64 inputs, so gradient checks stay fp64) and masked with the most negative finite value of their
 dtype, so a query with nothing to see (a padding query) yields finite garbage that the losses mask
 out, never NaN.
 
-Every function takes the layer's ``window`` (sliding-window attention, :mod:`.layout`'s rule; None: full)
-and ``softcap`` (attention-logit soft-capping as Gemma 2 does it: scaled scores s -> cap * tanh(s / cap)
-before the mask and the softmax; None: off).
+Every function takes the layer's ``window`` (sliding-window attention, :mod:`.layout`'s rule; None: full),
+``softcap`` (attention-logit soft-capping as Gemma 2 does it: scaled scores s -> cap * tanh(s / cap)
+before the mask and the softmax; None: off) and ``sinks`` (attention sinks as GPT-OSS has them: ``[H]``, one
+logit per query head that joins every softmax's denominator and carries no value; None: none).
 
 Work per head: O(L^2 N S + L N S^2); no tensor of size (N L S) x (N L S) is ever built.
 """
@@ -40,24 +43,31 @@ def capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return scores if softcap is None else torch.tanh(scores / softcap) * softcap
 
 
-def _masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+def _masked_softmax(scores: torch.Tensor, visible: torch.Tensor, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over the last dim of grouped scores ``[B, Hkv, G, ...]`` where ``visible``; with ``sinks`` ``[H]``,
+    head h's sink logit joins the denominator (its own probability is dropped)."""
     # In place: scores are fresh outputs of a matmul or of the cap's final product, which autograd does not keep.
-    return torch.softmax(scores.masked_fill_(~visible, torch.finfo(scores.dtype).min), dim=-1,
-                         dtype=wide_dtype(scores.dtype))
+    scores = scores.masked_fill_(~visible, torch.finfo(scores.dtype).min)
+    if sinks is None:
+        return torch.softmax(scores, dim=-1, dtype=wide_dtype(scores.dtype))
+    hkv, g = scores.shape[1:3]
+    column = sinks.to(scores.dtype).view(1, hkv, g, *[1] * (scores.dim() - 3)).expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat([scores, column], dim=-1), dim=-1, dtype=wide_dtype(scores.dtype))[..., :-1]
 
 
-def _softmax(scores: torch.Tensor, visible: torch.Tensor, dropout: float) -> torch.Tensor:
-    probs = _masked_softmax(scores, visible)
+def _softmax(scores: torch.Tensor, visible: torch.Tensor, dropout: float, sinks=None) -> torch.Tensor:
+    probs = _masked_softmax(scores, visible, sinks)
     return F.dropout(probs, p=dropout) if dropout > 0 else probs
 
 
-def causal_attention(q, k, v, key_padding, scaling, dropout=0.0, window=None, softcap=None):
+def causal_attention(q, k, v, key_padding, scaling, dropout=0.0, window=None, softcap=None, sinks=None):
     """Ordinary causal attention; queries are the last q.shape[2] of the k.shape[2] key positions.
 
     key_padding: ``[B, n_kv]`` bool (True = real token) or None; ``dropout``: the attention-dropout
     rate to apply (0 outside training). Positions skip padding keys, so a window reaches as far back as on
-    the unpadded row. Returns ``[B, n_q, H, d]``.
-    Without padding or soft-capping this is PyTorch's fused attention (much less overhead per call when decoding).
+    the unpadded row. Returns ``[B, n_q, H, dv]``.
+    Without padding, soft-capping or sinks this is PyTorch's fused attention (much less overhead per call when
+    decoding).
     """
     hkv, n_q, n_kv = k.shape[1], q.shape[2], k.shape[2]
     padded = key_padding is not None and not bool(key_padding.all())
@@ -71,7 +81,7 @@ def causal_attention(q, k, v, key_padding, scaling, dropout=0.0, window=None, so
         else:
             gaps = query_index - torch.arange(n_kv, device=q.device)
         visible = visible & in_window(gaps, window)
-    if key_padding is None and softcap is None:
+    if key_padding is None and softcap is None and sinks is None:
         q, k = q.to(v.dtype), k.to(v.dtype)  # under autocast RoPE can leave q, k in fp32 and v in bf16
         plain_causal = window is None and n_q in (1, n_kv)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if plain_causal else visible, dropout_p=dropout,
@@ -83,29 +93,30 @@ def causal_attention(q, k, v, key_padding, scaling, dropout=0.0, window=None, so
     visible = visible.view(-1, 1, 1, n_q, n_kv)
     if key_padding is not None:
         visible = visible & key_padding[:, None, None, None, :].bool()
-    probs = _softmax(scores, visible, dropout).to(v.dtype)
+    probs = _softmax(scores, visible, dropout, sinks).to(v.dtype)
     return _ungrouped(torch.matmul(probs, v.unsqueeze(2)))
 
 
-def expanded_attention(q, k, v, layout: ThoughtLayout, scaling, dropout=0.0, window=None, softcap=None):
+def expanded_attention(q, k, v, layout: ThoughtLayout, scaling, dropout=0.0, window=None, softcap=None, sinks=None):
     """Attention over a thought-expanded row: L text tokens, then N*L*S branch tokens.
 
     Text queries attend causally to text; branch queries of position j attend jointly (one
     softmax) to text keys 0..j and to their own branch's keys 0..k (all within the window).
     """
     B, hkv, _, d = k.shape
+    dv = v.shape[-1]
     L, N, S = layout.num_text, layout.num_thoughts, layout.branch_length
     qg = at_least_fp32(_grouped(q, hkv)) * scaling
     g = qg.shape[2]
     k_text, v_text = k[:, :, :L].unsqueeze(2), v[:, :, :L].unsqueeze(2)  # [B, Hkv, 1, L, d]
     k_branch = k[:, :, L:].reshape(B, hkv, 1, N, L, S, d)
-    v_branch = v[:, :, L:].reshape(B, hkv, 1, N, L, S, d)
+    v_branch = v[:, :, L:].reshape(B, hkv, 1, N, L, S, dv)
     key_padding = layout.key_padding.bool()
     prefix_visible = prefix_visibility(key_padding, window)  # [B, L(j), L(i)]
 
     # Text queries.
     text_scores = capped(torch.matmul(qg[:, :, :, :L], at_least_fp32(k_text).transpose(-1, -2)), softcap)
-    text_probs = _softmax(text_scores, prefix_visible[:, None, None], dropout).to(v.dtype)
+    text_probs = _softmax(text_scores, prefix_visible[:, None, None], dropout, sinks).to(v.dtype)
     text_out = torch.matmul(text_probs, v_text)  # [B, Hkv, G, L, d]
 
     # Branch queries: scores against the prefix and against their own branch, one softmax over both.
@@ -122,21 +133,23 @@ def expanded_attention(q, k, v, layout: ThoughtLayout, scaling, dropout=0.0, win
         ],
         dim=-1,
     )
-    probs = _softmax(capped(torch.cat([to_prefix, to_branch], dim=-1), softcap), visible, dropout).to(v.dtype)
+    probs = _softmax(capped(torch.cat([to_prefix, to_branch], dim=-1), softcap), visible, dropout, sinks).to(v.dtype)
     prefix_probs, branch_probs = probs.split([L, S], dim=-1)
     branch_out = torch.matmul(prefix_probs.reshape(B, hkv, g, N * L * S, L), v_text)
-    branch_out = branch_out.view(B, hkv, g, N, L, S, d) + torch.matmul(branch_probs, v_branch)
-    out = torch.cat([text_out, branch_out.reshape(B, hkv, g, N * L * S, d)], dim=3)
+    branch_out = branch_out.view(B, hkv, g, N, L, S, dv) + torch.matmul(branch_probs, v_branch)
+    out = torch.cat([text_out, branch_out.reshape(B, hkv, g, N * L * S, dv)], dim=3)
     return _ungrouped(out)
 
 
-def sample_step_attention(q, k_text, v_text, k_branch, v_branch, key_padding, scaling, window=None, softcap=None):
+def sample_step_attention(q, k_text, v_text, k_branch, v_branch, key_padding, scaling, window=None, softcap=None,
+                          sinks=None):
     """One sampling step (no gradient): the N*L queries b_{j,m+1} ``[B, H, N*L, d]`` attend to the text
-    prefix ``k_text/v_text [B, Hkv, L, d]`` (keys 0..j that are not padding, ``key_padding [B, L]``) and to
-    their own branch slots 0..m, ``k_branch/v_branch [B, Hkv, N, L, m+1, d]``, within the window of their
-    position pos_j + 1 + m. Returns ``[B, N*L, H, d]``.
+    prefix ``k_text [B, Hkv, L, d]``, ``v_text [B, Hkv, L, dv]`` (keys 0..j that are not padding, ``key_padding
+    [B, L]``) and to their own branch slots 0..m, ``k_branch [B, Hkv, N, L, m+1, d]``, ``v_branch [B, Hkv, N, L,
+    m+1, dv]``, within the window of their position pos_j + 1 + m. Returns ``[B, N*L, H, dv]``.
     """
     B, hkv, N, L, slots, d = k_branch.shape
+    dv = v_branch.shape[-1]
     qg = at_least_fp32(_grouped(q, hkv)) * scaling
     g = qg.shape[2]
     to_prefix = torch.matmul(qg, at_least_fp32(k_text).unsqueeze(2).transpose(-1, -2)).view(B, hkv, g, N, L, L)
@@ -145,8 +158,8 @@ def sample_step_attention(q, k_text, v_text, k_branch, v_branch, key_padding, sc
     prefix_visible = prefix_visibility(key_padding.bool(), window, slots)[:, None, None, None]  # [B, 1, 1, 1, L, L]
     branch_visible = branch_visibility(slots, q.device, window)[-1].expand(B, 1, 1, 1, L, slots)
     visible = torch.cat([prefix_visible.expand(B, 1, 1, 1, L, L), branch_visible], -1)
-    probs = _masked_softmax(capped(torch.cat([to_prefix, to_branch], dim=-1), softcap), visible)
+    probs = _masked_softmax(capped(torch.cat([to_prefix, to_branch], dim=-1), softcap), visible, sinks)
     prefix_probs, branch_probs = probs.to(v_text.dtype).split([L, slots], dim=-1)
     out = torch.matmul(prefix_probs.reshape(B, hkv, g, N * L, L), v_text.unsqueeze(2))
-    out = out.view(B, hkv, g, N, L, d) + torch.matmul(branch_probs.unsqueeze(-2), v_branch.unsqueeze(2)).squeeze(-2)
-    return _ungrouped(out.reshape(B, hkv, g, N * L, d))
+    out = out.view(B, hkv, g, N, L, dv) + torch.matmul(branch_probs.unsqueeze(-2), v_branch.unsqueeze(2)).squeeze(-2)
+    return _ungrouped(out.reshape(B, hkv, g, N * L, dv))

@@ -25,8 +25,12 @@ text query j sees keys j - W < i <= j, and branch slot s, at position j + 1 + s,
 j + 1 + s - W < i <= j (so the branch-over-text part runs once per slot, each with its own band). A band
 runs in chunks of queries, each over only the keys its band reaches (key tiles wholly outside are never
 read), with the band's edge as an additive mask; inside a branch, slots more than W - 1 apart are masked.
-Soft-capping is not available in these kernels; the dispatch sends soft-capped layers to the eager path.
-Shapes: q ``[B, H, L + N L S, d]``, k/v ``[B, Hkv, L + N L S, d]``.
+Soft-capping is not available in these kernels; the dispatch sends soft-capped layers to the eager path. Attention
+sinks (one logit per head in every softmax's denominator, GPT-OSS) rescale each part's output by its log-sum-exp.
+
+The kernels take one head dim for q, k and v. Values with a head dim of their own (dv != d: multi-head latent
+attention) are zero-padded to d, or queries and keys to dv (:func:`_common_head_dim`); both are exact.
+Shapes: q ``[B, H, L + N L S, d]``, k ``[B, Hkv, L + N L S, d]``, v ``[B, Hkv, L + N L S, dv]``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from ..attention.layout import branch_visibility
 
@@ -58,6 +63,20 @@ def applies(query: torch.Tensor, key_padding: torch.Tensor, dropout: float) -> b
     return (_flash is not None and query.device.type == "cpu" and dropout == 0.0
             and query.dtype in (torch.float32, torch.bfloat16) and bool(key_padding.all())
             and _native_grouped_heads())
+
+
+def _common_head_dim(q, k, v):
+    """q, k, v zero-padded on the last dim to max(d, dv); the caller slices the output back to dv.
+
+    Zero value columns only add zero output columns; zero query and key columns add nothing to a score. So the
+    sliced output is exact, and so are the gradients (autograd drops those of the padding).
+    """
+    d, dv = q.shape[-1], v.shape[-1]
+    if dv < d:
+        return q, k, F.pad(v, (0, d - dv))
+    if dv > d:
+        return F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d)), v
+    return q, k, v
 
 
 def _split(x: torch.Tensor, L: int, N: int, S: int):
@@ -184,16 +203,31 @@ def _over_text_backward(g_branch, q_branch, k_text, v_text, o_branch, lse, scale
     return torch.stack(dq, dim=4), dk, dv
 
 
+def _with_sinks(out, lse, sinks):
+    """Add per-head sink logits ``sinks [H]`` to a softmax's denominator: out ``[B, H, ..., d]`` and lse ``[B, H, ...]``
+    of the softmax without them -> those of the softmax with them (the sink carries no value)."""
+    sink = sinks.float().view(1, -1, *[1] * (lse.dim() - 2))
+    merged = torch.logaddexp(lse, sink)
+    return (out.float() * torch.exp(lse - merged).unsqueeze(-1)).to(out.dtype), merged
+
+
+def _sink_gradient(grad, out, lse, sinks):
+    """The gradient of per-head sink logits ``sinks [H]``: the sink is a key with value 0, so its score's gradient is
+    P_sink * (0 - rowsum(dO * O)), summed over every query of the head. grad/out ``[B, H, n, d]``, lse ``[B, H, n]``."""
+    delta = (grad.float() * out.float()).sum(-1)
+    return -(torch.exp(sinks.float().view(1, -1, 1) - lse) * delta).sum(dim=(0, 2)).to(sinks.dtype)
+
+
 class ExpandedFlashAttention(torch.autograd.Function):
-    """Exact attention over a thought-expanded row; one gradient per input (q, k, v) and None for the rest.
+    """Exact attention over a thought-expanded row; one gradient per input (q, k, v, sinks) and None for the rest.
 
     Branch queries attend to the text (flash, causal in j) and to their own branch (S x S blocks); the
-    two parts share one softmax, merged by log-sum-exp. The backward of each part uses the merged output
-    and log-sum-exp, which is exact for a joint softmax.
+    two parts share one softmax, merged by log-sum-exp (with per-head ``sinks [H]``, their logits join it too). The
+    backward of each part uses the merged output and log-sum-exp, which is exact for a joint softmax.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, L: int, N: int, S: int, scale: float, window: int | None):
+    def forward(ctx, q, k, v, L: int, N: int, S: int, scale: float, window: int | None, sinks=None):
         B, H, _, d = q.shape
         (q_text, q_branch), (k_text, k_branch), (v_text, v_branch) = (_split(x, L, N, S) for x in (q, k, v))
         out_text, lse_text = _band_forward(q_text, k_text, v_text, window, scale)
@@ -205,14 +239,17 @@ class ExpandedFlashAttention(torch.autograd.Function):
         lse = torch.logaddexp(lse_a, lse_b)  # [B, H, N, L, S]
         out_branch = (torch.exp(lse_a - lse).unsqueeze(-1) * out_over
                       + torch.exp(lse_b - lse).unsqueeze(-1) * out_in.flatten(1, 2)).to(q.dtype)
+        if sinks is not None:
+            out_text, lse_text = _with_sinks(out_text, lse_text, sinks)
+            out_branch, lse = _with_sinks(out_branch, lse, sinks)
         out = torch.cat([out_text, out_branch.reshape(B, H, N * L * S, d)], dim=2)
-        ctx.save_for_backward(q, k, v, out, lse_text, lse)
+        ctx.save_for_backward(q, k, v, out, lse_text, lse, sinks)
         ctx.sizes = (L, N, S, scale, window)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out, lse_text, lse = ctx.saved_tensors
+        q, k, v, out, lse_text, lse, sinks = ctx.saved_tensors
         L, N, S, scale, window = ctx.sizes
         B, H, _, d = q.shape
         hkv = k.shape[1]
@@ -230,30 +267,37 @@ class ExpandedFlashAttention(torch.autograd.Function):
         dq_in = torch.einsum("bkgnlst,bknltd->bkgnlsd", d_scores, k_branch.float()).flatten(1, 2)
         dk_in = torch.einsum("bkgnlst,bkgnlsd->bknltd", d_scores, _grouped(q_branch, hkv).float())
         dq_branch = dq_over + dq_in.to(dq_over.dtype)
+        d_sinks = None
+        if sinks is not None:
+            flat = lambda x: x.reshape(B, H, N * L * S, *x.shape[5:])  # noqa: E731
+            d_sinks = (_sink_gradient(g_text, o_text, lse_text, sinks)
+                       + _sink_gradient(flat(g_branch), flat(o_branch), flat(lse), sinks))
         return (torch.cat([dq_text, dq_branch.reshape(B, H, N * L * S, d)], 2),
                 torch.cat([dk_text + dk_over, dk_in.to(k.dtype).reshape(B, hkv, N * L * S, d)], 2),
                 torch.cat([dv_text + dv_over, dv_in.to(v.dtype).reshape(B, hkv, N * L * S, d)], 2),
-                None, None, None, None, None)
+                None, None, None, None, None, d_sinks)
 
 
 def expanded_attention(q, k, v, num_text: int, num_thoughts: int, branch_length: int, scaling: float,
-                       window: int | None = None) -> torch.Tensor:
-    """The gradient pass: q ``[B, H, L + N L S, d]``, k/v ``[B, Hkv, L + N L S, d]`` -> ``[B, n, H, d]``.
+                       window: int | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient pass: q ``[B, H, L + N L S, d]``, k ``[B, Hkv, L + N L S, d]``, v ``[B, Hkv, L + N L S, dv]``
+    -> ``[B, n, H, dv]``.
 
     Same contract as :func:`quietstar.attention.eager.expanded_attention` for unpadded rows.
     """
     # Under autocast RoPE can leave q and k in fp32 and v in bf16; compute in v's dtype, as eager's output is.
-    q, k = q.to(v.dtype), k.to(v.dtype)
-    out = ExpandedFlashAttention.apply(q, k, v, num_text, num_thoughts, branch_length, scaling, window)
-    return out.transpose(1, 2).contiguous()
+    dv = v.shape[-1]
+    q, k, v = _common_head_dim(q.to(v.dtype), k.to(v.dtype), v)
+    out = ExpandedFlashAttention.apply(q, k, v, num_text, num_thoughts, branch_length, scaling, window, sinks)
+    return out[..., :dv].transpose(1, 2).contiguous()
 
 
 def sample_step_attention(q, k_text, v_text, k_branch, v_branch, scaling: float,
-                          window: int | None = None) -> torch.Tensor:
+                          window: int | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """One sampling step for unpadded rows (no gradient): the N*L queries b_{j,m+1} ``[B, H, N*L, d]`` attend to
-    the text ``k_text/v_text [B, Hkv, L, d]`` (keys 0..j) and to their own branch slots 0..m,
-    ``k_branch/v_branch [B, Hkv, N, L, m+1, d]``, within the window of their position j + 1 + m.
-    Returns ``[B, N*L, H, d]``.
+    the text ``k_text [B, Hkv, L, d]``, ``v_text [B, Hkv, L, dv]`` (keys 0..j) and to their own branch slots 0..m,
+    ``k_branch [B, Hkv, N, L, m+1, d]``, ``v_branch [B, Hkv, N, L, m+1, dv]``, within the window of their position
+    j + 1 + m. Returns ``[B, N*L, H, dv]``.
 
     Same contract as :func:`quietstar.attention.eager.sample_step_attention`. The queries over the text
     are causal in j for each sample: one flash call in which the N samples are extra query heads of the
@@ -261,17 +305,19 @@ def sample_step_attention(q, k_text, v_text, k_branch, v_branch, scaling: float,
     are merged by their log-sum-exps.
     """
     B, hkv, N, L, slots, d = k_branch.shape
-    H = q.shape[1]
+    H, dv = q.shape[1], v_text.shape[-1]
     q = q.to(v_text.dtype)
-    out_a, lse_a = _band_forward(q.reshape(B, H * N, L, d), k_text.to(v_text.dtype), v_text,
-                                 _slot_reach(window, slots - 1), scaling)
-    out_a, lse_a = out_a.view(B, H, N, L, d), lse_a.view(B, H, N, L)
+    q_over, k_over, v_over = _common_head_dim(q.reshape(B, H * N, L, d), k_text.to(v_text.dtype), v_text)
+    out_a, lse_a = _band_forward(q_over, k_over, v_over, _slot_reach(window, slots - 1), scaling)
+    out_a, lse_a = out_a[..., :dv].reshape(B, H, N, L, dv), lse_a.view(B, H, N, L)
     grouped = q.view(B, hkv, H // hkv, N, L, d).float()
     scores = torch.einsum("bkgnld,bknlsd->bkgnls", grouped, k_branch.float()) * scaling
     scores.masked_fill_(~branch_visibility(slots, scores.device, window)[-1], float("-inf"))
     lse_b = torch.logsumexp(scores, dim=-1)
     out_b = torch.einsum("bkgnls,bknlsd->bkgnld", torch.exp(scores - lse_b.unsqueeze(-1)), v_branch.float())
-    lse_b, out_b = lse_b.reshape(B, H, N, L), out_b.reshape(B, H, N, L, d)
+    lse_b, out_b = lse_b.reshape(B, H, N, L), out_b.reshape(B, H, N, L, dv)
     lse = torch.logaddexp(lse_a.float(), lse_b)
     out = torch.exp(lse_a - lse).unsqueeze(-1) * out_a.float() + torch.exp(lse_b - lse).unsqueeze(-1) * out_b
-    return out.to(v_text.dtype).reshape(B, H, N * L, d).transpose(1, 2).contiguous()
+    if sinks is not None:
+        out, _ = _with_sinks(out, lse, sinks)
+    return out.to(v_text.dtype).reshape(B, H, N * L, dv).transpose(1, 2).contiguous()
