@@ -19,7 +19,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from quietstar.ops.sus import attention, row_tiles  # noqa: E402
+from quietstar.ops.sus import attention, reference, row_tiles  # noqa: E402
 from quietstar.ops.sus import row_tiles_launch as launch_c  # noqa: E402
 from quietstar.ops.sus.reference import attention_forward  # noqa: E402
 
@@ -63,15 +63,14 @@ def _compare(got, want, dtype):
     torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype])
 
 
-def _reference_tile_lse(q, k, scale, pattern, tile):
-    """l_it from the reference's probabilities: log(m_it) + lse_i."""
+def _reference_cells(q, k, scale, pattern, tile, c, seed):
+    """Level 1 by the reference: pi where the cell opens, else 0."""
     B, H, n, _ = q.shape
-    from quietstar.ops.sus import reference
-
     qf, kf = q.float(), reference._expand_heads(k.float(), H)
-    pieces, probs, lse = reference._all_probs(qf, kf, scale, pattern["num_text"], pattern["branch_length"],
-                                              pattern["causal"], pattern["key_valid"])
-    return torch.log(row_tiles.tile_mass(pieces, probs, B, H, n, pattern["num_text"], tile)) + lse[..., None]
+    pieces, probs, _ = reference._all_probs(qf, kf, scale, pattern["num_text"], pattern["branch_length"],
+                                            pattern["causal"], pattern["key_valid"])
+    cell_open, pi = row_tiles.open_cells(row_tiles.tile_mass(pieces, probs, B, H, n, pattern["num_text"], tile), c, seed)
+    return torch.where(cell_open, pi, torch.zeros_like(pi))
 
 
 def _dtypes():
@@ -80,21 +79,22 @@ def _dtypes():
 
 @pytest.mark.parametrize("dtype", _dtypes(), ids=str)
 @pytest.mark.parametrize("name", list(CASES))
-def test_forward_writes_the_tile_log_sum_exp(name, dtype):
+def test_forward_opens_the_cells_the_reference_opens(name, dtype):
     q, k, v, do, pattern, scale, tile = _problem(CASES[name], dtype)
     o_ref, lse_ref = attention_forward(q, k, v, scale, **pattern)
     o, lse = _poisoned(q, lse_ref)
-    tile_lse = torch.full((*lse_ref.shape, row_tiles.num_key_tiles(q.shape[2], pattern["num_text"], tile)),
-                          float("nan"), device=DEVICE)
-    launch_c.triton_forward(q, k, v, scale, **pattern, out=(o, lse, tile_lse), tile=tile, **EXACT_FP32)
+    cell_pi = torch.full((*lse_ref.shape, row_tiles.num_key_tiles(q.shape[2], pattern["num_text"], tile)),
+                         float("nan"), device=DEVICE)
+    launch_c.triton_forward(q, k, v, scale, **pattern, c=2.0, seed=77, out=(o, lse, cell_pi), tile=tile, **EXACT_FP32)
     _compare(o, o_ref, dtype)
     finite = torch.isfinite(lse_ref)
     assert torch.equal(torch.isfinite(lse), finite)
     _compare(lse[finite], lse_ref[finite], dtype)
-    want = _reference_tile_lse(q, k, scale, pattern, tile)
-    seen = torch.isfinite(want)
-    assert torch.equal(torch.isfinite(tile_lse), seen) and not torch.isnan(tile_lse).any()
-    _compare(tile_lse[seen], want[seen], dtype)
+    want = _reference_cells(q, k, scale, pattern, tile, 2.0, 77)
+    assert not torch.isnan(cell_pi).any()
+    assert torch.equal(cell_pi > 0, want > 0)  # the same cells open
+    assert 0 < (want > 0).float().mean() < 1 or q.shape[2] == 1  # some open, some closed: the draw is tested
+    _compare(cell_pi, want, dtype)
 
 
 @pytest.mark.parametrize("dtype", _dtypes(), ids=str)
@@ -104,9 +104,9 @@ def test_backward_matches_reference(name, dtype, c):
     q, k, v, do, pattern, scale, tile = _problem(CASES[name], dtype, seed=1)
     o_ref, lse_ref = attention_forward(q, k, v, scale, **pattern)
     want = row_tiles.attention_backward(q, k, v, o_ref, lse_ref, do, scale, **pattern, c=c, seed=4321, tile=tile)
-    _, _, tile_lse = launch_c.triton_forward(q, k, v, scale, **pattern, tile=tile, **EXACT_FP32)
+    _, _, cell_pi = launch_c.triton_forward(q, k, v, scale, **pattern, c=c, seed=4321, tile=tile, **EXACT_FP32)
     grads = _poisoned(q, k, v)
-    launch_c.triton_backward(q, k, v, o_ref.to(dtype), lse_ref, tile_lse, do, scale, **pattern, c=c, seed=4321,
+    launch_c.triton_backward(q, k, v, o_ref.to(dtype), lse_ref, cell_pi, do, scale, **pattern, c=c, seed=4321,
                              out=grads, tile=tile, **EXACT_FP32)
     for got, expected in zip(grads, want):
         _compare(got, expected, dtype)
@@ -114,27 +114,27 @@ def test_backward_matches_reference(name, dtype, c):
 
 def test_opened_cells_list_every_open_cell_once_by_tile():
     g = torch.Generator().manual_seed(0)
-    lse = torch.randn(2, 3, 20, generator=g).abs() + 3
-    tile_lse = torch.randn(2, 3, 20, 4, generator=g)
-    tile_lse[0, 1, 5:] = float("-inf")  # tiles nobody sees
-    cells = launch_c.opened_cells(lse, tile_lse, 2.0, seed=9)
-    cell_open, pi = row_tiles.open_cells(torch.exp(tile_lse - lse[..., None]), 2.0, 9)
-    assert cells.count.sum() == cell_open.sum() == cells.rows.numel()
+    cell_pi = torch.rand(2, 3, 20, 4, generator=g)
+    cell_pi[cell_pi < 0.6] = 0  # closed cells
+    cell_pi[0, 1, 5:] = 0  # tiles nobody opened
+    cells = launch_c.opened_cells(cell_pi)
+    assert cells.count.sum() == (cell_pi > 0).sum() == cells.rows.numel()
     for bh in range(6):
         for tile in range(4):
             cell = bh * 4 + tile
-            rows = cells.rows[cells.first[cell]:cells.first[cell] + cells.count[cell]].long()
+            listed = slice(cells.first[cell], cells.first[cell] + cells.count[cell])
             b, h = divmod(bh, 3)
-            assert torch.equal(rows, cell_open[b, h, :, tile].nonzero()[:, 0])
-            assert torch.equal(cells.pi[cells.first[cell]:cells.first[cell] + cells.count[cell]], pi[b, h, rows, tile])
-    assert not cell_open[0, 1, 5:].any()
+            rows = cells.rows[listed].long()
+            assert torch.equal(rows, (cell_pi[b, h, :, tile] > 0).nonzero()[:, 0])
+            assert torch.equal(cells.pi[listed], cell_pi[b, h, rows, tile])
+    assert launch_c.opened_cells(torch.zeros(1, 1, 3, 2)).count.sum() == 0
 
 
 def test_huge_c_equals_the_exact_gradient():
     q, k, v, do, pattern, scale, tile = _problem(CASES["thoughts"], torch.float32, seed=2)
-    o, lse, tile_lse = launch_c.triton_forward(q, k, v, scale, **pattern, tile=tile, **EXACT_FP32)
+    o, lse, cell_pi = launch_c.triton_forward(q, k, v, scale, **pattern, c=1e30, seed=5, tile=tile, **EXACT_FP32)
     exact = row_tiles.attention_backward(q, k, v, o, lse, do, scale, **pattern, c=None)
-    huge = launch_c.triton_backward(q, k, v, o, lse, tile_lse, do, scale, **pattern, c=1e30, seed=5, tile=tile,
+    huge = launch_c.triton_backward(q, k, v, o, lse, cell_pi, do, scale, **pattern, c=1e30, seed=5, tile=tile,
                                     **EXACT_FP32)
     for got, want in zip(huge, exact):
         _compare(got, want, torch.float32)
@@ -182,13 +182,13 @@ d = int(sys.argv[1])
 L, N, S, B, H, HK = 37, 2, 5, 2, 4, 2  # compile_check's padded thought layout
 n, tiles = L + N * L * S, row_tiles.num_key_tiles(L + N * L * S, L)
 q, k = torch.zeros(B, H, n, d, dtype=torch.bfloat16), torch.zeros(B, HK, n, d, dtype=torch.bfloat16)
-lse, tile_lse = torch.zeros(B, H, n), torch.zeros(B, H, n, tiles)
+lse, cell_pi = torch.zeros(B, H, n), torch.zeros(B, H, n, tiles)
 cells = lc.OpenedCells(torch.zeros(1, dtype=torch.int32), torch.zeros(1), torch.zeros(B * H * tiles, dtype=torch.int64),
                        torch.zeros(B * H * tiles, dtype=torch.int32))
 pattern = dict(num_text=L, branch_length=S, causal=True, key_valid=torch.ones(B, L, dtype=torch.bool),
                fp32_precision="tf32", compiled=True)
 for name, (kernel, grid, arguments) in {
-        "forward": lc.forward_launch(q, k, k, q, lse, tile_lse, 0.125, **pattern),
+        "forward": lc.forward_launch(q, k, k, q, lse, cell_pi, 0.125, c=32.0, seed=1, **pattern),
         "backward": lc.backward_launch(q, k, k, q, lse, lse, q.float(), k, k, cells, 0.125, c=32.0, seed=1, **pattern)}.items():
     ptx = kernel.warmup(grid=grid, **arguments).asm["ptx"]
     registers, stores, loads = compile_check._register_report(ptx, 90)

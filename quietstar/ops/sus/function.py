@@ -74,7 +74,8 @@ def resolve_backend(backend: str, device: torch.device, head_dim: int | None = N
 
 def _implementation(backend: str, design: str):
     """(forward, backward) of a resolved backend and SUS design; both share the signatures of the reference's,
-    except that design C's kernel forward returns one tensor more (tile_lse), which its backward takes after lse."""
+    except that design C's kernel forward takes c and seed and returns one tensor more (cell_pi, its level-1 draw),
+    which its backward takes after lse."""
     if design == "c":
         from . import row_tiles
 
@@ -101,9 +102,11 @@ class SusAttention(torch.autograd.Function):
         if backend == "triton":
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             kernel_options = dict(fp32_precision=fp32_precision)
-        ctx.implementation = _implementation(backend, sus_design if c is not None else "a")
+        design = sus_design if c is not None else "a"
+        ctx.implementation = _implementation(backend, design)
+        level1_options = dict(c=c, seed=seed) if design == "c" and backend == "triton" else {}  # drawn in the forward
         o, lse, *level1 = ctx.implementation[0](q, k, v, scale=scale, num_text=num_text, branch_length=branch_length,
-                                                causal=causal, key_valid=key_valid, **kernel_options)
+                                                causal=causal, key_valid=key_valid, **kernel_options, **level1_options)
         ctx.save_for_backward(q, k, v, o, lse, key_valid, *level1)
         ctx.settings = dict(scale=scale, num_text=num_text, branch_length=branch_length, causal=causal, c=c, seed=seed,
                             **kernel_options)

@@ -34,11 +34,12 @@ which vanishes for cells with pi = 1 (mass >= 1/c). Hence:
 is; the backward gathers, per key tile, the rows that opened it and runs the dense tile math on them only.
 
 **What the kernels store.** The forward (``row_tiles_kernels.py``) writes the tile log-sum-exp
-l_it = log sum_{j in t} exp(S_ij) per (row, tile), fp32, -inf for a tile the row does not see:
-4 * ceil(n / 64) bytes per row and head (n = 16k: 1 KiB per row and head, 16 MiB per head), next to
-lse_i. With the final lse the backward's launch gets m_it = exp(l_it - lse_i) and draws level 1 in
-PyTorch (one hash per row per tile). This reference gets m_it by summing P instead; the two agree to
-fp32 rounding, so kernel and reference open the same cells except for a draw within rounding of pi.
+l_it = log sum_{j in t} exp(S_ij) per (row, tile) as it goes; once lse_i is final it reads them back,
+m_it = exp(l_it - lse_i), and draws level 1 (one hash per row per tile), keeping pi_it for an opened cell
+and 0 for a closed one: fp32, 4 * ceil(n / 64) bytes per row and head (n = 16k: 1 KiB per row and head,
+16 MiB per head), saved for the backward next to lse. This reference gets m_it by summing P instead; the
+two agree to fp32 rounding, so kernel and reference open the same cells except for a draw within rounding
+of pi.
 The rounding can also make pi a hair below q_ij; the entry is then kept with probability pi, a bias
 of the order of fp32 rounding.
 """

@@ -1,9 +1,11 @@
 """Triton kernels of SUS design C (row_tiles.py holds the sampling and its derivation).
 
 * ``forward_kernel``: the exact forward of :mod:`.kernels` with key blocks of exactly one key tile, which also
-  writes the tile log-sum-exp l_it = log sum_{j in t} exp(S_ij) per (row, key tile): one log and one store
-  per row per tile. Branch key loops start at a tile boundary (a few invisible columns more) so that every
-  block is one tile of row_tiles.key_tile's numbering.
+  draws level 1. In the loop it writes the tile log-sum-exp l_it = log sum_{j in t} exp(S_ij) per (row, key tile)
+  into CELL_PI (one log and one store per row per tile); once the row's lse is final it reads them back and
+  overwrites each with pi_it = min(1, c exp(l_it - lse_i)) where u1_it < pi_it, else 0 (one hash per row per
+  tile). Branch key loops start at a tile boundary (a few invisible columns more) so that every block is one
+  tile of row_tiles.key_tile's numbering.
 * ``backward_kernel``: one program per (key tile, key/value head). For each query head of the group it walks
   the rows that opened the tile (gathered by the launch, BLOCK_M at a time: dense tensor-core tiles of
   gathered rows), recomputes P for them, keeps entry (i, j) when u2_ij * pi_it < min(1, c P_ij), and
@@ -42,7 +44,7 @@ def _visible_span(rows, text_tile, n, num_text, branch_length, CAUSAL: tl.conste
 
 @triton.jit
 def _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows, cols, n, num_text, branch_length,
-                  key_valid_row, scale, tile_lse_ptrs, row_ok, CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
+                  key_valid_row, scale, cell_ptrs, row_ok, CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
                   HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     dims = tl.arange(0, HEAD_DIM)
     col_ok = cols < n
@@ -58,20 +60,29 @@ def _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows, cols, n, nu
     tile_sum = tl.sum(p, 1)
     # log-sum-exp of this tile alone, from the running shift (underflows only for mass below e^-87 of the row max)
     tile_lse = tl.where(tile_sum > 0, m_shift + tl.log(tl.where(tile_sum > 0, tile_sum, 1.0)), float("-inf"))
-    tl.store(tile_lse_ptrs, tile_lse, mask=row_ok)
+    tl.store(cell_ptrs, tile_lse, mask=row_ok)
     l_i = l_i * alpha + tile_sum
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
 
 
 @triton.jit
-def forward_kernel(Q, K, V, O, LSE, TILE_LSE, KEY_VALID,
+def _open_cells(cell_ptrs, tile, lse, rows, row_keys, row_ok, c):
+    """Level 1 for one tile of the block's rows: l_it read back, pi_it if the cell opens, else 0, written over it."""
+    tile_lse = tl.load(cell_ptrs + tile, mask=row_ok, other=float("-inf"))
+    pi = tl.minimum(c * tl.exp(tile_lse - lse), 1.0)  # -inf tiles and rows that see nothing (lse = +inf) give 0
+    u = _uniform(row_keys, tl.zeros_like(rows) + tile)
+    tl.store(cell_ptrs + tile, tl.where(u < pi, pi, 0.0), mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def forward_kernel(Q, K, V, O, LSE, CELL_PI, KEY_VALID,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                   n, num_text, branch_length, num_heads, group, text_blocks, text_tiles, num_tiles, scale,
+                   n, num_text, branch_length, num_heads, group, text_blocks, text_tiles, num_tiles, scale, c, seed,
                    CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr, BLOCK_M: tl.constexpr,
                    TILE: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-    """O, lse per row, and l_it per (row, key tile) (TILE_LSE ``[B*H, n, num_tiles]``, filled with -inf before);
-    grid (query blocks, B*H)."""
+    """O, lse per row, and level 1 per (row, key tile): CELL_PI ``[B*H, n, num_tiles]`` (zeroed before) gets pi_it for
+    an opened cell, 0 for a closed one; grid (query blocks, B*H)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # 64-bit base offsets
     b = bh // num_heads
@@ -89,7 +100,7 @@ def forward_kernel(Q, K, V, O, LSE, TILE_LSE, KEY_VALID,
     v_base = V + b * stride_kb + (h // group) * stride_kh
     key_valid_row = KEY_VALID + b * num_text
     rows_seen = tl.where(row_ok, rows, n)  # rows past the block see nothing
-    tile_lse_rows = TILE_LSE + bh * n * num_tiles + rows * num_tiles
+    cell_rows = CELL_PI + bh * n * num_tiles + rows * num_tiles
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -97,13 +108,13 @@ def forward_kernel(Q, K, V, O, LSE, TILE_LSE, KEY_VALID,
     for col_start in range(0, text_hi, TILE):
         cols = _clip(col_start + tl.arange(0, TILE), text_hi, n)
         acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows_seen, cols, n, num_text,
-                                      branch_length, key_valid_row, scale, tile_lse_rows + col_start // TILE, row_ok,
+                                      branch_length, key_valid_row, scale, cell_rows + col_start // TILE, row_ok,
                                       CAUSAL, HAS_KEY_VALID, HEAD_DIM, PRECISION)
     for col_start in range(branch_lo, branch_hi, TILE):
         cols = _clip(col_start + tl.arange(0, TILE), branch_hi, n)
         tile = text_tiles + (col_start - num_text) // TILE
         acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows_seen, cols, n, num_text,
-                                      branch_length, key_valid_row, scale, tile_lse_rows + tile, row_ok,
+                                      branch_length, key_valid_row, scale, cell_rows + tile, row_ok,
                                       CAUSAL, HAS_KEY_VALID, HEAD_DIM, PRECISION)
     seen_any = l_i > 0
     out = acc / tl.where(seen_any, l_i, 1.0)[:, None]
@@ -111,6 +122,13 @@ def forward_kernel(Q, K, V, O, LSE, TILE_LSE, KEY_VALID,
     o_base = O + b * stride_qb + h * stride_qh
     tl.store(o_base + rows[:, None] * stride_qn + dims[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + bh * n + rows, lse, mask=row_ok)
+
+    tl.debug_barrier()  # the loop's l_it stores, from any thread of the program, are read back below
+    row_keys = _row_keys(seed.to(tl.uint32) | 0x80000000, bh, rows)  # level 1's stream (row_tiles.LEVEL1_STREAM)
+    for tile in range(0, tl.cdiv(text_hi, TILE)):
+        _open_cells(cell_rows, tile, lse, rows, row_keys, row_ok, c)
+    for col_start in range(branch_lo, branch_hi, TILE):
+        _open_cells(cell_rows, text_tiles + (col_start - num_text) // TILE, lse, rows, row_keys, row_ok, c)
 
 
 @triton.jit

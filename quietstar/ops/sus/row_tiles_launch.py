@@ -1,10 +1,10 @@
-"""Launches of design C's kernels (:mod:`.row_tiles_kernels`) and the level-1 draw between them.
+"""Launches of design C's kernels (:mod:`.row_tiles_kernels`), and the list of opened cells between them.
 
-The forward returns (o, lse, tile_lse); the backward turns tile_lse and lse into the mass m_it, draws level 1
-with :func:`.row_tiles.open_cells` (the reference's own function: one hash per row per tile), and lists, per
-(head, key tile), the rows that opened it, sorted by head, tile and row: ROWS (int32) with their pi (PI, fp32),
-CELL_FIRST / CELL_COUNT per cell. Memory: tile_lse 4 * ceil(n / 64) bytes per row and head; the lists 8 bytes per
-opened cell. Each ``*_launch`` function returns (kernel, grid, keyword arguments) without launching, as
+The forward returns (o, lse, cell_pi): cell_pi ``[B, H, n, tiles]`` fp32 holds pi_it for each opened (row, key
+tile) cell and 0 for a closed one (level 1, drawn in the forward's epilogue). The backward lists, per (head, key
+tile), the rows that opened it, sorted by head, tile and row: ROWS (int32) with their pi (PI, fp32), CELL_FIRST /
+CELL_COUNT per cell. Memory: cell_pi 4 * ceil(n / 64) bytes per row and head, kept from forward to backward (16 MiB
+per head at n = 16k); the lists 8 bytes per opened cell, during the backward. Each ``*_launch`` function returns (kernel, grid, keyword arguments) without launching, as
 :mod:`.launch` does, for the compile check.
 """
 
@@ -52,17 +52,17 @@ def check_tile_sizes(n: int, num_tiles: int) -> None:
                          "kernels' 32-bit offsets; split the sequence or use sus_design='a'.")
 
 
-def forward_launch(q, k, v, o, lse, tile_lse, scale, num_text, branch_length, causal, key_valid, fp32_precision,
-                   compiled, tile=row_tiles.TILE):
+def forward_launch(q, k, v, o, lse, cell_pi, scale, num_text, branch_length, causal, key_valid, c, seed,
+                   fp32_precision, compiled, tile=row_tiles.TILE):
     B, H, n, d = q.shape
     tiles = tile_config("forward", d, q.dtype, compiled)
     text_blocks = -(-num_text // tiles.block_m)
     total = text_blocks + -(-(n - num_text) // tiles.block_m)
     arguments = _shared_arguments(q, k, key_valid, lse, num_text, branch_length, causal, fp32_precision, tiles)
     del arguments["BLOCK_N"]  # the key block is the estimator's tile
-    arguments.update(Q=q, K=k, V=v, O=o, LSE=lse, TILE_LSE=tile_lse, text_blocks=text_blocks,
+    arguments.update(Q=q, K=k, V=v, O=o, LSE=lse, CELL_PI=cell_pi, text_blocks=text_blocks,
                      text_tiles=-(-num_text // tile), num_tiles=row_tiles.num_key_tiles(n, num_text, tile),
-                     scale=scale, TILE=tile)
+                     scale=scale, c=float(c), seed=seed, TILE=tile)
     return row_tiles_kernels.forward_kernel, (total, B * H), arguments
 
 
@@ -79,10 +79,10 @@ def backward_launch(q, k, v, do, lse, delta, dq32, dk, dv, cells, scale, num_tex
     return row_tiles_kernels.backward_kernel, (num_tiles, B * k.shape[1]), arguments
 
 
-def triton_forward(q, k, v, scale, num_text, branch_length=0, causal=True, key_valid=None, out=None,
+def triton_forward(q, k, v, scale, num_text, branch_length=0, causal=True, key_valid=None, c=1.0, seed=0, out=None,
                    fp32_precision="tf32", tile=row_tiles.TILE):
-    """Exact attention and what level 1 needs: (o ``[B, H, n, d]``, lse ``[B, H, n]``, tile_lse
-    ``[B, H, n, tiles]`` fp32); ``out`` = (o, lse, tile_lse) to fill (tile_lse is reset to -inf here)."""
+    """Exact attention and level 1: (o ``[B, H, n, d]``, lse ``[B, H, n]``, cell_pi ``[B, H, n, tiles]`` fp32, pi of
+    each opened cell, 0 for closed ones); ``out`` = (o, lse, cell_pi) to fill (cell_pi is zeroed here)."""
     B, H, n, d = q.shape
     check_sizes(q)
     num_tiles = row_tiles.num_key_tiles(n, num_text, tile)
@@ -90,39 +90,39 @@ def triton_forward(q, k, v, scale, num_text, branch_length=0, causal=True, key_v
     if out is None:
         out = (torch.empty_like(q), torch.empty(B, H, n, device=q.device, dtype=torch.float32),
                torch.empty(B, H, n, num_tiles, device=q.device, dtype=torch.float32))
-    o, lse, tile_lse = out
-    tile_lse.fill_(float("-inf"))  # tiles a row's block never visits
-    kernel, grid, arguments = forward_launch(q, k, v, o, lse, tile_lse, scale, num_text, branch_length, causal,
-                                             key_valid, fp32_precision, q.device.type == "cuda", tile)
+    o, lse, cell_pi = out
+    cell_pi.zero_()  # cells of tiles a row's block never visits stay closed
+    kernel, grid, arguments = forward_launch(q, k, v, o, lse, cell_pi, scale, num_text, branch_length, causal,
+                                             key_valid, c, seed, fp32_precision, q.device.type == "cuda", tile)
     with _on_device(q.device):
         kernel[grid](**arguments)
-    return o, lse, tile_lse
+    return o, lse, cell_pi
 
 
-def opened_cells(lse: torch.Tensor, tile_lse: torch.Tensor, c: float, seed: int) -> OpenedCells:
-    """Level 1 from the forward's tile_lse and lse, listed per (head, tile)."""
-    B, H, n, num_tiles = tile_lse.shape
-    mass = torch.exp(tile_lse - lse[..., None])  # -inf tiles and rows that see nothing (lse = inf) give 0
-    cell_open, pi = row_tiles.open_cells(mass, c, seed)
-    by_tile = cell_open.view(B * H, n, num_tiles).transpose(1, 2)  # [BH, tiles, n]
-    count = by_tile.sum(-1, dtype=torch.int32).flatten()
+def opened_cells(cell_pi: torch.Tensor) -> OpenedCells:
+    """The forward's level-1 outcome listed per (head, tile)."""
+    B, H, n, num_tiles = cell_pi.shape
+    by_tile = cell_pi.view(B * H, n, num_tiles).transpose(1, 2)  # [BH, tiles, n]
+    cell_open = by_tile > 0
+    count = cell_open.sum(-1, dtype=torch.int32).flatten()
     first = torch.cumsum(count, 0, dtype=torch.int64) - count
-    rows = by_tile.nonzero()[:, 2].to(torch.int32)  # sorted by (head, tile, row), the order of ``first``
-    pi = pi.view(B * H, n, num_tiles).transpose(1, 2)[by_tile]
-    if rows.numel() == 0:  # nothing opened: kernels still need a valid pointer
+    rows = cell_open.nonzero()[:, 2].to(torch.int32)  # sorted by (head, tile, row), the order of ``first``
+    pi = by_tile[cell_open]
+    if rows.numel() == 0:  # nothing opened: the kernel still needs valid pointers
         rows, pi = rows.new_zeros(1), pi.new_zeros(1)
     return OpenedCells(rows=rows, pi=pi, first=first, count=count)
 
 
-def triton_backward(q, k, v, o, lse, tile_lse, do, scale, num_text, branch_length=0, causal=True, key_valid=None,
+def triton_backward(q, k, v, o, lse, cell_pi, do, scale, num_text, branch_length=0, causal=True, key_valid=None,
                     c=1.0, seed=0, out=None, fp32_precision="tf32", tile=row_tiles.TILE):
-    """Design C's SUS gradients (dq, dk, dv) in the inputs' dtypes; ``out`` = (dq, dk, dv) to fill."""
+    """Design C's SUS gradients (dq, dk, dv) in the inputs' dtypes, for the cells the forward opened (``cell_pi``,
+    drawn with the same ``c`` and ``seed``); ``out`` = (dq, dk, dv) to fill."""
     check_sizes(q)
     do = do.contiguous()
     delta = (do.float() * o.float()).sum(-1)  # D from the exact output, never from P~ (that would bias dQ)
     dq, dk, dv = out if out is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     dq32 = torch.zeros(q.shape, device=q.device, dtype=torch.float32)  # the atomics' accumulator
-    cells = opened_cells(lse, tile_lse, c, seed)
+    cells = opened_cells(cell_pi)
     kernel, grid, arguments = backward_launch(q, k, v, do, lse, delta, dq32, dk, dv, cells, scale, num_text,
                                               branch_length, causal, key_valid, c, seed, fp32_precision,
                                               q.device.type == "cuda", tile)
