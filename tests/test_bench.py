@@ -110,7 +110,7 @@ def test_bench_sus_cpu_smoke_run(tmp_path, capsys):
     bench_script("sus").main(["--device", "cpu", "--lengths", "64", "96", "--head-dims", "16", "--cs", "8",
                               "--heads", "2", "--warmup", "0", "--repeats", "1", "--out", str(out), "--plot", ""])
     rows = json.loads(out.read_text())["rows"]
-    assert {r["impl"] for r in rows} == {"sdpa", "exact", "sus c=8"} and len(rows) == 6
+    assert {r["impl"] for r in rows} == {"sdpa", "exact", "sus c=8", "sus-C c=8"} and len(rows) == 8
     assert all(r["forward_s"] > 0 and r["backward_s"] > 0 for r in rows)
     assert "target <= 0.5" in capsys.readouterr().out
 
