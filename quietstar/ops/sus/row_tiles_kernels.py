@@ -11,8 +11,9 @@
   gathered rows), recomputes P for them, keeps entry (i, j) when u2_ij * pi_it < min(1, c P_ij), and
   accumulates dK and dV in registers and dQ of the gathered rows by fp32 atomics.
 
-Visibility, the block geometry of the forward and the hash come from :mod:`.kernels`, so both designs see
-one attention pattern and one random stream.
+The forward's visibility rule and block geometry and the hash come from :mod:`.kernels`, so both designs see one
+attention pattern and one random stream; the backward's visibility is one span per row and key tile
+(:func:`_visible_span`), tested against the reference on every pattern.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _visible_span(rows, text_tile, n, num_text, branch_length, CAUSAL: tl.conste
         lo = tl.zeros_like(rows)
         hi = tl.where(row_is_text, rows, row_segment % num_text)
         if not CAUSAL:
-            hi = tl.full(rows.shape, num_text - 1, rows.dtype)
+            hi = tl.zeros_like(rows) + (num_text - 1)
     else:
         lo = tl.where(row_is_text, n, num_text + row_segment * branch_length)
         hi = rows
