@@ -29,8 +29,8 @@ def check_model_supported(base) -> None:
     if num_layers is None:
         raise ValueError(f"{name}'s config has no num_hidden_layers: Quiet-STaR takes decoder-only causal LMs whose "
                          "config says how many attention layers they have.")
-    device = base.get_input_embeddings().weight.device
-    ids = torch.arange(3, 9, device=device)[None] % base.config.vocab_size
+    embeddings = check_token_tables(base)
+    ids = torch.arange(3, 9, device=embeddings.weight.device)[None] % embeddings.num_embeddings
     layout = ThoughtLayout("prefix", torch.ones_like(ids, dtype=torch.bool), 1, num_thought_tokens=1, backend="eager")
     was_training = base.training
     base.eval()  # dropout would make the two runs differ
@@ -68,6 +68,53 @@ def check_model_supported(base) -> None:
                          f"attention (relative error {error:.2e}); the model does something Quiet-STaR's attention or "
                          "head split does not implement (a logit change other than quietstar.head's output head, "
                          "scaling and soft-capping, or an attention rule the attention function is not told of).")
+
+
+def check_token_tables(base) -> torch.nn.Embedding:
+    """The input embedding table, after refusing token tables Quiet-STaR cannot add its thought tokens to.
+
+    Thought tokens take one new id each in one input table and one output head: a family with one table per audio
+    codebook (MusicGen) has no single table, and one whose head predicts fewer ids than its input table holds
+    (Mllama's extra image rows) would predict the thought ids from rows that do not exist.
+    """
+    name = type(base).__name__
+    embeddings = base.get_input_embeddings()
+    if not isinstance(embeddings, torch.nn.Embedding):
+        raise ValueError(f"{name}'s input embeddings are a {type(embeddings).__name__}, not one token table (one "
+                         "table per audio codebook, as MusicGen has?); Quiet-STaR adds its thought tokens to one "
+                         "input table and one output head.")
+    head = base.get_output_embeddings()
+    predicted = getattr(head, "out_features", None) or getattr(getattr(head, "weight", None), "shape", [None])[0]
+    if predicted is not None and predicted < embeddings.num_embeddings:
+        raise ValueError(f"{name}'s output head predicts {predicted} ids but its input table holds "
+                         f"{embeddings.num_embeddings} rows (input-only rows for image or audio tokens); the thought "
+                         "tokens' new ids would land on those rows, which the head cannot predict or mask, so "
+                         "Quiet-STaR refuses it.")
+    return embeddings
+
+
+def check_new_embeddings(base) -> None:
+    """Refuse a family that cannot run from input vectors that are not rows of its embedding table.
+
+    Thought tokens enter as new vectors through ``inputs_embeds``; a family that recovers token ids from its input
+    vectors (Gemma 4 computes per-layer inputs that way) raises on them.
+    """
+    embeddings = base.get_input_embeddings()
+    generator = torch.Generator().manual_seed(0)
+    vectors = torch.randn(1, 3, embeddings.embedding_dim, generator=generator).to(embeddings.weight)
+    was_training, attention = base.training, base.config._attn_implementation
+    base.eval()
+    base.set_attn_implementation("eager")  # the family's own forward alone is on trial here
+    try:
+        with torch.no_grad():
+            decoder(base)(inputs_embeds=vectors, use_cache=False)
+    except Exception as error:  # noqa: BLE001 - any failure here means new vectors cannot be fed
+        raise ValueError(f"{type(base).__name__} cannot run from input vectors that are not rows of its embedding "
+                         f"table ({type(error).__name__}: {str(error).splitlines()[0][:160]}); Quiet-STaR feeds its "
+                         "thought tokens as new vectors (inputs_embeds), so it cannot train thoughts in this family.")
+    finally:
+        base.set_attn_implementation(attention)
+        base.train(was_training)
 
 
 def check_thought_layout(model) -> None:

@@ -15,7 +15,7 @@ from . import attention  # noqa: F401  (registers the "quietstar" attention with
 from . import checkpoint
 from .attention import ATTENTION_NAME
 from .attention.layout import text_positions
-from .compat import check_model_supported, check_thought_layout
+from .compat import check_model_supported, check_new_embeddings, check_thought_layout
 from .config import QuietStarConfig
 from .generation import GenerationOutput, generate
 from .head import LogitTransform, apply_output_head, decoder, hidden_width, output_head_names
@@ -144,11 +144,12 @@ class QuietStarForCausalLM(nn.Module):
         init_ids = tokenizer(config.thought_init_text, add_special_tokens=False).input_ids
         if not init_ids:
             raise ValueError(f"thought_init_text {config.thought_init_text!r} tokenizes to nothing.")
+        base.set_attn_implementation(ATTENTION_NAME)
+        check_model_supported(base)  # before the resize: a family that cannot take thoughts is refused untouched
+        check_new_embeddings(base)
         thought_ids = _add_thought_tokens(tokenizer, config)
         if len(tokenizer) > base.get_input_embeddings().num_embeddings:
             _resize_token_embeddings(base, len(tokenizer))
-        base.set_attn_implementation(ATTENTION_NAME)
-        check_model_supported(base)
         name = getattr(base, "name_or_path", "") or ""
         hub_id = name if name and not os.path.isdir(name) else None
         model = cls(base, tokenizer, config, thought_ids, tokenizer.pad_token_id, base_model_id=hub_id)

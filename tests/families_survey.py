@@ -200,19 +200,14 @@ REASONS = (  # (text in the error, the README's short reason); the full message 
     ("logits differ from", "its logits differ from the probe's: a computation outside the seam (a BERT-style prediction "
                            "transform, attention sinks, a layer the probe does not see)"),
     ("has no num_hidden_layers", "its config does not say how many attention layers it has"),
-    # failures (status "failed")
-    ("Q/K/V should have the same head size", "value heads narrower than query/key heads (MLA): the quietstar "
-                                             "attention assumes one head size"),
-    ("no attribute 'vocab_size'", "from_base reads config.vocab_size, which a composite (vision-language or audio) "
-                                  "config lacks"),
-    ("object is not subscriptable", "a sparse-attention indexer reads the attention mask outside the attention "
-                                    "function; under the quietstar attention there is none"),
-    ("no attribute 'dtype'", "a sparse-attention indexer reads the attention mask outside the attention "
-                             "function; under the quietstar attention there is none"),
-    ("'ModuleList' object has no attribute 'num_embeddings'", "one input embedding table per audio codebook"),
-    ("do not exactly match the embedding weights", "its per-layer inputs reverse the input embedding, so thought "
-                                                   "embeddings cannot be fed as inputs_embeds"),
-    ("object has no attribute 'embeddings'", "transformers' resize_token_embeddings fails on it"),
+    ("attends sparsely", "attends sparsely through a learned indexer (DeepSeek sparse attention)"),
+    ("attends bidirectionally", "attends bidirectionally (an encoder)"),
+    ("additive position bias", "passes an additive position bias to its attention"),
+    ("keys per row", "adds key/value entries of its own beyond the call's tokens (compressed or memory entries)"),
+    ("not one token table", "one input embedding table per audio codebook, not one token table"),
+    ("cannot run from input vectors", "recovers token ids from its input vectors (Gemma 4's per-layer inputs), so "
+                                      "thought tokens cannot enter as new vectors"),
+    ("output head predicts", "its output head predicts fewer ids than its input table holds (input-only image or audio rows)"),
     ("failed Quiet-STaR's probe", "its decoder does not hand final hidden states to its head"),
 )
 

@@ -118,6 +118,10 @@ def shrunk(part, vocab_size: int) -> dict:
             changes[key] = special
         elif isinstance(value, list) and any(v >= vocab_size for v in value):
             changes[key] = special
+    for key, value in fields.items():  # image/video/audio placeholders: indexable, unused by text rows
+        if key.endswith(("_token_id", "_token_index")) and key not in SPECIAL_IDS and isinstance(value, int) \
+                and value >= vocab_size:
+            changes[key] = SPECIAL_IDS["pad_token_id"]
     if "is_decoder" in fields:  # BERT-style and seq2seq families: their causal-LM use is as a (causal) decoder
         changes["is_decoder"] = True
     if fields.get("sliding_window"):

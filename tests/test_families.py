@@ -65,7 +65,7 @@ def test_a_crash_of_the_library_is_reported_as_failed_not_refused(monkeypatch):
     # read as a failure of ours, and a family whose structure the probe rejects must still read as refused.
     import quietstar.attention.dispatch as dispatch
 
-    assert families_survey.survey_family("electra")["status"] == "refused"  # its decoder is not the probe's split
+    assert families_survey.survey_family("modernbert-decoder")["status"] == "refused"  # its decoder is not the probe's split
 
     def broken(*args, **kwargs):
         raise IndexError("a bug in the quietstar attention")

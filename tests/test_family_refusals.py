@@ -68,3 +68,28 @@ def test_layers_that_drop_the_calls_keywords_are_refused():
     base = AutoModelForCausalLM.from_config(config).eval()
     with pytest.raises(ValueError, match="Only 0 of StableLmForCausalLM's 2 layers .* keywords"):
         QuietStarForCausalLM.from_base(base, byte_tokenizer(), QuietStarConfig())
+
+
+def _tiny_family(model_type):
+    """A tiny random model of ``model_type`` built as the families survey builds it (tests/family_configs.py)."""
+    from family_configs import causal_lm_class, tiny_config
+
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    base = causal_lm_class(model_type)._from_config(tiny_config(model_type, len(tokenizer)), dtype=torch.float32)
+    return base.eval(), tokenizer
+
+
+@pytest.mark.parametrize("model_type, named", [
+    ("musicgen", "ModuleList, not one token table"),  # one input table per audio codebook
+    ("mllama", "output head predicts 258 ids but its input table holds 266 rows"),  # extra image rows
+    ("gemma4_text", "cannot run from input vectors that are not rows of its embedding table"),
+    ("xlstm", "Only 0 of xLSTMForCausalLM's 2 layers attend"),  # refused before the resize, which breaks on it
+])
+def test_token_tables_quietstar_cannot_extend_are_refused_untouched(model_type, named):
+    base, tokenizer = _tiny_family(model_type)
+    rows = base.get_input_embeddings()
+    size = len(tokenizer)
+    with pytest.raises(ValueError, match=named):
+        QuietStarForCausalLM.from_base(base, tokenizer, QuietStarConfig())
+    assert len(tokenizer) == size and base.get_input_embeddings() is rows  # nothing added, nothing resized
