@@ -14,8 +14,9 @@ mma or none: fma), registers and spill bytes from ``ptxas -v``. Exits 1 if any v
 Variants: kernel (forward, dq, dkdv) x input dtype (fp16, bf16, fp32 through tf32, fp32 exact) x head dim x
 backward (exact, SUS), at odd sizes (no divisibility specialisation) with grouped-query heads. ``table`` takes the
 padded thought layout (every constexpr branch of the visibility rule on); ``all`` adds the plain causal,
-padded causal, non-causal and unpadded thought patterns (each compiles separately: CAUSAL, HAS_KEY_VALID and
-branch_length == 1 are specialised); ``representative`` is one variant per kernel (bf16, head dim 128, SUS).
+padded causal, non-causal and unpadded thought patterns and the padded thought layout with a sliding window and
+soft-capping (each compiles separately: CAUSAL, HAS_KEY_VALID, WINDOWED, SOFTCAP and branch_length == 1 are
+specialised); ``representative`` is one variant per kernel (bf16, head dim 128, SUS).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ HEAD_DIMS = (16, 32, 64, 128)
 # (text tokens L, thoughts N, branch length S, causal, padded); n = L + N L S
 PATTERNS = {"thought-padded": (37, 2, 5, True, True), "thought": (37, 2, 5, True, False),
             "causal": (409, 0, 0, True, False), "causal-padded": (409, 0, 0, True, True),
-            "noncausal": (409, 0, 0, False, False)}
+            "noncausal": (409, 0, 0, False, False), "thought-window-softcap": (37, 2, 5, True, True)}
+RULES = {"thought-window-softcap": dict(window=7, softcap=30.0)}  # sliding window and soft-capping switched on
 BATCH, HEADS, KV_HEADS = 2, 4, 2
 
 
@@ -122,7 +124,7 @@ def _launch(variant: Variant):
     lse = torch.zeros(BATCH, HEADS, n)
     key_valid = torch.ones(BATCH, L, dtype=torch.bool) if padded else None
     pattern = dict(num_text=L, branch_length=S if N else 0, causal=causal, key_valid=key_valid,
-                   fp32_precision=fp32_precision, compiled=True)
+                   fp32_precision=fp32_precision, compiled=True, **RULES.get(variant.pattern, {}))
     if variant.kernel == "forward":
         return launch.forward_launch(q, k, k, q, lse, 0.125, **pattern)
     launches = launch.backward_launches(q, k, k, q, lse, lse, q, k, k, 0.125, c=32.0 if variant.sus else None,

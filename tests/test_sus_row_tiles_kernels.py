@@ -68,8 +68,8 @@ def _reference_cells(q, k, scale, pattern, tile, c, seed):
     """Level 1 by the reference: pi where the cell opens, else 0."""
     B, H, n, _ = q.shape
     qf, kf = q.float(), reference._expand_heads(k.float(), H)
-    pieces, probs, _ = reference._all_probs(qf, kf, scale, pattern["num_text"], pattern["branch_length"],
-                                            pattern["causal"], pattern["key_valid"])
+    pieces, probs, _, _ = reference._all_probs(qf, kf, scale, pattern["num_text"], pattern["branch_length"],
+                                               pattern["causal"], pattern["key_valid"], None, None)
     cell_open, pi = row_tiles.open_cells(row_tiles.tile_mass(pieces, probs, B, H, n, pattern["num_text"], tile), c, seed)
     return torch.where(cell_open, pi, torch.zeros_like(pi))
 

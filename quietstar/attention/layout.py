@@ -96,7 +96,8 @@ class ThoughtLayout:
     step: int = 0  # the sampling step m: this call's tokens are b_{.,m+1}
     text_cache: dict = field(default_factory=dict)  # layer_idx -> (k, v), each [B, Hkv, L, d]
     branch_cache: dict = field(default_factory=dict)  # layer_idx -> (k, v), each [B, Hkv, N, L, T, d]
-    # The expanded phase's FlexAttention BlockMask (quietstar.ops.flex), built by the first layer, shared by all
+    # The expanded phase's FlexAttention BlockMasks by sliding window (quietstar.ops.flex), built by the first layer
+    # with that window, shared by the others
     flex_block_mask: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):

@@ -97,35 +97,42 @@ class SusAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, key_valid, scale, num_text, branch_length, causal, c, seed, backend, fp32_precision,
-                sus_design):
+                window, softcap, sus_design):
         kernel_options = {}
         if backend == "triton":
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             kernel_options = dict(fp32_precision=fp32_precision)
         design = sus_design if c is not None else "a"
         ctx.implementation = _implementation(backend, design)
-        level1_options = dict(c=c, seed=seed) if design == "c" and backend == "triton" else {}  # drawn in the forward
+        if design == "a":
+            pattern_options = dict(window=window, softcap=softcap)
+        else:  # no window or soft-capping in design C (check_inputs refuses them); its kernel forward draws level 1
+            pattern_options = dict(c=c, seed=seed) if backend == "triton" else {}
         o, lse, *level1 = ctx.implementation[0](q, k, v, scale=scale, num_text=num_text, branch_length=branch_length,
-                                                causal=causal, key_valid=key_valid, **kernel_options, **level1_options)
+                                                causal=causal, key_valid=key_valid, **kernel_options, **pattern_options)
         ctx.save_for_backward(q, k, v, o, lse, key_valid, *level1)
         ctx.settings = dict(scale=scale, num_text=num_text, branch_length=branch_length, causal=causal, c=c, seed=seed,
-                            **kernel_options)
+                            **kernel_options, **(dict(window=window, softcap=softcap) if design == "a" else {}))
         return o.to(q.dtype)
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, key_valid, *level1 = ctx.saved_tensors
         dq, dk, dv = ctx.implementation[1](q, k, v, o, lse, *level1, do, key_valid=key_valid, **ctx.settings)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *([None] * 10)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *[None] * 12
 
 
-def check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend, fp32_precision="tf32", sus_design="a"):
+def check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend, fp32_precision="tf32", causal=True,
+                 window=None, softcap=None, sus_design="a"):
     if c is not None and not (isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0):  # NaN fails c > 0
         raise ValueError(f"c must be a positive number (or None for the exact backward), got {c!r}.")
     if fp32_precision not in FP32_PRECISIONS:
         raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got {fp32_precision!r}.")
     if sus_design not in SUS_DESIGNS:
         raise ValueError(f"sus_design must be one of {SUS_DESIGNS}, got {sus_design!r}.")
+    if sus_design == "c" and c is not None and (window is not None or softcap is not None):
+        raise ValueError("sus_design='c' does not implement sliding windows or soft-capping; use sus_design='a' "
+                         "for this layer.")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [batch, heads, n, head_dim]; got shapes {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}.")
@@ -140,7 +147,7 @@ def check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend, fp32_p
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}.")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}.")
-    reference.check_pattern(n, num_text, branch_length)
+    reference.check_pattern(n, num_text, branch_length, causal, window, softcap)
     if key_valid is not None and tuple(key_valid.shape) != (B, num_text):
         raise ValueError(f"key_valid must be [batch, num_text] = {(B, num_text)}, got {tuple(key_valid.shape)}.")
     if backend == "triton":
@@ -150,8 +157,11 @@ def check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend, fp32_p
 
 
 def attention(q, k, v, *, c=None, scale=None, seed=0, backend="auto", causal=True, num_text=None,
-              branch_length=0, key_valid=None, fp32_precision="tf32", sus_design="a"):
+              branch_length=0, key_valid=None, fp32_precision="tf32", window=None, softcap=None, sus_design="a"):
     """Exact attention forward with an exact (``c=None``) or SUS backward, for any supported pattern.
+
+    ``window``: a sliding window on position ids (:mod:`.reference`; causal only); ``softcap``: scaled scores s
+    become softcap * tanh(s / softcap) (Gemma 2's attention-logit soft-capping). None: off.
 
     ``fp32_precision``: how the Triton kernels multiply fp32 inputs, "tf32" (tensor cores) or "ieee" (exact fp32).
     ``sus_design``: how SUS draws its mask, "a" (each entry on its own) or "c" (each (row, key tile) first, then
@@ -160,14 +170,15 @@ def attention(q, k, v, *, c=None, scale=None, seed=0, backend="auto", causal=Tru
     """
     num_text = q.shape[2] if num_text is None else num_text
     backend = resolve_backend(backend, q.device, q.shape[-1], q.dtype)
-    check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend, fp32_precision, sus_design)
+    check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend, fp32_precision, causal, window, softcap,
+                 sus_design)
     if not causal and branch_length:
         raise ValueError("The thought layout is causal; causal=False applies to plain attention only.")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     seed = int(seed) & SEED_MASK
     key_valid = None if key_valid is None else key_valid.bool()
     return SusAttention.apply(q, k, v, key_valid, scale, num_text, branch_length, causal, c, seed, backend,
-                              fp32_precision, sus_design)
+                              fp32_precision, window, None if softcap is None else float(softcap), sus_design)
 
 
 def sus_attention(q, k, v, c, causal=True, scale=None, seed=0, backend="auto", fp32_precision="tf32", sus_design="a"):

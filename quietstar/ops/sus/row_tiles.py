@@ -108,7 +108,8 @@ def attention_backward(q, k, v, o, lse, do, scale, num_text, branch_length=0, ca
     q, do = at_least_fp32(q), at_least_fp32(do)
     k, v = reference._expand_heads(at_least_fp32(k), H), reference._expand_heads(at_least_fp32(v), H)
     delta = (do * at_least_fp32(o)).sum(-1)  # D_i from the exact output, never from P~ (that would bias dQ)
-    pieces, probs, _ = reference._all_probs(q, k, scale, num_text, branch_length, causal, key_valid, lse)
+    pieces, probs, _, _ = reference._all_probs(q, k, scale, num_text, branch_length, causal, key_valid, None, None,
+                                               lse)  # no window, no soft-capping (function.check_inputs refuses them)
     cell_open, cell_pi = open_cells(tile_mass(pieces, probs, B, H, n, num_text, tile), c, seed)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     bh = torch.arange(B * H, device=q.device).view(B, H)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import _clip, _query_block, _row_keys, _uniform, _visible
+from .kernels import _clip, _query_block, _row_keys, _seen, _uniform
 
 
 @triton.jit
@@ -44,16 +44,20 @@ def _visible_span(rows, text_tile, n, num_text, branch_length, CAUSAL: tl.conste
 
 
 @triton.jit
-def _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows, cols, n, num_text, branch_length,
+def _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows, col_start, hi, n, num_text, branch_length,
                   key_valid_row, scale, cell_ptrs, row_ok, CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+                  MASKED: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+    """:func:`.kernels._forward_tile` (no window, no soft-capping) that also stores the tile's log-sum-exp per row."""
     dims = tl.arange(0, HEAD_DIM)
+    cols = _clip(col_start + tl.arange(0, TILE), hi, n)
     col_ok = cols < n
     k = tl.load(k_base + cols[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None], other=0.0)
     v = tl.load(v_base + cols[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None], other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-    seen = _visible(rows[:, None], cols[None, :], n, num_text, branch_length, key_valid_row, CAUSAL, HAS_KEY_VALID)
-    s = tl.where(seen, s, float("-inf"))
+    if MASKED or HAS_KEY_VALID:
+        seen = _seen(rows[:, None], cols[None, :], n, num_text, branch_length, key_valid_row, 0, CAUSAL,
+                     HAS_KEY_VALID, False, MASKED)
+        s = tl.where(seen, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
     alpha = tl.exp(m_i - m_shift)
@@ -61,7 +65,7 @@ def _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows, cols, n, nu
     tile_sum = tl.sum(p, 1)
     # log-sum-exp of this tile alone, from the running shift (underflows only for mass below e^-87 of the row max)
     tile_lse = tl.where(tile_sum > 0, m_shift + tl.log(tl.where(tile_sum > 0, tile_sum, 1.0)), float("-inf"))
-    tl.store(cell_ptrs, tile_lse, mask=row_ok)
+    tl.store(cell_ptrs + col_start // TILE, tile_lse, mask=row_ok)
     l_i = l_i * alpha + tile_sum
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
@@ -88,9 +92,10 @@ def forward_kernel(Q, K, V, O, LSE, CELL_PI, KEY_VALID,
     bh = tl.program_id(1).to(tl.int64)  # 64-bit base offsets
     b = bh // num_heads
     h = bh % num_heads
-    start, stop, text_hi, branch_lo, branch_hi = _query_block(pid, text_blocks, n, num_text, branch_length,
-                                                              CAUSAL, BLOCK_M)
-    if branch_hi > branch_lo:  # a branch block: start its key loop at a tile boundary
+    (start, stop, text_lo, text_mid_lo, text_mid_hi, text_hi,
+     branch_lo, _, _, branch_hi) = _query_block(pid, text_blocks, n, num_text, branch_length, 0, CAUSAL, False,
+                                                BLOCK_M, TILE)
+    if branch_hi > branch_lo:  # a branch block: its key tiles start at tile boundaries counted from L
         branch_lo = num_text + (branch_lo - num_text) // TILE * TILE
     rows = start + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
@@ -102,21 +107,28 @@ def forward_kernel(Q, K, V, O, LSE, CELL_PI, KEY_VALID,
     key_valid_row = KEY_VALID + b * num_text
     rows_seen = tl.where(row_ok, rows, n)  # rows past the block see nothing
     cell_rows = CELL_PI + bh * n * num_tiles + rows * num_tiles
+    branch_cells = cell_rows + text_tiles - num_text // TILE  # + col_start // TILE: tile text_tiles + (col - L) / TILE
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for col_start in range(0, text_hi, TILE):
-        cols = _clip(col_start + tl.arange(0, TILE), text_hi, n)
-        acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows_seen, cols, n, num_text,
-                                      branch_length, key_valid_row, scale, cell_rows + col_start // TILE, row_ok,
-                                      CAUSAL, HAS_KEY_VALID, HEAD_DIM, PRECISION)
-    for col_start in range(branch_lo, branch_hi, TILE):
-        cols = _clip(col_start + tl.arange(0, TILE), branch_hi, n)
-        tile = text_tiles + (col_start - num_text) // TILE
-        acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows_seen, cols, n, num_text,
-                                      branch_length, key_valid_row, scale, cell_rows + tile, row_ok,
-                                      CAUSAL, HAS_KEY_VALID, HEAD_DIM, PRECISION)
+    # text keys in the three runs of kernels._tile_split: boundary tiles masked, tiles every row sees whole not
+    for col_start in range(text_lo, text_mid_lo, TILE):
+        acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows_seen, col_start, text_hi, n,
+                                      num_text, branch_length, key_valid_row, scale, cell_rows, row_ok, CAUSAL,
+                                      HAS_KEY_VALID, True, TILE, HEAD_DIM, PRECISION)
+    for col_start in range(text_mid_lo, text_mid_hi, TILE):
+        acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows_seen, col_start, text_hi, n,
+                                      num_text, branch_length, key_valid_row, scale, cell_rows, row_ok, CAUSAL,
+                                      HAS_KEY_VALID, False, TILE, HEAD_DIM, PRECISION)
+    for col_start in range(text_mid_hi, text_hi, TILE):
+        acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows_seen, col_start, text_hi, n,
+                                      num_text, branch_length, key_valid_row, scale, cell_rows, row_ok, CAUSAL,
+                                      HAS_KEY_VALID, True, TILE, HEAD_DIM, PRECISION)
+    for col_start in range(branch_lo, branch_hi, TILE):  # a few tiles of the block's own branches: all masked
+        acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows_seen, col_start, branch_hi,
+                                      n, num_text, branch_length, key_valid_row, scale, branch_cells, row_ok, CAUSAL,
+                                      HAS_KEY_VALID, True, TILE, HEAD_DIM, PRECISION)
     seen_any = l_i > 0
     out = acc / tl.where(seen_any, l_i, 1.0)[:, None]
     lse = tl.where(seen_any, m_i + tl.log(tl.where(seen_any, l_i, 1.0)), float("inf"))

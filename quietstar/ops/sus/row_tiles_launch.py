@@ -52,6 +52,13 @@ def check_tile_sizes(n: int, num_tiles: int) -> None:
                          "kernels' 32-bit offsets; split the sequence or use sus_design='a'.")
 
 
+def _drop_unused(arguments: dict) -> None:
+    """Design C's kernels take no window and no soft-capping (function.check_inputs refuses them), and their key
+    block is the estimator's tile, not a tile configuration's BLOCK_N."""
+    for key in ("BLOCK_N", "WINDOWED", "window", "SOFTCAP", "softcap"):
+        del arguments[key]
+
+
 def forward_launch(q, k, v, o, lse, cell_pi, scale, num_text, branch_length, causal, key_valid, c, seed,
                    fp32_precision, compiled, tile=row_tiles.TILE):
     B, H, n, d = q.shape
@@ -59,7 +66,7 @@ def forward_launch(q, k, v, o, lse, cell_pi, scale, num_text, branch_length, cau
     text_blocks = -(-num_text // tiles.block_m)
     total = text_blocks + -(-(n - num_text) // tiles.block_m)
     arguments = _shared_arguments(q, k, key_valid, lse, num_text, branch_length, causal, fp32_precision, tiles)
-    del arguments["BLOCK_N"]  # the key block is the estimator's tile
+    _drop_unused(arguments)
     arguments.update(Q=q, K=k, V=v, O=o, LSE=lse, CELL_PI=cell_pi, text_blocks=text_blocks,
                      text_tiles=-(-num_text // tile), num_tiles=row_tiles.num_key_tiles(n, num_text, tile),
                      scale=scale, c=float(c), seed=seed, TILE=tile)
@@ -72,7 +79,7 @@ def backward_launch(q, k, v, do, lse, delta, dq32, dk, dv, cells, scale, num_tex
     tiles = backward_tiles(d, q.dtype, compiled)
     num_tiles = row_tiles.num_key_tiles(n, num_text, tile)
     arguments = _shared_arguments(q, k, key_valid, lse, num_text, branch_length, causal, fp32_precision, tiles)
-    del arguments["BLOCK_N"]
+    _drop_unused(arguments)
     arguments.update(Q=q, K=k, V=v, DO=do, DQ=dq32, DK=dk, DV=dv, LSE=lse, DELTA=delta, ROWS=cells.rows, PI=cells.pi,
                      CELL_FIRST=cells.first, CELL_COUNT=cells.count, text_tiles=-(-num_text // tile),
                      num_tiles=num_tiles, scale=scale, c=float(c), seed=seed, TILE=tile)
