@@ -258,3 +258,11 @@ def test_unknown_sus_design_is_refused():
     q, k, v, _ = _inputs()
     with pytest.raises(ValueError, match="sus_design must be one of"):
         attention(q, k, v, c=2.0, sus_design="b")
+
+
+@pytest.mark.parametrize("rule", [dict(window=4), dict(softcap=2.0)])
+def test_design_c_refuses_windows_and_soft_capping_by_name(rule):
+    q, k, v, _ = _inputs()
+    with pytest.raises(ValueError, match="sus_design='c' does not implement sliding windows or soft-capping"):
+        attention(q, k, v, c=2.0, sus_design="c", **rule)
+    attention(q, k, v, c=None, sus_design="c", **rule)  # the exact backward is design A's, which has them
