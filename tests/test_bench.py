@@ -110,7 +110,7 @@ def test_bench_sus_cpu_smoke_run(tmp_path, capsys):
     bench_script("sus").main(["--device", "cpu", "--lengths", "64", "96", "--head-dims", "16", "--cs", "8",
                               "--heads", "2", "--warmup", "0", "--repeats", "1", "--out", str(out), "--plot", ""])
     rows = json.loads(out.read_text())["rows"]
-    assert {r["impl"] for r in rows} == {"sdpa", "exact", "sus c=8"} and len(rows) == 6
+    assert {r["impl"] for r in rows} == {"sdpa", "exact", "sus c=8", "sus-C c=8"} and len(rows) == 8
     assert all(r["forward_s"] > 0 and r["backward_s"] > 0 for r in rows)
     assert "target <= 0.5" in capsys.readouterr().out
 
@@ -127,6 +127,30 @@ def test_memory_benchmark_runs_both_modes(tmp_path):
     assert full["total_parameters"] < lora["total_parameters"]  # the adapters add parameters
     assert all(r["peak_mib"] >= r["after_load_mib"] > 0 for r in rows)
     assert os.path.exists(tmp_path / "m.json")
+
+
+def test_row_tile_statistics_equal_a_direct_count_over_the_whole_matrix():
+    """bench/sus_row_tiles.py's per-block sums against the full causal P of a small problem (every block measured)."""
+    import torch
+
+    sus_row_tiles = bench_script("sus_row_tiles")
+    n, c, tile = 150, 4.0, sus_row_tiles.TILE
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(n, 8, generator=g), torch.randn(n, 8, generator=g)
+    starts = sus_row_tiles.row_block_starts(n, 16)
+    assert starts == [0, 64, 128] and sus_row_tiles.row_block_starts(64 * 40, 4) == [320, 960, 1600, 2240]
+    blocks = [sus_row_tiles.block_statistics(q[s:s + tile], k, s, 0.5, [c]) for s in starts]
+    p = torch.softmax((q @ k.T * 0.5).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")), -1)
+    keep = torch.clamp(c * p, max=1)
+    tiles = torch.arange(n) // tile
+    mass = torch.zeros(n, 3).index_add_(1, tiles, p)
+    assert sum(b[c]["kept"] for b in blocks) == pytest.approx(keep.sum().item(), rel=1e-5)
+    assert sum(b[c]["opened"] for b in blocks) == pytest.approx(torch.clamp(c * mass, max=1).sum().item(), rel=1e-5)
+    occupied = sum(1 - torch.prod(1 - keep[i * tile:(i + 1) * tile, j * tile:(j + 1) * tile]).item()
+                   for i in range(3) for j in range(i + 1))
+    assert sum(b[c]["occupied"] for b in blocks) == pytest.approx(occupied, rel=1e-4)
+    assert sum(b["block_tiles"] for b in blocks) == 6 and sum(b["visible_tiles"] for b in blocks) == sum(
+        i // tile + 1 for i in range(n))
 
 
 def variance_layers_model(folder: Path, family: str = "llama", layers: int = 2):

@@ -179,7 +179,7 @@ def gradient_pass_attention(query, key, value, layout: ThoughtLayout, scaling, d
         out = sus.attention(
             query.to(value.dtype), key.to(value.dtype), value, c=layout.sus_c, scale=scaling, seed=_fresh_seed(),
             backend=engine, num_text=layout.num_text, branch_length=layout.branch_length, key_valid=key_valid,
-            fp32_precision=layout.fp32_precision, window=window, softcap=softcap,
+            fp32_precision=layout.fp32_precision, window=window, softcap=softcap, sus_design=layout.sus_design,
         )
         return out.transpose(1, 2).contiguous()
     if backend == "flex":

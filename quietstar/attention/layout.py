@@ -91,6 +91,7 @@ class ThoughtLayout:
     num_thought_tokens: int | None = None  # T, sampling phases only
     branch_length: int | None = None  # S, expanded phase only
     sus_c: float | None = None  # SUS backward in the expanded phase (None: exact)
+    sus_design: str = "a"  # QuietStarConfig.sus_design: how SUS draws its mask
     fp32_precision: str = "tf32"  # QuietStarConfig.triton_fp32_precision: fp32 dots in the Triton kernels
     step: int = 0  # the sampling step m: this call's tokens are b_{.,m+1}
     text_cache: dict = field(default_factory=dict)  # layer_idx -> (k, v), each [B, Hkv, L, d]
