@@ -6,8 +6,9 @@
 
 Rows per (n, d): "sdpa" (PyTorch flash attention, exact), "flex" (PyTorch's compiled FlexAttention
 with the causal mask as a BlockMask, exact; GPU only), "exact" (our Triton forward and exact backward)
-and one "sus c=..." row per c (our forward, SUS backward; c = 1e-9 and 1e30 bound it: nearly nothing
-kept, everything kept). Causal, batch 1, bf16 on GPU
+and one "sus c=..." row per c (our forward, SUS backward of design A; c = 1e-9 and 1e30 bound it: nearly
+nothing kept, everything kept), and "sus-C c=..." rows for design C (``--sus-designs``; its forward draws the
+(row, key tile) cells, its backward visits the opened ones: quietstar/ops/sus/README.md). Causal, batch 1, bf16 on GPU
 (fp32 on CPU). Times are medians of --repeats after --warmup runs, from CUDA events; the backward
 is timed alone (the forward that feeds it is not counted). Peak memory is the highest allocation
 during forward + backward, above the inputs. Targets at n = 16k, c = 32: SUS backward <= 0.5 x our
@@ -36,6 +37,8 @@ def parse_args(argv=None):
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--cs", type=float, nargs="+", default=[16, 32, 64])
     parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--sus-designs", nargs="+", default=["a", "c"], choices=["a", "c"],
+                        help="SUS designs to time (sus_design of quietstar.ops.sus.attention)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -99,6 +102,9 @@ def flex_causal(q, k, v):
     return lambda: compiled(q, k, v, block_mask=mask)
 
 
+SUS_ROWS = {"a": "sus", "c": "sus-C"}  # row names per design
+
+
 def measure(args, on_row=lambda rows: None):
     """Every row of the grid, handing the rows so far to ``on_row`` after each."""
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -115,7 +121,9 @@ def measure(args, on_row=lambda rows: None):
             if args.device == "cuda":  # FlexAttention has no backward on CPU
                 cases.append(("flex", flex_causal(q, k, v)))
             cases.append(("exact", lambda: attention(q, k, v, c=None, backend=backend)))
-            cases += [(f"sus c={c:g}", lambda c=c: attention(q, k, v, c=c, seed=1, backend=backend)) for c in args.cs]
+            for design in args.sus_designs:
+                cases += [(f"{SUS_ROWS[design]} c={c:g}", lambda c=c, design=design: attention(
+                    q, k, v, c=c, seed=1, backend=backend, sus_design=design)) for c in args.cs]
             for name, fn in cases:
                 if name == "sdpa" and args.device == "cuda":
                     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -138,12 +146,14 @@ def print_table(rows, cs) -> None:
         print(f"\nhead dim {d}")
         flex = any(r["impl"] == "flex" for r in rows)
         header = f"{'n':>6} | {'sdpa fwd/bwd':>17} | " + (f"{'flex fwd/bwd':>17} | {'exact/flex':>10} | " if flex else "")
+        designs = [name for name in SUS_ROWS.values() if any(r["impl"].startswith(name + " ") for r in rows)]
         header += f"{'exact fwd/bwd':>17} | " + " | ".join(
-            f"{'sus c=%g bwd' % c:>13} {'/fwd':>5} {'x':>5}" + (f" {'x flex':>6}" if flex else "") for c in cs)
+            f"{'%s c=%g bwd' % (name, c):>15} {'/fwd':>5} {'x':>5}" + (f" {'x flex':>6}" if flex else "")
+            for name in designs for c in cs)
         print(header)
         for n in sorted({r["n"] for r in rows}):
             get = {r["impl"]: r for r in rows if r["n"] == n and r["d"] == d}
-            if not all(name in get for name in ("sdpa", "exact", *(f"sus c={c:g}" for c in cs))):
+            if not all(name in get for name in ("sdpa", "exact", *(f"{d} c={c:g}" for d in designs for c in cs))):
                 continue  # a run cut short
             sdpa, exact = get["sdpa"], get["exact"]
             line = f"{n:>6} | {sdpa['forward_s'] * 1e3:8.3f}/{sdpa['backward_s'] * 1e3:8.3f} | "
@@ -153,13 +163,12 @@ def print_table(rows, cs) -> None:
                 line += f"{f['forward_s'] * 1e3:8.3f}/{f['backward_s'] * 1e3:8.3f} | {both:10.2f} | "
             line += f"{exact['forward_s'] * 1e3:8.3f}/{exact['backward_s'] * 1e3:8.3f} | "
             cells = []
-            for c in cs:
-                sus = get[f"sus c={c:g}"]
-                cell = (f"{sus['backward_s'] * 1e3:13.3f} {sus['backward_s'] / exact['forward_s']:5.2f} "
+            for sus in (get[f"{name} c={c:g}"] for name in designs for c in cs):
+                cell = (f"{sus['backward_s'] * 1e3:15.3f} {sus['backward_s'] / exact['forward_s']:5.2f} "
                         f"{sdpa['backward_s'] / sus['backward_s']:5.2f}")
                 cells.append(cell + (f" {get['flex']['backward_s'] / sus['backward_s']:6.2f}" if flex else ""))
             print(line + " | ".join(cells))
-    print("\n/fwd: SUS backward over our forward (target <= 0.5 at n=16k, c=32); x: flash backward over SUS "
+    print("\n/fwd: SUS backward (design A: sus, design C: sus-C) over our forward (target <= 0.5 at n=16k, c=32); x: flash backward over SUS "
           "backward (target >= 4); x flex: the same against FlexAttention; exact/flex: our exact forward + backward "
           "over FlexAttention's (target <= 1.3)")
 

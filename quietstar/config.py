@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 MIXING_MODES = ("logits", "logprobs")
 ATTENTION_BACKENDS = ("auto", "eager", "flex", "triton")
+SUS_DESIGNS = ("a", "c")  # a: each weight drawn alone (quietstar/ops/sus/reference.py); c: per (row, key tile) first
 REWARD_SOURCES = ("mixed", "thought")
 REWARD_PRECISIONS = ("fp32", "autocast")
 ADVANTAGE_NORMALIZATIONS = ("none", "batch_std")
@@ -20,7 +21,7 @@ OFFICIAL_LOSS = dict(reinforce_temperature=3.0, clip_negative_advantage=True, po
 
 # Fields added after checkpoints were first written, with the behaviour of the code that wrote those checkpoints.
 ADDED_FIELDS_BEFORE = dict(reward_source="mixed", reward_precision="autocast", advantage_normalization="none",
-                           thought_nll_weight=0.0, text_path="train", triton_fp32_precision="ieee")
+                           thought_nll_weight=0.0, text_path="train", triton_fp32_precision="ieee", sus_design="a")
 
 
 @dataclass
@@ -138,6 +139,13 @@ class QuietStarConfig:
                           "backward with probability min(1, c P), rescaled. None: exact backward. The paper found "
                           "c of 25-30 costs about one percent extra gradient variance at n = 2000."},
     )
+    sus_design: str = field(
+        default="a",
+        metadata={"help": "How SUS (sus_c) draws its mask: 'a' (each attention weight on its own) or 'c' (first each "
+                          "(row, 64-key tile) with probability min(1, c * its mass), then the entries of an opened "
+                          "tile; the backward visits the opened tiles only). Same per-weight probability, both "
+                          "unbiased; quietstar/ops/sus/row_tiles.py."},
+    )
 
     triton_fp32_precision: str = field(
         default="tf32",
@@ -176,6 +184,8 @@ class QuietStarConfig:
             )
         if self.sus_c is not None and (isinstance(self.sus_c, bool) or not self.sus_c > 0):
             raise ValueError(f"QuietStarConfig.sus_c must be > 0 (or None for the exact backward), got {self.sus_c!r}.")
+        if self.sus_design not in SUS_DESIGNS:
+            raise ValueError(f"QuietStarConfig.sus_design must be one of {SUS_DESIGNS}, got {self.sus_design!r}.")
         if self.sus_c is not None and self.attention_backend == "flex":
             raise ValueError("QuietStarConfig.sus_c needs a SUS backward, which attention_backend='flex' does not have; "
                              "use 'auto' or 'triton' (or 'eager' for the PyTorch reference).")

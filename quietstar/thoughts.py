@@ -93,7 +93,7 @@ def expanded_pass(model, input_ids, key_padding, thoughts):
     ids = torch.cat([input_ids, branches.reshape(B, -1)], dim=1)
     all_positions = torch.cat([positions, branch_positions.expand(B, N, L, S).reshape(B, -1)], dim=1)
     layout = ThoughtLayout("expanded", key_padding, N, branch_length=S, backend=cfg.attention_backend,
-                           sus_c=cfg.sus_c, fp32_precision=cfg.triton_fp32_precision)
+                           sus_c=cfg.sus_c, sus_design=cfg.sus_design, fp32_precision=cfg.triton_fp32_precision)
     hidden = model.body(
         inputs_embeds=model.embed(ids), position_ids=all_positions, thought_layout=layout, use_cache=False
     ).last_hidden_state

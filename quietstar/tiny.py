@@ -35,9 +35,11 @@ TINY_ARCHITECTURES = {
     # Families whose logits are not lm_head(h) alone (quietstar.head): scaled, or soft-capped.
     "granite": dict(model_type="granite", logits_scaling=4.0),
     "cohere": dict(model_type="cohere", logit_scale=0.5, bos_token_id=None, eos_token_id=None),
-    # Gemma 2: attention-logit soft-capping with a cap small enough to bend tiny random scores, and local layers
-    # (window 5, shorter than a row plus a branch) alternating with global ones.
+    # Gemma 2: attention-logit soft-capping with a cap of 1 on scores made large by a 10x initializer range (at the
+    # usual 0.02 random scores are ~0.02 and no cap bends them), and local layers (window 5, shorter than a row plus a
+    # branch) alternating with global ones.
     "gemma2": dict(model_type="gemma2", head_dim=16, final_logit_softcapping=3.0, attn_logit_softcapping=1.0,
+                   initializer_range=0.2,
                    sliding_window=5, layer_types=["sliding_attention", "full_attention"]),
     # Sliding windows shorter than the tests' rows (and, for mistral_window, than a branch of 7 tokens).
     "mistral_window": dict(model_type="mistral", sliding_window=4),

@@ -17,9 +17,9 @@ the lightest. Exits 1 if any variant fails to compile.
 Variants: kernel (forward, dq, dkdv, any other registered) x input dtype (fp16, bf16, fp32 through tf32, fp32
 exact) x head dim x backward (exact, SUS), at odd sizes (no divisibility specialisation) with grouped-query heads.
 ``table`` takes the padded thought layout (every constexpr branch of the visibility rule on); ``all`` adds the
-plain causal, padded causal, non-causal and unpadded thought patterns (each compiles separately: CAUSAL,
-HAS_KEY_VALID and branch_length == 1 are specialised); ``representative`` is one variant per kernel (bf16, head
-dim 128, SUS).
+plain causal, padded causal, non-causal and unpadded thought patterns and the padded thought layout with a sliding
+window and soft-capping (each compiles separately: CAUSAL, HAS_KEY_VALID, WINDOWED, SOFTCAP and branch_length == 1
+are specialised); ``representative`` is one variant per kernel (bf16, head dim 128, SUS).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ HEAD_DIMS = (16, 32, 64, 128)
 # (text tokens L, thoughts N, branch length S, causal, padded); n = L + N L S
 PATTERNS = {"thought-padded": (37, 2, 5, True, True), "thought": (37, 2, 5, True, False),
             "causal": (409, 0, 0, True, False), "causal-padded": (409, 0, 0, True, True),
-            "noncausal": (409, 0, 0, False, False)}
+            "noncausal": (409, 0, 0, False, False), "thought-window-softcap": (37, 2, 5, True, True)}
+RULES = {"thought-window-softcap": dict(window=7, softcap=30.0)}  # sliding window and soft-capping switched on
 BATCH, HEADS, KV_HEADS = 2, 4, 2
 
 
@@ -125,7 +126,8 @@ def _launch(variant: Variant):
     kernel = next(kernel for kernel in LAUNCHED_KERNELS if kernel.name == variant.kernel)
     return kernel.example(q, k, torch.zeros_like(k), lse, c=32.0 if variant.sus else None, seed=12345, num_text=L,
                           branch_length=S if N else 0, causal=causal, key_valid=key_valid,
-                          fp32_precision=fp32_precision, arch=variant.arch)
+                          fp32_precision=fp32_precision, arch=variant.arch,
+                          **RULES.get(variant.pattern, {}))
 
 
 def _ptxas(arch: int) -> str:

@@ -13,7 +13,7 @@
 #   1. the CUDA tests: the attention and SUS test files compiled on the GPU, and every test
 #      marked gpu; 8 xdist workers share one Triton cache                                   (90 + 30 s)
 #   2. bench/sus.py: n = 16k first (the targets), then 1k..32k; d = 128, 64; c = 16, 32, 64 and
-#      the bounds c = 1e-9 (nothing kept) and 1e30 (everything kept); beside PyTorch's flash
+#      the bounds c = 1e-9 (nothing kept) and 1e30 (everything kept), SUS designs A and C; beside PyTorch's flash
 #      attention and compiled FlexAttention with the same causal mask; peak memory. Sized for
 #      ~12 Triton variants and ~3 FlexAttention compilations (most of the time), 1 warm-up and
 #      3 timed runs per row; sus.json is rewritten after every row, so a cut keeps what was done (120 s)
@@ -63,7 +63,8 @@ torch.version.cuda, 'triton', triton.__version__, 'transformers', t.__version__,
 'capability', torch.cuda.get_device_capability(), 'memory GiB', torch.cuda.get_device_properties(0).total_memory / 2**30)"
 
 step "1. CUDA tests: the attention and SUS files whole, compiled on the GPU; then every other test marked gpu"
-ATTENTION_TESTS=(tests/test_flex.py tests/test_sus_kernels.py tests/test_sus_training.py tests/test_sus.py)
+ATTENTION_TESTS=(tests/test_flex.py tests/test_sus_kernels.py tests/test_sus_training.py tests/test_sus.py
+                 tests/test_sus_row_tiles.py tests/test_sus_row_tiles_kernels.py)
 run 90 tests_attention.log "attention and SUS tests" "${PYTEST[@]}" ${XDIST[@]+"${XDIST[@]}"} "${ATTENTION_TESTS[@]}"
 run 30 tests_gpu_marked.log "other gpu-marked tests" "${PYTEST[@]}" -m gpu tests \
   $(printf -- '--ignore=%s ' "${ATTENTION_TESTS[@]}")

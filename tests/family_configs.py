@@ -128,6 +128,9 @@ def shrunk(part, vocab_size: int) -> dict:
         changes["sliding_window"] = WINDOW
         if "use_sliding_window" in fields:
             changes["use_sliding_window"] = True
+    if fields.get("attn_logit_softcapping"):  # a cap that bends scores made large enough to reach it (random
+        changes["attn_logit_softcapping"] = 1.0  # scores at the usual initializer range are ~0.02: no cap bends them)
+        changes["initializer_range"] = 0.2
     layers_field = aliases.get("num_hidden_layers", "num_hidden_layers")
     num_layers, default_layers = changes.get(layers_field), fields.get(layers_field)
     for key, value in fields.items():  # per-layer lists (layer_types, mlp_layer_types, ...)

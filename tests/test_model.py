@@ -127,22 +127,6 @@ def test_models_that_mix_tokens_outside_attention_are_refused():
         QuietStarForCausalLM.from_base(base, tokenizer, QuietStarConfig())
 
 
-@pytest.mark.parametrize("backend, sus_c, refused_by", [("auto", 0.5, "SUS attention"),
-                                                         ("eager", 0.5, "SUS attention"),
-                                                         ("flex", None, "FlexAttention")])
-@pytest.mark.parametrize("arch, feature", [("mistral_window", "sliding-window attention \\(window 4\\)"),
-                                           ("gemma2", "attention-logit soft-capping \\(cap 1.0\\)|sliding-window")])
-def test_a_backend_without_the_familys_attention_rule_refuses_it_by_name(arch, feature, backend, sus_c, refused_by):
-    """Windows and soft-capping run in the eager and CPU flash paths (test_window_softcap.py and the oracle); the SUS
-    attention and FlexAttention lack them and say so, naming the backends that have them, rather than compute the
-    thoughts wrongly."""
-    model = make_model(arch, num_thought_tokens=2, num_lookahead_tokens=2)
-    model.quietstar_config.attention_backend, model.quietstar_config.sus_c = backend, sus_c
-    ids, mask = padded_batch(lengths=(6, 6))
-    with pytest.raises(ValueError, match=f"(?s)({feature}).*{refused_by}.*attention_backend='auto' or 'eager'"):
-        model(ids, attention_mask=mask, labels=ids)
-
-
 def test_sliding_window_shorter_than_the_row_runs_and_the_window_matters():
     """Rows longer than the window are computed (the oracle checks how); a wider window changes the result."""
     ids, mask = padded_batch(lengths=(9, 7))

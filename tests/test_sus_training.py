@@ -145,3 +145,23 @@ def test_sus_refuses_attention_dropout_in_training():
     model.quietstar_config.sus_c = 4.0
     with pytest.raises(ValueError, match="dropout"):
         model(ids, labels=ids)
+
+
+def test_sus_design_c_in_quiet_star_draws_the_same_gradients_in_kernels_and_reference(problem):
+    model, ids, mask, thoughts, loss, _ = problem
+    try:
+        model.quietstar_config.sus_design = "c"
+        design_c_loss, reference = _loss_and_grads(_with_backend(model, "eager", sus_c=2.0), ids, mask, thoughts, seed=5)
+        _, kernels = _loss_and_grads(_with_backend(model, "triton", sus_c=2.0), ids, mask, thoughts, seed=5)
+    finally:
+        model.quietstar_config.sus_design = "a"
+    torch.testing.assert_close(design_c_loss, loss, rtol=1e-5, atol=1e-6)  # the forward stays exact
+    _assert_grads_close(kernels, reference, rtol=1e-4, atol=1e-6)
+    _, design_a = _loss_and_grads(_with_backend(model, "eager", sus_c=2.0), ids, mask, thoughts, seed=5)
+    body = "base.model.layers.1.self_attn.k_proj.weight"
+    assert not torch.equal(design_a[body], reference[body])  # another sample of the same marginals
+
+
+def test_bad_sus_design_is_refused():
+    with pytest.raises(ValueError, match="sus_design must be one of"):
+        QuietStarConfig(sus_design="b")

@@ -43,6 +43,8 @@ def quietstar_attention(
     additive ``position_bias`` over query-key pairs are refused.
     ``sus_c`` (a keyword of the model call, without a thought layout): ordinary causal attention with
     an exact forward and a SUS backward (quietstar.ops.sus), for any causal LM loaded with this attention.
+    Every backend implements both rules except the CPU flash path, which lacks soft-capping and is never chosen
+    for a soft-capped layer.
     """
     if getattr(module, "is_causal", True) is False:  # transformers' own attention functions read it from the module
         raise ValueError(
@@ -85,9 +87,10 @@ def resolve_backend(layout: ThoughtLayout, query: torch.Tensor, dropout: float, 
     (``sus_c``) runs in the Triton kernels wherever quietstar.ops.sus's own "auto" picks them (CUDA with Triton),
     else in its PyTorch reference; an exact one runs in FlexAttention on CUDA where it applies. Otherwise "auto"
     takes the exact CPU flash path where it applies, and everything else (always under "eager") is eager.
-    A layer's sliding ``window``, ``softcap`` or ``sinks``, or values with their own head dim (``value_head_dim`` !=
-    the query's), keep "auto" off the backends that lack it (the backend that gets it instead is exact too); a named
-    backend that lacks it refuses, in :func:`gradient_pass_attention`.
+    A layer's sliding ``window`` and ``softcap`` reach every backend; only the CPU flash path lacks soft-capping, so
+    "auto" sends soft-capped layers to eager instead (exact too). ``sinks`` or values with their own head dim
+    (``value_head_dim`` != the query's) keep "auto" off the backends that lack them (SUS, flex); a named backend that
+    lacks them refuses, in :func:`gradient_pass_attention`.
     """
     own_value_dim = value_head_dim not in (None, query.shape[-1])
     if layout.phase == "expanded":
@@ -100,8 +103,7 @@ def resolve_backend(layout: ThoughtLayout, query: torch.Tensor, dropout: float, 
             triton = layout.backend == "auto" and sus.resolve_backend("auto", query.device, query.shape[-1],
                                                                       query.dtype) == "triton"
             return "sus_triton" if triton else "sus_torch"
-        if (auto_on_cuda and window is None and softcap is None and sinks is None and not own_value_dim
-                and flex.applies(query, dropout)):
+        if auto_on_cuda and sinks is None and not own_value_dim and flex.applies(query, dropout):
             return "flex"
     if (layout.backend == "auto" and softcap is None
             and flash_cpu.applies(query, layout.key_padding, dropout)):
@@ -124,10 +126,10 @@ def plain_attention(query, key, value, attention_mask, scaling, dropout, sus_c, 
     if dropout > 0:
         raise ValueError(f"Attention dropout ({dropout}) is not implemented with sus_c; set the model's "
                          "attention_dropout to 0.")
-    _refuse_rule(window, softcap, sinks, "the SUS attention (sus_c)")
+    _refuse_sinks(sinks, "the SUS attention (sus_c)")
     _refuse_value_head_dim(query, value, "the SUS attention (sus_c)")
     out = sus.attention(query.to(value.dtype), key.to(value.dtype), value, c=sus_c, scale=scaling,
-                        seed=_fresh_seed(), key_valid=attention_mask)
+                        seed=_fresh_seed(), key_valid=attention_mask, window=window, softcap=softcap)
     return out.transpose(1, 2).contiguous()
 
 
@@ -171,36 +173,33 @@ def gradient_pass_attention(query, key, value, layout: ThoughtLayout, scaling, d
                 f"Attention dropout ({dropout}) is not implemented by the {engine!r} SUS attention; set the model's "
                 "attention_dropout to 0 or use attention_backend='eager' without sus_c."
             )
-        _refuse_rule(window, softcap, sinks, f"the {engine!r} SUS attention (sus_c)")
+        _refuse_sinks(sinks, f"the {engine!r} SUS attention (sus_c)")
         _refuse_value_head_dim(query, value, f"the {engine!r} SUS attention (sus_c)")
         key_valid = None if bool(layout.key_padding.all()) else layout.key_padding
         out = sus.attention(
             query.to(value.dtype), key.to(value.dtype), value, c=layout.sus_c, scale=scaling, seed=_fresh_seed(),
             backend=engine, num_text=layout.num_text, branch_length=layout.branch_length, key_valid=key_valid,
-            fp32_precision=layout.fp32_precision,
+            fp32_precision=layout.fp32_precision, window=window, softcap=softcap, sus_design=layout.sus_design,
         )
         return out.transpose(1, 2).contiguous()
     if backend == "flex":
-        _refuse_rule(window, softcap, sinks, "attention_backend='flex' (FlexAttention)")
+        _refuse_sinks(sinks, "attention_backend='flex' (FlexAttention)")
         _refuse_value_head_dim(query, value, "attention_backend='flex' (FlexAttention)")
-        return flex.expanded_attention(query, key, value, layout, scaling, dropout)
+        return flex.expanded_attention(query, key, value, layout, scaling, dropout, window, softcap)
     if backend == "flash_cpu":
         return flash_cpu.expanded_attention(query, key, value, layout.num_text, layout.num_thoughts,
                                             layout.branch_length, scaling, window, sinks)
     return eager.expanded_attention(query, key, value, layout, scaling, dropout, window, softcap, sinks)
 
 
-def _refuse_rule(window, softcap, sinks, backend: str) -> None:
-    """Refuse a layer's sliding window, soft-capping or sinks on a backend that does not implement it, naming one that
-    does."""
-    features = (("sliding-window attention (window", window), ("attention-logit soft-capping (cap", softcap),
-                ("attention sinks (one logit per head", None if sinks is None else tuple(sinks.shape)))
-    for feature, value in features:
-        if value is not None:
-            raise ValueError(
-                f"This model uses {feature} {value}), which {backend} does not implement; its thoughts would be "
-                "computed wrongly. Use attention_backend='auto' or 'eager' without sus_c, which implement it."
-            )
+def _refuse_sinks(sinks, backend: str) -> None:
+    """Refuse a layer's attention sinks on a backend that does not implement them, naming those that do."""
+    if sinks is not None:
+        raise ValueError(
+            f"This model uses attention sinks (one logit per head {tuple(sinks.shape)}), which {backend} does not "
+            "implement; its thoughts would be computed wrongly. Use attention_backend='auto' or 'eager' without "
+            "sus_c, which implement them."
+        )
 
 
 def _refuse_value_head_dim(query, value, backend: str) -> None:

@@ -91,11 +91,13 @@ class ThoughtLayout:
     num_thought_tokens: int | None = None  # T, sampling phases only
     branch_length: int | None = None  # S, expanded phase only
     sus_c: float | None = None  # SUS backward in the expanded phase (None: exact)
+    sus_design: str = "a"  # QuietStarConfig.sus_design: how SUS draws its mask
     fp32_precision: str = "tf32"  # QuietStarConfig.triton_fp32_precision: fp32 dots in the Triton kernels
     step: int = 0  # the sampling step m: this call's tokens are b_{.,m+1}
     text_cache: dict = field(default_factory=dict)  # layer_idx -> (k, v), each [B, Hkv, L, d]
     branch_cache: dict = field(default_factory=dict)  # layer_idx -> (k, v), each [B, Hkv, N, L, T, d]
-    # The expanded phase's FlexAttention BlockMask (quietstar.ops.flex), built by the first layer, shared by all
+    # The expanded phase's FlexAttention BlockMasks by sliding window (quietstar.ops.flex), built by the first layer
+    # with that window, shared by the others
     flex_block_mask: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):

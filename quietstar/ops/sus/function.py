@@ -12,6 +12,7 @@ import warnings
 
 import torch
 
+from ...config import SUS_DESIGNS
 from . import reference
 
 BACKENDS = ("auto", "torch", "triton")
@@ -71,8 +72,18 @@ def resolve_backend(backend: str, device: torch.device, head_dim: int | None = N
     return backend
 
 
-def _implementation(backend: str):
-    """(forward, backward) of a resolved backend; both share the signatures of the reference's."""
+def _implementation(backend: str, design: str):
+    """(forward, backward) of a resolved backend and SUS design; both share the signatures of the reference's,
+    except that design C's kernel forward takes c and seed and returns one tensor more (cell_pi, its level-1 draw),
+    which its backward takes after lse."""
+    if design == "c":
+        from . import row_tiles
+
+        if backend == "triton":
+            from . import row_tiles_launch
+
+            return row_tiles_launch.triton_forward, row_tiles_launch.triton_backward
+        return reference.attention_forward, row_tiles.attention_backward
     if backend == "triton":
         from . import launch  # imports triton, which only this backend needs
 
@@ -85,33 +96,43 @@ class SusAttention(torch.autograd.Function):
     one gradient per input (q, k, v) and None for the settings."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_valid, scale, num_text, branch_length, causal, c, seed, backend, fp32_precision):
+    def forward(ctx, q, k, v, key_valid, scale, num_text, branch_length, causal, c, seed, backend, fp32_precision,
+                window, softcap, sus_design):
         kernel_options = {}
         if backend == "triton":
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             kernel_options = dict(fp32_precision=fp32_precision)
-        forward, _ = _implementation(backend)
-        o, lse = forward(q, k, v, scale=scale, num_text=num_text, branch_length=branch_length, causal=causal,
-                         key_valid=key_valid, **kernel_options)
-        ctx.save_for_backward(q, k, v, o, lse, key_valid)
+        design = sus_design if c is not None else "a"
+        ctx.implementation = _implementation(backend, design)
+        if design == "a":
+            pattern_options = dict(window=window, softcap=softcap)
+        else:  # no window or soft-capping in design C (check_inputs refuses them); its kernel forward draws level 1
+            pattern_options = dict(c=c, seed=seed) if backend == "triton" else {}
+        o, lse, *level1 = ctx.implementation[0](q, k, v, scale=scale, num_text=num_text, branch_length=branch_length,
+                                                causal=causal, key_valid=key_valid, **kernel_options, **pattern_options)
+        ctx.save_for_backward(q, k, v, o, lse, key_valid, *level1)
         ctx.settings = dict(scale=scale, num_text=num_text, branch_length=branch_length, causal=causal, c=c, seed=seed,
-                            **kernel_options)
-        ctx.backend = backend
+                            **kernel_options, **(dict(window=window, softcap=softcap) if design == "a" else {}))
         return o.to(q.dtype)
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, key_valid = ctx.saved_tensors
-        _, backward = _implementation(ctx.backend)
-        dq, dk, dv = backward(q, k, v, o, lse, do, key_valid=key_valid, **ctx.settings)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None, None
+        q, k, v, o, lse, key_valid, *level1 = ctx.saved_tensors
+        dq, dk, dv = ctx.implementation[1](q, k, v, o, lse, *level1, do, key_valid=key_valid, **ctx.settings)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *[None] * 12
 
 
-def check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend, fp32_precision="tf32"):
+def check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend, fp32_precision="tf32", causal=True,
+                 window=None, softcap=None, sus_design="a"):
     if c is not None and not (isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0):  # NaN fails c > 0
         raise ValueError(f"c must be a positive number (or None for the exact backward), got {c!r}.")
     if fp32_precision not in FP32_PRECISIONS:
         raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got {fp32_precision!r}.")
+    if sus_design not in SUS_DESIGNS:
+        raise ValueError(f"sus_design must be one of {SUS_DESIGNS}, got {sus_design!r}.")
+    if sus_design == "c" and c is not None and (window is not None or softcap is not None):
+        raise ValueError("sus_design='c' does not implement sliding windows or soft-capping; use sus_design='a' "
+                         "for this layer.")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [batch, heads, n, head_dim]; got shapes {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}.")
@@ -126,7 +147,7 @@ def check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend, fp32_p
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}.")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}.")
-    reference.check_pattern(n, num_text, branch_length)
+    reference.check_pattern(n, num_text, branch_length, causal, window, softcap)
     if key_valid is not None and tuple(key_valid.shape) != (B, num_text):
         raise ValueError(f"key_valid must be [batch, num_text] = {(B, num_text)}, got {tuple(key_valid.shape)}.")
     if backend == "triton":
@@ -136,24 +157,31 @@ def check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend, fp32_p
 
 
 def attention(q, k, v, *, c=None, scale=None, seed=0, backend="auto", causal=True, num_text=None,
-              branch_length=0, key_valid=None, fp32_precision="tf32"):
+              branch_length=0, key_valid=None, fp32_precision="tf32", window=None, softcap=None, sus_design="a"):
     """Exact attention forward with an exact (``c=None``) or SUS backward, for any supported pattern.
 
+    ``window``: a sliding window on position ids (:mod:`.reference`; causal only); ``softcap``: scaled scores s
+    become softcap * tanh(s / softcap) (Gemma 2's attention-logit soft-capping). None: off.
+
     ``fp32_precision``: how the Triton kernels multiply fp32 inputs, "tf32" (tensor cores) or "ieee" (exact fp32).
+    ``sus_design``: how SUS draws its mask, "a" (each entry on its own) or "c" (each (row, key tile) first, then
+    its entries; the backward visits the opened cells only; row_tiles.py). Both keep each entry with probability
+    min(1, cP); their samples differ.
     """
     num_text = q.shape[2] if num_text is None else num_text
     backend = resolve_backend(backend, q.device, q.shape[-1], q.dtype)
-    check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend, fp32_precision)
+    check_inputs(q, k, v, c, num_text, branch_length, key_valid, backend, fp32_precision, causal, window, softcap,
+                 sus_design)
     if not causal and branch_length:
         raise ValueError("The thought layout is causal; causal=False applies to plain attention only.")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     seed = int(seed) & SEED_MASK
     key_valid = None if key_valid is None else key_valid.bool()
     return SusAttention.apply(q, k, v, key_valid, scale, num_text, branch_length, causal, c, seed, backend,
-                              fp32_precision)
+                              fp32_precision, window, None if softcap is None else float(softcap), sus_design)
 
 
-def sus_attention(q, k, v, c, causal=True, scale=None, seed=0, backend="auto", fp32_precision="tf32"):
+def sus_attention(q, k, v, c, causal=True, scale=None, seed=0, backend="auto", fp32_precision="tf32", sus_design="a"):
     """Attention with an exact forward and a SUS backward (docs/design.md §3, §4).
 
     q ``[B, H, n, d]``, k/v ``[B, Hkv, n, d]`` -> ``[B, H, n, d]``. Every attention weight P enters
@@ -162,6 +190,8 @@ def sus_attention(q, k, v, c, causal=True, scale=None, seed=0, backend="auto", f
     mask: u(seed, batch * H + head, row, col) from a counter-based hash. ``backend``: "auto"
     (Triton on CUDA for head dims 16, 32, 64, 128 and fp16/bf16/fp32, the PyTorch reference elsewhere), "torch" or
     "triton". ``fp32_precision``: fp32 inputs in the kernels through "tf32" tensor cores or exact "ieee".
+    ``sus_design``: "a" (default) or "c" (two-level sampling per (row, key tile), a backward that visits only the
+    opened cells; see :func:`attention`).
     """
     return attention(q, k, v, c=c, scale=scale, seed=seed, backend=backend, causal=causal,
-                     fp32_precision=fp32_precision)
+                     fp32_precision=fp32_precision, sus_design=sus_design)

@@ -13,6 +13,14 @@ key (or query) ranges its rows can see:
   rows of positions j >= its first column;
 * branch key block: the rows of its own segments from its first column on.
 
+A sliding window (``WINDOWED``, window W on position ids: text i at i, branch token k of position j at j + 1 + k)
+narrows each of these ranges to a band, and the tiles wholly outside it are left out of the loop bounds. Each range
+runs in three parts (:func:`_tile_split`): tiles that every row of the block sees whole (causal, window and segment
+rules hold for all pairs; only padding keys are masked) skip the visibility mask, and the boundary tiles on either
+side compute it. Soft-capping (``SOFTCAP``) turns the scaled scores s into cap * tanh(s / cap) in every kernel and
+multiplies dS by the slope 1 - tanh^2 in both backward kernels. Both are constexpr switches: a launch without them
+compiles no window or cap code.
+
 SUS backward: both backward kernels recompute P = exp(S - lse) per tile, draw u(seed, bh, row, col)
 with the counter-based hash of :mod:`.rng`, and use P~ = max(P, 1/c) where u < cP, else 0. A tile
 with no kept entry skips its four backward matmuls; QK^T is always recomputed (this is what caps
@@ -53,8 +61,16 @@ def _uniform(row_keys, cols):
 
 
 @triton.jit
-def _visible(rows, cols, n, num_text, branch_length, key_valid_row, CAUSAL: tl.constexpr,
-             HAS_KEY_VALID: tl.constexpr):
+def _position(index, num_text, branch_length):
+    """Position ids of global indices (text i at i, branch token k of position j at j + 1 + k); as
+    reference.positions."""
+    offset = tl.maximum(index - num_text, 0)
+    return tl.where(index < num_text, index, (offset // branch_length) % num_text + 1 + offset % branch_length)
+
+
+@triton.jit
+def _visible(rows, cols, n, num_text, branch_length, key_valid_row, window, CAUSAL: tl.constexpr,
+             HAS_KEY_VALID: tl.constexpr, WINDOWED: tl.constexpr):
     """Visibility of broadcastable (row, col) index tensors; rows and cols outside [0, n) are invisible."""
     row_is_text = rows < num_text
     row_segment = (rows - num_text) // branch_length  # only used where rows >= num_text
@@ -64,11 +80,39 @@ def _visible(rows, cols, n, num_text, branch_length, key_valid_row, CAUSAL: tl.c
     if CAUSAL:
         text_ok = text_ok & (cols <= limit)
     if HAS_KEY_VALID:
-        valid = tl.load(key_valid_row + cols, mask=col_is_text & (cols >= 0), other=1)
-        text_ok = text_ok & (valid != 0)
+        text_ok = text_ok & _key_is_valid(key_valid_row, cols, num_text)
     col_segment = (cols - num_text) // branch_length
     branch_ok = (cols >= num_text) & (rows >= num_text) & (col_segment == row_segment) & (cols <= rows)
-    return (text_ok | branch_ok) & (rows < n) & (cols < n)
+    seen = (text_ok | branch_ok) & (rows < n) & (cols < n)
+    if WINDOWED:
+        gap = _position(rows, num_text, branch_length) - _position(cols, num_text, branch_length)
+        seen = seen & (gap < window)
+    return seen
+
+
+@triton.jit
+def _key_is_valid(key_valid_row, cols, num_text):
+    """Whether each key is not padding (branch keys never are)."""
+    return tl.load(key_valid_row + cols, mask=(cols < num_text) & (cols >= 0), other=1) != 0
+
+
+@triton.jit
+def _seen(rows, cols, n, num_text, branch_length, key_valid_row, window, CAUSAL: tl.constexpr,
+          HAS_KEY_VALID: tl.constexpr, WINDOWED: tl.constexpr, MASKED: tl.constexpr):
+    """Which pairs of a tile count: the full rule on boundary tiles (``MASKED``), only padding keys on tiles every row
+    sees whole (callers skip this when neither applies). ``rows``/``cols`` broadcast to the tile's shape."""
+    if MASKED:
+        seen = _visible(rows, cols, n, num_text, branch_length, key_valid_row, window, CAUSAL, HAS_KEY_VALID,
+                        WINDOWED)
+    else:
+        seen = _key_is_valid(key_valid_row, cols, num_text) & (rows >= 0)
+    return seen
+
+
+@triton.jit
+def _tanh(x):
+    # tanh from exp: exact limits +-1 for large |x| (exp overflows to inf or underflows to 0), fp32 precision
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit
@@ -78,41 +122,90 @@ def _clip(index, hi, n):
 
 
 @triton.jit
-def _query_block(pid, text_blocks, n, num_text, branch_length, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Rows of query block ``pid`` and the two key ranges it reads: [0, text_hi) and [branch_lo, branch_hi)."""
+def _tile_split(origin, band_lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
+    """Split the tiles origin + t * BLOCK that meet [band_lo, hi) into three runs of tile starts:
+    [lo, mid_lo) and [mid_hi, hi) are boundary tiles, [mid_lo, mid_hi) the tiles wholly inside [full_lo, full_hi).
+
+    Tiles before band_lo are skipped (the window); every tile is in exactly one run; an empty range gives
+    lo = mid_lo = mid_hi >= hi. Differences are clamped at 0 before dividing (integer division truncates).
+    """
+    lo = origin + tl.maximum(band_lo - origin, 0) // BLOCK * BLOCK
+    end = lo + (tl.maximum(hi - lo, 0) + BLOCK - 1) // BLOCK * BLOCK
+    mid_lo = tl.minimum(lo + (tl.maximum(full_lo - lo, 0) + BLOCK - 1) // BLOCK * BLOCK, end)
+    mid_hi = tl.maximum(lo + tl.maximum(tl.minimum(full_hi, hi) - lo, 0) // BLOCK * BLOCK, mid_lo)
+    return lo, mid_lo, mid_hi
+
+
+@triton.jit
+def _query_block(pid, text_blocks, n, num_text, branch_length, window, CAUSAL: tl.constexpr,
+                 WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows [start, stop) of query block ``pid`` and, for its text keys and its branch keys, the tile runs of
+    :func:`_tile_split`: (text_lo, text_mid_lo, text_mid_hi, text_hi), (branch_lo, ..., branch_hi)."""
     if pid < text_blocks:
         start = pid * BLOCK_M
         stop = tl.minimum(start + BLOCK_M, num_text)
         text_hi = num_text
+        full_hi = num_text
         if CAUSAL:
             text_hi = stop
-        branch_lo = 0
+            full_hi = start + 1  # columns up to the first row are seen by every row
+        band_lo = 0
+        full_lo = 0
+        if WINDOWED:
+            band_lo = start - window + 1  # the first row's window
+            full_lo = stop - window  # inside the last row's window
+        branch_origin = 0
+        branch_band_lo = 0
         branch_hi = 0
+        branch_full_lo = 0
+        branch_full_hi = 0
     else:
         start = num_text + (pid - text_blocks) * BLOCK_M
         stop = tl.minimum(start + BLOCK_M, n)
         first_segment = (start - num_text) // branch_length
         last_segment = (stop - 1 - num_text) // branch_length
         first_position = first_segment % num_text
-        text_hi = last_segment % num_text + 1
-        if last_segment - first_segment >= num_text - first_position:  # the block wraps past position L-1
-            text_hi = num_text
-        branch_lo = num_text + first_segment * branch_length
+        wraps = last_segment - first_segment >= num_text - first_position  # the block wraps past position L-1
+        text_hi = tl.where(wraps, num_text, last_segment % num_text + 1)
+        lowest_position = tl.where(wraps, 0, first_position)  # the smallest text position j among its segments
+        full_hi = lowest_position + 1
+        band_lo = 0
+        full_lo = 0
+        if WINDOWED:
+            band_lo = lowest_position + 2 - window  # position ids are at least j + 1
+            full_lo = text_hi + branch_length - window  # position ids are at most (text_hi - 1) + S
+        branch_origin = num_text + first_segment * branch_length
+        branch_band_lo = branch_origin
         branch_hi = stop
-    return start, stop, text_hi, branch_lo, branch_hi
+        branch_full_lo = branch_origin
+        branch_full_hi = tl.where(first_segment == last_segment, start + 1, branch_origin)  # one segment or none
+        if WINDOWED:
+            branch_band_lo = start - window + 1
+            branch_full_lo = stop - window
+    text_lo, text_mid_lo, text_mid_hi = _tile_split(0, band_lo, text_hi, full_lo, full_hi, BLOCK_N)
+    branch_lo, branch_mid_lo, branch_mid_hi = _tile_split(branch_origin, branch_band_lo, branch_hi, branch_full_lo,
+                                                          branch_full_hi, BLOCK_N)
+    return (start, stop, text_lo, text_mid_lo, text_mid_hi, text_hi,
+            branch_lo, branch_mid_lo, branch_mid_hi, branch_hi)
 
 
 @triton.jit
-def _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows, cols, n, num_text, branch_length,
-                  key_valid_row, scale, CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
+def _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows, col_start, hi, n, num_text, branch_length,
+                  key_valid_row, scale, window, softcap, CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
+                  WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
                   HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     dims = tl.arange(0, HEAD_DIM)
+    cols = _clip(col_start + tl.arange(0, BLOCK_N), hi, n)
     col_ok = cols < n
     k = tl.load(k_base + cols[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None], other=0.0)
     v = tl.load(v_base + cols[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None], other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-    seen = _visible(rows[:, None], cols[None, :], n, num_text, branch_length, key_valid_row, CAUSAL, HAS_KEY_VALID)
-    s = tl.where(seen, s, float("-inf"))
+    if SOFTCAP:
+        s = _tanh(s / softcap) * softcap
+    if MASKED or HAS_KEY_VALID:
+        seen = _seen(rows[:, None], cols[None, :], n, num_text, branch_length, key_valid_row, window, CAUSAL,
+                     HAS_KEY_VALID, WINDOWED, MASKED)
+        s = tl.where(seen, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
     alpha = tl.exp(m_i - m_shift)
@@ -123,18 +216,40 @@ def _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows, cols, n, nu
 
 
 @triton.jit
+def _forward_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows, lo, mid_lo, mid_hi, hi, n, num_text,
+                   branch_length, key_valid_row, scale, window, softcap, CAUSAL: tl.constexpr,
+                   HAS_KEY_VALID: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+    """One key range in its three runs of :func:`_tile_split`: boundary tiles masked, inner tiles not."""
+    for col_start in range(lo, mid_lo, BLOCK_N):
+        acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows, col_start, hi, n, num_text,
+                                      branch_length, key_valid_row, scale, window, softcap, CAUSAL, HAS_KEY_VALID,
+                                      WINDOWED, SOFTCAP, True, BLOCK_N, HEAD_DIM, PRECISION)
+    for col_start in range(mid_lo, mid_hi, BLOCK_N):
+        acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows, col_start, hi, n, num_text,
+                                      branch_length, key_valid_row, scale, window, softcap, CAUSAL, HAS_KEY_VALID,
+                                      WINDOWED, SOFTCAP, False, BLOCK_N, HEAD_DIM, PRECISION)
+    for col_start in range(mid_hi, hi, BLOCK_N):
+        acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows, col_start, hi, n, num_text,
+                                      branch_length, key_valid_row, scale, window, softcap, CAUSAL, HAS_KEY_VALID,
+                                      WINDOWED, SOFTCAP, True, BLOCK_N, HEAD_DIM, PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def forward_kernel(Q, K, V, O, LSE, KEY_VALID,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                   n, num_text, branch_length, num_heads, group, text_blocks, scale,
-                   CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+                   n, num_text, branch_length, num_heads, group, text_blocks, scale, window, softcap,
+                   CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     """O = softmax(scale Q K^T) V over visible pairs and lse per row; grid (query blocks, B*H)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # 64-bit base offsets
     b = bh // num_heads
     h = bh % num_heads
-    start, stop, text_hi, branch_lo, branch_hi = _query_block(pid, text_blocks, n, num_text, branch_length,
-                                                              CAUSAL, BLOCK_M)
+    (start, stop, text_lo, text_mid_lo, text_mid_hi, text_hi,
+     branch_lo, branch_mid_lo, branch_mid_hi, branch_hi) = _query_block(pid, text_blocks, n, num_text, branch_length,
+                                                                        window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
     rows = start + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     row_ok = rows < stop
@@ -148,14 +263,12 @@ def forward_kernel(Q, K, V, O, LSE, KEY_VALID,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for col_start in range(0, text_hi, BLOCK_N):
-        cols = _clip(col_start + tl.arange(0, BLOCK_N), text_hi, n)
-        acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows_seen, cols, n, num_text,
-                                      branch_length, key_valid_row, scale, CAUSAL, HAS_KEY_VALID, HEAD_DIM, PRECISION)
-    for col_start in range(branch_lo, branch_hi, BLOCK_N):
-        cols = _clip(col_start + tl.arange(0, BLOCK_N), branch_hi, n)
-        acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows_seen, cols, n, num_text,
-                                      branch_length, key_valid_row, scale, CAUSAL, HAS_KEY_VALID, HEAD_DIM, PRECISION)
+    acc, m_i, l_i = _forward_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows_seen, text_lo, text_mid_lo,
+                                   text_mid_hi, text_hi, n, num_text, branch_length, key_valid_row, scale, window,
+                                   softcap, CAUSAL, HAS_KEY_VALID, WINDOWED, SOFTCAP, BLOCK_N, HEAD_DIM, PRECISION)
+    acc, m_i, l_i = _forward_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows_seen, branch_lo, branch_mid_lo,
+                                   branch_mid_hi, branch_hi, n, num_text, branch_length, key_valid_row, scale, window,
+                                   softcap, CAUSAL, HAS_KEY_VALID, WINDOWED, SOFTCAP, BLOCK_N, HEAD_DIM, PRECISION)
     seen_any = l_i > 0
     out = acc / tl.where(seen_any, l_i, 1.0)[:, None]
     lse = tl.where(seen_any, m_i + tl.log(tl.where(seen_any, l_i, 1.0)), float("inf"))
@@ -177,38 +290,79 @@ def _sus_probs(p, row_keys, cols, c, SUS: tl.constexpr):
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse, delta, row_keys, k_base, v_base, stride_kn, rows, cols, n, num_text,
-             branch_length, key_valid_row, scale, c, CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-             SUS: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+def _capped_scores(s, softcap, SOFTCAP: tl.constexpr):
+    """Soft-capped scores and the cap's slope d(capped)/ds = 1 - tanh^2 (1 without soft-capping)."""
+    if SOFTCAP:
+        tanh = _tanh(s / softcap)
+        s = tanh * softcap
+        slope = 1.0 - tanh * tanh
+    else:
+        slope = tl.full(s.shape, 1.0, tl.float32)
+    return s, slope
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, row_keys, k_base, v_base, stride_kn, rows, col_start, hi, n, num_text,
+             branch_length, key_valid_row, scale, c, window, softcap, CAUSAL: tl.constexpr,
+             HAS_KEY_VALID: tl.constexpr, SUS: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+             MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     dims = tl.arange(0, HEAD_DIM)
+    cols = _clip(col_start + tl.arange(0, BLOCK_N), hi, n)
     col_ok = cols < n
     k = tl.load(k_base + cols[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-    seen = _visible(rows[:, None], cols[None, :], n, num_text, branch_length, key_valid_row, CAUSAL, HAS_KEY_VALID)
-    p = tl.where(seen, tl.exp(s - lse[:, None]), 0.0)
+    s, slope = _capped_scores(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, softcap, SOFTCAP)
+    p = tl.exp(s - lse[:, None])
+    if MASKED or HAS_KEY_VALID:
+        seen = _seen(rows[:, None], cols[None, :], n, num_text, branch_length, key_valid_row, window, CAUSAL,
+                     HAS_KEY_VALID, WINDOWED, MASKED)
+        p = tl.where(seen, p, 0.0)
     p, kept = _sus_probs(p, row_keys[:, None], cols[None, :], c, SUS)
     if kept > 0:
         v = tl.load(v_base + cols[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None], other=0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * slope
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _dq_range(dq, q, do, lse, delta, row_keys, k_base, v_base, stride_kn, rows, lo, mid_lo, mid_hi, hi, n, num_text,
+              branch_length, key_valid_row, scale, c, window, softcap, CAUSAL: tl.constexpr,
+              HAS_KEY_VALID: tl.constexpr, SUS: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+    """One key range in its three runs of :func:`_tile_split`: boundary tiles masked, inner tiles not."""
+    for col_start in range(lo, mid_lo, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, row_keys, k_base, v_base, stride_kn, rows, col_start, hi, n, num_text,
+                      branch_length, key_valid_row, scale, c, window, softcap, CAUSAL, HAS_KEY_VALID, SUS, WINDOWED,
+                      SOFTCAP, True, BLOCK_N, HEAD_DIM, PRECISION)
+    for col_start in range(mid_lo, mid_hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, row_keys, k_base, v_base, stride_kn, rows, col_start, hi, n, num_text,
+                      branch_length, key_valid_row, scale, c, window, softcap, CAUSAL, HAS_KEY_VALID, SUS, WINDOWED,
+                      SOFTCAP, False, BLOCK_N, HEAD_DIM, PRECISION)
+    for col_start in range(mid_hi, hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, row_keys, k_base, v_base, stride_kn, rows, col_start, hi, n, num_text,
+                      branch_length, key_valid_row, scale, c, window, softcap, CAUSAL, HAS_KEY_VALID, SUS, WINDOWED,
+                      SOFTCAP, True, BLOCK_N, HEAD_DIM, PRECISION)
     return dq
 
 
 @triton.jit(do_not_specialize=["seed"])
 def backward_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KEY_VALID,
                        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                       n, num_text, branch_length, num_heads, group, text_blocks, scale, c, seed,
+                       n, num_text, branch_length, num_heads, group, text_blocks, scale, c, seed, window, softcap,
                        CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr, SUS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     """dQ = scale * (P~ * (dO V^T - D)) K for one query block; grid (query blocks, B*H)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # 64-bit base offsets
     b = bh // num_heads
     h = bh % num_heads
-    start, stop, text_hi, branch_lo, branch_hi = _query_block(pid, text_blocks, n, num_text, branch_length,
-                                                              CAUSAL, BLOCK_M)
+    (start, stop, text_lo, text_mid_lo, text_mid_hi, text_hi,
+     branch_lo, branch_mid_lo, branch_mid_hi, branch_hi) = _query_block(pid, text_blocks, n, num_text, branch_length,
+                                                                        window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
     rows = start + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     row_ok = rows < stop
@@ -225,52 +379,127 @@ def backward_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KEY_VALID,
     rows_seen = tl.where(row_ok, rows, n)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for col_start in range(0, text_hi, BLOCK_N):
-        cols = _clip(col_start + tl.arange(0, BLOCK_N), text_hi, n)
-        dq = _dq_tile(dq, q, do, lse, delta, row_keys, k_base, v_base, stride_kn, rows_seen, cols, n, num_text,
-                      branch_length, key_valid_row, scale, c, CAUSAL, HAS_KEY_VALID, SUS, HEAD_DIM, PRECISION)
-    for col_start in range(branch_lo, branch_hi, BLOCK_N):
-        cols = _clip(col_start + tl.arange(0, BLOCK_N), branch_hi, n)
-        dq = _dq_tile(dq, q, do, lse, delta, row_keys, k_base, v_base, stride_kn, rows_seen, cols, n, num_text,
-                      branch_length, key_valid_row, scale, c, CAUSAL, HAS_KEY_VALID, SUS, HEAD_DIM, PRECISION)
+    dq = _dq_range(dq, q, do, lse, delta, row_keys, k_base, v_base, stride_kn, rows_seen, text_lo, text_mid_lo,
+                   text_mid_hi, text_hi, n, num_text, branch_length, key_valid_row, scale, c, window, softcap, CAUSAL,
+                   HAS_KEY_VALID, SUS, WINDOWED, SOFTCAP, BLOCK_N, HEAD_DIM, PRECISION)
+    dq = _dq_range(dq, q, do, lse, delta, row_keys, k_base, v_base, stride_kn, rows_seen, branch_lo, branch_mid_lo,
+                   branch_mid_hi, branch_hi, n, num_text, branch_length, key_valid_row, scale, c, window, softcap,
+                   CAUSAL, HAS_KEY_VALID, SUS, WINDOWED, SOFTCAP, BLOCK_N, HEAD_DIM, PRECISION)
     tl.store(DQ + head + offsets, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
-def _dkdv_rows(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qn, bh, seed, row_lo, row_hi, n,
-               num_text, branch_length, key_valid_row, scale, c, CAUSAL: tl.constexpr,
-               HAS_KEY_VALID: tl.constexpr, SUS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-               PRECISION: tl.constexpr):
-    """Accumulate this key block's dK, dV over query rows [row_lo, row_hi), working transposed ([keys, rows])."""
+def _dkdv_tile(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qn, bh, seed, row_start, hi, n,
+               num_text, branch_length, key_valid_row, scale, c, window, softcap, CAUSAL: tl.constexpr,
+               HAS_KEY_VALID: tl.constexpr, SUS: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+               MASKED: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+    """Add one tile of query rows to this key block's dK, dV, working transposed ([keys, rows])."""
     dims = tl.arange(0, HEAD_DIM)
-    for row_start in range(row_lo, row_hi, BLOCK_M):
-        rows = row_start + tl.arange(0, BLOCK_M)
-        row_ok = rows < row_hi
-        q = tl.load(q_base + rows[:, None] * stride_qn + dims[None, :], mask=row_ok[:, None], other=0.0)
-        lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale  # [keys, rows]
-        rows_seen = tl.where(row_ok, rows, n)
-        seen = _visible(rows_seen[None, :], cols[:, None], n, num_text, branch_length, key_valid_row, CAUSAL,
-                        HAS_KEY_VALID)
-        p_t = tl.where(seen, tl.exp(s_t - lse[None, :]), 0.0)
-        p_t, kept = _sus_probs(p_t, _row_keys(seed, bh, rows)[None, :], cols[:, None], c, SUS)
-        if kept > 0:
-            do = tl.load(do_base + rows[:, None] * stride_qn + dims[None, :], mask=row_ok[:, None], other=0.0)
-            delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < hi
+    q = tl.load(q_base + rows[:, None] * stride_qn + dims[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
+    s_t, slope_t = _capped_scores(tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale, softcap, SOFTCAP)
+    rows_seen = tl.where(row_ok, rows, n)
+    p_t = tl.exp(s_t - lse[None, :])
+    if MASKED or HAS_KEY_VALID:
+        seen = _seen(rows_seen[None, :], cols[:, None], n, num_text, branch_length, key_valid_row, window, CAUSAL,
+                     HAS_KEY_VALID, WINDOWED, MASKED)
+        p_t = tl.where(seen, p_t, 0.0)
+    p_t, kept = _sus_probs(p_t, _row_keys(seed, bh, rows)[None, :], cols[:, None], c, SUS)
+    if kept > 0:
+        do = tl.load(do_base + rows[:, None] * stride_qn + dims[None, :], mask=row_ok[:, None], other=0.0)
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * slope_t
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     return dk, dv
+
+
+@triton.jit
+def _dkdv_rows(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qn, bh, seed, row_lo, row_hi,
+               full_lo, full_hi, n, num_text, branch_length, key_valid_row, scale, c, window, softcap,
+               CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr, SUS: tl.constexpr, WINDOWED: tl.constexpr,
+               SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate this key block's dK, dV over query rows [row_lo, row_hi), whose rows in [full_lo, full_hi) see the
+    whole block: the tiles wholly inside that run without the visibility mask."""
+    lo, mid_lo, mid_hi = _tile_split(row_lo, row_lo, row_hi, full_lo, full_hi, BLOCK_M)
+    for row_start in range(lo, mid_lo, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qn, bh, seed, row_start,
+                            row_hi, n, num_text, branch_length, key_valid_row, scale, c, window, softcap, CAUSAL,
+                            HAS_KEY_VALID, SUS, WINDOWED, SOFTCAP, True, BLOCK_M, HEAD_DIM, PRECISION)
+    for row_start in range(mid_lo, mid_hi, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qn, bh, seed, row_start,
+                            row_hi, n, num_text, branch_length, key_valid_row, scale, c, window, softcap, CAUSAL,
+                            HAS_KEY_VALID, SUS, WINDOWED, SOFTCAP, False, BLOCK_M, HEAD_DIM, PRECISION)
+    for row_start in range(mid_hi, row_hi, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qn, bh, seed, row_start,
+                            row_hi, n, num_text, branch_length, key_valid_row, scale, c, window, softcap, CAUSAL,
+                            HAS_KEY_VALID, SUS, WINDOWED, SOFTCAP, True, BLOCK_M, HEAD_DIM, PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _key_block(pid, text_key_blocks, n, num_text, branch_length, window, CAUSAL: tl.constexpr,
+               WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Columns [start, stop) of key block ``pid`` and the query rows that read them, each range with the part
+    [full_lo, full_hi) whose rows see every column of the block (no mask computed there).
+
+    A text key block is read by text rows [row_lo, row_hi) and, in each sample, by the branch rows of positions
+    j >= start: offsets [branch_lo, branch_hi) from the sample's first row (all of the block: j >= stop - 1). A branch
+    key block is read by the rows of its own segments, [row_lo, row_hi) (branch offsets empty). A window W bounds
+    them by position: a row at position p reads keys at p' > p - W, and slot 0 of position j sits at j + 1.
+    """
+    S = branch_length
+    if pid < text_key_blocks:
+        start = pid * BLOCK_N
+        stop = tl.minimum(start + BLOCK_N, num_text)
+        row_lo = 0
+        row_hi = num_text
+        full_lo = 0
+        full_hi = num_text
+        hi_position = num_text  # branches of positions j < hi_position read it, of [stop - 1, full_hi_position) all
+        full_hi_position = num_text
+        if CAUSAL:
+            row_lo = start
+            full_lo = stop - 1
+        if WINDOWED:
+            row_hi = tl.minimum(num_text, stop - 1 + window)
+            full_hi = start + window
+            hi_position = tl.minimum(num_text, stop + window - 2)
+            full_hi_position = start + window - S  # every slot of j within the window of column start
+        branch_lo = start * S
+        branch_hi = tl.maximum(hi_position * S, branch_lo)
+        branch_full_lo = (stop - 1) * S
+        branch_full_hi = full_hi_position * S
+    else:
+        start = num_text + (pid - text_key_blocks) * BLOCK_N
+        stop = tl.minimum(start + BLOCK_N, n)
+        row_lo = start
+        row_hi = num_text + ((stop - 1 - num_text) // S + 1) * S  # the end of the last segment
+        first_segment_end = num_text + ((start - num_text) // S + 1) * S
+        full_lo = stop - 1
+        full_hi = tl.where(first_segment_end >= stop, first_segment_end, start)  # one segment or none
+        if WINDOWED:
+            row_hi = tl.minimum(row_hi, stop - 1 + window)
+            full_hi = tl.minimum(full_hi, start + window)
+        branch_lo = 0
+        branch_hi = 0
+        branch_full_lo = 0
+        branch_full_hi = 0
+    return start, stop, row_lo, row_hi, full_lo, full_hi, branch_lo, branch_hi, branch_full_lo, branch_full_hi
 
 
 @triton.jit(do_not_specialize=["seed"])
 def backward_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KEY_VALID,
                          stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                         n, num_text, branch_length, num_heads, group, text_key_blocks, scale, c, seed,
-                         CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr, SUS: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         n, num_text, branch_length, num_heads, group, text_key_blocks, scale, c, seed, window,
+                         softcap, CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr, SUS: tl.constexpr,
+                         WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     """dV = P~^T dO and dK = scale * (P~ * (dO V^T - D))^T Q for one key block of one key/value head,
     summed over the query heads of its group; grid (key blocks, B*Hkv)."""
     pid = tl.program_id(0)
@@ -278,12 +507,9 @@ def backward_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KEY_VALID,
     num_kv_heads = num_heads // group
     b = bhk // num_kv_heads
     hk = bhk % num_kv_heads
-    if pid < text_key_blocks:
-        start = pid * BLOCK_N
-        stop = tl.minimum(start + BLOCK_N, num_text)
-    else:
-        start = num_text + (pid - text_key_blocks) * BLOCK_N
-        stop = tl.minimum(start + BLOCK_N, n)
+    (start, stop, row_lo, row_hi, full_lo, full_hi,
+     branch_lo, branch_hi, branch_full_lo, branch_full_hi) = _key_block(pid, text_key_blocks, n, num_text, branch_length,
+                                                                        window, CAUSAL, WINDOWED, BLOCK_N)
     cols = start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     col_ok = cols < stop
@@ -295,7 +521,7 @@ def backward_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KEY_VALID,
     key_valid_row = KEY_VALID + b * num_text
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    branch_tokens = n - num_text
+    sample_rows = num_text * branch_length
     for g in range(0, group):
         h = hk * group + g
         bh = b * num_heads + h
@@ -303,25 +529,16 @@ def backward_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KEY_VALID,
         do_base = DO + b * stride_qb + h * stride_qh
         lse_base = LSE + bh * n
         delta_base = DELTA + bh * n
-        if pid < text_key_blocks:
-            text_lo = 0
-            if CAUSAL:
-                text_lo = start
-            dk, dv = _dkdv_rows(dk, dv, k, v, cols_seen, q_base, do_base, lse_base, delta_base, stride_qn, bh, seed,
-                                text_lo, num_text, n, num_text, branch_length, key_valid_row, scale, c, CAUSAL,
-                                HAS_KEY_VALID, SUS, BLOCK_M, HEAD_DIM, PRECISION)
-            # Branches of positions j >= start, in each sample: a contiguous run of rows per sample.
-            sample_rows = num_text * branch_length
-            for sample_start in range(num_text, num_text + branch_tokens, sample_rows):
+        dk, dv = _dkdv_rows(dk, dv, k, v, cols_seen, q_base, do_base, lse_base, delta_base, stride_qn, bh, seed,
+                            row_lo, row_hi, full_lo, full_hi, n, num_text, branch_length, key_valid_row, scale, c,
+                            window, softcap, CAUSAL, HAS_KEY_VALID, SUS, WINDOWED, SOFTCAP, BLOCK_M, HEAD_DIM,
+                            PRECISION)
+        if pid < text_key_blocks:  # the same run of branch rows in each sample
+            for sample_start in range(num_text, n, sample_rows):
                 dk, dv = _dkdv_rows(dk, dv, k, v, cols_seen, q_base, do_base, lse_base, delta_base, stride_qn, bh,
-                                    seed, sample_start + start * branch_length, sample_start + sample_rows, n,
-                                    num_text, branch_length, key_valid_row, scale, c, CAUSAL, HAS_KEY_VALID, SUS,
-                                    BLOCK_M, HEAD_DIM, PRECISION)
-        else:
-            last_segment = (stop - 1 - num_text) // branch_length
-            row_hi = num_text + (last_segment + 1) * branch_length
-            dk, dv = _dkdv_rows(dk, dv, k, v, cols_seen, q_base, do_base, lse_base, delta_base, stride_qn, bh, seed,
-                                start, row_hi, n, num_text, branch_length, key_valid_row, scale, c, CAUSAL,
-                                HAS_KEY_VALID, SUS, BLOCK_M, HEAD_DIM, PRECISION)
+                                    seed, sample_start + branch_lo, sample_start + branch_hi,
+                                    sample_start + branch_full_lo, sample_start + branch_full_hi, n, num_text,
+                                    branch_length, key_valid_row, scale, c, window, softcap, CAUSAL, HAS_KEY_VALID,
+                                    SUS, WINDOWED, SOFTCAP, BLOCK_M, HEAD_DIM, PRECISION)
     tl.store(DK + kv_head + kv_offsets, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + kv_head + kv_offsets, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])

@@ -111,9 +111,11 @@ def _launch_geometry(n: int, num_text: int, block: int) -> tuple[int, int]:
     return text_blocks, text_blocks + -(-(n - num_text) // block)
 
 
-def _shared_arguments(q, k, key_valid, lse, num_text, branch_length, causal, fp32_precision, tiles) -> dict:
+def _shared_arguments(q, k, key_valid, lse, num_text, branch_length, causal, fp32_precision, tiles, window=None,
+                      softcap=None) -> dict:
     """Keyword arguments every kernel takes: strides, sizes, the pattern, the tiles, and the key_valid pointer (a dummy
-    tensor, never read, when there is no padding)."""
+    tensor, never read, when there is no padding). A window past every gap (n + 1) changes nothing and keeps the
+    kernels' bound arithmetic within 32 bits."""
     B, H, n, d = q.shape
     has_key_valid = key_valid is not None
     return dict(
@@ -124,22 +126,26 @@ def _shared_arguments(q, k, key_valid, lse, num_text, branch_length, causal, fp3
         maxnreg=tiles.max_registers,
         CAUSAL=causal, HAS_KEY_VALID=has_key_valid, HEAD_DIM=d, PRECISION=dot_precision(q.dtype, fp32_precision),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        WINDOWED=window is not None, window=min(window, n + 1) if window is not None else 0,
+        SOFTCAP=softcap is not None, softcap=float(softcap) if softcap is not None else 1.0,
     )
 
 
-def forward_launch(q, k, v, o, lse, scale, num_text, branch_length, causal, key_valid, fp32_precision, arch):
+def forward_launch(q, k, v, o, lse, scale, num_text, branch_length, causal, key_valid, fp32_precision, arch,
+                   window=None, softcap=None):
     """(kernel, grid, keyword arguments) of the forward; ``arch``: the GPU's compute capability (80, 90, ...), None
     under the interpreter."""
     B, H, n, d = q.shape
     tiles = tile_config("forward", d, q.dtype, fp32_precision, arch)
     text_blocks, total = _launch_geometry(n, num_text, tiles.block_m)
     arguments = dict(Q=q, K=k, V=v, O=o, LSE=lse, text_blocks=text_blocks, scale=scale,
-                     **_shared_arguments(q, k, key_valid, lse, num_text, branch_length, causal, fp32_precision, tiles))
+                     **_shared_arguments(q, k, key_valid, lse, num_text, branch_length, causal, fp32_precision, tiles,
+                                         window, softcap))
     return kernels.forward_kernel, (total, B * H), arguments
 
 
 def backward_launches(q, k, v, do, lse, delta, dq, dk, dv, scale, num_text, branch_length, causal, key_valid, c, seed,
-                      fp32_precision, arch):
+                      fp32_precision, arch, window=None, softcap=None):
     """[(kernel, grid, keyword arguments)] of the dQ and the dK/dV kernels; ``arch`` as in :func:`forward_launch`."""
     B, H, n, d = q.shape
     common = dict(Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, scale=scale, c=float(c) if c is not None else 1.0,
@@ -149,12 +155,14 @@ def backward_launches(q, k, v, do, lse, delta, dq, dk, dv, scale, num_text, bran
     text_blocks, total = _launch_geometry(n, num_text, tiles.block_m)
     launches.append((kernels.backward_dq_kernel, (total, B * H), dict(
         DQ=dq, text_blocks=text_blocks, **common,
-        **_shared_arguments(q, k, key_valid, lse, num_text, branch_length, causal, fp32_precision, tiles))))
+        **_shared_arguments(q, k, key_valid, lse, num_text, branch_length, causal, fp32_precision, tiles, window,
+                            softcap))))
     tiles = tile_config("dkdv", d, q.dtype, fp32_precision, arch)
     text_key_blocks, total_keys = _launch_geometry(n, num_text, tiles.block_n)
     launches.append((kernels.backward_dkdv_kernel, (total_keys, B * k.shape[1]), dict(
         DK=dk, DV=dv, text_key_blocks=text_key_blocks, **common,
-        **_shared_arguments(q, k, key_valid, lse, num_text, branch_length, causal, fp32_precision, tiles))))
+        **_shared_arguments(q, k, key_valid, lse, num_text, branch_length, causal, fp32_precision, tiles, window,
+                            softcap))))
     return launches
 
 
@@ -202,7 +210,7 @@ def _on_device(device: torch.device):
 
 
 def triton_forward(q, k, v, scale, num_text, branch_length=0, causal=True, key_valid=None, out=None,
-                   fp32_precision="tf32"):
+                   fp32_precision="tf32", window=None, softcap=None):
     """Exact attention: (o ``[B, H, n, d]`` in q's dtype, lse ``[B, H, n]`` fp32); ``out`` = (o, lse) to fill."""
     B, H, n, d = q.shape
     check_sizes(q)
@@ -210,21 +218,23 @@ def triton_forward(q, k, v, scale, num_text, branch_length=0, causal=True, key_v
         out = torch.empty_like(q), torch.empty(B, H, n, device=q.device, dtype=torch.float32)
     o, lse = out
     kernel, grid, arguments = forward_launch(q, k, v, o, lse, scale, num_text, branch_length, causal, key_valid,
-                                             fp32_precision, arch=_arch(q.device))
+                                             fp32_precision, arch=_arch(q.device), window=window,
+                                             softcap=softcap)
     with _on_device(q.device):
         kernel[grid](**arguments)
     return o, lse
 
 
 def triton_backward(q, k, v, o, lse, do, scale, num_text, branch_length=0, causal=True, key_valid=None, c=None,
-                    seed=0, out=None, fp32_precision="tf32"):
+                    seed=0, out=None, fp32_precision="tf32", window=None, softcap=None):
     """Gradients (dq, dk, dv) in the inputs' dtypes, exact (``c=None``) or SUS; ``out`` = (dq, dk, dv) to fill."""
     check_sizes(q)
     do = do.contiguous()
     delta = (do.float() * o.float()).sum(-1)  # D from the exact output, never from P~ (that would bias dQ)
     dq, dk, dv = out if out is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     launches = backward_launches(q, k, v, do, lse, delta, dq, dk, dv, scale, num_text, branch_length, causal, key_valid,
-                                 c, seed, fp32_precision, arch=_arch(q.device))
+                                 c, seed, fp32_precision, arch=_arch(q.device), window=window,
+                                 softcap=softcap)
     with _on_device(q.device):
         for kernel, grid, arguments in launches:
             kernel[grid](**arguments)

@@ -6,6 +6,9 @@ row with log-sum-exp ``lse``, O = P V. Backward with D_i = rowsum(dO_i * O_i):
     P~ = where(u < c P, max(P, 1/c), 0)     (P~ = P for the exact backward, c = None)
     dV = P~^T dO,  dS = P~ * (dO V^T - D),  dQ = scale * dS K,  dK = scale * dS^T Q
 
+With soft-capping (``softcap`` = cap, as Gemma 2) the scores are S = cap * tanh(scale * Q K^T / cap), and dS
+is multiplied by the cap's slope 1 - tanh^2(scale * Q K^T / cap) before dQ and dK.
+
 u is the counter-based uniform of :mod:`.rng` at the pair's global (row, col) in the row of n
 tokens, so any mask can be rebuilt from the seed.
 
@@ -15,6 +18,11 @@ Attention patterns (global indices, row = query, col = key):
 * thought layout (docs/design.md §2): the first ``num_text`` = L tokens are text, causal among themselves;
   the remaining n - L tokens are branches of ``branch_length`` = S tokens, laid out (n, j, k), and
   the branch of segment g (text position j = g mod L) sees text cols 0..j and its own earlier tokens.
+
+A sliding ``window`` W (causal patterns only) keeps a pair only if pos(row) - pos(col) < W, with position ids
+text i -> i and branch token k of text position j -> j + 1 + k (:func:`positions`). These are
+quietstar.attention.layout's positions wherever padding sits only at the ends of a row (right_pad's batches, left-padded
+generation): real tokens keep their gaps, so every real query sees what layout's rule shows it.
 
 Text keys marked False in ``key_valid`` [B, L] (padding) are seen by nobody. A row that sees
 nothing gets P = 0: output 0, gradients 0, ``lse = +inf``.
@@ -31,7 +39,15 @@ from ...precision import at_least_fp32
 from . import rng
 
 
-def visible(rows: torch.Tensor, cols: torch.Tensor, num_text: int, branch_length: int, causal: bool = True):
+def positions(index: torch.Tensor, num_text: int, branch_length: int) -> torch.Tensor:
+    """Position ids of global indices: text i at i, branch token k of text position j at j + 1 + k."""
+    L, S = num_text, max(branch_length, 1)
+    offset = (index - L).clamp(min=0)
+    return torch.where(index < L, index, torch.div(offset, S, rounding_mode="floor") % L + 1 + offset % S)
+
+
+def visible(rows: torch.Tensor, cols: torch.Tensor, num_text: int, branch_length: int, causal: bool = True,
+            window: int | None = None):
     """Who sees whom, for broadcastable global index tensors (padding not included)."""
     L, S = num_text, max(branch_length, 1)
     row_is_text = rows < L
@@ -41,7 +57,10 @@ def visible(rows: torch.Tensor, cols: torch.Tensor, num_text: int, branch_length
         text_ok = text_ok & (cols <= limit)
     same_branch = torch.div(cols - L, S, rounding_mode="floor") == torch.div(rows - L, S, rounding_mode="floor")
     branch_ok = (cols >= L) & ~row_is_text & same_branch & (cols <= rows)
-    return text_ok | branch_ok
+    seen = text_ok | branch_ok
+    if window is not None:
+        seen = seen & (positions(rows, L, branch_length) - positions(cols, L, branch_length) < window)
+    return seen
 
 
 def sus_weights(probs: torch.Tensor, u: torch.Tensor, c: float) -> torch.Tensor:
@@ -75,21 +94,33 @@ def _pieces(n: int, num_text: int, branch_length: int, device) -> list[_Piece]:
     return [text, prefix, own]
 
 
-def check_pattern(n: int, num_text: int, branch_length: int) -> None:
+def check_pattern(n: int, num_text: int, branch_length: int, causal: bool = True, window: int | None = None,
+                  softcap: float | None = None) -> None:
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise ValueError(f"window must be a positive integer (or None for full attention), got {window!r}.")
+    if window is not None and not causal:
+        raise ValueError("A sliding window applies to causal attention; pass causal=True or window=None.")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and not isinstance(softcap, bool) and softcap > 0):
+        raise ValueError(f"softcap must be a positive number (or None for no soft-capping), got {softcap!r}.")
     if num_text > n or (branch_length == 0 and num_text != n):
         raise ValueError(f"num_text={num_text} does not fit a row of {n} tokens with branch_length={branch_length}.")
     if branch_length and (n - num_text) % branch_length:
         raise ValueError(f"{n - num_text} branch tokens are not a whole number of branches of {branch_length}.")
 
 
-def _scores_and_mask(piece, q, k, scale, num_text, branch_length, causal, key_valid):
+def _scores_and_mask(piece, q, k, scale, num_text, branch_length, causal, key_valid, window, softcap):
+    """Scores, visibility and the cap's slope dS/d(scale QK^T) (None without soft-capping) of one piece."""
     scores = torch.matmul(piece.q_view(q), piece.kv_view(k).transpose(-1, -2)) * scale
-    mask = visible(piece.rows, piece.cols, num_text, branch_length, causal)
+    slope = None
+    if softcap is not None:
+        tanh = torch.tanh(scores / softcap)
+        scores, slope = tanh * softcap, 1 - tanh * tanh
+    mask = visible(piece.rows, piece.cols, num_text, branch_length, causal, window)
     mask = mask.expand(scores.shape[2:])[None, None]
     if key_valid is not None:
         col_ok = key_valid[:, piece.cols.clamp(max=num_text - 1)] | (piece.cols >= num_text)  # [B, ..., R?, C]
         mask = mask & col_ok.reshape(key_valid.shape[0], 1, *col_ok.shape[1:])
-    return scores, mask
+    return scores, mask, slope
 
 
 def _probs(scores_list, masks, lse=None):
@@ -107,32 +138,35 @@ def _expand_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.repeat_interleave(num_heads // x.shape[1], dim=1)
 
 
-def _all_probs(q, k, scale, num_text, branch_length, causal, key_valid, lse=None):
-    """Probabilities of every piece, in the piece's own shape, and lse per row [B, H, n]."""
+def _all_probs(q, k, scale, num_text, branch_length, causal, key_valid, window, softcap, lse=None):
+    """Probabilities of every piece, in the piece's own shape, lse per row [B, H, n], and the pieces' cap slopes."""
     n = q.shape[2]
     pieces = _pieces(n, num_text, branch_length, q.device)
-    raw = [_scores_and_mask(p, q, k, scale, num_text, branch_length, causal, key_valid) for p in pieces]
+    raw = [_scores_and_mask(p, q, k, scale, num_text, branch_length, causal, key_valid, window, softcap)
+           for p in pieces]
+    slopes = [r[2] for r in raw]
     text_lse = None if lse is None else lse[:, :, :num_text, None]
     (text_p,), text_lse = _probs([raw[0][0]], [raw[0][1]], text_lse)
     probs, lses = [text_p], [text_lse[..., 0]]
     if len(pieces) == 3:
         B, H, R = q.shape[0], q.shape[1], n - num_text
         flat = [(s.expand(B, H, *s.shape[2:]).reshape(B, H, R, -1), m.expand(-1, -1, *s.shape[2:]).reshape(-1, 1, R, s.shape[-1]))
-                for s, m in raw[1:]]
+                for s, m, _ in raw[1:]]
         branch_lse = None if lse is None else lse[:, :, num_text:, None]
         (prefix_p, own_p), branch_lse = _probs([f[0] for f in flat], [f[1] for f in flat], branch_lse)
         probs += [prefix_p, own_p.view(raw[2][0].shape)]
         lses.append(branch_lse[..., 0])
-    return pieces, probs, torch.cat(lses, dim=-1)
+    return pieces, probs, torch.cat(lses, dim=-1), slopes
 
 
-def attention_forward(q, k, v, scale, num_text, branch_length=0, causal=True, key_valid=None):
+def attention_forward(q, k, v, scale, num_text, branch_length=0, causal=True, key_valid=None, window=None,
+                      softcap=None):
     """Exact attention. q ``[B, H, n, d]``, k/v ``[B, Hkv, n, d]`` -> (o ``[B, H, n, d]``, lse ``[B, H, n]``), in
     fp32 (fp64 for fp64 inputs)."""
-    check_pattern(q.shape[2], num_text, branch_length)
+    check_pattern(q.shape[2], num_text, branch_length, causal, window, softcap)
     H = q.shape[1]
     q, k, v = at_least_fp32(q), _expand_heads(at_least_fp32(k), H), _expand_heads(at_least_fp32(v), H)
-    pieces, probs, lse = _all_probs(q, k, scale, num_text, branch_length, causal, key_valid)
+    pieces, probs, lse, _ = _all_probs(q, k, scale, num_text, branch_length, causal, key_valid, window, softcap)
     out = torch.zeros_like(q)
     for piece, p in zip(pieces, probs):
         contrib = torch.matmul(p, piece.kv_view(v))
@@ -141,7 +175,7 @@ def attention_forward(q, k, v, scale, num_text, branch_length=0, causal=True, ke
 
 
 def attention_backward(q, k, v, o, lse, do, scale, num_text, branch_length=0, causal=True, key_valid=None,
-                       c=None, seed=0):
+                       c=None, seed=0, window=None, softcap=None):
     """Gradients (dq, dk, dv) in fp32 (fp64 for fp64 inputs), exact (``c=None``) or SUS with parameter ``c`` and
     ``seed``."""
     B, H, n, d = q.shape
@@ -149,16 +183,19 @@ def attention_backward(q, k, v, o, lse, do, scale, num_text, branch_length=0, ca
     q, do = at_least_fp32(q), at_least_fp32(do)
     k, v = _expand_heads(at_least_fp32(k), H), _expand_heads(at_least_fp32(v), H)
     delta = (do * at_least_fp32(o)).sum(-1)  # D_i from the exact output, never from P~ (that would bias dQ)
-    pieces, probs, _ = _all_probs(q, k, scale, num_text, branch_length, causal, key_valid, lse)
+    pieces, probs, _, slopes = _all_probs(q, k, scale, num_text, branch_length, causal, key_valid, window, softcap,
+                                          lse)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     bh = torch.arange(B * H, device=q.device).view(B, H)
-    for piece, p in zip(pieces, probs):
+    for piece, p, slope in zip(pieces, probs, slopes):
         if c is not None:
             stream = rng.stream_key(seed, bh.view(B, H, *([1] * (p.dim() - 2))))
             p = sus_weights(p, rng.uniform_from_keys(rng.row_key(stream, piece.rows), piece.cols), c)
         q_p, k_p, v_p, do_p = piece.q_view(q), piece.kv_view(k), piece.kv_view(v), piece.q_view(do)
         delta_p = piece.q_view(delta[..., None])
         ds = p * (torch.matmul(do_p, v_p.transpose(-1, -2)) - delta_p)
+        if slope is not None:
+            ds = ds * slope
         rows = slice(piece.rows.min(), piece.rows.max() + 1)
         cols = slice(piece.cols.min(), piece.cols.max() + 1)
         dq[:, :, rows] += (scale * torch.matmul(ds, k_p)).reshape(B, H, -1, d)
