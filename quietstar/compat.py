@@ -156,5 +156,6 @@ def check_thought_layout(model) -> None:
     if not error <= tolerance:
         raise ValueError(f"{name} computes thought branches differently in one expanded pass than on explicit "
                          f"sequences (relative error {error:.2e}): some layer mixes tokens outside attention (a "
-                         "convolution over time, a token shift, a recurrent state), which Quiet-STaR's parallel "
-                         "thoughts cannot lay out.")
+                         "convolution over time, a token shift, a recurrent state), or the family does not position "
+                         "tokens by the position_ids it is given (BART-style decoders' learned positions take a "
+                         "different shape), which Quiet-STaR's parallel thoughts cannot lay out.")

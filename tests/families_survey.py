@@ -193,8 +193,8 @@ def survey(families: list[str] | None = None, progress: bool = False) -> dict:
 REASONS = (  # (text in the error, the README's short reason); the full message stays in docs/families.json
     # refusals
     ("does not route through", "attention does not go through transformers' AttentionInterface"),
-    ("mixes tokens outside attention", "its expanded pass differs from explicit sequences outside attention (e.g. a "
-                                       "convolution over time)"),
+    ("mixes tokens outside attention", "its expanded pass differs from explicit sequences outside attention (a "
+                                       "convolution over time, or positions not taken from position_ids)"),
     ("attention layers but its config declares", "an encoder-decoder's decoder (more attention layers than declared)"),
     ("layers attend through", "some layers do not attend through the interface (linear-attention or state-space mixers)"),
     ("logits differ from", "its logits differ from the probe's: a computation outside the seam (a BERT-style prediction "
