@@ -3,23 +3,27 @@
 A stand-in Triton driver reports the target GPU (sm_80 = A100, sm_90 = H100/H200), and each kernel variant is
 compiled by ``JITFunction.warmup`` through Triton's real NVIDIA pipeline (TTIR, TTGIR, LLVM, PTX, cubin with the
 ptxas of the triton wheel); nothing runs. The kernels are those of ``quietstar.ops.sus.launch.LAUNCHED_KERNELS``
-and the arguments come from their own launch code with the target's arch, so the tiles, warps, stages and
-constexpr flags are the ones a GPU run launches. Per variant: shared memory, the tensor-core instruction the dots
+(design A) and ``quietstar.ops.sus.row_tiles_launch.LAUNCHED_KERNELS`` (design C), and the arguments come from their
+own launch code with the target's arch, so the tiles, warps, stages and constexpr flags are the ones a GPU run
+launches. Per variant: shared memory, the tensor-core instruction the dots
 became (wgmma, mma or none: fma), registers and spill bytes from ``ptxas -v``, and instructions per score in the
 tile loops (the innermost loops of the SASS from ``nvdisasm`` that hold tensor-core instructions), counted by class
-and divided by the scores each thread holds per iteration (BLOCK_M x BLOCK_N / threads), for the largest loop and
-the lightest. Exits 1 if any variant fails to compile.
+and divided by the scores each thread holds per iteration (BLOCK_M x BLOCK_N / threads; design C's key block is its
+TILE), for the largest loop and the lightest. Exits 1 if any variant fails to compile.
 
     .venv/bin/python scripts/compile_check.py                            # the README table (thought layout, padded)
     .venv/bin/python scripts/compile_check.py --variants all --jobs 16   # every pattern too
     .venv/bin/python scripts/compile_check.py --readme                   # rewrite the table in quietstar/ops/sus/README.md
+    .venv/bin/python scripts/compile_check.py --filter row_tiles         # design C's kernels only
 
 Variants: kernel (forward, dq, dkdv, any other registered) x input dtype (fp16, bf16, fp32 through tf32, fp32
-exact) x head dim x backward (exact, SUS), at odd sizes (no divisibility specialisation) with grouped-query heads.
+exact) x head dim x backward (exact, SUS; design C's kernels SUS only), at odd sizes (no divisibility
+specialisation) with grouped-query heads.
 ``table`` takes the padded thought layout (every constexpr branch of the visibility rule on); ``all`` adds the
 plain causal, padded causal, non-causal and unpadded thought patterns and the padded thought layout with a sliding
 window and soft-capping (each compiles separately: CAUSAL, HAS_KEY_VALID, WINDOWED, SOFTCAP and branch_length == 1
-are specialised); ``representative`` is one variant per kernel (bf16, head dim 128, SUS).
+are specialised; the last only for kernels that take a window); ``representative`` is one variant per kernel (bf16,
+head dim 128, SUS).
 """
 
 from __future__ import annotations
@@ -63,11 +67,11 @@ BATCH, HEADS, KV_HEADS = 2, 4, 2
 @dataclasses.dataclass(frozen=True)
 class Variant:
     arch: int
-    kernel: str  # the name of an entry of launch.LAUNCHED_KERNELS
+    kernel: str  # the name of an entry of launched_kernels()
     dtype: str  # a key of DTYPES
     head_dim: int
     pattern: str  # a key of PATTERNS
-    sus: bool  # backward kernels only
+    sus: bool  # backward kernels, and SUS-only kernels (always)
     backward: bool = True  # the kernel takes exact and SUS variants
 
     @property
@@ -76,19 +80,33 @@ class Variant:
         return f"sm_{self.arch}/{self.kernel}{mode}/{self.dtype}/d{self.head_dim}/{self.pattern}"
 
 
-def variants(kind: str, archs=ARCHS) -> list[Variant]:
-    """The variants of ``kind`` ("representative", "table" or "all") of every kernel in launch.LAUNCHED_KERNELS."""
-    from quietstar.ops.sus.launch import LAUNCHED_KERNELS
+def launched_kernels() -> tuple:
+    """Every registered kernel (``launch.LaunchedKernel``): design A's, then design C's."""
+    from quietstar.ops.sus import launch, row_tiles_launch
 
+    return (*launch.LAUNCHED_KERNELS, *row_tiles_launch.LAUNCHED_KERNELS)
+
+
+def _modes(kernel) -> tuple[bool, ...]:
+    """The values of Variant.sus a kernel compiles with."""
+    return (False, True) if kernel.backward else (kernel.sus_only,)
+
+
+def variants(kind: str, archs=ARCHS) -> list[Variant]:
+    """The variants of ``kind`` ("representative", "table" or "all") of every kernel of launched_kernels()."""
     if kind not in ("representative", "table", "all"):
         raise ValueError(f"variants must be representative, table or all, got {kind!r}.")
     if kind == "representative":
-        return [Variant(arch, kernel.name, "bf16", 128, "thought-padded", kernel.backward, kernel.backward)
-                for arch in archs for kernel in LAUNCHED_KERNELS]
+        return [Variant(arch, kernel.name, "bf16", 128, "thought-padded", _modes(kernel)[-1], kernel.backward)
+                for arch in archs for kernel in launched_kernels()]
     patterns = ["thought-padded"] if kind == "table" else list(PATTERNS)
     return [Variant(arch, kernel.name, dtype, head_dim, pattern, sus, kernel.backward)
-            for arch in archs for kernel in LAUNCHED_KERNELS for dtype in DTYPES for head_dim in HEAD_DIMS
-            for pattern in patterns for sus in ((False, True) if kernel.backward else (False,))]
+            for arch in archs for kernel in launched_kernels() for dtype in DTYPES for head_dim in HEAD_DIMS
+            for pattern in patterns if kernel.windowed or pattern not in RULES for sus in _modes(kernel)]
+
+
+def _kernel(variant: Variant):
+    return next(kernel for kernel in launched_kernels() if kernel.name == variant.kernel)
 
 
 class StandInDriver:
@@ -113,9 +131,7 @@ class StandInDriver:
 
 
 def _launch(variant: Variant):
-    """(kernel, grid, keyword arguments) that quietstar.ops.sus.launch builds for this variant, on CPU tensors."""
-    from quietstar.ops.sus.launch import LAUNCHED_KERNELS
-
+    """(kernel, grid, keyword arguments) that the variant's launch code builds for it, on CPU tensors."""
     dtype, fp32_precision = DTYPES[variant.dtype]
     L, N, S, causal, padded = PATTERNS[variant.pattern]
     n, d = L + N * L * S, variant.head_dim
@@ -123,11 +139,9 @@ def _launch(variant: Variant):
     k = torch.zeros(BATCH, KV_HEADS, n, d, dtype=dtype)
     lse = torch.zeros(BATCH, HEADS, n)
     key_valid = torch.ones(BATCH, L, dtype=torch.bool) if padded else None
-    kernel = next(kernel for kernel in LAUNCHED_KERNELS if kernel.name == variant.kernel)
-    return kernel.example(q, k, torch.zeros_like(k), lse, c=32.0 if variant.sus else None, seed=12345, num_text=L,
-                          branch_length=S if N else 0, causal=causal, key_valid=key_valid,
-                          fp32_precision=fp32_precision, arch=variant.arch,
-                          **RULES.get(variant.pattern, {}))
+    return _kernel(variant).example(q, k, torch.zeros_like(k), lse, c=32.0 if variant.sus else None, seed=12345,
+                                    num_text=L, branch_length=S if N else 0, causal=causal, key_valid=key_valid,
+                                    fp32_precision=fp32_precision, arch=variant.arch, **RULES.get(variant.pattern, {}))
 
 
 def _ptxas(arch: int) -> str:
@@ -259,10 +273,11 @@ def compile_variant(variant: Variant) -> dict:
         loops = tile_loops(_sass(compiled.asm["cubin"]))
         if not loops:
             raise RuntimeError("no tile loop in the SASS")
-        scores_per_thread = arguments["BLOCK_M"] * arguments["BLOCK_N"] / (32 * compiled.metadata.num_warps)
+        block_n = arguments[_kernel(variant).key_block]
+        scores_per_thread = arguments["BLOCK_M"] * block_n / (32 * compiled.metadata.num_warps)
         row |= dict(ok=True, shared_kib=round(compiled.metadata.shared / 1024, 1),
                     num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
-                    block_m=arguments["BLOCK_M"], block_n=arguments["BLOCK_N"],
+                    block_m=arguments["BLOCK_M"], block_n=block_n,
                     tensor_cores=tensor_core_instruction(ptx), registers=registers,
                     spill_stores=spill_stores, spill_loads=spill_loads, loop_instructions=loops[0],
                     per_score={name: round(count / scores_per_thread, 2) for name, count in loops[0].items()},
@@ -315,7 +330,8 @@ def markdown_table(rows: list[dict], triton_version: str) -> str:
              f"Triton {triton_version}, `scripts/compile_check.py` (padded thought layout, grouped-query heads). "
              "Tiles: query rows x key columns, warps, pipeline stages; spills: store/load bytes per thread; "
              "instr/score: SASS instructions in one iteration of the largest tile loop (every branch taken: a tile "
-             "with a kept entry) over the scores each thread holds (BLOCK_M x BLOCK_N / threads), in all, by class "
+             "with a kept entry) over the scores each thread holds (BLOCK_M x BLOCK_N / threads; design C's key "
+             "columns: its TILE), in all, by class "
              "(integer, compare and select; floating point; memory; tensor core), and in the lightest tile loop.", "",
              "| arch | kernel | inputs | d | tiles | shared KiB | tensor cores | registers | spills | instr/score "
              f"| {' | '.join(PER_SCORE_COLUMNS)} | lightest loop |",

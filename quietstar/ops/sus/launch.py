@@ -6,7 +6,8 @@ K and V share one set of strides, and so do Q, dO, O and their gradients.
 
 Each ``*_launch`` function returns (kernel, grid, keyword arguments) without launching, so the compile
 check (``scripts/compile_check.py``) compiles exactly what :func:`triton_forward` and
-:func:`triton_backward` launch; it compiles every kernel of :data:`LAUNCHED_KERNELS`.
+:func:`triton_backward` launch; it compiles every kernel of :data:`LAUNCHED_KERNELS` (and of design C's
+``row_tiles_launch.LAUNCHED_KERNELS``).
 """
 
 from __future__ import annotations
@@ -169,14 +170,18 @@ def backward_launches(q, k, v, do, lse, delta, dq, dk, dv, scale, num_text, bran
 @dataclass(frozen=True)
 class LaunchedKernel:
     """A kernel the launches use, as the compile check (``scripts/compile_check.py``) builds it for each arch, input
-    dtype and head dim (exact and SUS where ``backward``). ``example(q, k, v, lse, c, seed, num_text, branch_length,
-    causal, key_valid, fp32_precision, arch)`` returns the (kernel, grid, keyword arguments) this module launches for
-    those inputs (``c`` None: exact); BLOCK_M x BLOCK_N in the keyword arguments are the scores of one iteration of
-    the kernel's tile loop."""
+    dtype and head dim (exact and SUS where ``backward``; SUS alone where ``sus_only``). ``example(q, k, v, lse, c,
+    seed, num_text, branch_length, causal, key_valid, fp32_precision, arch[, window, softcap])`` returns the (kernel,
+    grid, keyword arguments) its module launches for those inputs (``c`` None: exact); BLOCK_M x the keyword argument
+    named ``key_block`` are the scores of one iteration of the kernel's tile loop. ``windowed``: the kernel takes a
+    sliding window and soft-capping. Design C's kernels are in ``row_tiles_launch.LAUNCHED_KERNELS``."""
 
     name: str
     backward: bool
     example: Callable
+    key_block: str = "BLOCK_N"
+    sus_only: bool = False
+    windowed: bool = True
 
 
 def _forward_example(q, k, v, lse, c, seed, **pattern):

@@ -4,8 +4,9 @@ The forward returns (o, lse, cell_pi): cell_pi ``[B, H, n, tiles]`` fp32 holds p
 tile) cell and 0 for a closed one (level 1, drawn in the forward's epilogue). The backward lists, per (head, key
 tile), the rows that opened it, sorted by head, tile and row: ROWS (int32) with their pi (PI, fp32), CELL_FIRST /
 CELL_COUNT per cell. Memory: cell_pi 4 * ceil(n / 64) bytes per row and head, kept from forward to backward (16 MiB
-per head at n = 16k); the lists 8 bytes per opened cell, during the backward. Each ``*_launch`` function returns (kernel, grid, keyword arguments) without launching, as
-:mod:`.launch` does, for the compile check.
+per head at n = 16k); the lists 8 bytes per opened cell, during the backward. Each ``*_launch`` function returns
+(kernel, grid, keyword arguments) without launching, as :mod:`.launch` does, for the compile check
+(``scripts/compile_check.py``), which compiles the kernels of :data:`LAUNCHED_KERNELS`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from . import row_tiles, row_tiles_kernels
-from .launch import TileConfig, _arch, _on_device, _shared_arguments, check_sizes, tile_config
+from .launch import LaunchedKernel, TileConfig, _arch, _on_device, _shared_arguments, check_sizes, tile_config
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,30 @@ def backward_launch(q, k, v, do, lse, delta, dq32, dk, dv, cells, scale, num_tex
                      CELL_FIRST=cells.first, CELL_COUNT=cells.count, text_tiles=-(-num_text // tile),
                      num_tiles=num_tiles, scale=scale, c=float(c), seed=seed, TILE=tile)
     return row_tiles_kernels.backward_kernel, (num_tiles, B * k.shape[1]), arguments
+
+
+def _forward_example(q, k, v, lse, c, seed, **pattern):
+    B, H, n, d = q.shape
+    cell_pi = torch.empty(B, H, n, row_tiles.num_key_tiles(n, pattern["num_text"]))
+    return forward_launch(q, k, v, torch.empty_like(q), lse, cell_pi, d**-0.5, c=c, seed=seed, **pattern)
+
+
+def _backward_example(q, k, v, lse, c, seed, **pattern):
+    """The launch with no opened cell (one dummy row, zero counts): the lists are data, not part of the compiled
+    kernel."""
+    B, H, n, d = q.shape
+    cells_per_head = B * H * row_tiles.num_key_tiles(n, pattern["num_text"])
+    cells = OpenedCells(rows=torch.zeros(1, dtype=torch.int32), pi=torch.zeros(1),
+                        first=torch.zeros(cells_per_head, dtype=torch.int64),
+                        count=torch.zeros(cells_per_head, dtype=torch.int32))
+    return backward_launch(q, k, v, torch.empty_like(q), lse, torch.empty_like(lse), q.float(), torch.empty_like(k),
+                           torch.empty_like(v), cells, d**-0.5, c=c, seed=seed, **pattern)
+
+
+# Both kernels always sample (no exact variant) and key blocks are one estimator tile (TILE, not BLOCK_N).
+LAUNCHED_KERNELS = (
+    LaunchedKernel("row_tiles_forward", False, _forward_example, key_block="TILE", sus_only=True, windowed=False),
+    LaunchedKernel("row_tiles_backward", False, _backward_example, key_block="TILE", sus_only=True, windowed=False))
 
 
 def triton_forward(q, k, v, scale, num_text, branch_length=0, causal=True, key_valid=None, c=1.0, seed=0, out=None,
