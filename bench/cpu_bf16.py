@@ -1,6 +1,6 @@
 """Does this CPU compute bf16 natively? The bf16 / fp32 time ratio of one matmul, and what ``bf16: auto`` picks.
 
-    python bench/cpu_bf16.py [--rows 2048] [--inner 576] [--cols 1536] [--repeats 3]
+    python bench/cpu_bf16.py [--rows 2048] [--inner 576] [--cols 1536] [--repeats 3] [--out bench_results/cpu_bf16.json]
 
 The default shape is SmolLM2-135M's MLP up-projection over 2048 tokens. On a CPU with AMX or AVX512_BF16 the
 ratio is below 1; without them PyTorch emulates bf16 and the ratio was about 100 on a Zen 3 (AVX2).
@@ -10,15 +10,13 @@ quietstar/bf16.py quotes that figure in the warning given for ``bf16: true`` on 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's quietstar
-
-from quietstar.bf16 import native_bf16  # noqa: E402
+from quietstar.bf16 import native_bf16
 
 
 def matmul_seconds(a: torch.Tensor, b: torch.Tensor, repeats: int) -> float:
@@ -38,6 +36,7 @@ def main(argv=None) -> dict:
     p.add_argument("--inner", type=int, default=576)
     p.add_argument("--cols", type=int, default=1536)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default="bench_results/cpu_bf16.json")
     args = p.parse_args(argv)
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(args.rows, args.inner, generator=generator)
@@ -51,6 +50,9 @@ def main(argv=None) -> dict:
           f"{fp32:.4f} s, bf16 {bf16:.4f} s, bf16/fp32 = {bf16 / fp32:.2f}. CPU capability "
           f"{result['capability']}; native bf16: {feature or 'none'} (bf16: auto trains in "
           f"{'bf16 autocast' if feature else 'fp32'}).")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"settings": vars(args), **result}, f, indent=2)
     return result
 
 
