@@ -51,7 +51,7 @@ def test_replayed_thoughts_reproduce_the_generation_and_thoughts_matter():
 def test_with_a_zero_mixing_head_generation_is_the_base_models_greedy_decoding(arch):
     model = make_model(arch)
     ids, mask = padded_batch(lengths=(6, 6), left_padding_rows=())
-    out = model.generate(ids, mask, max_new_tokens=4)
+    out = model.generate(ids, mask, max_new_tokens=4, eos_token_id=[])  # the loop below does not stop at EOS either
     sequence = ids
     for _ in range(4):
         logits = model.base(input_ids=sequence).logits[:, -1]
