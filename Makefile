@@ -33,10 +33,12 @@ test: setup
 	$(PYTHON) -m pytest -q
 
 # The main job: Quiet-STaR on SmolLM2-135M (offline), then evaluations before/after and runs/<name>/report.md.
-# An existing run folder is refused; `make demo OVERWRITE=1` trains over it.
+# An existing run folder is refused; `make demo OVERWRITE=1` trains over it. The config's bf16: auto trains in bf16
+# where the CPU has bf16 instructions and in fp32 elsewhere; `make demo BF16=true` (or false) forces either. The
+# report evaluates in fp32 whatever the training used.
 demo: setup
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_cpu_threads_per_process $(NPROC) scripts/train.py \
-		--config $(DEMO_CONFIG) $(if $(OVERWRITE),--overwrite_output_dir true)
+		--config $(DEMO_CONFIG) $(if $(OVERWRITE),--overwrite_output_dir true) $(if $(BF16),--bf16 $(BF16))
 	$(PYTHON) scripts/report.py $(DEMO_RUN)
 
 bench: setup

@@ -37,10 +37,15 @@ def measure(args) -> dict:
 
     from quietstar import QuietStarConfig
     from quietstar.assets import math_documents
+    from quietstar.bf16 import resolve_bf16
     from quietstar.training import ModelArguments, build_model
 
     torch.manual_seed(0)
     device = torch.device(args.device)
+    bf16 = resolve_bf16(args.bf16, device.type)
+    for line in (bf16.note, bf16.warning):
+        if line:
+            print(line, file=sys.stderr)
     model_args = ModelArguments(model_name_or_path=args.model, peft=LORA if args.mode == "lora" else None)
     config = QuietStarConfig(num_thought_tokens=args.thought_tokens, num_lookahead_tokens=args.lookahead,
                              num_thoughts=args.thoughts)
@@ -56,7 +61,7 @@ def measure(args) -> dict:
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16.enabled):
             loss = model(batch, labels=batch, output_logits=False).loss
         loss.backward()
         optimizer.step()
@@ -64,12 +69,14 @@ def measure(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    return {"mode": args.mode, "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    return {"mode": args.mode, "bf16": bf16.enabled, "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "total_parameters": sum(p.numel() for p in model.parameters()), "after_load_mib": loaded,
             "peak_mib": peak_mib(device), "seconds_per_step": statistics.median(times[1:] or times)}
 
 
 def main(argv=None) -> list[dict]:
+    from quietstar.bf16 import parse_bf16
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--mode", choices=("full", "lora"), help="Measure one mode in this process (used internally).")
@@ -79,7 +86,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--thought-tokens", type=int, default=4)
     p.add_argument("--lookahead", type=int, default=2)
     p.add_argument("--thoughts", type=int, default=2)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights).")
+    p.add_argument("--bf16", type=parse_bf16, nargs="?", const=True, default=False,
+                   help="bf16 autocast (fp32 weights): true (bare --bf16), false, or auto (where the device computes "
+                        "bf16 natively, as training's bf16: auto).")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="bench_results/lora_memory.json")
     args = p.parse_args(argv)
@@ -91,12 +100,12 @@ def main(argv=None) -> list[dict]:
                 "--max-length", str(args.max_length), "--thought-tokens", str(args.thought_tokens), "--lookahead",
                 str(args.lookahead), "--thoughts", str(args.thoughts), "--device", args.device]
     for mode in ("full", "lora"):
-        result = subprocess.run([sys.executable, os.path.abspath(__file__), *settings, *(["--bf16"] if args.bf16 else []),
+        result = subprocess.run([sys.executable, os.path.abspath(__file__), *settings, "--bf16", str(args.bf16),
                                  "--mode", mode], capture_output=True, text=True, check=True)
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
         print(f"measured {mode}", flush=True)
     print(f"\n{args.model}, batch {args.batch_size} x {args.max_length} tokens, T = {args.thought_tokens}, "
-          f"A = {args.lookahead}, N = {args.thoughts}, {args.device}{', bf16 autocast' if args.bf16 else ''}\n")
+          f"A = {args.lookahead}, N = {args.thoughts}, {args.device}{', bf16 autocast' if rows[0]['bf16'] else ''}\n")
     print("| mode | trainable params | peak MiB | after load MiB | peak - load MiB | s/step |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -8,7 +8,12 @@ of one or two tokens (the new token and the next thought's <sot> share one).
 :func:`generate_reference` is the slow definition (recompute everything from scratch each step)
 that the fast path is tested and benchmarked against.
 
-Shapes: B batch, P prompt length, M new tokens, T thought tokens, V vocabulary.
+Generation stops, as transformers' ``generate`` does, at the step where every row has produced an end-of-sequence
+id (:func:`eos_token_ids`); a row that ended earlier is padded with the model's ``pad_token_id`` after its EOS, in
+its tokens and in its thoughts. ``GenerationOutput.lengths`` and ``GenerationOutput.row`` give each row's part up
+to and including its EOS, which is all a rendering should show.
+
+Shapes: B batch, P prompt length, M new tokens (at most ``max_new_tokens``), T thought tokens, V vocabulary.
 """
 
 from __future__ import annotations
@@ -26,10 +31,33 @@ from .vocab import mask_thought_tokens
 
 @dataclass
 class GenerationOutput:
+    """Past ``lengths[b]`` a row is padding: its tokens and thoughts are pad_token_id, and its logits and mixing
+    weights, computed from the padding, mean nothing."""
+
     sequences: torch.Tensor  # [B, P + M]: the prompt, then the new tokens
     thoughts: torch.Tensor  # [B, M, T]: the thought behind each new token
     logits: torch.Tensor  # [B, M, V]: the mixed logits each new token was picked from
     mixing_weights: torch.Tensor  # [B, M]: weight on the thought path
+    lengths: torch.Tensor  # [B]: new tokens of each row up to and including its EOS (M for a row that did not end)
+
+    def row(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Row ``b``'s new tokens ``[n]``, their thoughts ``[n, T]`` and mixing weights ``[n]``, n = lengths[b]:
+        nothing past its EOS."""
+        n, new = int(self.lengths[b]), self.thoughts.shape[1]
+        return self.sequences[b, self.sequences.shape[1] - new:][:n], self.thoughts[b, :n], self.mixing_weights[b, :n]
+
+
+def eos_token_ids(model, eos_token_id=None) -> list[int]:
+    """The ids that end a row: ``eos_token_id`` (an id or a list of ids, as transformers' ``generate`` takes them;
+    [] never stops), by default the tokenizer's eos token, else the LM's generation config's; [] when none is known."""
+    if eos_token_id is None:
+        eos_token_id = getattr(model.tokenizer, "eos_token_id", None)
+    if eos_token_id is None:
+        generation_config = getattr(model.base, "generation_config", None)
+        eos_token_id = getattr(generation_config, "eos_token_id", None)
+    if eos_token_id is None:
+        return []
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(i) for i in eos_token_id]
 
 
 def _mixed_logits(model, base_hidden, thought_hidden):
@@ -137,11 +165,12 @@ class _CachedLM:
 @torch.no_grad()
 def generate(model, input_ids, attention_mask=None, max_new_tokens=32, do_sample=False, temperature=1.0,
              greedy_thoughts=False, thoughts=None, generator=None, eos_token_id=None) -> GenerationOutput:
-    """Generate ``max_new_tokens`` tokens, thinking before each (fast path: cached prefix, scratch thoughts).
+    """Generate up to ``max_new_tokens`` tokens, thinking before each (fast path: cached prefix, scratch thoughts).
 
     ``do_sample``/``temperature`` choose the text tokens (greedy by default); thoughts are sampled at
     the config's ``thought_temperature`` (or greedily). ``thoughts [B, M, T]`` replays given thoughts.
-    Rows that produced ``eos_token_id`` keep producing it. Prompts may be left-padded.
+    Generation stops once every row has produced one of :func:`eos_token_ids` (``eos_token_id``: an id or a list;
+    by default the tokenizer's); rows that ended earlier are padded after their EOS. Prompts may be left-padded.
     """
     cfg = model.quietstar_config
     B, T = input_ids.shape[0], cfg.num_thought_tokens
@@ -161,7 +190,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=32, do_sample
     thought_only = torch.ones(1, dtype=torch.bool, device=device)
     base_hidden, sot_hidden = hidden[:, -2], hidden[:, -1]
     new_tokens, all_thoughts, all_logits, all_weights = [], [], [], []
+    eos = torch.tensor(eos_token_ids(model, eos_token_id), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
     for step in range(max_new_tokens):
         start = last_position + 2  # c_1 sits right after <sot>, which sits right after the last context token
         if thoughts is None:
@@ -182,14 +213,18 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=32, do_sample
         lm.crop(T + 2)  # <sot> c_1..c_T <eot>
         logits, weight = _mixed_logits(model, base_hidden, thought_hidden)
         token = _pick(logits, do_sample, temperature, generator)
-        if eos_token_id is not None:
-            token = torch.where(finished, torch.full_like(token, eos_token_id), token)
-            finished |= token == eos_token_id
+        # A row that has ended is padding from here on, in its text and in its thoughts.
+        token = torch.where(finished, model.pad_token_id, token)
+        thought = torch.where(finished[:, None], model.pad_token_id, thought)
+        lengths += ~finished
+        finished |= torch.isin(token, eos)
         last_position = last_position + 1
         new_tokens.append(token)
         all_thoughts.append(thought)
         all_logits.append(logits)
         all_weights.append(weight)
+        if bool(finished.all()):
+            break
         if step + 1 < max_new_tokens:
             hidden = lm.feed(torch.cat([token[:, None], sot_column], dim=1),
                              last_position[:, None] + torch.arange(2, device=device), text_then_sot[-2:])
@@ -199,22 +234,24 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=32, do_sample
         thoughts=torch.stack(all_thoughts, dim=1),
         logits=torch.stack(all_logits, dim=1),
         mixing_weights=torch.stack(all_weights, dim=1),
+        lengths=lengths,
     )
 
 
 @torch.no_grad()
 def generate_reference(model, input_ids, thoughts=None, max_new_tokens=None, do_sample=False, temperature=1.0,
-                       greedy_thoughts=False, generator=None):
+                       greedy_thoughts=False, generator=None, eos_token_id=None):
     """The slow definition, for one unpadded row ``[1, P]``: recompute everything from scratch, no cache.
 
     Each thought token is drawn from a fresh run over context + <sot> + the thought so far, and each
     new token from fresh runs over the context and over context + <sot> c <eot>. ``thoughts [1, M, T]``
-    replays given thoughts (then ``max_new_tokens`` defaults to M). Returns sequences ``[1, P + M]``,
-    thoughts ``[1, M, T]`` and the mixed logits ``[1, M, V]``.
+    replays given thoughts (then ``max_new_tokens`` defaults to M). It stops after the first token in
+    :func:`eos_token_ids`. Returns sequences ``[1, P + M]``, thoughts ``[1, M, T]`` and the mixed logits ``[1, M, V]``.
     """
     cfg = model.quietstar_config
     sot, eot = model.thought_token_ids
     steps = thoughts.shape[1] if max_new_tokens is None else max_new_tokens
+    eos = eos_token_ids(model, eos_token_id)
 
     def last_hidden(sequence, text_length):
         branch = (torch.arange(len(sequence), device=sequence.device) >= text_length)[None]
@@ -237,4 +274,6 @@ def generate_reference(model, input_ids, thoughts=None, max_new_tokens=None, do_
         logits, _ = _mixed_logits(model, last_hidden(sequence, len(sequence)), thought_hidden)
         sequence = torch.cat([sequence, _pick(logits, do_sample, temperature, generator)])
         logits_per_step.append(logits)
+        if int(sequence[-1]) in eos:
+            break
     return sequence[None], torch.stack(used_thoughts)[None], torch.stack(logits_per_step, dim=1)

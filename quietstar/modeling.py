@@ -374,7 +374,7 @@ class QuietStarForCausalLM(nn.Module):
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, do_sample=False, temperature=1.0,
                  greedy_thoughts=False, thoughts=None, generator=None, eos_token_id=None) -> GenerationOutput:
-        """Generate text, thinking before every token; see :func:`quietstar.generation.generate`."""
+        """Generate text, thinking before every token, until every row ends: :func:`quietstar.generation.generate`."""
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, greedy_thoughts=greedy_thoughts, thoughts=thoughts,
                         generator=generator, eos_token_id=eos_token_id)

@@ -119,14 +119,28 @@ def test_bench_sus_cpu_smoke_run(tmp_path, capsys):
 @needs_olmo_eval
 def test_memory_benchmark_runs_both_modes(tmp_path):
     model = tiny_model_folder(tmp_path / "tiny")
+    from quietstar.bf16 import native_bf16
+
     rows = bench_script("lora_memory").main(["--model", str(model), "--steps", "2", "--max-length", "16",
-                                             "--out", str(tmp_path / "m.json")])
+                                             "--bf16", "auto", "--out", str(tmp_path / "m.json")])
     full, lora = rows
     assert (full["mode"], lora["mode"]) == ("full", "lora")
+    assert full["bf16"] == lora["bf16"] == (native_bf16("cpu") is not None)  # auto as training resolves it
     assert lora["trainable_parameters"] < full["trainable_parameters"] / 2
     assert full["total_parameters"] < lora["total_parameters"]  # the adapters add parameters
     assert all(r["peak_mib"] >= r["after_load_mib"] > 0 for r in rows)
     assert os.path.exists(tmp_path / "m.json")
+
+
+def test_cpu_bf16_benchmark_times_both_dtypes_and_reports_what_auto_picks(tmp_path, monkeypatch):
+    import quietstar.bf16
+
+    monkeypatch.setattr(quietstar.bf16, "native_bf16", lambda device_type: None)
+    result = bench_script("cpu_bf16").main(["--rows", "16", "--inner", "8", "--cols", "12", "--repeats", "2",
+                                           "--out", str(tmp_path / "b.json")])
+    assert result["fp32_s"] > 0 and result["bf16_s"] > 0 and result["native_bf16"] is None
+    assert result["bf16_over_fp32"] == pytest.approx(result["bf16_s"] / result["fp32_s"])
+    assert json.loads((tmp_path / "b.json").read_text())["capability"] == result["capability"]
 
 
 def test_row_tile_statistics_equal_a_direct_count_over_the_whole_matrix():

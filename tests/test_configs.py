@@ -115,7 +115,7 @@ def test_unknown_key_is_refused_with_a_suggestion(tmp_path):
     "line, field, expected",
     [("max_steps: many", "max_steps", "int"),
      ("per_device_train_batch_size: 2.5", "per_device_train_batch_size", "int"),
-     ("bf16: maybe", "bf16", "bool"),
+     ("bf16: maybe", "bf16", r"bool or one of \['auto'\]"),
      ("learning_rate: [1]", "learning_rate", "float"),
      ("num_documents: ten", "num_documents", "int or null")],
 )
@@ -207,3 +207,14 @@ def test_demo_and_experiment_use_the_recipe_and_the_presets_the_official_loss(bf
         assert {key: values[key] for key in OFFICIAL_LOSS} == OFFICIAL_LOSS, name
     official = load_yaml_config(os.path.join(REPO, "configs", "smollm2-135m-cpu-official.yaml"))
     assert (official["dtype"], official["bf16"], official["learning_rate"]) == ("bfloat16", False, 1e-6)
+
+
+def test_cpu_configs_with_fp32_weights_leave_bf16_to_the_machine():
+    """bf16: auto (quietstar/bf16.py): emulated bf16 on a CPU without bf16 instructions is ~100x slower, so no CPU
+    config forces it; the official preset keeps pure bf16 weights without autocast, as the official run."""
+    for path in CONFIGS:
+        values = load_yaml_config(path)
+        if values.get("use_cpu") and "bf16" in values:
+            expected = False if values.get("dtype") == "bfloat16" else "auto"
+            assert values["bf16"] == expected, os.path.basename(path)
+    assert load_yaml_config(os.path.join(REPO, "configs", "smollm2-135m-cpu.yaml"))["bf16"] == "auto"

@@ -5,7 +5,8 @@
     (from a checkout: python scripts/generate.py ...)
 
 --show-thoughts prints each thought inline before its token (coloured in a terminal); --html writes a page
-with the same view (default beside nothing: give a path).
+with the same view (default beside nothing: give a path). Generation stops at the tokenizer's end-of-sequence
+token, and nothing after it is shown.
 """
 
 from __future__ import annotations
@@ -48,14 +49,14 @@ def main(argv=None) -> None:
     out = model.generate(prompt_ids, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                          temperature=args.temperature, greedy_thoughts=args.greedy_thoughts,
                          generator=torch.Generator().manual_seed(args.seed), eos_token_id=tokenizer.eos_token_id)
-    new_ids, thoughts = out.sequences[0, prompt_ids.shape[1]:], out.thoughts[0]
+    new_ids, thoughts, mixing_weights = out.row(0)  # up to and including the EOS, if it came
     if args.show_thoughts:
         print(render_terminal(tokenizer, prompt_ids[0], new_ids, thoughts, color=sys.stdout.isatty()))
     else:
-        print(tokenizer.decode(out.sequences[0]))
+        print(tokenizer.decode(torch.cat([prompt_ids[0], new_ids])))
     if args.html:
         with open(args.html, "w") as f:
-            f.write(render_html(tokenizer, prompt_ids[0], new_ids, thoughts, out.mixing_weights[0]))
+            f.write(render_html(tokenizer, prompt_ids[0], new_ids, thoughts, mixing_weights))
         print(f"Wrote {args.html}", file=sys.stderr)
 
 

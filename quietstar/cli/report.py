@@ -78,13 +78,14 @@ def heldout_source(args, run_config: dict) -> str | None:
 
 
 def thoughts_page(args, trained, windows: list[list[int]], path: str) -> str:
-    """Generate ``--sample-tokens`` tokens after the first 24 tokens of the first held-out window; write the page."""
+    """Generate up to ``--sample-tokens`` tokens (fewer where the text ends) after the first 24 tokens of the first
+    held-out window; write the page."""
     prompt = torch.tensor([windows[0][:24]], device=args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     out = trained.generate(prompt, max_new_tokens=args.sample_tokens, generator=generator)
-    new = out.sequences[0, prompt.shape[1]:].tolist()
-    page = render_html(trained.tokenizer, prompt[0].tolist(), new, out.thoughts[0].tolist(),
-                       out.mixing_weights[0].tolist(), title=f"Thoughts of {os.path.basename(args.run_dir)}")
+    new, thoughts, mixing_weights = out.row(0)  # nothing past the end-of-sequence token
+    page = render_html(trained.tokenizer, prompt[0].tolist(), new.tolist(), thoughts.tolist(),
+                       mixing_weights.tolist(), title=f"Thoughts of {os.path.basename(args.run_dir)}")
     with open(path, "w") as f:
         f.write(page)
     return path

@@ -32,6 +32,8 @@ def prepare(argv: list[str] | None):
     stop. Raises one of INPUT_ERRORS; writes nothing but ``run_config.json``, last."""
     model_args, data_args, quietstar_config, training_args = parse_config(argv)
     check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint)
+    if training_args.bf16_note and training_args.should_log:
+        print(training_args.bf16_note)  # what bf16: auto chose for this machine, and how to force the other
     set_seed(training_args.seed)  # before the model: a random model_config is initialised from it
     model = build_model(model_args, quietstar_config)
     stages = training_args.thought_stages

@@ -79,6 +79,15 @@ def _training_summary(entries: list[dict]) -> str:
             + markdown_table(["metric", "first quarter", "last quarter"], rows))
 
 
+def training_precision(model: dict, training: dict) -> str:
+    """How the run computed, from its run_config sections: ``bf16`` there is what ``auto`` resolved to at start."""
+    if training.get("bf16"):
+        return f"bf16 autocast over {model['dtype']} weights"
+    if training.get("fp16"):
+        return f"fp16 autocast over {model['dtype']} weights"
+    return f"{model['dtype']} without autocast"
+
+
 def render_report(name: str, run_config: dict, train_metrics: dict, evaluations: dict, heldout: dict | None,
                   entries: list[dict], plots: dict[str, str], folder: str, thoughts_page: str | None) -> str:
     """The markdown text of the report. ``evaluations``: {task: {view: ViewEvaluation}} (quietstar.report.evaluations);
@@ -93,7 +102,8 @@ def render_report(name: str, run_config: dict, train_metrics: dict, evaluations:
         f"(windows of {data['max_length']} tokens), T = {thoughts['num_thought_tokens']} thought tokens, "
         f"A = {thoughts['num_lookahead_tokens']} lookahead, N = {thoughts['num_thoughts']} thoughts, "
         f"{training['max_steps']} steps of batch {training['per_device_train_batch_size']} x "
-        f"{training['gradient_accumulation_steps']} accumulation, learning rate {training['learning_rate']}."
+        f"{training['gradient_accumulation_steps']} accumulation, learning rate {training['learning_rate']}, "
+        f"trained in {training_precision(model, training)}; the evaluations below run in float32."
     )
     if train_metrics:
         runtime = train_metrics.get("train_runtime")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 from transformers.integrations import is_tensorboard_available
 
+from ..bf16 import AUTO, Bf16Setting, resolve_bf16, run_device_type
 from ..lora import lora_config
 from .curriculum import Stage, parse_curriculum
 
@@ -53,7 +55,7 @@ class ModelArguments:
         default="float32",
         metadata={
             "help": f"Dtype the weights are stored in, one of {MODEL_DTYPES}. Keep float32 (fp32 master weights) and "
-            "set bf16: true to compute in bfloat16: with bfloat16 weights, updates of ~1e-6 round away."
+            "set bf16: true (or auto) to compute in bfloat16: with bfloat16 weights, updates of ~1e-6 round away."
         },
     )
 
@@ -151,8 +153,22 @@ class QuietStarTrainingArguments(TrainingArguments):
     """transformers.TrainingArguments plus the learning-rate scales of the Quiet-STaR parameter groups.
 
     Defaults differ from TrainingArguments in two places: ``report_to`` is "tensorboard" when tensorboard is
-    installed and "none" otherwise, and ``label_names`` is ["labels"].
+    installed and "none" otherwise, and ``label_names`` is ["labels"]. ``bf16`` also takes "auto", resolved to
+    True or False at construction for the device the run computes on (quietstar.bf16.resolve_bf16); what auto
+    chose and why is then in ``bf16_note``.
     """
+
+    bf16: Bf16Setting = field(
+        default=False,
+        metadata={"help": "bf16 autocast (fp32 master weights): true, false, or auto: on where the device computes "
+                          "bf16 natively (a GPU of compute capability 8.0+, a CPU with AMX or AVX512_BF16), else fp32. "
+                          "A CPU without bf16 instructions emulates it, ~100x slower; true there trains anyway, with "
+                          "a warning."},
+    )
+    bf16_note: str | None = field(
+        default=None, init=False, repr=False,
+        metadata={"help": "Set at construction when bf16 was auto: one line saying what it chose and why."},
+    )
 
     thought_embedding_lr_scale: float = field(
         default=100.0,
@@ -219,6 +235,7 @@ class QuietStarTrainingArguments(TrainingArguments):
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
         if self.thought_curriculum is not None:
             parse_curriculum(self.thought_curriculum)  # refuses a malformed schedule before anything runs
+        self._resolve_bf16()
         if self.report_to is None:
             self.report_to = "tensorboard" if is_tensorboard_available() else "none"
         if self.label_names is None:
@@ -227,6 +244,18 @@ class QuietStarTrainingArguments(TrainingArguments):
         if self.loss_term_grad_norm_steps and self.world_size > 1:
             raise ValueError("loss_term_grad_norm_steps works in one process only (its extra backward passes would "
                              "bypass the gradient synchronisation of DDP/FSDP); set it to 0 for distributed runs.")
+
+    def _resolve_bf16(self) -> None:
+        """Turn a bf16 setting of "auto" into True or False for the run's device (TrainingArguments wants a bool)."""
+        requested = self.bf16
+        device_type = run_device_type(self.use_cpu)
+        choice = resolve_bf16(requested, device_type)
+        self.bf16, self.bf16_note = choice.enabled, choice.note
+        if requested == AUTO and choice.enabled and device_type == "cpu":
+            # TrainingArguments accepts bf16 without a GPU only under use_cpu; the run computes on the CPU either way.
+            self.use_cpu = True
+        if choice.warning:
+            warnings.warn(choice.warning, stacklevel=4)
 
     @property
     def thought_stages(self) -> list[Stage]:

@@ -131,9 +131,36 @@ def load_yaml_config(path: str) -> dict[str, Any]:
     return coerced
 
 
+def _is_bool_or_literal(hint) -> bool:
+    """Whether ``hint`` is ``bool | Literal[...]`` (as ``bf16: true | false | auto``)."""
+    args = typing.get_args(hint)
+    return (typing.get_origin(hint) in (Union, types.UnionType) and len(args) == 2 and args[0] is bool
+            and typing.get_origin(args[1]) is Literal)
+
+
+class RunArgumentParser(HfArgumentParser):
+    """HfArgumentParser that also takes fields typed ``bool | Literal[...]``, which it refuses: their flag takes what a
+    bool flag takes (true/false, yes/no, 1/0; bare ``--bf16`` is true) or one of the literals (``--bf16 auto``)."""
+
+    @staticmethod
+    def _parse_dataclass_field(parser, field: dataclasses.Field):
+        if not _is_bool_or_literal(field.type):
+            return HfArgumentParser._parse_dataclass_field(parser, field)
+
+        def parse(value: str):
+            try:
+                return coerce(value, field.type)
+            except (TypeError, ValueError, argparse.ArgumentTypeError):
+                raise argparse.ArgumentTypeError(f"must be {_type_name(field.type)}, got {value!r}") from None
+
+        parser.add_argument(f"--{field.name}", *([f"--{field.name.replace('_', '-')}"] if "_" in field.name else []),
+                            type=parse, nargs="?", const=True, default=field.default,
+                            help=field.metadata.get("help"))
+
+
 def build_parser() -> HfArgumentParser:
     """The command-line parser of ``scripts/train.py``: ``--config`` plus every field of the four classes."""
-    parser = HfArgumentParser(ARGUMENT_CLASSES, description="Train a causal LM with Quiet-STaR.")
+    parser = RunArgumentParser(ARGUMENT_CLASSES, description="Train a causal LM with Quiet-STaR.")
     parser.add_argument("--config", help="YAML file of field: value defaults; command-line flags override them.")
     return parser
 

@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from ..bf16 import resolve_bf16
 from .curriculum import longest_thought_lengths
 
 FLOAT_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
@@ -77,9 +78,11 @@ def fsdp_shards(args) -> int:
 def check_memory(model, args, max_length: int, device: torch.device, available: int | None = None) -> dict:
     """Raise MemoryError (with the estimate) when the estimated peak exceeds the free memory; return the estimate.
 
-    ``args``: the training arguments (per_device_train_batch_size, bf16/fp16, gradient_checkpointing).
+    ``args``: the training arguments (per_device_train_batch_size, bf16/fp16, gradient_checkpointing); a bf16 of
+    "auto" counts as what it resolves to on ``device`` (quietstar.bf16.resolve_bf16), as training does.
     """
-    compute_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else model.base.dtype
+    bf16 = resolve_bf16(args.bf16, device.type).enabled
+    compute_dtype = torch.bfloat16 if bf16 else torch.float16 if args.fp16 else model.base.dtype
     thought, lookahead = longest_thought_lengths(model.quietstar_config, getattr(args, "thought_stages", ()))
     cfg = dataclasses.replace(model.quietstar_config, num_thought_tokens=thought, num_lookahead_tokens=lookahead)
     parts = estimate_training_bytes(model, args.per_device_train_batch_size, max_length, compute_dtype,
