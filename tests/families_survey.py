@@ -1,5 +1,5 @@
-"""Which causal-LM families of the installed transformers Quiet-STaR computes exactly: the record behind the README's
-"Supported models" table.
+"""Which causal-LM families of the installed transformers Quiet-STaR computes exactly: the record behind the table of
+docs/families.md.
 
 For every model type in transformers' causal-LM mapping, a tiny random model is built from its default config (no
 downloads), made small by tests/family_configs.py, given a short sliding window where the family has one (so rows
@@ -15,7 +15,7 @@ cross it) and mixed local and global layers where it has both. Each family ends 
   needs its target's states); not a Quiet-STaR verdict;
 - ``DISAGREES``: accepted but computed wrongly. Never acceptable: tests/test_families.py fails on it.
 
-    python tests/families_survey.py --write   # re-run the survey, rewrite docs/families.json and the README table
+    python tests/families_survey.py --write   # re-run the survey, rewrite docs/families.json and docs/families.md
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from family_configs import causal_lm_class, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD_FILE = os.path.join(ROOT, "docs", "families.json")
-README_FILE = os.path.join(ROOT, "README.md")
+TABLE_FILE = os.path.join(ROOT, "docs", "families.md")
 TABLE_START, TABLE_END = "<!-- families table: start -->", "<!-- families table: end -->"
 TOLERANCE = 1e-4  # relative, fp32
 MAX_PARAMETERS = 30_000_000
@@ -190,7 +190,7 @@ def survey(families: list[str] | None = None, progress: bool = False) -> dict:
     return {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0], "families": records}
 
 
-REASONS = (  # (text in the error, the README's short reason); the full message stays in docs/families.json
+REASONS = (  # (text in the error, the table's short reason); the full message stays in docs/families.json
     # refusals
     ("does not route through", "attention does not go through transformers' AttentionInterface"),
     ("mixes tokens outside attention", "its expanded pass differs from explicit sequences outside attention (a "
@@ -221,12 +221,12 @@ def _reason(detail: str) -> str:
 
 
 def short_reason(row: dict) -> str:
-    """What the README says of one family's verdict: its short refusal or failure reason, else nothing."""
+    """What the table says of one family's verdict: its short refusal or failure reason, else nothing."""
     return _reason(row["detail"]) if row["status"] in ("refused", "failed") else ""
 
 
 def render_table(record: dict) -> str:
-    """The README block: families computed wrongly, then those that agree, then failures and refusals grouped by
+    """The table block: families computed wrongly, then those that agree, then failures and refusals grouped by
     reason, then what was not built here."""
     by_status: dict[str, list[dict]] = {}
     for row in record["families"]:
@@ -252,29 +252,30 @@ def render_table(record: dict) -> str:
     return "\n".join(lines)
 
 
-def readme_table(readme: str) -> str | None:
-    if TABLE_START not in readme or TABLE_END not in readme:
+def page_table(page: str) -> str | None:
+    """The block between the table markers in ``page`` (the text of docs/families.md), markers included."""
+    if TABLE_START not in page or TABLE_END not in page:
         return None
-    start = readme.index(TABLE_START)
-    return readme[start : readme.index(TABLE_END) + len(TABLE_END)]
+    start = page.index(TABLE_START)
+    return page[start : page.index(TABLE_END) + len(TABLE_END)]
 
 
 def write(record: dict) -> None:
     with open(RECORD_FILE + ".tmp", "w") as f:
         json.dump(record, f, indent=1)
     os.replace(RECORD_FILE + ".tmp", RECORD_FILE)
-    with open(README_FILE) as f:
-        readme = f.read()
-    current = readme_table(readme)
+    with open(TABLE_FILE) as f:
+        page = f.read()
+    current = page_table(page)
     if current is None:
-        raise SystemExit(f"{README_FILE} has no {TABLE_START} ... {TABLE_END} block to rewrite.")
-    with open(README_FILE, "w") as f:
-        f.write(readme.replace(current, render_table(record)))
+        raise SystemExit(f"{TABLE_FILE} has no {TABLE_START} ... {TABLE_END} block to rewrite.")
+    with open(TABLE_FILE, "w") as f:
+        f.write(page.replace(current, render_table(record)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write", action="store_true", help="Rewrite docs/families.json and the README table.")
+    parser.add_argument("--write", action="store_true", help="Rewrite docs/families.json and docs/families.md.")
     parser.add_argument("families", nargs="*", help="Only these model types (default: all).")
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -1,5 +1,6 @@
 """The measurement scripts of bench/ run end to end at small sizes (tests never assert timings, only the bookkeeping),
-and each one starts the way the README runs it: ``python bench/<name>.py`` from the repository root."""
+and each one starts the way bench/README.md and docs/performance.md run it: ``python bench/<name>.py`` from the
+repository root."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def bench_script(name: str):
 
 
 def run_as_script(name: str, *args: str) -> subprocess.CompletedProcess:
-    """``python bench/<name>.py ARGS`` from the repository root, as the README and ``make bench`` run it.
+    """``python bench/<name>.py ARGS`` from the repository root, as the docs and ``make bench`` run it.
 
     PYTHONPATH puts this checkout's package first, where an installed copy of quietstar could be another one."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}

@@ -1,6 +1,6 @@
 """Every causal-LM family of the installed transformers: computed exactly, or refused with a reason; never wrong.
 
-The survey (tests/families_survey.py) is also the record behind the README's "Supported models" table; this test
+The survey (tests/families_survey.py) is also the record behind the table of docs/families.md; this test
 checks that the table is the survey's, for the transformers version it was made with.
 """
 
@@ -45,19 +45,21 @@ def test_every_family_that_can_run_alone_is_built(record):
     assert not unexpected, f"the tiny config of these families does not build or run: {unexpected}"
 
 
-def test_the_readme_table_is_the_surveys(record):
+def test_the_families_page_table_is_the_surveys(record):
     with open(families_survey.RECORD_FILE) as f:
         recorded = json.load(f)
     if recorded["transformers"] != transformers.__version__:
         pytest.skip(f"docs/families.json was surveyed on transformers {recorded['transformers']}, this is "
                     f"{transformers.__version__}: re-run `python tests/families_survey.py --write` to update it.")
-    with open(families_survey.README_FILE) as f:
-        table = families_survey.readme_table(f.read())
-    assert table == families_survey.render_table(recorded), "README table out of date: run tests/families_survey.py --write"
+    with open(families_survey.TABLE_FILE) as f:
+        table = families_survey.page_table(f.read())
+    assert table == families_survey.render_table(recorded), (
+        "docs/families.md's table out of date: run tests/families_survey.py --write")
     verdicts = [(row["family"], row["status"], families_survey.short_reason(row)) for row in record["families"]]
     recorded_verdicts = [(row["family"], row["status"], families_survey.short_reason(row)) for row in recorded["families"]]
     assert recorded_verdicts == verdicts, (  # errors' digits vary with thread counts; verdicts and reasons may not
-        "the survey changed: run `python tests/families_survey.py --write` and commit docs/families.json and README.md")
+        "the survey changed: run `python tests/families_survey.py --write` and commit docs/families.json and "
+        "docs/families.md")
 
 
 def test_a_crash_of_the_library_is_reported_as_failed_not_refused(monkeypatch):

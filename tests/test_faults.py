@@ -1,6 +1,6 @@
-"""Bad input and faults, one test per row of the README's table: each gets a clear message, and nothing already
-saved is lost. (Config typos and wrong types: tests/test_configs.py; a NaN loss: tests/test_training.py; a save
-that dies midway, as on a full disk: tests/test_resume.py.)"""
+"""Bad input and faults, one test per row of the table in docs/scale-and-reliability.md: each gets a clear message,
+and nothing already saved is lost. (Config typos and wrong types: tests/test_configs.py; a NaN loss:
+tests/test_training.py; a save that dies midway, as on a full disk: tests/test_resume.py.)"""
 
 from __future__ import annotations
 

@@ -51,7 +51,8 @@ def test_policy_gradient_has_zero_mean_without_information(reinforce_temperature
 
 
 def test_drift_sharpens():
-    """The official drift raises the most likely token's logit: the direction the README's damage went."""
+    """The official drift raises the most likely token's logit: the direction the damage went (docs/results.md,
+    "Before the recipe")."""
     generator = torch.Generator().manual_seed(1)
     z = torch.randn(VOCAB, generator=generator) * 1.5
     expected = (torch.softmax(z, -1) - torch.softmax(z / 3, -1)) / 3  # -grad of E[-log softmax(z/3)_c], per unit r+
