@@ -94,7 +94,7 @@ def test_evaluate_from_settings_matches_the_command_and_writes_only_when_asked(s
 
 
 @pytest.mark.parametrize("field,value,message", [("task", "mmlu", "valid: gsm8k, commonsense_qa"),
-                                                 ("thoughts", "random", "valid: sampled, null, shuffled"),
+                                                 ("thoughts", "random", "valid: sampled, null"),
                                                  ("num_thoughts", 0, "num_thoughts .--num-thoughts. must be >= 1"),
                                                  ("limit", 0, "limit .--limit. must be >= 1")])
 def test_bad_settings_are_refused_with_the_valid_choices(field, value, message):
