@@ -187,7 +187,8 @@ class ThoughtScorer:
                              "with one (model.set_thought_lengths(num_thoughts=1)) or pass ensemble=True to average "
                              "them (an ensemble gains by averaging alone; label it so).")
         self.model, self.ensemble, self.zero_weight = model, ensemble, zero_weight
-        self.source = (source or ThoughtSource(model, generator, greedy_thoughts)).get("null" if zero_weight else thoughts)
+        source = source or ThoughtSource(model, generator, greedy_thoughts)
+        self.source = source.get("null" if zero_weight else thoughts)
         self.weights: list[np.ndarray] = []
         self.last_weights: torch.Tensor | None = None
 

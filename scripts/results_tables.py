@@ -1,7 +1,7 @@
 """Regenerate every results table from the committed raw data (docs/results/*.tokens.npz).
 
     python scripts/results_tables.py            # write docs/results/<name>.json and the tables of docs/results.md
-    python scripts/results_tables.py --check    # exit 1 when a generated file is stale (what tests/test_results_tables.py checks)
+    python scripts/results_tables.py --check    # exit 1 when a generated file is stale (tests/test_results_tables.py)
 
 The tables go between ``<!-- generated:<name> -->`` markers of the page; text outside them is left alone
 (quietstar.report.tables).

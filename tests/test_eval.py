@@ -309,8 +309,9 @@ def test_null_and_zero_weight_views_and_the_recorded_mixing_weight(synthetic_dat
     assert max(abs(a - b) for a, b in zip(scores["zero"], [i["score"] for i in before.items])) > 1e-6
     assert views["zero"].mode == "w = 0 (the trained text path)" and views["zero"].mixing_weight is None
     assert views["null"].mode.startswith("null thoughts") and views["baseline"].mixing_weight is None
-    positions = sum(len(answer_tokens.answer_token_span(model.tokenizer, *prompts.paper_prompt_and_answer("gsm8k", row))[0]) - 1
-                    for row in GSM8K_ROWS)
+    spans = [answer_tokens.answer_token_span(model.tokenizer, *prompts.paper_prompt_and_answer("gsm8k", row))
+             for row in GSM8K_ROWS]
+    positions = sum(len(ids) - 1 for ids, _ in spans)
     for name in ("thoughts", "null"):
         w = views[name].mixing_weight
         assert w["positions"] == positions

@@ -37,9 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "averaging alone and is labelled so in the results.")
     p.add_argument("--thoughts", default=DEFAULTS["thoughts"], choices=EVAL_THOUGHTS, help="sampled: the model's "
                    "own thoughts; null: the control with every thought replaced by filler.")
-    p.add_argument("--zero-weight", action="store_true", help="Score the mixed prediction with the mixing weight forced "
-                   "to 0: the trained model's own text path inside the Quiet-STaR forward (the base model only when "
-                   "the text path was protected).")
+    p.add_argument("--zero-weight", action="store_true", help="Score the mixed prediction with the mixing weight "
+                   "forced to 0: the trained model's own text path inside the Quiet-STaR forward (the base model only "
+                   "when the text path was protected).")
     p.add_argument("--num-thought-tokens", type=int, default=DEFAULTS["num_thought_tokens"],
                    help="T tokens per thought (default: the checkpoint's).")
     p.add_argument("--greedy-thoughts", action="store_true", help="Think greedily instead of sampling thoughts.")

@@ -18,7 +18,8 @@ class EvalResult:
 
     ``baseline``: scored by the LM without thoughts. ``mixing_weight``: the mixing weight w over the scored positions
     of a thinking evaluation (quietstar.scoring.weight_summary: positions, mean, q05, q25, q50, q75, q95), None
-    when not recorded (no thoughts, w forced to 0, generated text). ``quietstar_config``: the model's Quiet-STaR config as it
+    when not recorded (no thoughts, w forced to 0, generated text). ``quietstar_config``: the model's Quiet-STaR
+    config as it
     scored (``QuietStarConfig.to_dict()``; None for a plain LM). ``settings``: the options that shaped the
     numbers (seed, batch size, thoughts, votes, ...). ``items``: one record per item, shaped by the protocol.
     The JSON keys are the field names, in this order.

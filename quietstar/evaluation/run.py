@@ -80,8 +80,8 @@ class EvalSettings:
             if value is not None and value < 1:
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {value}.")
         if self.zero_weight and (self.baseline or self.thoughts != "sampled"):
-            raise ValueError("zero_weight (--zero-weight) scores the mixed prediction with w = 0; it cannot be combined "
-                             "with baseline (--baseline) or other thoughts (--thoughts): drop one of them.")
+            raise ValueError("zero_weight (--zero-weight) scores the mixed prediction with w = 0; it cannot be "
+                             "combined with baseline (--baseline) or other thoughts (--thoughts): drop one of them.")
 
     def recorded(self, ensemble: bool) -> dict:
         """The settings a result records: those that shape its numbers (votes and the rest for GSM8K accuracy)."""

@@ -73,8 +73,9 @@ class Control:
 
 def _same(name: str, ours, theirs, control_dir: str, view: str) -> None:
     if ours != theirs:
-        raise ValueError(f"The {view} control {control_dir} differs from the run in {name}: {theirs!r} vs {ours!r}. A "
-                         f"control must repeat the run's recipe; train it with the run's config and the control option.")
+        raise ValueError(f"The {view} control {control_dir} differs from the run in {name}: {theirs!r} vs {ours!r}. "
+                         "A control must repeat the run's recipe; train it with the run's config and the control "
+                         "option.")
 
 
 def check_control(view: str, control_dir: str, run_config: dict) -> Control:
@@ -100,8 +101,8 @@ def check_control(view: str, control_dir: str, run_config: dict) -> Control:
     if view == "finetune_flops":
         if abs(ratio - 1) > FLOPS_TOLERANCE:
             wanted = round(run_steps * flops_factor(run_config))
-            raise ValueError(f"The finetune_flops control {control_dir} trained {steps} steps ({ratio:.3g} × the run's "
-                             f"token positions); equal FLOPs needs {wanted} steps (the run's {run_steps} × "
+            raise ValueError(f"The finetune_flops control {control_dir} trained {steps} steps ({ratio:.3g} × the "
+                             f"run's token positions); equal FLOPs needs {wanted} steps (the run's {run_steps} × "
                              f"1 + N·S = {flops_factor(run_config):.4g}).")
     else:
         _same("QuietStarTrainingArguments.max_steps", run_steps, steps, control_dir, view)

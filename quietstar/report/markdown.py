@@ -164,7 +164,8 @@ def render_report(name: str, run_config: dict, train_metrics: dict, evaluations:
                     w = result.mixing_weight
                     rows.append([TASK_TITLES.get(task, task), result.protocol, label, str(result.n),
                                  f"{result.score:.4f}", f"[{interval['low']:.4f}, {interval['high']:.4f}]",
-                                 f"{format_interval(change, 4)} {verdict(change, lower_is_better=False)}" if change else "",
+                                 f"{format_interval(change, 4)} {verdict(change, lower_is_better=False)}"
+                                 if change else "",
                                  f"{w['mean']:.3f} ({w['q05']:.3f} … {w['q95']:.3f})" if w else None])
         parts += ["Paper protocol: mean probability of the gold answer, renormalised over the valid answer tokens "
                   "(quietstar-eval, eval/run.py), one thought per position; bootstrap 95 % intervals over items, and "

@@ -80,7 +80,8 @@ def unbacked_results(results_dir: str, names: list[str]) -> list[str]:
 
 def provenance_block(results_dir: str, names: list[str]) -> str:
     unbacked = unbacked_results(results_dir, names)
-    lines = ["Raw data: " + (", ".join(f"`{n}{BUNDLE_SUFFIX}`" for n in names) if names else "none committed yet") + "."]
+    raw = ", ".join(f"`docs/results/{n}{BUNDLE_SUFFIX}`" for n in names) if names else "none committed yet"
+    lines = [f"Raw data: {raw}."]
     if unbacked:
         lines.append("Without committed raw data (their numbers cannot be regenerated, and use the retired controls: "
                      "the base model as control and the cycle shuffle that leaks the future): "
