@@ -64,28 +64,34 @@ def render_experiment(name: str, result: dict) -> str:
     return "\n".join(parts)
 
 
-def unbacked_results(results_dir: str, names: list[str]) -> list[str]:
+def unbacked_results(results_dir: str, names: list[str]) -> list[tuple[str, bool]]:
     """The held-out result files of ``results_dir`` (JSON with ``differences`` or ``pooled``) that no bundle
-    generates: numbers with no committed raw data."""
+    generates, numbers with no committed raw data, each with whether it uses the retired controls (the base model as
+    control, the cycle shuffle)."""
     out = []
     for file in sorted(os.listdir(results_dir)):
         if not file.endswith(".json") or file[: -len(".json")] in names:
             continue
         with open(os.path.join(results_dir, file)) as f:
-            data = json.load(f)
+            text = f.read()
+        data = json.loads(text)
         if isinstance(data, dict) and ({"differences", "pooled"} & set(data)):
-            out.append(file)
+            out.append((file, "real_minus_shuffled" in text))
     return out
 
 
 def provenance_block(results_dir: str, names: list[str]) -> str:
-    unbacked = unbacked_results(results_dir, names)
+    """What the results of ``results_dir`` are computed from: the bundles, and what has no committed raw data."""
     raw = ", ".join(f"`docs/results/{n}{BUNDLE_SUFFIX}`" for n in names) if names else "none committed yet"
-    lines = [f"Raw data: {raw}."]
-    if unbacked:
-        lines.append("Without committed raw data (their numbers cannot be regenerated, and use the retired controls: "
-                     "the base model as control and the cycle shuffle that leaks the future): "
-                     + ", ".join(f"`docs/results/{file}`" for file in unbacked) + ".")
+    lines = [f"- Raw data: {raw}."]
+    for file, retired in unbacked_results(results_dir, names):
+        lines.append(f"- `docs/results/{file}`: no committed raw data; its numbers cannot be regenerated"
+                     + (" and use the retired controls (the base model as the control, the cycle shuffle that leaks "
+                        "the future)." if retired else "."))
+    figures = sorted(file for file in os.listdir(results_dir) if file.endswith(".png"))
+    if figures:
+        lines.append("- Figures with no committed data behind them: "
+                     + ", ".join(f"`docs/results/{file}`" for file in figures) + ".")
     return "\n".join(lines)
 
 
