@@ -32,8 +32,10 @@ def synthetic_runs(seeds=("0", "1", "2")) -> dict:
         other[::17] = np.nan  # past the other document's end
         nll = {"base": truth + noise(), "finetune": truth - 0.03 + noise(), "no_thoughts": truth + noise(),
                "real": real, "other_document": other, "null": real + 0.1 + noise(0.1)}
+        metrics = [{"step": step, "loss": 3.0 - step / 10, "mixing_weight_mean": step / 8} for step in range(1, 9)]
         runs[seed] = {"run": f"runs/exp-seed{seed}", "nll": nll, "weights": {"real": rng.uniform(size=len(documents))},
-                      "controls": {"flops_factor": 15.0, "given": {}, "missing": ["finetune_flops", "null_trained"]}}
+                      "controls": {"flops_factor": 15.0, "given": {}, "missing": ["finetune_flops", "null_trained"]},
+                      "metrics": metrics}
     return {"fingerprint": "synthetic|30 documents", "documents": documents, "seeds": runs}
 
 
@@ -56,6 +58,8 @@ def test_tables_are_regenerated_from_a_bundle_alone(tmp_path):
     assert format_interval(expected["across_seeds"]["real_minus_finetune_all"]) in text
     assert "Missing, so not compared: plain-LM fine-tune, equal FLOPs" in text
     assert "- Raw data: `docs/results/exp.tokens.npz`." in text
+    # The training claims come from the committed logs: w's mean over steps 1-2 and 7-8 of 8.
+    assert "| mixing_weight_mean | 0.1875 → 0.9375 | 0.1875 → 0.9375 | 0.1875 → 0.9375 |" in text
     # A hand edit inside a generated block is found and undone.
     page.write_text(text.replace(format_interval(pooled["all"]), "+0.500 [+0.400, +0.600]"))
     assert regenerate(str(results), str(page), check=True) == [str(page)]

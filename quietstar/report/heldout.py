@@ -66,8 +66,8 @@ def _token_nll(log_probs: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -
 
 def batches(num_windows: int, batch_size: int) -> list[range]:
     """Consecutive batches of at most ``batch_size`` windows, as even as possible, and never of one window while
-    there are two or more (other_document needs two documents per batch): with ``batch_size`` 2 and an odd number of
-    windows, one batch holds three."""
+    there are two or more (other_document needs two documents per batch): a ``batch_size`` of 1 acts as 2, and with 2
+    and an odd number of windows one batch holds three."""
     count = max(1, min(-(-num_windows // batch_size), num_windows // 2))
     return [range(int(part[0]), int(part[-1]) + 1) for part in np.array_split(np.arange(num_windows), count)
             if len(part)] if num_windows else []

@@ -118,21 +118,35 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def _training_summary(entries: list[dict]) -> str:
+TRAINING_METRICS = ("loss", "base_nll", "mixed_nll_0", "thought_nll_loss", "reward_mean", "reward_std",
+                    "positive_advantage_fraction", "tied_reward_fraction", "mixing_weight_mean",
+                    "zero_mixing_weight_fraction", "mixing_head_live_units", "thought_entropy", "policy_loss",
+                    "policy_weight")
+
+
+def training_quarters(entries: list[dict]) -> dict | None:
+    """Means of the training metrics over the first and the last quarter of the training logs (entries with a
+    ``loss``): ``{"logs", "first_steps", "last_steps", "first": {metric: mean}, "last": {...}}``; None without logs."""
     logs = [e for e in entries if "loss" in e]
     if not logs:
-        return "No training logs."
-    names = [n for n in ("loss", "base_nll", "mixed_nll_0", "thought_nll_loss", "reward_mean", "reward_std",
-                         "positive_advantage_fraction", "tied_reward_fraction", "mixing_weight_mean",
-                         "zero_mixing_weight_fraction", "mixing_head_live_units", "thought_entropy", "policy_loss",
-                         "policy_weight") if n in logs[0]]
+        return None
+    names = [n for n in TRAINING_METRICS if n in logs[0]]
     window = max(1, len(logs) // 4)
     first, last = logs[:window], logs[-window:]
     mean = lambda part, n: sum(float(e[n]) for e in part) / len(part)  # noqa: E731
-    rows = [[n, f"{mean(first, n):.4f}", f"{mean(last, n):.4f}"] for n in names]
-    return (f"Means over the first and last quarter of the {len(logs)} training logs "
-            f"(steps {first[0]['step']}–{first[-1]['step']} and {last[0]['step']}–{last[-1]['step']}).\n\n"
-            + markdown_table(["metric", "first quarter", "last quarter"], rows))
+    return {"logs": len(logs), "first_steps": [first[0]["step"], first[-1]["step"]],
+            "last_steps": [last[0]["step"], last[-1]["step"]], "first": {n: mean(first, n) for n in names},
+            "last": {n: mean(last, n) for n in names}}
+
+
+def _training_summary(entries: list[dict]) -> str:
+    quarters = training_quarters(entries)
+    if quarters is None:
+        return "No training logs."
+    rows = [[n, f"{quarters['first'][n]:.4f}", f"{quarters['last'][n]:.4f}"] for n in quarters["first"]]
+    (a, b), (c, d) = quarters["first_steps"], quarters["last_steps"]
+    return (f"Means over the first and last quarter of the {quarters['logs']} training logs "
+            f"(steps {a}–{b} and {c}–{d}).\n\n" + markdown_table(["metric", "first quarter", "last quarter"], rows))
 
 
 def render_report(name: str, run_config: dict, train_metrics: dict, evaluations: dict, heldout: dict | None,

@@ -18,7 +18,9 @@ import os
 
 import numpy as np
 
+from ..training.run_files import read_metrics
 from .heldout import check_controls_differ, compare_views, load_token_nll, summarize, weight_summaries
+from .markdown import training_quarters
 from .stats import across_seeds_interval
 
 TOKENS_FILE = "heldout_tokens.npz"
@@ -34,7 +36,7 @@ def _run_seed(run_dir: str) -> str:
 
 def load_runs(run_dirs: list[str]) -> dict:
     """The per-token data of every run, checked to be poolable: ``{"fingerprint", "documents", "seeds": {seed:
-    {"run", "nll", "weights", "controls"}}}``. Refuses runs scored on different held-out sets, with different views,
+    {"run", "nll", "weights", "controls", "metrics"}}}`` (``metrics``: the run's training logs, metrics.jsonl). Refuses runs scored on different held-out sets, with different views,
     or from different base models."""
     if not run_dirs:
         raise ValueError("Give at least one run folder.")
@@ -61,14 +63,17 @@ def load_runs(run_dirs: list[str]) -> dict:
         seed = _run_seed(run_dir)
         if seed in seeds:
             raise ValueError(f"{run_dir} and {seeds[seed]['run']} have the same seed {seed}; pool different seeds.")
-        seeds[seed] = {"run": run_dir, "nll": data["nll"], "weights": data["weights"], "controls": data["controls"]}
+        seeds[seed] = {"run": run_dir, "nll": data["nll"], "weights": data["weights"], "controls": data["controls"],
+                       "metrics": [entry for entry in read_metrics(run_dir) if "loss" in entry]}
     return {"fingerprint": first["fingerprint"], "documents": first["documents"], "seeds": seeds}
 
 
 def save_bundle(path: str, runs: dict) -> None:
-    """Write :func:`load_runs`'s data as one compressed ``.npz`` (float32 per token): the committed raw data."""
+    """Write :func:`load_runs`'s data as one compressed ``.npz`` (float32 per token; the training logs as JSON): the
+    committed raw data."""
     arrays = {"fingerprint": np.array(runs["fingerprint"]), "documents": runs["documents"].astype(np.int32),
-              "meta": np.array(json.dumps({seed: {"run": run["run"], "controls": run["controls"]}
+              "meta": np.array(json.dumps({seed: {"run": run["run"], "controls": run["controls"],
+                                                  "metrics": run["metrics"]}
                                            for seed, run in runs["seeds"].items()}))}
     for seed, run in runs["seeds"].items():
         arrays |= {f"{seed}/nll/{view}": values.astype(np.float32) for view, values in run["nll"].items()}
@@ -85,8 +90,8 @@ def load_bundle(path: str) -> dict:
         for seed, info in meta.items():
             part = lambda kind: {key.split("/", 2)[2]: data[key] for key in data.files  # noqa: E731
                                  if key.startswith(f"{seed}/{kind}/")}
-            seeds[seed] = {"run": info["run"], "controls": info["controls"], "nll": part("nll"),
-                           "weights": part("weight")}
+            seeds[seed] = {"run": info["run"], "controls": info["controls"], "metrics": info["metrics"],
+                           "nll": part("nll"), "weights": part("weight")}
         return {"fingerprint": str(data["fingerprint"]), "documents": data["documents"], "seeds": seeds}
 
 
@@ -100,14 +105,16 @@ def _views(nll: dict[str, np.ndarray], weights: dict[str, np.ndarray], documents
 
 
 def pool_bundle(runs: dict, num_resamples: int = 2000, seed: int = 0) -> dict:
-    """``{"heldout", "runs", "controls", "seeds": {seed: ...}, "pooled": ..., "across_seeds": ...}`` from
+    """``{"heldout", "runs", "controls", "training", "seeds": {seed: ...}, "pooled": ..., "across_seeds": ...}`` from
     :func:`load_runs` / :func:`load_bundle` data: per run and pooled, the mean NLL of every view (``nll``), the
     tokens each view scores, the mixing-weight summaries and the paired differences (heldout.compare_views: all
     tokens, the hardest 10 % chosen by a model outside the pair, 95 % intervals over documents); with two runs or
-    more, ``across_seeds`` has each difference's per-seed means and a t-interval over them."""
+    more, ``across_seeds`` has each difference's per-seed means and a t-interval over them. ``training``: per seed,
+    the training metrics' means over the first and last quarter of its logs (markdown.training_quarters)."""
     documents, seeds = runs["documents"], runs["seeds"]
     result = {"heldout": runs["fingerprint"], "runs": [run["run"] for run in seeds.values()],
               "controls": {s: run["controls"] for s, run in seeds.items()},
+              "training": {s: training_quarters(run["metrics"]) for s, run in seeds.items()},
               "seeds": {s: _views(run["nll"], run["weights"], documents, num_resamples, seed)
                         for s, run in seeds.items()}}
     views = list(next(iter(seeds.values()))["nll"])

@@ -50,6 +50,15 @@ def render_experiment(name: str, result: dict) -> str:
               "both views score, with bootstrap 95 % intervals over documents; the hardest 10 % are chosen by a "
               "model outside the pair.", "", markdown_table(DIFFERENCE_HEADER, difference_rows(pooled["differences"])),
               ""]
+    training = {s: value for s, value in result["training"].items() if value is not None}
+    if training:
+        names = [n for n in next(iter(training.values()))["first"]]
+        rows = [[n, *(f"{training[s]['first'][n]:.4f} → {training[s]['last'][n]:.4f}" for s in training)]
+                for n in names]
+        parts += ["Training, from the committed logs: the mean of each metric over the first → the last quarter of "
+                  "a seed's logs.", "", markdown_table(["metric", *(f"seed {s}" for s in training)], rows), ""]
+    else:
+        parts += ["No training logs were committed with these runs.", ""]
     across = result.get("across_seeds")
     if across:
         rows = []
