@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 
 import numpy as np
 import pytest
@@ -20,6 +22,10 @@ from quietstar.report.stats import across_seeds_interval, paired_bootstrap, stud
 from quietstar.scoring import (BaseScorer, ThoughtScorer, ThoughtSource, causal_sources, configure_for_scoring,
                                document_derangement, gather_thoughts, null_thoughts, other_document_sources,
                                weight_summary)
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "pool_seeds.py")
+pool_seeds = importlib.util.module_from_spec(importlib.util.spec_from_file_location("pool_seeds", SCRIPT))
+pool_seeds.__spec__.loader.exec_module(pool_seeds)
 
 
 def test_null_thoughts_are_filler():
@@ -384,6 +390,12 @@ def test_controlled_views_and_pooling(tmp_path):
     # The committed raw data gives back every number.
     save_bundle(str(tmp_path / "x.tokens.npz"), load_runs([run0, run1]))
     assert pool_bundle(load_bundle(str(tmp_path / "x.tokens.npz")), 200) == pooled
+    # scripts/pool_seeds.py writes the bundle and everything generated from it.
+    results = tmp_path / "results"
+    written = pool_seeds.main([run0, run1, "--name", "exp", "--results-dir", str(results),
+                               "--page", str(tmp_path / "results.md")])
+    assert set(written) == {str(results / "exp.json"), str(tmp_path / "results.md")}
+    assert load_bundle(str(results / "exp.tokens.npz"))["seeds"]["1"]["run"] == run1
     text = "\n".join(heldout_section({**pooled["seeds"]["0"], "controls": pooled["controls"]["0"]}))
     assert "| real − other-document thoughts |" in text and "| plain-LM fine-tune, equal steps, no thoughts |" in text
     assert "Missing, so not compared: plain-LM fine-tune, equal FLOPs." in text
