@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from .controls import CONTROL_TITLES, Control
 from .stats import format_interval, verdict
 
 TASK_TITLES = {"gsm8k": "GSM8K", "commonsense_qa": "CommonsenseQA"}
@@ -37,8 +38,6 @@ DIFFERENCES = {
 def controls_text(controls: dict) -> str:
     """One paragraph on the trained controls: each given one (quietstar.report.controls.Control.describe), each
     missing one named as missing, and the equal-FLOPs factor."""
-    from .controls import CONTROL_TITLES, Control
-
     given = [Control(**value).describe() for value in controls.get("given", {}).values()]
     missing = [CONTROL_TITLES[view] for view in controls.get("missing", [])]
     parts = [f"Trained controls: {'; '.join(given)}." if given else "No trained control was given."]

@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display is needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .markdown import DIFFERENCES  # noqa: E402
+
 
 def training_series(entries: list[dict], name: str) -> tuple[list[int], list[float]]:
     """(steps, values) of metric ``name`` over the training logs (entries with a ``loss``)."""
@@ -97,8 +99,6 @@ def plot_difficulty(binned: dict, path: str) -> str:
     """Mean NLL difference of each comparison per difficulty bin (the paper's figure, heldout.binned_change): the
     tokens are binned by a model outside each compared pair, so regression to the mean moves no line. Below zero the
     first view is better."""
-    from .markdown import DIFFERENCES
-
     figure, axis = plt.subplots(figsize=(6.5, 4))
     references = sorted({value["reference"] for value in binned.values()})
     for name, value in binned.items():
