@@ -1,57 +1,42 @@
-"""Pool the held-out results of several runs (seeds) of one experiment and print the verdicts.
+"""Pool the held-out results of several runs (seeds) of one experiment: commit their raw data and regenerate the tables.
 
-    python scripts/pool_seeds.py runs/smollm2-135m-cpu-experiment-seed* --out docs/results/thoughts-help.json
+    python scripts/pool_seeds.py runs/smollm2-135m-cpu-experiment-seed* --name thoughts-help
 
-Every run must have been reported (scripts/report.py) on the same held-out documents; runs scored on different sets
-are refused. Writes the JSON (keys ``seeds``, ``pooled`` and ``across_seeds``; see quietstar.report.pooling) and prints
-a table. Other keys of an existing ``--out`` file (for example evaluations added by hand) are kept.
+Every run must have been reported (scripts/report.py) on the same held-out documents, with the same views; other
+runs are refused. Writes the raw data, ``docs/results/<name>.tokens.npz`` (the per-token NLL and mixing weight of
+every view of every run: quietstar.report.pooling.save_bundle), then regenerates from the committed raw data alone
+everything scripts/results_tables.py writes: ``docs/results/<name>.json`` and the tables of the results page.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from quietstar.report.pooling import pool_runs  # noqa: E402
-from quietstar.report.stats import format_interval, verdict  # noqa: E402
+from quietstar.report.pooling import load_runs, save_bundle  # noqa: E402
+from quietstar.report.tables import BUNDLE_SUFFIX, regenerate  # noqa: E402
 
-POOLED_KEYS = ("heldout", "runs", "seeds", "pooled", "across_seeds")
-DIFFERENCES = ("real_minus_null", "real_minus_shuffled", "real_minus_control", "no_thoughts_minus_base")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="Run folders, each reported by scripts/report.py.")
-    p.add_argument("--out", required=True, help="Where to write the pooled JSON.")
-    p.add_argument("--bootstrap", type=int, default=2000, help="Bootstrap resamples per interval.")
+    p.add_argument("--name", required=True, help="The experiment's name: docs/results/<name>.tokens.npz and .json.")
+    p.add_argument("--results-dir", default=os.path.join(REPO, "docs", "results"))
+    p.add_argument("--page", default=os.path.join(REPO, "docs", "results.md"), help="The page the tables go into.")
     args = p.parse_args(argv)
     try:
-        result = pool_runs(args.runs, args.bootstrap)
+        runs = load_runs(args.runs)
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"pool_seeds.py: error: {error}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    kept = {}
-    if os.path.isfile(args.out):
-        with open(args.out) as f:
-            kept = {key: value for key, value in json.load(f).items() if key not in POOLED_KEYS}
-    with open(args.out + ".tmp", "w") as f:
-        json.dump({**result, **kept}, f, indent=2)
-    os.replace(args.out + ".tmp", args.out)
-    print("| run | " + " | ".join(f"{d} ({s})" for d in DIFFERENCES for s in ("all", "hardest")) + " |")
-    print("|---|" + "---|" * (2 * len(DIFFERENCES)))
-    rows = [*((f"seed {k}", v) for k, v in result["seeds"].items()), ("pooled (over documents)", result["pooled"])]
-    if "across_seeds" in result:
-        rows.append(("mean of seeds (t-interval over seeds)", result["across_seeds"]))
-    for name, values in rows:
-        cells = [f"{format_interval(values[f'{d}_{s}'])} {verdict(values[f'{d}_{s}'])}" if f"{d}_{s}" in values
-                 else "—" for d in DIFFERENCES for s in ("all", "hardest")]
-        print(f"| {name} | " + " | ".join(cells) + " |")
-    print(f"written to {args.out}")
-    return result
+    save_bundle(os.path.join(args.results_dir, args.name + BUNDLE_SUFFIX), runs)
+    changed = regenerate(args.results_dir, args.page)
+    print("\n".join(f"written: {path}" for path in changed) or "nothing changed")
+    return changed
 
 
 if __name__ == "__main__":

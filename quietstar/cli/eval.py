@@ -6,7 +6,8 @@
 ``paper``: the probability of the gold answer after ``Q: ...\\nA:``, renormalised over the valid answer tokens
 (the paper's zero-shot protocol); ``accuracy``: GSM8K zero-shot chain of thought with a majority vote,
 CommonsenseQA by option log-likelihood. One sampled thought per position unless ``--num-thoughts N`` (an ensemble,
-labelled so); ``--thoughts null|shuffled`` scores the controls. The protocols are described in
+labelled so); ``--thoughts null`` scores the filler control, ``--zero-weight`` the mixed prediction with w = 0 (the
+trained model's text path). The protocols are described in
 quietstar/evaluation/protocols.py, the scoring in quietstar/evaluation/run.py.
 """
 
@@ -16,10 +17,9 @@ import argparse
 import dataclasses
 
 from ..evaluation.data import SOURCES, TASKS, DataUnavailableError
-from ..evaluation.run import DTYPES, EvalSettings, default_device, evaluate, prepare
+from ..evaluation.run import DTYPES, EVAL_THOUGHTS, EvalSettings, default_device, evaluate, prepare
 from ..evaluation.protocols import PROTOCOLS
 from ..evaluation.result import EvalResult
-from ..scoring import THOUGHT_SOURCES
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalSettings) if f.default is not dataclasses.MISSING}
 
@@ -35,9 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-thoughts", type=int, default=DEFAULTS["num_thoughts"], help="Thoughts per position. Above 1 "
                    "the score averages their probabilities: an ensemble (the paper's protocol), which gains by "
                    "averaging alone and is labelled so in the results.")
-    p.add_argument("--thoughts", default=DEFAULTS["thoughts"], choices=THOUGHT_SOURCES, help="sampled: the model's "
-                   "own thoughts; null and shuffled: the controls (filler thoughts; the sampled thoughts moved to "
-                   "other positions).")
+    p.add_argument("--thoughts", default=DEFAULTS["thoughts"], choices=EVAL_THOUGHTS, help="sampled: the model's "
+                   "own thoughts; null: the control with every thought replaced by filler.")
+    p.add_argument("--zero-weight", action="store_true", help="Score the mixed prediction with the mixing weight "
+                   "forced to 0: the trained model's own text path inside the Quiet-STaR forward (the base model only "
+                   "when the text path was protected).")
     p.add_argument("--num-thought-tokens", type=int, default=DEFAULTS["num_thought_tokens"],
                    help="T tokens per thought (default: the checkpoint's).")
     p.add_argument("--greedy-thoughts", action="store_true", help="Think greedily instead of sampling thoughts.")

@@ -6,11 +6,15 @@
 Reads what quietstar-train (scripts/train.py) left in the run folder (run_config.json, metrics.jsonl, train_results.json, the final
 model) and writes:
   eval/<task>_<view>.json   GSM8K and CommonsenseQA, paper protocol, on the first items of each (a fixed subset),
-                            for the base model (before), the trained LM without thoughts, and with thoughts;
-  heldout_nll.json          held-out text NLL per view (base model, trained without thoughts, with real, null and
-                            shuffled thoughts, the equal-compute control), overall and on the hardest 10 % of tokens,
-                            the paired differences with bootstrap 95 % intervals over documents, and by difficulty
-                            bin (the paper's figure); heldout_tokens.npz the per-token NLL (for pooling seeds);
+                            for the base model (before), the trained LM without thoughts, the trained model with
+                            w = 0, with null thoughts and with its own thoughts (these record the mixing weight);
+  heldout_nll.json          held-out text NLL per view (quietstar.report.heldout: base model, trained without
+                            thoughts, with real, other-document, causally shuffled and null thoughts, and the trained
+                            controls given: --finetune-control, --finetune-flops-control, --null-trained-control;
+                            those not given are stated missing), the paired differences with bootstrap 95 % intervals
+                            over documents, overall and on the hardest 10 % chosen by a model outside each pair, and
+                            by difficulty bin (the paper's figure); heldout_tokens.npz the per-token NLL and mixing
+                            weight of every view (the raw data: pooling seeds, results tables);
   plots/*.png               training curves and the NLL change by token difficulty;
   thoughts.html             sample text with the thought behind every token;
   report.md, report.json    the tables and plots together.
@@ -31,8 +35,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..assets import MATH_SPLITS, OFFLINE_MATH_HELDOUT, resolve_model
 from ..modeling import QuietStarForCausalLM
 from ..report.evaluations import run_evaluations
-from ..report.heldout import (binned_change, compare_views, controlled_scorers, fixed_windows, heldout_token_nll,
-                              save_token_nll, summarize, token_documents)
+from ..checkpoint import is_quietstar_save
+from ..report.controls import CONTROLS, check_control, flops_factor
+from ..report.heldout import (binned_change, check_controls_differ, compare_views, controlled_scorers, fixed_windows,
+                              heldout_token_nll, save_token_nll, summarize, token_documents, weight_summaries)
 from ..report.markdown import render_report
 from ..scoring import configure_for_scoring
 from ..training.arguments import DataArguments
@@ -50,9 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{OFFLINE_MATH_HELDOUT} for runs trained on offline-math, else none.")
     p.add_argument("--heldout-documents", type=int, default=64, help="Held-out documents to score (0: skip); the "
                    "experiment uses 256 (configs/smollm2-135m-cpu-experiment.yaml).")
-    p.add_argument("--control-run", default=None, help="The equal-compute control for a run that trained its text "
-                   "path (text_path: train): a plain LM (a folder) trained on the same data, steps and seed. Runs with "
-                   "a protected text path need none: their control is the base model.")
+    p.add_argument("--finetune-control", default=None, help="Run folder of the plain-LM control: the same adapters, "
+                   "data, seed and schedule trained without thoughts for the same steps. Not given: stated missing.")
+    p.add_argument("--finetune-flops-control", default=None, help="Run folder of the plain-LM control trained for "
+                   "equal FLOPs (the run's steps × 1 + N·S). Not given: stated missing.")
+    p.add_argument("--null-trained-control", default=None, help="Run folder of the Quiet-STaR control trained with "
+                   "every thought fixed to filler (scored with filler). Not given: stated missing.")
     p.add_argument("--bootstrap", type=int, default=2000, help="Bootstrap resamples (over documents) per interval.")
     p.add_argument("--sample-tokens", type=int, default=48, help="Tokens generated for thoughts.html (0: skip).")
     p.add_argument("--batch-size", type=int, default=4)
@@ -69,6 +78,31 @@ def load_original(run_config: dict, device: str):
     path = resolve_model(name)
     return (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval(),
             AutoTokenizer.from_pretrained(path))
+
+
+def load_controls(args, run_config: dict) -> tuple[dict, dict]:
+    """``(controls, models)``: what the report states about the trained controls (each given one checked against
+    the run, quietstar.report.controls; the missing ones named; the equal-FLOPs factor) and the loaded models as
+    heldout.controlled_scorers keywords."""
+    given = {"finetune": args.finetune_control, "finetune_flops": args.finetune_flops_control,
+             "null_trained": args.null_trained_control}
+    controls = {"flops_factor": flops_factor(run_config), "given": {}, "missing": []}
+    models = {}
+    for view in CONTROLS:
+        if given[view] is None:
+            controls["missing"].append(view)
+            continue
+        controls["given"][view] = check_control(view, given[view], run_config).to_dict()
+        if view == "null_trained":
+            model = QuietStarForCausalLM.from_pretrained(given[view]).to(args.device).eval()
+            configure_for_scoring(model)
+            models["null_trained"] = model
+        elif is_quietstar_save(given[view]):  # a plain-LM run saved with its (unused) thought machinery
+            models[f"{view}_lm"] = QuietStarForCausalLM.from_pretrained(given[view]).to(args.device).eval().base
+        else:
+            models[f"{view}_lm"] = (AutoModelForCausalLM.from_pretrained(given[view], dtype=torch.float32)
+                                    .to(args.device).eval())
+    return controls, models
 
 
 def heldout_source(args, run_config: dict) -> str | None:
@@ -112,20 +146,24 @@ def main(argv=None) -> dict:
         documents = load_documents(DataArguments(dataset=source, num_documents=args.heldout_documents))
         windows = fixed_windows(documents, trained.tokenizer, run_config["DataArguments"]["max_length"],
                                 min_tokens=3)  # A = 1 needs 3 tokens
-        control_lm = (AutoModelForCausalLM.from_pretrained(resolve_model(args.control_run), dtype=torch.float32)
-                      .to(args.device).eval() if args.control_run else None)
+        controls, models = load_controls(args, run_config)
+        gap = int(run_config["QuietStarConfig"]["num_lookahead_tokens"]) + 1
         scorers = controlled_scorers(trained, original_lm, torch.Generator(device=args.device).manual_seed(args.seed),
-                                     control_lm)
-        nll = heldout_token_nll(windows, trained.pad_token_id, scorers, args.batch_size)
+                                     gap, **models)
+        nll, weights = heldout_token_nll(windows, trained.pad_token_id, scorers, args.batch_size)
+        check_controls_differ(nll)
         token_docs = token_documents(windows)
-        save_token_nll(os.path.join(args.run_dir, "heldout_tokens.npz"), nll, token_docs, windows, source)
-        reference = "base" if "base" in nll else "no_thoughts"
-        heldout, binned = summarize(nll, reference=reference), binned_change(nll, reference=reference)
-        heldout["differences"] = compare_views(nll, token_docs, reference, args.bootstrap, seed=args.seed)
-        heldout["control"] = ("base model (protected text path)" if "control" in nll and not args.control_run
-                              else args.control_run)
+        controls |= {"causal_gap": gap}
+        save_token_nll(os.path.join(args.run_dir, "heldout_tokens.npz"), nll, token_docs, windows, source, weights,
+                       controls)
+        summary = summarize(nll)
+        heldout = {"source": source, "documents": len(windows), "tokens": summary["tokens"],
+                   "scored": summary["scored"], "nll": summary["mean"], "mixing_weight": weight_summaries(weights),
+                   "controls": controls,
+                   "differences": compare_views(nll, token_docs, args.bootstrap, seed=args.seed)}
+        binned = binned_change(nll)
         with open(os.path.join(args.run_dir, "heldout_nll.json"), "w") as f:
-            json.dump({"source": source, "documents": len(windows), **heldout, "bins": binned}, f, indent=2)
+            json.dump({**heldout, "bins": binned}, f, indent=2)
     if args.sample_tokens > 0 and windows:
         page = thoughts_page(args, trained, windows, os.path.join(args.run_dir, "thoughts.html"))
 

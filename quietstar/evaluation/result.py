@@ -16,7 +16,10 @@ ACCURACY_METRIC = "accuracy"
 class EvalResult:
     """One evaluation: what was scored, how, the score and the per-item records.
 
-    ``baseline``: scored by the LM without thoughts. ``quietstar_config``: the model's Quiet-STaR config as it
+    ``baseline``: scored by the LM without thoughts. ``mixing_weight``: the mixing weight w over the scored positions
+    of a thinking evaluation (quietstar.scoring.weight_summary: positions, mean, q05, q25, q50, q75, q95), None
+    when not recorded (no thoughts, w forced to 0, generated text). ``quietstar_config``: the model's Quiet-STaR
+    config as it
     scored (``QuietStarConfig.to_dict()``; None for a plain LM). ``settings``: the options that shaped the
     numbers (seed, batch size, thoughts, votes, ...). ``items``: one record per item, shaped by the protocol.
     The JSON keys are the field names, in this order.
@@ -33,19 +36,25 @@ class EvalResult:
     quietstar_config: dict | None = None
     settings: dict = field(default_factory=dict)
     items: list[dict] = field(default_factory=list)
+    mixing_weight: dict | None = None
 
     @property
     def mode(self) -> str:
         """How the score was computed: by the LM without thoughts, or thinking with N thoughts of T tokens."""
         if self.baseline:
             return "no thoughts (baseline)"
+        if self.settings.get("zero_weight"):
+            return "w = 0 (the trained text path)"
         config = self.quietstar_config
+        kind = "null thoughts" if self.settings.get("thoughts") == "null" else "thoughts"
         if isinstance(config, dict) and {"num_thoughts", "num_thought_tokens"} <= set(config):
-            return f"thoughts (N={config['num_thoughts']}, T={config['num_thought_tokens']})"
-        return "thoughts"
+            return f"{kind} (N={config['num_thoughts']}, T={config['num_thought_tokens']})"
+        return kind
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The JSON record; ``mixing_weight`` only when recorded, so results written before it read back unchanged."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if not (f.name == "mixing_weight" and self.mixing_weight is None)}
 
     @classmethod
     def from_dict(cls, data) -> EvalResult:

@@ -5,8 +5,12 @@
 
 With thoughts, the distribution at position j is the softmax of the mixed logits ``out.logits[:, 0, j, 0]`` after
 one sampled thought; ``num_thoughts=N`` averages the probabilities of N thoughts instead (the paper's protocol: an
-ensemble, labelled so in the results). ``thoughts="null"|"shuffled"`` scores the controls. ``baseline=True`` uses
-the LM without thoughts: its plain forward, which equals ``out.base_logits`` (tested).
+ensemble, labelled so in the results). ``thoughts="null"`` scores the filler control; ``zero_weight=True`` forces the
+mixing weight to 0, which leaves the trained model's own text path inside the same expanded forward
+(``out.base_logits``): the base model only for a protected text path, the fine-tuned LM otherwise (equal to
+``baseline=True`` up to rounding, never to the original base model by construction). ``baseline=True`` uses the LM
+without thoughts: its plain forward, which equals ``out.base_logits`` (tested). A thinking result records the mixing
+weight w over the scored positions (mean and quantiles, ``EvalResult.mixing_weight``).
 
 Only the first lookahead slot (s = 0) is needed to score or generate, so the model runs with
 ``num_lookahead_tokens = 1`` here (``quietstar.scoring.configure_for_scoring``): the s = 0 logits do not depend on
@@ -22,13 +26,16 @@ import torch
 
 from ..checkpoint import is_quietstar_save
 from ..padding import ensure_pad_token
-from ..scoring import THOUGHT_SOURCES, BaseScorer, ThoughtScorer, configure_for_scoring
+from ..scoring import BaseScorer, ThoughtScorer, configure_for_scoring
 from .data import SOURCES, TASKS, load_task
 from .generators import BaseTextGenerator, ThoughtTextGenerator
 from .protocols import PROTOCOLS, run_csqa_accuracy, run_gsm8k_accuracy, run_paper
 from .result import ACCURACY_METRIC, PAPER_METRIC, EvalResult
 
 DTYPES = ("float32", "bfloat16", "float16")
+# The thought sources an evaluation offers: other_document and causal_shuffle are held-out views (quietstar.report):
+# a CommonsenseQA batch holds the options of one question, and answers sit at the end of short prompts.
+EVAL_THOUGHTS = ("sampled", "null")
 POSITIVE_SETTINGS = ("num_thoughts", "num_thought_tokens", "votes", "batch_size", "answer_tokens",
                      "max_reasoning_tokens", "limit")
 
@@ -49,7 +56,8 @@ class EvalSettings:
     limit: int | None = None  # the first N items (None: all)
     baseline: bool = False  # the LM without thoughts
     num_thoughts: int = 1  # above 1: an ensemble averaging the probabilities of N thoughts
-    thoughts: str = "sampled"  # one of quietstar.scoring.THOUGHT_SOURCES
+    thoughts: str = "sampled"  # one of EVAL_THOUGHTS
+    zero_weight: bool = False  # the mixing weight forced to 0: the trained model's text path
     num_thought_tokens: int | None = None  # T (None: the checkpoint's)
     greedy_thoughts: bool = False
     votes: int = 8  # accuracy/gsm8k: samples per problem for the majority vote
@@ -63,7 +71,7 @@ class EvalSettings:
     data_source: str = "auto"  # one of quietstar.evaluation.data.SOURCES
 
     def __post_init__(self):
-        for name, valid in (("task", TASKS), ("protocol", PROTOCOLS), ("thoughts", THOUGHT_SOURCES), ("dtype", DTYPES),
+        for name, valid in (("task", TASKS), ("protocol", PROTOCOLS), ("thoughts", EVAL_THOUGHTS), ("dtype", DTYPES),
                             ("data_source", SOURCES)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"Unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}.")
@@ -71,11 +79,16 @@ class EvalSettings:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {value}.")
+        if self.zero_weight and (self.baseline or self.thoughts != "sampled"):
+            raise ValueError("zero_weight (--zero-weight) scores the mixed prediction with w = 0; it cannot be "
+                             "combined with baseline (--baseline) or other thoughts (--thoughts): drop one of them.")
 
     def recorded(self, ensemble: bool) -> dict:
         """The settings a result records: those that shape its numbers (votes and the rest for GSM8K accuracy)."""
         names = ["seed", "batch_size", "limit", "greedy_thoughts", "dtype", "device", "num_thoughts", "thoughts"]
         values = {name: getattr(self, name) for name in names} | {"ensemble": ensemble}
+        if self.zero_weight:  # recorded only when set, so results written before it read back unchanged
+            values["zero_weight"] = True
         if self.protocol == "accuracy" and self.task == "gsm8k":
             values |= {name: getattr(self, name) for name in ("votes", "temperature", "max_reasoning_tokens",
                                                               "answer_tokens")}
@@ -140,7 +153,8 @@ def evaluate(settings: EvalSettings, inputs: EvalInputs | None = None) -> EvalRe
     thought_ids = model.thought_token_ids if model is not None else ()
     generator = torch.Generator(device=settings.device).manual_seed(settings.seed)
     ensemble = use_thoughts and settings.num_thoughts > 1
-    scorer = (ThoughtScorer(model, generator, settings.greedy_thoughts, thoughts=settings.thoughts, ensemble=ensemble)
+    scorer = (ThoughtScorer(model, generator, settings.greedy_thoughts, thoughts=settings.thoughts, ensemble=ensemble,
+                            zero_weight=settings.zero_weight)
               if use_thoughts else BaseScorer(lm, thought_ids))
     if settings.protocol == "paper":
         score, records = run_paper(settings.task, inputs.rows, scorer, tokenizer, settings.batch_size, settings.device)
@@ -157,7 +171,9 @@ def evaluate(settings: EvalSettings, inputs: EvalInputs | None = None) -> EvalRe
         n=len(records), data_source=inputs.data_source,
         metric=PAPER_METRIC if settings.protocol == "paper" else ACCURACY_METRIC,
         quietstar_config=model.quietstar_config.to_dict() if model is not None else None,
-        settings=settings.recorded(ensemble), items=records)
+        settings=settings.recorded(ensemble), items=records,
+        mixing_weight=(scorer.weight_summary() if isinstance(scorer, ThoughtScorer) and not settings.zero_weight
+                       and scorer.weights else None))
     if settings.output is not None:
         result.save(settings.output)
     return result

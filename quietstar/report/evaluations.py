@@ -1,6 +1,8 @@
 """The before/after evaluations of the run report: GSM8K and CommonsenseQA, paper protocol, on the first items of
-each, for the base model (``before``), the trained LM without thoughts and the trained model with thoughts; each
-score with a bootstrap interval over items and, beside the base model's, the paired change."""
+each, for the base model (``before``), the trained LM without thoughts, the trained model with the mixing weight
+forced to 0 (its own text path inside the Quiet-STaR forward: the base model only when the text path was protected),
+with null thoughts (filler) and with its own thoughts; each score with a bootstrap interval over items and, beside
+the base model's, the paired change. The thinking views record the mixing weight w (mean and quantiles)."""
 
 from __future__ import annotations
 
@@ -49,16 +51,18 @@ def run_evaluations(run_dir: str, trained, original_lm, original_tokenizer, item
         if items.get(task, 0) <= 0:
             continue
         rows, source = load_task(task, items[task])
-        views = {"after_thoughts": (run_dir, trained, trained.base, trained.tokenizer, False),
-                 "after_no_thoughts": (run_dir, trained, trained.base, trained.tokenizer, True)}
+        trained_view = (run_dir, trained, trained.base, trained.tokenizer)
+        views = {"after_thoughts": (*trained_view, {}), "after_null": (*trained_view, {"thoughts": "null"}),
+                 "after_w_zero": (*trained_view, {"zero_weight": True}),
+                 "after_no_thoughts": (*trained_view, {"baseline": True})}
         if original_lm is not None:
-            views["before"] = (original_lm.name_or_path, None, original_lm, original_tokenizer, True)
+            views["before"] = (original_lm.name_or_path, None, original_lm, original_tokenizer, {"baseline": True})
         results = {}
-        for view, (name, model, lm, tokenizer, baseline) in views.items():
+        for view, (name, model, lm, tokenizer, options) in views.items():
             ensure_pad_token(tokenizer)
-            settings = EvalSettings(model=name, task=task, protocol="paper", limit=items[task], baseline=baseline,
-                                    seed=seed, batch_size=batch_size, device=device,
-                                    output=os.path.join(run_dir, "eval", f"{task}_{view}.json"))
+            settings = EvalSettings(model=name, task=task, protocol="paper", limit=items[task], seed=seed,
+                                    batch_size=batch_size, device=device,
+                                    output=os.path.join(run_dir, "eval", f"{task}_{view}.json"), **options)
             results[view] = evaluate(settings, EvalInputs(rows, source, model, lm, tokenizer))
             print(f"{task} {view}: {results[view].score:.4f}")
         evaluations[task] = with_item_intervals(results, num_resamples, seed)

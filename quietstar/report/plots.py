@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display is needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .markdown import DIFFERENCES  # noqa: E402
+
 
 def training_series(entries: list[dict], name: str) -> tuple[list[int], list[float]]:
     """(steps, values) of metric ``name`` over the training logs (entries with a ``loss``)."""
@@ -93,20 +95,20 @@ def plot_diagnostics(entries: list[dict], path: str) -> str:
     return _save(figure, path)
 
 
-LABELS = {"after_thoughts": "trained, with thoughts", "after_no_thoughts": "trained, no thoughts",
-          "real": "with its own thoughts", "null": "null thoughts", "shuffled": "shuffled thoughts",
-          "no_thoughts": "trained, no thoughts", "control": "equal-compute control"}
-
-
 def plot_difficulty(binned: dict, path: str) -> str:
-    """Mean NLL change from the base model per difficulty bin (the paper's figure): below zero is better."""
+    """Mean NLL difference of each comparison per difficulty bin (the paper's figure, heldout.binned_change): the
+    tokens are binned by a model outside each compared pair, so regression to the mean moves no line. Below zero the
+    first view is better."""
     figure, axis = plt.subplots(figsize=(6.5, 4))
-    for name, change in binned["change"].items():
-        axis.plot(binned["bin_mean_nll"], change, marker="o", label=LABELS.get(name, name))
+    references = sorted({value["reference"] for value in binned.values()})
+    for name, value in binned.items():
+        label = DIFFERENCES.get(name, (name,))[0]
+        axis.plot(value["bin_mean_nll"], value["change"], marker="o",
+                  label=label if len(references) == 1 else f"{label} (bins: {value['reference']})")
     axis.axhline(0.0, color="grey", linewidth=0.8)
-    axis.set(xlabel="base-model NLL of the token (bin mean; easy → hard)", ylabel="NLL change vs base model",
-             title="Held-out NLL change by token difficulty")
-    axis.legend()
+    axis.set(xlabel=f"NLL of the token under {' / '.join(references)} (bin mean; easy → hard)",
+             ylabel="NLL difference (nats)", title="Held-out NLL differences by token difficulty")
+    axis.legend(fontsize=7)
     return _save(figure, path)
 
 
@@ -119,6 +121,6 @@ def plot_all(entries: list[dict], binned: dict | None, folder: str) -> dict[str,
         plots["mixing"] = plot_mixing(entries, os.path.join(folder, "mixing_weight.png"))
         if any("thought_entropy" in e for e in entries):
             plots["diagnostics"] = plot_diagnostics(entries, os.path.join(folder, "diagnostics.png"))
-    if binned is not None:
+    if binned:
         plots["difficulty"] = plot_difficulty(binned, os.path.join(folder, "nll_by_difficulty.png"))
     return plots

@@ -1,0 +1,38 @@
+"""Regenerate every results table from the committed raw data (docs/results/*.tokens.npz).
+
+    python scripts/results_tables.py            # write docs/results/<name>.json and the tables of docs/results.md
+    python scripts/results_tables.py --check    # exit 1 when a generated file is stale (tests/test_results_tables.py)
+
+The tables go between ``<!-- generated:<name> -->`` markers of the page; text outside them is left alone
+(quietstar.report.tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from quietstar.report.tables import regenerate  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(argv=None) -> list[str]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results-dir", default=os.path.join(REPO, "docs", "results"))
+    p.add_argument("--page", default=os.path.join(REPO, "docs", "results.md"))
+    p.add_argument("--check", action="store_true", help="Write nothing; exit 1 when a generated file is stale.")
+    args = p.parse_args(argv)
+    stale = regenerate(args.results_dir, args.page, check=args.check)
+    for path in stale:
+        print(f"{'stale' if args.check else 'written'}: {os.path.relpath(path, REPO)}")
+    if args.check and stale:
+        sys.exit(1)
+    return stale
+
+
+if __name__ == "__main__":
+    main()
