@@ -135,6 +135,17 @@ def test_the_core_imports_nothing_from_training_report_or_cli():
     assert not violations, "the core imports upward: " + ", ".join(f"{m} -> {n}" for m, n in violations)
 
 
+def test_each_sus_design_imports_only_the_shared_files_not_the_other_design():
+    graph = import_graph(REPO, PACKAGE)
+    sus = "quietstar.ops.sus."
+    designs = {module: module[len(sus):].split("_")[1] for module in graph
+               if module.startswith(sus + "design_")}  # design_a_kernels -> "a"
+    assert set(designs.values()) == {"a", "c"}
+    crossing = sorted((module, name) for module, design in designs.items() for name in graph[module]
+                      if name in designs and designs[name] != design)
+    assert not crossing, "one SUS design imports the other: " + ", ".join(f"{m} -> {n}" for m, n in crossing)
+
+
 def test_the_graph_sees_the_imports_that_the_floor_rests_on():
     """The reader finds real edges of quietstar itself (relative, from-package and function-level imports)."""
     graph = import_graph(REPO, PACKAGE)
