@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common_kernels import clip, key_is_valid, pairs_seen, query_block, row_keys_for, tile_split, uniform
+from .common_kernels import clip, pairs_seen, query_block, row_keys_for, tile_split, uniform
 
 
 @triton.jit

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import torch
 
-from ..precision import at_least_fp32
 from . import reference, rng
 from .limits import SEED_MASK
 
