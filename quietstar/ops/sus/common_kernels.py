@@ -26,6 +26,7 @@ def hash32(x):
 
 @triton.jit
 def row_keys_for(seed, bh, rows):
+    """The row keys of head ``bh``'s stream for ``seed``, one per row (uint32): rng.row_key(rng.stream_key(...))."""
     stream = hash32(seed.to(tl.uint32) ^ hash32(bh.to(tl.uint32) * 0x9E3779B1 + 1))
     return hash32(stream ^ hash32(rows.to(tl.uint32)))
 
