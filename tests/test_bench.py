@@ -129,7 +129,7 @@ def test_memory_benchmark_runs_both_modes(tmp_path):
     assert os.path.exists(tmp_path / "m.json")
 
 
-def test_row_tile_statistics_equal_a_direct_count_over_the_whole_matrix():
+def test_design_c_cell_statistics_equal_a_direct_count_over_the_whole_matrix():
     """bench/sus_design_c.py's per-block sums against the full causal P of a small problem (every block measured)."""
     import torch
 
