@@ -52,7 +52,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from quietstar.assets import offline_smollm2
 from quietstar.attention import padding_mask
 from quietstar.ops import sus
-from quietstar.ops.sus import reference
+from quietstar.ops.sus import design_a_reference, reference
 from sus_variance import token_windows  # bench/sus_variance.py, a sibling
 
 ATTENTION_NAME = "sus_variance_layers"
@@ -100,7 +100,8 @@ class ControlledAttention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         c, seed = PLACEMENT.setting(ctx.layer)
-        dq, dk, dv = reference.attention_backward(q, k, v, o, lse, do, num_text=q.shape[2], c=c, seed=seed, **ctx.rule)
+        dq, dk, dv = design_a_reference.attention_backward(q, k, v, o, lse, do, num_text=q.shape[2], c=c, seed=seed,
+                                                           **ctx.rule)
         return dq, dk, dv, None, None
 
 
@@ -180,7 +181,8 @@ def staged_noise(params, record, d_out, seed, exact_qkv=None) -> list:
     inputs = (r["q"].detach(), r["k"].detach(), r["v"].detach(), r["o"], r["lse"], d_out)
     if exact_qkv is None:
         exact_qkv = reference.attention_backward(*inputs, num_text=r["q"].shape[2], **r["rule"])
-    sus_qkv = reference.attention_backward(*inputs, num_text=r["q"].shape[2], c=PLACEMENT.c, seed=seed, **r["rule"])
+    sus_qkv = design_a_reference.attention_backward(*inputs, num_text=r["q"].shape[2], c=PLACEMENT.c, seed=seed,
+                                                    **r["rule"])
     delta = [s - e for s, e in zip(sus_qkv, exact_qkv)]
     return list(torch.autograd.grad((r["q"], r["k"], r["v"]), params, grad_outputs=delta, retain_graph=True,
                                     allow_unused=True))

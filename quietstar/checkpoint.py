@@ -1,10 +1,13 @@
-"""The save format of a Quiet-STaR model: its file names, the one writer, and the one reader of each file.
+"""The save format of a Quiet-STaR model: its file names, the one writer, the one reader of each file, and the check
+that a folder is a complete save.
 
 A save is a folder that stock transformers loads as a plain LM, plus the Quiet-STaR parts:
 
 - the LM: ``config.json``, ``generation_config.json``, ``model.safetensors`` (or a shard index and its shards); the
   embedding rows of the two thought tokens hold the trained thought vectors. A LoRA model keeps the LM without its
-  adapters there and the adapter in ``adapter/`` (quietstar/lora.py);
+  adapters there and the adapter in ``adapter/`` (quietstar/lora.py; ``adapter_config.json`` and
+  ``adapter_model.safetensors`` as ``PeftModel.save_pretrained`` writes them): in a subfolder, because transformers
+  treats a folder holding ``adapter_config.json`` as an adapter and loads its base from the Hub;
 - the tokenizer files, the two thought tokens added as special tokens;
 - ``quietstar.safetensors``: ``thought_embeddings [2, D]`` (fp32) and the mixing head's tensors as
   ``mixing_head.<name>``;
@@ -14,6 +17,9 @@ A save is a folder that stock transformers loads as a plain LM, plus the Quiet-S
 
 Older saves still load: a config saved before a QuietStarConfig field existed gets what the code did then
 (config.ADDED_FIELDS_BEFORE), and the first version wrote no ``base_model``. tests/test_checkpoint.py loads such saves.
+
+:func:`read_checkpoint` checks every file of a save before it is published (export, push); a missing or corrupt one
+raises :class:`CheckpointError` naming it.
 """
 
 from __future__ import annotations
@@ -23,25 +29,33 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from huggingface_hub import snapshot_download
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .attention import ATTENTION_NAME
 from .compat import check_model_supported
 from .config import QuietStarConfig
 from .lora import ADAPTER_FOLDER, lm_state_dict_without_lora, load_lora
 
-if TYPE_CHECKING:
-    from .modeling import QuietStarForCausalLM
-
 CONFIG_FILE = "quietstar_config.json"
 WEIGHTS_FILE = "quietstar.safetensors"
 LM_CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+LM_WEIGHTS_FILE = "model.safetensors"
+LM_WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+TOKENIZER_JSON_FILES = ("tokenizer.json", "special_tokens_map.json", "added_tokens.json", "vocab.json")
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 MIXING_HEAD_PREFIX = "mixing_head."
+
+
+class CheckpointError(ValueError):
+    """A missing or corrupt file of a save (or one read beside it), in one line that names the file."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +123,7 @@ def _module_name(root: torch.nn.Module, module: torch.nn.Module) -> str:
     return next(name for name, candidate in root.named_modules() if candidate is module)
 
 
-def _gathered_lm_weights(model: QuietStarForCausalLM, state_dict: dict) -> dict[str, torch.Tensor]:
+def _gathered_lm_weights(model, state_dict: dict) -> dict[str, torch.Tensor]:
     """The LM's weights from the full model's gathered ``state_dict``, with what ``write_thought_embeddings`` does
     to the module done to this copy (and to a tied output embedding, which is the same tensor in the module)."""
     base = model.base
@@ -123,8 +137,9 @@ def _gathered_lm_weights(model: QuietStarForCausalLM, state_dict: dict) -> dict[
     return lm_weights
 
 
-def save(model: QuietStarForCausalLM, path: str | os.PathLike, state_dict: dict | None = None) -> None:
-    """Write ``model`` to the folder ``path`` (module docstring); see :meth:`QuietStarForCausalLM.save_pretrained`.
+def save(model, path: str | os.PathLike, state_dict: dict | None = None) -> None:
+    """Write ``model``, a QuietStarForCausalLM, to the folder ``path`` (module docstring); see
+    :meth:`QuietStarForCausalLM.save_pretrained`, which calls it.
 
     ``state_dict``: the model's full state dict when the parameters themselves are sharded (FSDP); by default the
     parameters are read directly. Files are written to a temporary folder inside ``path`` first and moved into place
@@ -169,10 +184,9 @@ def save(model: QuietStarForCausalLM, path: str | os.PathLike, state_dict: dict 
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load(model_class: type[QuietStarForCausalLM], path: str | os.PathLike, dtype=torch.float32,
-         **kwargs) -> QuietStarForCausalLM:
-    """Load what :func:`save` wrote, from a folder or a Hub id, as a ``model_class``; ``kwargs`` go to
-    ``AutoModelForCausalLM.from_pretrained``."""
+def load(model_class: type, path: str | os.PathLike, dtype=torch.float32, **kwargs):
+    """Load what :func:`save` wrote, from a folder or a Hub id, as a ``model_class`` (QuietStarForCausalLM, whose
+    ``from_pretrained`` calls this); ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained``."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         path = snapshot_download(path)
@@ -189,3 +203,113 @@ def load(model_class: type[QuietStarForCausalLM], path: str | os.PathLike, dtype
     device = base.get_input_embeddings().weight.device
     load_lora(model, path)
     return model.to(device)
+
+
+def read_json(path: str | os.PathLike):
+    """The parsed JSON file at ``path``; CheckpointError naming it when it is missing or does not parse."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is corrupt (not readable JSON: {_one_line(error)}).") from error
+
+
+def _safetensors_keys(path: str) -> set[str]:
+    """The tensor names in the safetensors file at ``path``; CheckpointError naming it when missing or corrupt."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing.")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return set(f.keys())
+    except Exception as error:  # safetensors raises its own error type for truncated or garbled files
+        raise CheckpointError(f"{path} is corrupt (not a readable safetensors file: {_one_line(error)}).") from error
+
+
+@dataclass
+class Checkpoint:
+    """A validated Quiet-STaR save: its folder, the LM weight files (names in it), the loaded tokenizer and what
+    ``quietstar_config.json`` holds."""
+
+    folder: str
+    weight_files: list[str]
+    tokenizer: object
+    saved: SavedQuietStar
+
+
+def _lm_weight_files(folder: str) -> list[str]:
+    """``model.safetensors``, or the shard index and every shard it names, each checked to parse."""
+    index_path = os.path.join(folder, LM_WEIGHTS_INDEX_FILE)
+    if os.path.isfile(index_path):
+        index = read_json(index_path)
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise CheckpointError(f"{index_path} is corrupt (it has no weight_map).")
+        shards = sorted(set(index["weight_map"].values()))
+        for shard in shards:
+            _safetensors_keys(os.path.join(folder, shard))
+        return [LM_WEIGHTS_INDEX_FILE, *shards]
+    if not os.path.isfile(os.path.join(folder, LM_WEIGHTS_FILE)):
+        raise CheckpointError(f"{os.path.join(folder, LM_WEIGHTS_FILE)} is missing (and there is no "
+                              f"{LM_WEIGHTS_INDEX_FILE}): the checkpoint has no LM weights.")
+    _safetensors_keys(os.path.join(folder, LM_WEIGHTS_FILE))
+    return [LM_WEIGHTS_FILE]
+
+
+def _load_tokenizer(folder: str, config: QuietStarConfig, token_ids: tuple[int, int]):
+    """The checkpoint's tokenizer, checked to know each thought token as one token with its saved id."""
+    read_json(os.path.join(folder, TOKENIZER_CONFIG_FILE))
+    for name in TOKENIZER_JSON_FILES:
+        if os.path.exists(os.path.join(folder, name)):
+            read_json(os.path.join(folder, name))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as error:  # transformers raises many types for a broken tokenizer
+        raise CheckpointError(f"The tokenizer files in {folder} do not load ({_one_line(error)}).") from error
+    for token, token_id in zip((config.start_thought_token, config.end_thought_token), token_ids):
+        if tokenizer.tokenize(token) != [token] or tokenizer.convert_tokens_to_ids(token) != token_id:
+            raise CheckpointError(f"The tokenizer in {folder} does not have {token} as the single token {token_id} "
+                                  f"that {os.path.join(folder, CONFIG_FILE)} names.")
+    return tokenizer
+
+
+def read_checkpoint(folder: str | os.PathLike) -> Checkpoint:
+    """Check that ``folder`` is a complete Quiet-STaR save; CheckpointError naming the first missing or corrupt file.
+
+    Checked: ``config.json`` (parses, known model type), the LM weights (each safetensors file's header),
+    ``quietstar_config.json``, ``quietstar.safetensors`` (has the thought embeddings) and the tokenizer.
+    """
+    folder = os.path.abspath(folder)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"Checkpoint folder {folder} does not exist.")
+    lm_config_path = os.path.join(folder, LM_CONFIG_FILE)
+    lm_config = read_json(lm_config_path)
+    try:
+        AutoConfig.for_model(**lm_config)
+    except (TypeError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{lm_config_path} is corrupt ({_one_line(error)}).") from error
+    weight_files = _lm_weight_files(folder)
+    try:
+        saved = read_saved_quietstar(folder)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(str(error)) from error
+    if "thought_embeddings" not in _safetensors_keys(os.path.join(folder, WEIGHTS_FILE)):
+        raise CheckpointError(f"{os.path.join(folder, WEIGHTS_FILE)} is corrupt (it has no thought_embeddings).")
+    if os.path.exists(os.path.join(folder, ADAPTER_CONFIG_FILE)):
+        raise CheckpointError(f"{os.path.join(folder, ADAPTER_CONFIG_FILE)}: a LoRA adapter belongs in "
+                              f"{os.path.join(folder, ADAPTER_FOLDER)}/ (see quietstar/checkpoint.py), not beside the "
+                              "LM.")
+    return Checkpoint(folder, weight_files, _load_tokenizer(folder, saved.config, saved.thought_token_ids), saved)
+
+
+def find_lora_adapter(folder: str | os.PathLike) -> str | None:
+    """``folder/adapter`` when it holds a peft LoRA adapter (both files parse), else None."""
+    adapter = os.path.join(os.path.abspath(folder), ADAPTER_FOLDER)
+    if not os.path.isdir(adapter):
+        return None
+    adapter_config = read_json(os.path.join(adapter, ADAPTER_CONFIG_FILE))
+    if adapter_config.get("peft_type") != "LORA":
+        raise CheckpointError(f"{os.path.join(adapter, ADAPTER_CONFIG_FILE)} is not a LoRA adapter "
+                              f"(peft_type {adapter_config.get('peft_type')!r}).")
+    _safetensors_keys(os.path.join(adapter, ADAPTER_WEIGHTS_FILE))
+    return adapter

@@ -6,14 +6,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .ops.sus.limits import FP32_PRECISIONS as TRITON_FP32_PRECISIONS
+from .ops.sus.limits import SUS_DESIGNS
+
 MIXING_MODES = ("logits", "logprobs")
 ATTENTION_BACKENDS = ("auto", "eager", "flex", "triton")
-SUS_DESIGNS = ("a", "c")  # a: each weight drawn alone (quietstar/ops/sus/reference.py); c: per (row, key tile) first
 REWARD_SOURCES = ("mixed", "thought")
 REWARD_PRECISIONS = ("fp32", "autocast")
 ADVANTAGE_NORMALIZATIONS = ("none", "batch_std")
 TEXT_PATHS = ("train", "frozen", "thought_lora")
-TRITON_FP32_PRECISIONS = ("tf32", "ieee")
 
 # The official code's loss settings (docs/design.md §1): a preset, not the default (see QuietStarConfig.official).
 OFFICIAL_LOSS = dict(reinforce_temperature=3.0, clip_negative_advantage=True, policy_weight=1e6, reward_source="mixed",
@@ -141,10 +142,10 @@ class QuietStarConfig:
     )
     sus_design: str = field(
         default="a",
-        metadata={"help": "How SUS (sus_c) draws its mask: 'a' (each attention weight on its own) or 'c' (first each "
-                          "(row, 64-key tile) with probability min(1, c * its mass), then the entries of an opened "
-                          "tile; the backward visits the opened tiles only). Same per-weight probability, both "
-                          "unbiased; quietstar/ops/sus/row_tiles.py."},
+        metadata={"help": "How SUS (sus_c) draws its mask: 'a' (design A: each attention weight on its own) or 'c' "
+                          "(design C: first each (row, 64-key tile) with probability min(1, c * its mass), then the "
+                          "entries of an opened tile; the backward visits the opened tiles only). Same per-weight "
+                          "probability, both unbiased; quietstar/ops/sus/design_a_*.py, design_c_*.py."},
     )
 
     triton_fp32_precision: str = field(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .precision import at_least_fp32
+from .ops.precision import at_least_fp32
 
 IGNORE_INDEX = -100
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .precision import at_least_fp32
+from .ops.precision import at_least_fp32
 
 
 class MixingHead(nn.Module):

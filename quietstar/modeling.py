@@ -14,7 +14,6 @@ from transformers import AddedToken
 from . import attention  # noqa: F401  (registers the "quietstar" attention with transformers)
 from . import checkpoint
 from .attention import ATTENTION_NAME
-from .attention.layout import text_positions
 from .compat import check_model_supported, check_new_embeddings, check_thought_layout
 from .config import QuietStarConfig
 from .generation import GenerationOutput, generate
@@ -22,9 +21,10 @@ from .head import LogitTransform, apply_output_head, decoder, hidden_width, outp
 from .lora import THOUGHT_BRANCH_MASK, ThoughtTokenGate
 from .losses import IGNORE_INDEX, quietstar_loss
 from .mixing import MixingHead, mix, thought_weight
+from .ops.precision import at_least_fp32
+from .ops.visibility import text_positions
 from .padding import ensure_pad_token
 from .positions import first_position_id
-from .precision import at_least_fp32
 from .thoughts import expanded_pass, sample_thoughts
 from .vocab import mask_thought_tokens
 

@@ -2,9 +2,9 @@
 
 A stand-in Triton driver reports the target GPU (sm_80 = A100, sm_90 = H100/H200), and each kernel variant is
 compiled by ``JITFunction.warmup`` through Triton's real NVIDIA pipeline (TTIR, TTGIR, LLVM, PTX, cubin with the
-ptxas of the triton wheel); nothing runs. The kernels are those of ``quietstar.ops.sus.launch.LAUNCHED_KERNELS``
-(design A) and ``quietstar.ops.sus.row_tiles_launch.LAUNCHED_KERNELS`` (design C), and the arguments come from their
-own launch code with the target's arch, so the tiles, warps, stages and constexpr flags are the ones a GPU run
+ptxas of the triton wheel); nothing runs. The kernels are those of
+``quietstar.ops.sus.design_a_launch.LAUNCHED_KERNELS`` and ``quietstar.ops.sus.design_c_launch.LAUNCHED_KERNELS``,
+and the arguments come from their own launch code with the target's arch, so the tiles, warps, stages and constexpr flags are the ones a GPU run
 launches. Per variant: shared memory, the tensor-core instruction the dots
 became (wgmma, mma or none: fma), registers and spill bytes from ``ptxas -v``, and instructions per score in the
 tile loops (the innermost loops of the SASS from ``nvdisasm`` that hold tensor-core instructions), counted by class
@@ -14,7 +14,7 @@ TILE), for the largest loop and the lightest. Exits 1 if any variant fails to co
     .venv/bin/python scripts/compile_check.py                            # the README table (thought layout, padded)
     .venv/bin/python scripts/compile_check.py --variants all --jobs 16   # every pattern too
     .venv/bin/python scripts/compile_check.py --readme                   # rewrite the table in quietstar/ops/sus/README.md
-    .venv/bin/python scripts/compile_check.py --filter row_tiles         # design C's kernels only
+    .venv/bin/python scripts/compile_check.py --filter design_c          # design C's kernels only
 
 Variants: kernel (forward, dq, dkdv, any other registered) x input dtype (fp16, bf16, fp32 through tf32, fp32
 exact) x head dim x backward (exact, SUS; design C's kernels SUS only), at odd sizes (no divisibility
@@ -81,10 +81,10 @@ class Variant:
 
 
 def launched_kernels() -> tuple:
-    """Every registered kernel (``launch.LaunchedKernel``): design A's, then design C's."""
-    from quietstar.ops.sus import launch, row_tiles_launch
+    """Every registered kernel (``common_launch.LaunchedKernel``): design A's, then design C's."""
+    from quietstar.ops.sus import design_a_launch, design_c_launch
 
-    return (*launch.LAUNCHED_KERNELS, *row_tiles_launch.LAUNCHED_KERNELS)
+    return (*design_a_launch.LAUNCHED_KERNELS, *design_c_launch.LAUNCHED_KERNELS)
 
 
 def _modes(kernel) -> tuple[bool, ...]:

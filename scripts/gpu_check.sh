@@ -64,7 +64,7 @@ torch.version.cuda, 'triton', triton.__version__, 'transformers', t.__version__,
 
 step "1. CUDA tests: the attention and SUS files whole, compiled on the GPU; then every other test marked gpu"
 ATTENTION_TESTS=(tests/test_flex.py tests/test_sus_kernels.py tests/test_sus_training.py tests/test_sus.py
-                 tests/test_sus_row_tiles.py tests/test_sus_row_tiles_kernels.py)
+                 tests/test_sus_design_c.py tests/test_sus_design_c_kernels.py)
 run 90 tests_attention.log "attention and SUS tests" "${PYTEST[@]}" ${XDIST[@]+"${XDIST[@]}"} "${ATTENTION_TESTS[@]}"
 run 30 tests_gpu_marked.log "other gpu-marked tests" "${PYTEST[@]}" -m gpu tests \
   $(printf -- '--ignore=%s ' "${ATTENTION_TESTS[@]}")

@@ -144,17 +144,17 @@ def test_cpu_bf16_benchmark_times_both_dtypes_and_reports_what_auto_picks(tmp_pa
     assert json.loads((tmp_path / "b.json").read_text())["capability"] == result["capability"]
 
 
-def test_row_tile_statistics_equal_a_direct_count_over_the_whole_matrix():
-    """bench/sus_row_tiles.py's per-block sums against the full causal P of a small problem (every block measured)."""
+def test_design_c_cell_statistics_equal_a_direct_count_over_the_whole_matrix():
+    """bench/sus_design_c.py's per-block sums against the full causal P of a small problem (every block measured)."""
     import torch
 
-    sus_row_tiles = bench_script("sus_row_tiles")
-    n, c, tile = 150, 4.0, sus_row_tiles.TILE
+    sus_design_c = bench_script("sus_design_c")
+    n, c, tile = 150, 4.0, sus_design_c.TILE
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(n, 8, generator=g), torch.randn(n, 8, generator=g)
-    starts = sus_row_tiles.row_block_starts(n, 16)
-    assert starts == [0, 64, 128] and sus_row_tiles.row_block_starts(64 * 40, 4) == [320, 960, 1600, 2240]
-    blocks = [sus_row_tiles.block_statistics(q[s:s + tile], k, s, 0.5, [c]) for s in starts]
+    starts = sus_design_c.row_block_starts(n, 16)
+    assert starts == [0, 64, 128] and sus_design_c.row_block_starts(64 * 40, 4) == [320, 960, 1600, 2240]
+    blocks = [sus_design_c.block_statistics(q[s:s + tile], k, s, 0.5, [c]) for s in starts]
     p = torch.softmax((q @ k.T * 0.5).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")), -1)
     keep = torch.clamp(c * p, max=1)
     tiles = torch.arange(n) // tile

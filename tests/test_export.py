@@ -1,5 +1,5 @@
-"""Export (quietstar/hub.py, quietstar-export and scripts/export.py): a stock LM folder plus the Quiet-STaR parts and a
-model card, restored exactly in a fresh process; validation that names bad files; atomic writes; LoRA merging; pushing
+"""Export (quietstar/cli/export.py: quietstar-export, scripts/export.py): a stock LM folder plus the Quiet-STaR parts and
+a model card, restored exactly in a fresh process; validation that names bad files; atomic writes; LoRA merging; pushing
 without network fails cleanly."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import make_model, padded_batch, randomize_mixing_head
 from quietstar import QuietStarForCausalLM
+from quietstar.cli.export import ExportError, export, push_to_hub
 from quietstar.cli.export import main as export_main
-from quietstar.hub import ExportError, export, push_to_hub
 from quietstar.training import (
     QuietStarTrainer,
     QuietStarTrainingArguments,
@@ -259,7 +259,7 @@ def test_an_existing_out_is_refused_unless_overwrite_and_survives_a_failed_expor
     def failing_card(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("quietstar.hub.write_model_card", failing_card)
+    monkeypatch.setattr("quietstar.cli.export.write_model_card", failing_card)
     with pytest.raises(OSError, match="disk full"):
         export(checkpoint, out, overwrite=True)
     assert os.listdir(out) == ["mine.txt"] and leftovers(tmp_path) == []

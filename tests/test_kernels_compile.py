@@ -35,12 +35,12 @@ def test_every_kernel_compiles_for_sm80_and_sm90_with_tensor_cores_and_no_spills
                            "--json", str(report)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads(report.read_text())["rows"]
-    kernels = ("forward", "dq", "dkdv", "row_tiles_forward", "row_tiles_backward")
+    kernels = ("forward", "dq", "dkdv", "design_c_forward", "design_c_backward")
     assert {(row["arch"], row["kernel"]) for row in rows} == {(a, k) for a in (80, 90) for k in kernels}
     for row in rows:
         assert row["ok"] and row["registers"] > 0 and row["shared_kib"] > 0, row
         assert row["tensor_cores"] == ("wgmma" if row["arch"] == 90 else "mma"), row
-        if not (row["kernel"].startswith("row_tiles_") and row["arch"] == 80):  # design C's sm_80 tiles spill at d 128
+        if not (row["kernel"].startswith("design_c_") and row["arch"] == 80):  # design C's sm_80 tiles spill at d 128
             assert row["spill_stores"] == row["spill_loads"] == 0, row
         # The tile loop: its dots on tensor cores, the visibility rule and the SUS hash as integer work per score.
         per_score = row["per_score"]
@@ -68,19 +68,19 @@ def test_the_variant_lists_cover_what_the_launches_take(monkeypatch):
     assert len(table) == len(set(table)) == 2 * (4 * 4 + 2 * 4 * 4 * 2 + 2 * 4 * 4)
     everything = compile_check.variants("all")
     assert {v.pattern for v in everything} == set(compile_check.PATTERNS) and set(table) < set(everything)
-    design_c = [v for v in everything if v.kernel.startswith("row_tiles_")]
-    assert {v.kernel for v in design_c} == {"row_tiles_forward", "row_tiles_backward"}
+    design_c = [v for v in everything if v.kernel.startswith("design_c_")]
+    assert {v.kernel for v in design_c} == {"design_c_forward", "design_c_backward"}
     assert all(v.sus and not v.backward for v in design_c)  # always sampled, named without a mode
     assert "thought-window-softcap" not in {v.pattern for v in design_c}  # design C takes no window
     assert len(design_c) == 2 * 2 * 4 * 4 * (len(compile_check.PATTERNS) - 1)
     assert compile_check.tensor_core_instruction("wgmma.mma_async.sync.aligned") == "wgmma"
     assert compile_check.tensor_core_instruction("mma.sync.aligned.m16n8k16") == "mma"
     assert compile_check.tensor_core_instruction("fma.rn.f32") == "fma"
-    # A kernel registered in launch.py joins every list.
-    from quietstar.ops.sus import launch
+    # A kernel registered in design_a_launch.py joins every list.
+    from quietstar.ops.sus import common_launch, design_a_launch
 
-    extra = launch.LaunchedKernel("extra", True, launch.LAUNCHED_KERNELS[1].example)
-    monkeypatch.setattr(launch, "LAUNCHED_KERNELS", (*launch.LAUNCHED_KERNELS, extra))
+    extra = common_launch.LaunchedKernel("extra", True, design_a_launch.LAUNCHED_KERNELS[1].example)
+    monkeypatch.setattr(design_a_launch, "LAUNCHED_KERNELS", (*design_a_launch.LAUNCHED_KERNELS, extra))
     added = [v for v in compile_check.variants("table") if v.kernel == "extra"]
     assert len(added) == 2 * 4 * 4 * 2 and {v.sus for v in added} == {False, True}
     assert "extra" in {v.kernel for v in compile_check.variants("representative")}

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import make_model, randomize_mixing_head
 from quietstar import QuietStarForCausalLM
-from quietstar.hub import export
+from quietstar.cli.export import export
 from quietstar.lora import add_lora, lora_config
 from quietstar.training import ModelArguments, QuietStarTrainer, QuietStarTrainingArguments, build_window_dataset
 from quietstar.training.data import synthetic_arithmetic_documents

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from quietstar.attention import eager
 from quietstar.attention.layout import ThoughtLayout
 from quietstar.ops.sus import attention, resolve_backend, rng, sus_attention
-from quietstar.ops.sus import reference
+from quietstar.ops.sus import design_a_reference, reference
 from quietstar.ops.sus.reference import visible
 
 FALSE_ALARM = 1e-3
@@ -296,6 +296,6 @@ def test_reference_keeps_fp64(num_text, branch_length, causal):
     pattern = dict(num_text=num_text, branch_length=branch_length, causal=causal)
     q, k, v, do = _inputs(H=2, Hkv=1, n=9, d=8, dtype=torch.float64)
     o, lse = reference.attention_forward(q, k, v, 0.5, **pattern)
-    grads = reference.attention_backward(q, k, v, o, lse, do, 0.5, **pattern, c=2.0, seed=3)
+    grads = design_a_reference.attention_backward(q, k, v, o, lse, do, 0.5, **pattern, c=2.0, seed=3)
     assert o.dtype == lse.dtype == torch.float64 and all(g.dtype == torch.float64 for g in grads)
     assert torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, backend="torch", **pattern), (q, k, v))

@@ -15,10 +15,10 @@ triton = pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
 
-from quietstar.ops.sus import attention, kernels, rng  # noqa: E402
-from quietstar.ops.sus import launch  # noqa: E402
-from quietstar.ops.sus.launch import triton_backward, triton_forward  # noqa: E402
-from quietstar.ops.sus.reference import attention_backward, attention_forward  # noqa: E402
+from quietstar.ops.sus import attention, common_kernels, common_launch, rng  # noqa: E402
+from quietstar.ops.sus.design_a_launch import triton_backward, triton_forward  # noqa: E402
+from quietstar.ops.sus.design_a_reference import attention_backward  # noqa: E402
+from quietstar.ops.sus.reference import attention_forward  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float16: dict(rtol=2e-2, atol=2e-2),
@@ -108,34 +108,34 @@ def test_huge_c_kernel_equals_exact_kernel_bit_for_bit():
 
 def test_launch_configurations_cover_every_head_dim_dtype_and_arch():
     for arch in (80, 86, 89, 90, 100, 120):
-        for kernel in launch.KERNELS:
+        for kernel in common_launch.KERNELS:
             for head_dim in (16, 32, 64, 128):
                 for dtype, precision in ((torch.bfloat16, "tf32"), (torch.float32, "tf32"), (torch.float32, "ieee")):
-                    tiles = launch.tile_config(kernel, head_dim, dtype, precision, arch)
+                    tiles = common_launch.tile_config(kernel, head_dim, dtype, precision, arch)
                     # tensor-core tiles: powers of two of at least 16 (tl.dot's smallest side)
                     assert all(size >= 16 and size & (size - 1) == 0 for size in (tiles.block_m, tiles.block_n)), tiles
                     assert tiles.num_warps in (4, 8) and tiles.num_stages in (1, 2, 3, 4), tiles
-                assert launch.tile_config(kernel, head_dim, torch.float16, "ieee", arch) == \
-                    launch.tile_config(kernel, head_dim, torch.bfloat16, "tf32", arch)  # 2-byte inputs ignore it
-                assert launch.tile_config(kernel, head_dim, torch.float32, "ieee", None).block_m == 16
-    assert [launch.tile_arch(arch) for arch in (80, 86, 89, 90, 100, 120)] == [80, 80, 80, 90, 90, 80]
-    assert launch.dot_precision(torch.float32, "tf32") == "tf32"
-    assert launch.dot_precision(torch.float32, "ieee") == "ieee"
-    assert launch.dot_precision(torch.bfloat16, "ieee") == "tf32"  # 2-byte inputs have no fp32 products to keep
+                assert common_launch.tile_config(kernel, head_dim, torch.float16, "ieee", arch) == \
+                    common_launch.tile_config(kernel, head_dim, torch.bfloat16, "tf32", arch)  # 2-byte inputs ignore it
+                assert common_launch.tile_config(kernel, head_dim, torch.float32, "ieee", None).block_m == 16
+    assert [common_launch.tile_arch(arch) for arch in (80, 86, 89, 90, 100, 120)] == [80, 80, 80, 90, 90, 80]
+    assert common_launch.dot_precision(torch.float32, "tf32") == "tf32"
+    assert common_launch.dot_precision(torch.float32, "ieee") == "ieee"
+    assert common_launch.dot_precision(torch.bfloat16, "ieee") == "tf32"  # 2-byte inputs have no fp32 products to keep
 
 
 def test_a_head_past_32_bit_offsets_is_refused():
     q = torch.empty(1, 1, 2**24, 128, device="meta")  # 2^31 elements in one head; meta: nothing is allocated
     with pytest.raises(ValueError, match="2\\^31 per head"):
         triton_forward(q, q, q, 0.1, num_text=q.shape[2])
-    launch.check_sizes(q[:, :, : 2**24 - 1])  # one row less fits
+    common_launch.check_sizes(q[:, :, : 2**24 - 1])  # one row less fits
 
 
 @triton.jit
 def _uniform_probe(OUT, seed, bh, ROWS: tl.constexpr, COLS: tl.constexpr):
     rows = tl.arange(0, ROWS) * 37 + 3
     cols = tl.arange(0, COLS) * 1001
-    u = kernels._uniform(kernels._row_keys(seed, bh, rows)[:, None], cols[None, :])
+    u = common_kernels.uniform(common_kernels.row_keys_for(seed, bh, rows)[:, None], cols[None, :])
     tl.store(OUT + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :], u)
 
 

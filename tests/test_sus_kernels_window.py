@@ -14,9 +14,10 @@ triton = pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
 
-from quietstar.ops.sus import attention, kernels  # noqa: E402
-from quietstar.ops.sus.launch import triton_backward, triton_forward  # noqa: E402
-from quietstar.ops.sus.reference import attention_backward, attention_forward, visible  # noqa: E402
+from quietstar.ops.sus import attention, common_kernels, design_a_kernels  # noqa: E402
+from quietstar.ops.sus.design_a_launch import triton_backward, triton_forward  # noqa: E402
+from quietstar.ops.sus.design_a_reference import attention_backward  # noqa: E402
+from quietstar.ops.sus.reference import attention_forward, visible  # noqa: E402
 
 from test_sus_kernels import DEVICE, EXACT_FP32, _compare, _dtypes, _poisoned, _problem  # noqa: E402
 
@@ -70,7 +71,8 @@ def test_autograd_function_with_window_and_softcap_matches_reference():
 def _query_block_probe(OUT, text_blocks, n, num_text, branch_length, window, WINDOWED: tl.constexpr,
                        BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    runs = kernels._query_block(pid, text_blocks, n, num_text, branch_length, window, True, WINDOWED, BLOCK, BLOCK)
+    runs = common_kernels.query_block(pid, text_blocks, n, num_text, branch_length, window, True, WINDOWED, BLOCK,
+                                      BLOCK)
     for i in tl.static_range(10):
         tl.store(OUT + pid * 10 + i, runs[i])
 
@@ -79,11 +81,11 @@ def _query_block_probe(OUT, text_blocks, n, num_text, branch_length, window, WIN
 def _key_block_probe(OUT, text_key_blocks, n, num_text, branch_length, window, WINDOWED: tl.constexpr,
                      BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    start, stop, row_lo, row_hi, full_lo, full_hi, b_lo, b_hi, b_full_lo, b_full_hi = kernels._key_block(
+    start, stop, row_lo, row_hi, full_lo, full_hi, b_lo, b_hi, b_full_lo, b_full_hi = design_a_kernels._key_block(
         pid, text_key_blocks, n, num_text, branch_length, window, True, WINDOWED, BLOCK)
-    lo, mid_lo, mid_hi = kernels._tile_split(row_lo, row_lo, row_hi, full_lo, full_hi, BLOCK)
+    lo, mid_lo, mid_hi = common_kernels.tile_split(row_lo, row_lo, row_hi, full_lo, full_hi, BLOCK)
     first = num_text  # the first sample's branch rows; the other samples' runs are these, shifted
-    b_lo, b_mid_lo, b_mid_hi = kernels._tile_split(first + b_lo, first + b_lo, first + b_hi, first + b_full_lo,
+    b_lo, b_mid_lo, b_mid_hi = common_kernels.tile_split(first + b_lo, first + b_lo, first + b_hi, first + b_full_lo,
                                                    first + b_full_hi, BLOCK)
     runs = (start, stop, lo, mid_lo, mid_hi, row_hi, b_lo, b_mid_lo, b_mid_hi, first + b_hi)
     for i in tl.static_range(10):

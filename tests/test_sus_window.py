@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quietstar.ops.sus import reference, rng
+from quietstar.ops.sus import design_a_reference, reference, rng
 
 from test_sus import _samples, _variance_ratio, _z_test_passes
 
@@ -124,7 +124,8 @@ def test_sus_gradient_with_window_and_softcap_is_unbiased():
     var_ds = var_p * (upstream * slope) ** 2
     variances = (scale**2 * var_ds @ (k * k), scale**2 * var_ds.transpose(-1, -2) @ (q * q),
                  var_p.transpose(-1, -2) @ (do * do))
-    sus = _samples(lambda seed: reference.attention_backward(q, k, v, o, lse, do, scale, **pattern, c=c, seed=seed), 400)
+    sus = _samples(lambda seed: design_a_reference.attention_backward(q, k, v, o, lse, do, scale, **pattern, c=c,
+                                                                   seed=seed), 400)
     assert _z_test_passes(sus, exact, variances)
     assert 0.85 < _variance_ratio(sus, variances) < 1.15
     # a backward that forgets the cap's slope is caught
@@ -139,6 +140,6 @@ def _without_slope(q, k, v, o, lse, do, scale, pattern, c, seed):
                                                      pattern["window"], pattern["softcap"])
         n = q.shape[2]
         u = rng.uniform(seed, torch.arange(q.shape[1]).view(1, -1, 1, 1), torch.arange(n)[:, None], torch.arange(n))
-        weights = reference.sus_weights(p, u, c)
+        weights = design_a_reference.sus_weights(p, u, c)
         ds = weights * upstream
         return scale * ds @ k, scale * ds.transpose(-1, -2) @ q, weights.transpose(-1, -2) @ do

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from conftest import make_model, padded_batch, randomize_mixing_head, transformers_eager
 from quietstar import QuietStarForCausalLM
 from quietstar.generation import generate_reference
-from quietstar.hub import ExportError, export
+from quietstar.cli.export import ExportError, export
 from quietstar.lora import add_lora, lora_config
 from quietstar.thoughts import expanded_pass, sample_thoughts
 from quietstar.training import ModelArguments

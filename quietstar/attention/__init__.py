@@ -3,7 +3,7 @@
 A model loaded with ``attn_implementation="quietstar"`` calls :func:`quietstar_attention` in every
 layer. Without a ``thought_layout`` keyword it is ordinary causal attention (with the 2-D padding
 mask that :func:`padding_mask` hands over instead of a dense 4-D mask); with one, it applies the
-thought visibility rule. Files: ``layout.py`` (the rule and the layout of a model call),
+thought visibility rule. Files: ``layout.py`` (the layout of a model call; the rule itself is :mod:`quietstar.ops.visibility`),
 ``eager.py`` (the exact PyTorch reference), ``dispatch.py`` (the entry point, one function per
 phase, the backend choice). The fast paths live in :mod:`quietstar.ops` (``flash_cpu``, ``sus``).
 """
@@ -13,8 +13,9 @@ from __future__ import annotations
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from ..ops.visibility import branch_visibility, prefix_visibility
 from .dispatch import quietstar_attention
-from .layout import ThoughtLayout, branch_visibility, prefix_visibility
+from .layout import ThoughtLayout
 
 ATTENTION_NAME = "quietstar"
 

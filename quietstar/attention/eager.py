@@ -9,7 +9,7 @@ computed in fp32 (fp64 for fp64 inputs, so gradient checks stay fp64) and masked
 dtype, so a query with nothing to see (a padding query) yields finite garbage that the losses mask
 out, never NaN.
 
-Every function takes the layer's ``window`` (sliding-window attention, :mod:`.layout`'s rule; None: full),
+Every function takes the layer's ``window`` (sliding-window attention, :mod:`quietstar.ops.visibility`'s rule; None: full),
 ``softcap`` (attention-logit soft-capping as Gemma 2 does it: scaled scores s -> cap * tanh(s / cap)
 before the mask and the softmax; None: off) and ``sinks`` (attention sinks as GPT-OSS has them: ``[H]``, one
 logit per query head that joins every softmax's denominator and carries no value; None: none).
@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..precision import at_least_fp32, wide_dtype
-from .layout import ThoughtLayout, branch_visibility, in_window, prefix_visibility, text_positions
+from ..ops.precision import at_least_fp32, wide_dtype
+from ..ops.visibility import branch_visibility, in_window, prefix_visibility, text_positions
+from .layout import ThoughtLayout
 
 
 def _grouped(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ uses twice: grouped K/V are never repeated, and the B*N*S branch-over-text seque
 heads of the text's own K/V, so the text K/V are never copied N*S times and their gradients come back
 already summed over branches.
 
-A sliding-window layer (``window`` W, :mod:`quietstar.attention.layout`'s rule) makes each causal part a band:
+A sliding-window layer (``window`` W, :mod:`.visibility`'s rule) makes each causal part a band:
 text query j sees keys j - W < i <= j, and branch slot s, at position j + 1 + s, sees text keys
 j + 1 + s - W < i <= j (so the branch-over-text part runs once per slot, each with its own band). A band
 runs in chunks of queries, each over only the keys its band reaches (key tiles wholly outside are never
@@ -40,7 +40,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..attention.layout import branch_visibility
+from .visibility import branch_visibility
 
 BAND_CHUNK = 128  # queries per chunk of a band
 

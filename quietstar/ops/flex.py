@@ -1,11 +1,11 @@
 """The gradient pass's exact attention on CUDA from PyTorch's FlexAttention (``torch.nn.attention.flex_attention``).
 
 A fast path of :mod:`quietstar.attention.eager` (its reference; tests compare the two). The thought
-layout's visibility rule (:mod:`quietstar.attention.layout`) becomes a FlexAttention ``mask_mod`` over
+layout's visibility rule (:mod:`.visibility`) becomes a FlexAttention ``mask_mod`` over
 the flattened expanded row of n = L + N*L*S tokens; FlexAttention turns it into a block-sparse
 ``BlockMask`` (built once per model call and kept on the ThoughtLayout, so every layer shares it) and
 runs fused forward and backward kernels that skip the blocks nobody sees, with grouped-query heads
-read in place. A sliding-window layer adds the window to the mask_mod (position ids as layout.py gives them, so
+read in place. A sliding-window layer adds the window to the mask_mod (position ids as visibility.py gives them, so
 padding is skipped as eager skips it; one BlockMask per window size, shared by the layers that have it), and
 soft-capping is a ``score_mod``: scaled scores s -> cap * tanh(s / cap). On CPU FlexAttention has a forward only (unfused); there the gradient pass keeps its
 CPU paths and this module serves no-gradient calls and tests.
@@ -16,15 +16,11 @@ Shapes as transformers passes them: q ``[B, H, n, d]``, k/v ``[B, Hkv, n, d]``; 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from ..attention.layout import text_positions
-
-if TYPE_CHECKING:
-    from ..attention.layout import ThoughtLayout
+from .visibility import text_positions
 
 MIN_HEAD_DIM = 16  # FlexAttention's kernels take head dims from 16 up
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -37,7 +33,7 @@ def thought_mask_mod(key_padding: torch.Tensor, num_text: int, branch_length: in
     key_padding: ``[B, L]`` bool, True for real text tokens. Index t >= L is branch token t - L =
     ((n * L) + j) * S + k - 1, so (t - L) // S names its branch and that branch's text position is
     ((t - L) // S) mod L. With a ``window`` W, a query at position id p sees keys at p' only if p - p' < W, with
-    layout.py's position ids: text_positions for text, pos_j + 1 + s for branch slot s (0-based) of position j.
+    visibility.py's position ids: text_positions for text, pos_j + 1 + s for branch slot s (0-based) of position j.
     """
     L, S = num_text, branch_length
     positions = text_positions(key_padding)  # [B, L]
@@ -73,8 +69,9 @@ def softcap_score_mod(softcap: float):
     return score_mod
 
 
-def block_mask(layout: ThoughtLayout, window: int | None = None) -> BlockMask:
-    """The layout's BlockMask for layers with this sliding ``window`` (None: full), built on first use and kept in
+def block_mask(layout, window: int | None = None) -> BlockMask:
+    """The BlockMask of a call's thought layout (a :class:`quietstar.attention.ThoughtLayout`, passed in by the
+    dispatch) for layers with this sliding ``window`` (None: full), built on first use and kept in
     ``layout.flex_block_mask`` (a dict by window) for the other layers."""
     if layout.flex_block_mask is None:
         layout.flex_block_mask = {}
@@ -117,7 +114,7 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
-def expanded_attention(query, key, value, layout: ThoughtLayout, scaling: float, dropout: float = 0.0,
+def expanded_attention(query, key, value, layout, scaling: float, dropout: float = 0.0,
                        window: int | None = None, softcap: float | None = None):
     """Exact attention over a thought-expanded row (the gradient pass): q ``[B, H, n, d]``, k/v ``[B, Hkv, n, d]``
     -> ``[B, n, H, d]``, with the layer's sliding ``window`` and ``softcap`` (None: off). A query that sees nothing

@@ -12,14 +12,10 @@ import warnings
 
 import torch
 
-from ...config import SUS_DESIGNS
-from . import reference
+from . import design_a_reference, design_c_reference, reference
+from .limits import FP32_PRECISIONS, SEED_MASK, SUS_DESIGNS, kernel_limitation
 
 BACKENDS = ("auto", "torch", "triton")
-HEAD_DIMS = (16, 32, 64, 128)
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FP32_PRECISIONS = ("tf32", "ieee")
-SEED_MASK = 0x7FFFFFFF  # the kernels take the seed as a 32-bit signed integer
 
 
 def _interpreting() -> bool:
@@ -32,15 +28,6 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def kernel_limitation(head_dim: int | None, dtype: torch.dtype | None) -> str | None:
-    """Why the Triton kernels cannot take this head dim or dtype, or None if they can (None arguments: unchecked)."""
-    if head_dim is not None and head_dim not in HEAD_DIMS:
-        return f"the Triton kernels support head dims {HEAD_DIMS}, got {head_dim}"
-    if dtype is not None and dtype not in DTYPES:
-        return f"the Triton kernels take fp16, bf16 or fp32, got {dtype}"
-    return None
 
 
 def resolve_backend(backend: str, device: torch.device, head_dim: int | None = None,
@@ -76,19 +63,17 @@ def _implementation(backend: str, design: str):
     """(forward, backward) of a resolved backend and SUS design; both share the signatures of the reference's,
     except that design C's kernel forward takes c and seed and returns one tensor more (cell_pi, its level-1 draw),
     which its backward takes after lse."""
+    if backend == "triton":  # the launches import triton, which only this backend needs
+        if design == "c":
+            from . import design_c_launch
+
+            return design_c_launch.triton_forward, design_c_launch.triton_backward
+        from . import design_a_launch
+
+        return design_a_launch.triton_forward, design_a_launch.triton_backward
     if design == "c":
-        from . import row_tiles
-
-        if backend == "triton":
-            from . import row_tiles_launch
-
-            return row_tiles_launch.triton_forward, row_tiles_launch.triton_backward
-        return reference.attention_forward, row_tiles.attention_backward
-    if backend == "triton":
-        from . import launch  # imports triton, which only this backend needs
-
-        return launch.triton_forward, launch.triton_backward
-    return reference.attention_forward, reference.attention_backward
+        return reference.attention_forward, design_c_reference.attention_backward
+    return reference.attention_forward, design_a_reference.attention_backward
 
 
 class SusAttention(torch.autograd.Function):
@@ -164,9 +149,9 @@ def attention(q, k, v, *, c=None, scale=None, seed=0, backend="auto", causal=Tru
     become softcap * tanh(s / softcap) (Gemma 2's attention-logit soft-capping). None: off.
 
     ``fp32_precision``: how the Triton kernels multiply fp32 inputs, "tf32" (tensor cores) or "ieee" (exact fp32).
-    ``sus_design``: how SUS draws its mask, "a" (each entry on its own) or "c" (each (row, key tile) first, then
-    its entries; the backward visits the opened cells only; row_tiles.py). Both keep each entry with probability
-    min(1, cP); their samples differ.
+    ``sus_design``: how SUS draws its mask, "a" (each entry on its own; design_a_*.py) or "c" (each (row, key tile)
+    first, then its entries; the backward visits the opened cells only; design_c_*.py). Both keep each entry with
+    probability min(1, cP); their samples differ.
     """
     num_text = q.shape[2] if num_text is None else num_text
     backend = resolve_backend(backend, q.device, q.shape[-1], q.dtype)

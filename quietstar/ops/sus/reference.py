@@ -1,16 +1,14 @@
-"""PyTorch reference of SUS attention: exact forward, exact and SUS backward. The oracle for the kernels.
+"""PyTorch reference of the attention both SUS designs share: the pattern, the exact forward, and the backward
+given the weights P~ it uses (P itself for the exact backward). The oracle for the kernels; each design's own
+reference (``design_a_reference.py``, ``design_c_reference.py``) only draws P~.
 
 Notation (README.md of this folder): scores S = scale * Q K^T over visible pairs, P = softmax(S) per
 row with log-sum-exp ``lse``, O = P V. Backward with D_i = rowsum(dO_i * O_i):
 
-    P~ = where(u < c P, max(P, 1/c), 0)     (P~ = P for the exact backward, c = None)
     dV = P~^T dO,  dS = P~ * (dO V^T - D),  dQ = scale * dS K,  dK = scale * dS^T Q
 
 With soft-capping (``softcap`` = cap, as Gemma 2) the scores are S = cap * tanh(scale * Q K^T / cap), and dS
 is multiplied by the cap's slope 1 - tanh^2(scale * Q K^T / cap) before dQ and dK.
-
-u is the counter-based uniform of :mod:`.rng` at the pair's global (row, col) in the row of n
-tokens, so any mask can be rebuilt from the seed.
 
 Attention patterns (global indices, row = query, col = key):
 
@@ -21,7 +19,7 @@ Attention patterns (global indices, row = query, col = key):
 
 A sliding ``window`` W (causal patterns only) keeps a pair only if pos(row) - pos(col) < W, with position ids
 text i -> i and branch token k of text position j -> j + 1 + k (:func:`positions`). These are
-quietstar.attention.layout's positions wherever padding sits only at the ends of a row (right_pad's batches, left-padded
+quietstar.ops.visibility's positions wherever padding sits only at the ends of a row (right_pad's batches, left-padded
 generation): real tokens keep their gaps, so every real query sees what layout's rule shows it.
 
 Text keys marked False in ``key_valid`` [B, L] (padding) are seen by nobody. A row that sees
@@ -35,8 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from ...precision import at_least_fp32
-from . import rng
+from ..precision import at_least_fp32
 
 
 def positions(index: torch.Tensor, num_text: int, branch_length: int) -> torch.Tensor:
@@ -63,12 +60,7 @@ def visible(rows: torch.Tensor, cols: torch.Tensor, num_text: int, branch_length
     return seen
 
 
-def sus_weights(probs: torch.Tensor, u: torch.Tensor, c: float) -> torch.Tensor:
-    """P~ = max(P, 1/c) where u < c P, else 0: each weight kept with probability min(1, cP), rescaled by 1/q."""
-    return torch.where(u < c * probs, torch.clamp(probs, min=1.0 / c), torch.zeros_like(probs))
-
-
-class _Piece:
+class Piece:
     """A block of the attention pattern: query rows x key cols as index tensors plus the slices they read."""
 
     def __init__(self, rows, cols, q_view, kv_view):
@@ -77,15 +69,15 @@ class _Piece:
         self.kv_view = kv_view  # x [B, H, n, d] -> keys   [B, H, ..., C, d]
 
 
-def _pieces(n: int, num_text: int, branch_length: int, device) -> list[_Piece]:
+def pattern_pieces(n: int, num_text: int, branch_length: int, device) -> list[Piece]:
     L, S = num_text, branch_length
     ar = lambda lo, hi: torch.arange(lo, hi, device=device)  # noqa: E731
-    text = _Piece(ar(0, L)[:, None], ar(0, L)[None, :], lambda x: x[:, :, :L], lambda x: x[:, :, :L])
+    text = Piece(ar(0, L)[:, None], ar(0, L)[None, :], lambda x: x[:, :, :L], lambda x: x[:, :, :L])
     if n == L:
         return [text]
     groups = (n - L) // S
-    prefix = _Piece(ar(L, n)[:, None], ar(0, L)[None, :], lambda x: x[:, :, L:], lambda x: x[:, :, :L])
-    own = _Piece(
+    prefix = Piece(ar(L, n)[:, None], ar(0, L)[None, :], lambda x: x[:, :, L:], lambda x: x[:, :, :L])
+    own = Piece(
         ar(L, n).view(groups, S, 1),
         ar(L, n).view(groups, 1, S),
         lambda x: x[:, :, L:].unflatten(2, (groups, S)),
@@ -134,14 +126,14 @@ def _probs(scores_list, masks, lse=None):
     return list(probs.split([s.shape[-1] for s in scores_list], dim=-1)), lse
 
 
-def _expand_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+def expand_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.repeat_interleave(num_heads // x.shape[1], dim=1)
 
 
-def _all_probs(q, k, scale, num_text, branch_length, causal, key_valid, window, softcap, lse=None):
+def all_probs(q, k, scale, num_text, branch_length, causal, key_valid, window, softcap, lse=None):
     """Probabilities of every piece, in the piece's own shape, lse per row [B, H, n], and the pieces' cap slopes."""
     n = q.shape[2]
-    pieces = _pieces(n, num_text, branch_length, q.device)
+    pieces = pattern_pieces(n, num_text, branch_length, q.device)
     raw = [_scores_and_mask(p, q, k, scale, num_text, branch_length, causal, key_valid, window, softcap)
            for p in pieces]
     slopes = [r[2] for r in raw]
@@ -165,8 +157,8 @@ def attention_forward(q, k, v, scale, num_text, branch_length=0, causal=True, ke
     fp32 (fp64 for fp64 inputs)."""
     check_pattern(q.shape[2], num_text, branch_length, causal, window, softcap)
     H = q.shape[1]
-    q, k, v = at_least_fp32(q), _expand_heads(at_least_fp32(k), H), _expand_heads(at_least_fp32(v), H)
-    pieces, probs, lse, _ = _all_probs(q, k, scale, num_text, branch_length, causal, key_valid, window, softcap)
+    q, k, v = at_least_fp32(q), expand_heads(at_least_fp32(k), H), expand_heads(at_least_fp32(v), H)
+    pieces, probs, lse, _ = all_probs(q, k, scale, num_text, branch_length, causal, key_valid, window, softcap)
     out = torch.zeros_like(q)
     for piece, p in zip(pieces, probs):
         contrib = torch.matmul(p, piece.kv_view(v))
@@ -175,22 +167,21 @@ def attention_forward(q, k, v, scale, num_text, branch_length=0, causal=True, ke
 
 
 def attention_backward(q, k, v, o, lse, do, scale, num_text, branch_length=0, causal=True, key_valid=None,
-                       c=None, seed=0, window=None, softcap=None):
-    """Gradients (dq, dk, dv) in fp32 (fp64 for fp64 inputs), exact (``c=None``) or SUS with parameter ``c`` and
-    ``seed``."""
+                       window=None, softcap=None, sampled_weights=None):
+    """Gradients (dq, dk, dv) in fp32 (fp64 for fp64 inputs): exact, or with the weights P~ that
+    ``sampled_weights(pieces, probs)`` returns for the pieces' probabilities (a list of tensors shaped like
+    ``probs``; each SUS design's reference passes its own draw)."""
     B, H, n, d = q.shape
     hkv = k.shape[1]
     q, do = at_least_fp32(q), at_least_fp32(do)
-    k, v = _expand_heads(at_least_fp32(k), H), _expand_heads(at_least_fp32(v), H)
+    k, v = expand_heads(at_least_fp32(k), H), expand_heads(at_least_fp32(v), H)
     delta = (do * at_least_fp32(o)).sum(-1)  # D_i from the exact output, never from P~ (that would bias dQ)
-    pieces, probs, _, slopes = _all_probs(q, k, scale, num_text, branch_length, causal, key_valid, window, softcap,
-                                          lse)
+    pieces, probs, _, slopes = all_probs(q, k, scale, num_text, branch_length, causal, key_valid, window, softcap,
+                                         lse)
+    if sampled_weights is not None:
+        probs = sampled_weights(pieces, probs)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    bh = torch.arange(B * H, device=q.device).view(B, H)
     for piece, p, slope in zip(pieces, probs, slopes):
-        if c is not None:
-            stream = rng.stream_key(seed, bh.view(B, H, *([1] * (p.dim() - 2))))
-            p = sus_weights(p, rng.uniform_from_keys(rng.row_key(stream, piece.rows), piece.cols), c)
         q_p, k_p, v_p, do_p = piece.q_view(q), piece.kv_view(k), piece.kv_view(v), piece.q_view(do)
         delta_p = piece.q_view(delta[..., None])
         ds = p * (torch.matmul(do_p, v_p.transpose(-1, -2)) - delta_p)

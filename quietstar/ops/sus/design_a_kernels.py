@@ -1,10 +1,10 @@
 """Triton kernels of SUS attention: FlashAttention-style exact forward, exact or SUS backward (design A).
 
 One program handles one block of query rows (forward, dQ) or of key columns (dK, dV) of one head.
-The attention pattern is the one of :mod:`.reference`: plain (causal or not) over the whole row, or
-the thought layout (L text tokens, then branches of S tokens, docs/design.md §2). Text blocks and branch
-blocks are numbered separately so that no block straddles the two, and each block visits only the
-key (or query) ranges its rows can see:
+The attention pattern is the one of :mod:`.reference` (on index tensors in :mod:`.common_kernels`): plain
+(causal or not) over the whole row, or the thought layout (L text tokens, then branches of S tokens,
+docs/design.md §2). Text blocks and branch blocks are numbered separately so that no block straddles the two, and
+each block visits only the key (or query) ranges its rows can see:
 
 * text query block: text keys up to its last row;
 * branch query block: text keys up to the largest text position j of its segments, then the keys of
@@ -14,11 +14,11 @@ key (or query) ranges its rows can see:
 * branch key block: the rows of its own segments from its first column on.
 
 A sliding window (``WINDOWED``, window W on position ids: text i at i, branch token k of position j at j + 1 + k)
-narrows each of these ranges to a band, and the tiles wholly outside it are left out of the loop bounds. Each range
-runs in three parts (:func:`_tile_split`): tiles that every row of the block sees whole (causal, window and segment
-rules hold for all pairs; only padding keys are masked) skip the visibility mask, and the boundary tiles on either
-side compute it. Soft-capping (``SOFTCAP``) turns the scaled scores s into cap * tanh(s / cap) in every kernel and
-multiplies dS by the slope 1 - tanh^2 in both backward kernels. Both are constexpr switches: a launch without them
+narrows each of these ranges to a band, and the tiles wholly outside it are left out of the loop bounds. Each range runs
+in three parts (:func:`.common_kernels.tile_split`): tiles that every row of the block sees whole (causal, window and
+segment rules hold for all pairs; only padding keys are masked) skip the visibility mask, and the boundary tiles on
+either side compute it. Soft-capping (``SOFTCAP``) turns the scaled scores s into cap * tanh(s / cap) in every kernel
+and multiplies dS by the slope 1 - tanh^2 in both backward kernels. Both are constexpr switches: a launch without them
 compiles no window or cap code.
 
 SUS backward: both backward kernels recompute P = exp(S - lse) per tile, draw u(seed, bh, row, col)
@@ -27,7 +27,7 @@ with no kept entry skips its four backward matmuls; QK^T is always recomputed (t
 design A's gain; see README.md).
 
 Kernels are written for contiguous last dimensions; head dims 16, 32, 64, 128. Batch and head base offsets
-are 64-bit (a batch can pass 2^31 elements); offsets inside one head's [n, d] slice are 32-bit (launch.py
+are 64-bit (a batch can pass 2^31 elements); offsets inside one head's [n, d] slice are 32-bit (common_launch.py
 refuses a head past 2^31 elements).
 """
 
@@ -36,77 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _hash32(x):
-    # lowbias32 on uint32 (wrapping multiplies); must match rng.hash32 bit for bit.
-    x = x ^ (x >> 16)
-    x = x * 0x7FEB352D
-    x = x ^ (x >> 15)
-    x = x * 0x846CA68B
-    return x ^ (x >> 16)
-
-
-@triton.jit
-def _row_keys(seed, bh, rows):
-    stream = _hash32(seed.to(tl.uint32) ^ _hash32(bh.to(tl.uint32) * 0x9E3779B1 + 1))
-    return _hash32(stream ^ _hash32(rows.to(tl.uint32)))
-
-
-@triton.jit
-def _uniform(row_keys, cols):
-    """u for broadcastable row keys (uint32) and column indices; fp32 in [0, 1)."""
-    bits = _hash32(row_keys ^ (cols.to(tl.uint32) * 0x9E3779B1))
-    return (bits >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
-
-
-@triton.jit
-def _position(index, num_text, branch_length):
-    """Position ids of global indices (text i at i, branch token k of position j at j + 1 + k); as
-    reference.positions."""
-    offset = tl.maximum(index - num_text, 0)
-    return tl.where(index < num_text, index, (offset // branch_length) % num_text + 1 + offset % branch_length)
-
-
-@triton.jit
-def _visible(rows, cols, n, num_text, branch_length, key_valid_row, window, CAUSAL: tl.constexpr,
-             HAS_KEY_VALID: tl.constexpr, WINDOWED: tl.constexpr):
-    """Visibility of broadcastable (row, col) index tensors; rows and cols outside [0, n) are invisible."""
-    row_is_text = rows < num_text
-    row_segment = (rows - num_text) // branch_length  # only used where rows >= num_text
-    limit = tl.where(row_is_text, rows, row_segment % num_text)
-    col_is_text = cols < num_text
-    text_ok = col_is_text
-    if CAUSAL:
-        text_ok = text_ok & (cols <= limit)
-    if HAS_KEY_VALID:
-        text_ok = text_ok & _key_is_valid(key_valid_row, cols, num_text)
-    col_segment = (cols - num_text) // branch_length
-    branch_ok = (cols >= num_text) & (rows >= num_text) & (col_segment == row_segment) & (cols <= rows)
-    seen = (text_ok | branch_ok) & (rows < n) & (cols < n)
-    if WINDOWED:
-        gap = _position(rows, num_text, branch_length) - _position(cols, num_text, branch_length)
-        seen = seen & (gap < window)
-    return seen
-
-
-@triton.jit
-def _key_is_valid(key_valid_row, cols, num_text):
-    """Whether each key is not padding (branch keys never are)."""
-    return tl.load(key_valid_row + cols, mask=(cols < num_text) & (cols >= 0), other=1) != 0
-
-
-@triton.jit
-def _seen(rows, cols, n, num_text, branch_length, key_valid_row, window, CAUSAL: tl.constexpr,
-          HAS_KEY_VALID: tl.constexpr, WINDOWED: tl.constexpr, MASKED: tl.constexpr):
-    """Which pairs of a tile count: the full rule on boundary tiles (``MASKED``), only padding keys on tiles every row
-    sees whole (callers skip this when neither applies). ``rows``/``cols`` broadcast to the tile's shape."""
-    if MASKED:
-        seen = _visible(rows, cols, n, num_text, branch_length, key_valid_row, window, CAUSAL, HAS_KEY_VALID,
-                        WINDOWED)
-    else:
-        seen = _key_is_valid(key_valid_row, cols, num_text) & (rows >= 0)
-    return seen
+from .common_kernels import clip, pairs_seen, query_block, row_keys_for, tile_split, uniform
 
 
 @triton.jit
@@ -116,86 +46,12 @@ def _tanh(x):
 
 
 @triton.jit
-def _clip(index, hi, n):
-    """Indices at or past the end of their range become n, which nobody sees (so no tile counts twice)."""
-    return tl.where(index < hi, index, n)
-
-
-@triton.jit
-def _tile_split(origin, band_lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
-    """Split the tiles origin + t * BLOCK that meet [band_lo, hi) into three runs of tile starts:
-    [lo, mid_lo) and [mid_hi, hi) are boundary tiles, [mid_lo, mid_hi) the tiles wholly inside [full_lo, full_hi).
-
-    Tiles before band_lo are skipped (the window); every tile is in exactly one run; an empty range gives
-    lo = mid_lo = mid_hi >= hi. Differences are clamped at 0 before dividing (integer division truncates).
-    """
-    lo = origin + tl.maximum(band_lo - origin, 0) // BLOCK * BLOCK
-    end = lo + (tl.maximum(hi - lo, 0) + BLOCK - 1) // BLOCK * BLOCK
-    mid_lo = tl.minimum(lo + (tl.maximum(full_lo - lo, 0) + BLOCK - 1) // BLOCK * BLOCK, end)
-    mid_hi = tl.maximum(lo + tl.maximum(tl.minimum(full_hi, hi) - lo, 0) // BLOCK * BLOCK, mid_lo)
-    return lo, mid_lo, mid_hi
-
-
-@triton.jit
-def _query_block(pid, text_blocks, n, num_text, branch_length, window, CAUSAL: tl.constexpr,
-                 WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Rows [start, stop) of query block ``pid`` and, for its text keys and its branch keys, the tile runs of
-    :func:`_tile_split`: (text_lo, text_mid_lo, text_mid_hi, text_hi), (branch_lo, ..., branch_hi)."""
-    if pid < text_blocks:
-        start = pid * BLOCK_M
-        stop = tl.minimum(start + BLOCK_M, num_text)
-        text_hi = num_text
-        full_hi = num_text
-        if CAUSAL:
-            text_hi = stop
-            full_hi = start + 1  # columns up to the first row are seen by every row
-        band_lo = 0
-        full_lo = 0
-        if WINDOWED:
-            band_lo = start - window + 1  # the first row's window
-            full_lo = stop - window  # inside the last row's window
-        branch_origin = 0
-        branch_band_lo = 0
-        branch_hi = 0
-        branch_full_lo = 0
-        branch_full_hi = 0
-    else:
-        start = num_text + (pid - text_blocks) * BLOCK_M
-        stop = tl.minimum(start + BLOCK_M, n)
-        first_segment = (start - num_text) // branch_length
-        last_segment = (stop - 1 - num_text) // branch_length
-        first_position = first_segment % num_text
-        wraps = last_segment - first_segment >= num_text - first_position  # the block wraps past position L-1
-        text_hi = tl.where(wraps, num_text, last_segment % num_text + 1)
-        lowest_position = tl.where(wraps, 0, first_position)  # the smallest text position j among its segments
-        full_hi = lowest_position + 1
-        band_lo = 0
-        full_lo = 0
-        if WINDOWED:
-            band_lo = lowest_position + 2 - window  # position ids are at least j + 1
-            full_lo = text_hi + branch_length - window  # position ids are at most (text_hi - 1) + S
-        branch_origin = num_text + first_segment * branch_length
-        branch_band_lo = branch_origin
-        branch_hi = stop
-        branch_full_lo = branch_origin
-        branch_full_hi = tl.where(first_segment == last_segment, start + 1, branch_origin)  # one segment or none
-        if WINDOWED:
-            branch_band_lo = start - window + 1
-            branch_full_lo = stop - window
-    text_lo, text_mid_lo, text_mid_hi = _tile_split(0, band_lo, text_hi, full_lo, full_hi, BLOCK_N)
-    branch_lo, branch_mid_lo, branch_mid_hi = _tile_split(branch_origin, branch_band_lo, branch_hi, branch_full_lo,
-                                                          branch_full_hi, BLOCK_N)
-    return (start, stop, text_lo, text_mid_lo, text_mid_hi, text_hi,
-            branch_lo, branch_mid_lo, branch_mid_hi, branch_hi)
-
-
-@triton.jit
 def _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows, col_start, hi, n, num_text, branch_length,
                   key_valid_row, scale, window, softcap, CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
                   WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
                   HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     dims = tl.arange(0, HEAD_DIM)
-    cols = _clip(col_start + tl.arange(0, BLOCK_N), hi, n)
+    cols = clip(col_start + tl.arange(0, BLOCK_N), hi, n)
     col_ok = cols < n
     k = tl.load(k_base + cols[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None], other=0.0)
     v = tl.load(v_base + cols[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None], other=0.0)
@@ -203,7 +59,7 @@ def _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows, col_start, 
     if SOFTCAP:
         s = _tanh(s / softcap) * softcap
     if MASKED or HAS_KEY_VALID:
-        seen = _seen(rows[:, None], cols[None, :], n, num_text, branch_length, key_valid_row, window, CAUSAL,
+        seen = pairs_seen(rows[:, None], cols[None, :], n, num_text, branch_length, key_valid_row, window, CAUSAL,
                      HAS_KEY_VALID, WINDOWED, MASKED)
         s = tl.where(seen, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -220,7 +76,7 @@ def _forward_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows, lo, mid_lo
                    branch_length, key_valid_row, scale, window, softcap, CAUSAL: tl.constexpr,
                    HAS_KEY_VALID: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-    """One key range in its three runs of :func:`_tile_split`: boundary tiles masked, inner tiles not."""
+    """One key range in its three runs of :func:`tile_split`: boundary tiles masked, inner tiles not."""
     for col_start in range(lo, mid_lo, BLOCK_N):
         acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows, col_start, hi, n, num_text,
                                       branch_length, key_valid_row, scale, window, softcap, CAUSAL, HAS_KEY_VALID,
@@ -248,7 +104,7 @@ def forward_kernel(Q, K, V, O, LSE, KEY_VALID,
     b = bh // num_heads
     h = bh % num_heads
     (start, stop, text_lo, text_mid_lo, text_mid_hi, text_hi,
-     branch_lo, branch_mid_lo, branch_mid_hi, branch_hi) = _query_block(pid, text_blocks, n, num_text, branch_length,
+     branch_lo, branch_mid_lo, branch_mid_hi, branch_hi) = query_block(pid, text_blocks, n, num_text, branch_length,
                                                                         window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
     rows = start + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
@@ -281,7 +137,7 @@ def forward_kernel(Q, K, V, O, LSE, KEY_VALID,
 def _sus_probs(p, row_keys, cols, c, SUS: tl.constexpr):
     """P~ (or P when not SUS) and whether any entry of the tile is kept."""
     if SUS:
-        u = _uniform(row_keys, cols)
+        u = uniform(row_keys, cols)
         p = tl.where(u < c * p, tl.maximum(p, 1.0 / c), 0.0)
         kept = tl.sum((p > 0).to(tl.int32))
     else:
@@ -307,13 +163,13 @@ def _dq_tile(dq, q, do, lse, delta, row_keys, k_base, v_base, stride_kn, rows, c
              HAS_KEY_VALID: tl.constexpr, SUS: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
              MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     dims = tl.arange(0, HEAD_DIM)
-    cols = _clip(col_start + tl.arange(0, BLOCK_N), hi, n)
+    cols = clip(col_start + tl.arange(0, BLOCK_N), hi, n)
     col_ok = cols < n
     k = tl.load(k_base + cols[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None], other=0.0)
     s, slope = _capped_scores(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, softcap, SOFTCAP)
     p = tl.exp(s - lse[:, None])
     if MASKED or HAS_KEY_VALID:
-        seen = _seen(rows[:, None], cols[None, :], n, num_text, branch_length, key_valid_row, window, CAUSAL,
+        seen = pairs_seen(rows[:, None], cols[None, :], n, num_text, branch_length, key_valid_row, window, CAUSAL,
                      HAS_KEY_VALID, WINDOWED, MASKED)
         p = tl.where(seen, p, 0.0)
     p, kept = _sus_probs(p, row_keys[:, None], cols[None, :], c, SUS)
@@ -332,7 +188,7 @@ def _dq_range(dq, q, do, lse, delta, row_keys, k_base, v_base, stride_kn, rows, 
               branch_length, key_valid_row, scale, c, window, softcap, CAUSAL: tl.constexpr,
               HAS_KEY_VALID: tl.constexpr, SUS: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-    """One key range in its three runs of :func:`_tile_split`: boundary tiles masked, inner tiles not."""
+    """One key range in its three runs of :func:`tile_split`: boundary tiles masked, inner tiles not."""
     for col_start in range(lo, mid_lo, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse, delta, row_keys, k_base, v_base, stride_kn, rows, col_start, hi, n, num_text,
                       branch_length, key_valid_row, scale, c, window, softcap, CAUSAL, HAS_KEY_VALID, SUS, WINDOWED,
@@ -361,7 +217,7 @@ def backward_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KEY_VALID,
     b = bh // num_heads
     h = bh % num_heads
     (start, stop, text_lo, text_mid_lo, text_mid_hi, text_hi,
-     branch_lo, branch_mid_lo, branch_mid_hi, branch_hi) = _query_block(pid, text_blocks, n, num_text, branch_length,
+     branch_lo, branch_mid_lo, branch_mid_hi, branch_hi) = query_block(pid, text_blocks, n, num_text, branch_length,
                                                                         window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
     rows = start + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
@@ -372,7 +228,7 @@ def backward_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KEY_VALID,
     do = tl.load(DO + head + offsets, mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + bh * n + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + bh * n + rows, mask=row_ok, other=0.0)
-    row_keys = _row_keys(seed, bh, rows)
+    row_keys = row_keys_for(seed, bh, rows)
     k_base = K + b * stride_kb + (h // group) * stride_kh
     v_base = V + b * stride_kb + (h // group) * stride_kh
     key_valid_row = KEY_VALID + b * num_text
@@ -403,10 +259,10 @@ def _dkdv_tile(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride
     rows_seen = tl.where(row_ok, rows, n)
     p_t = tl.exp(s_t - lse[None, :])
     if MASKED or HAS_KEY_VALID:
-        seen = _seen(rows_seen[None, :], cols[:, None], n, num_text, branch_length, key_valid_row, window, CAUSAL,
+        seen = pairs_seen(rows_seen[None, :], cols[:, None], n, num_text, branch_length, key_valid_row, window, CAUSAL,
                      HAS_KEY_VALID, WINDOWED, MASKED)
         p_t = tl.where(seen, p_t, 0.0)
-    p_t, kept = _sus_probs(p_t, _row_keys(seed, bh, rows)[None, :], cols[:, None], c, SUS)
+    p_t, kept = _sus_probs(p_t, row_keys_for(seed, bh, rows)[None, :], cols[:, None], c, SUS)
     if kept > 0:
         do = tl.load(do_base + rows[:, None] * stride_qn + dims[None, :], mask=row_ok[:, None], other=0.0)
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
@@ -426,7 +282,7 @@ def _dkdv_rows(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride
                SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate this key block's dK, dV over query rows [row_lo, row_hi), whose rows in [full_lo, full_hi) see the
     whole block: the tiles wholly inside that run without the visibility mask."""
-    lo, mid_lo, mid_hi = _tile_split(row_lo, row_lo, row_hi, full_lo, full_hi, BLOCK_M)
+    lo, mid_lo, mid_hi = tile_split(row_lo, row_lo, row_hi, full_lo, full_hi, BLOCK_M)
     for row_start in range(lo, mid_lo, BLOCK_M):
         dk, dv = _dkdv_tile(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qn, bh, seed, row_start,
                             row_hi, n, num_text, branch_length, key_valid_row, scale, c, window, softcap, CAUSAL,

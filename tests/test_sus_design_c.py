@@ -5,8 +5,8 @@ The dense oracle builds the whole n x n probability matrix, sums it per key tile
 with :mod:`quietstar.ops.sus.rng` and applies the gradient formulas; the reference works per piece of the
 thought layout without an n x n tensor. Statistics as in tests/test_sus.py: z-test of every gradient element
 (Bonferroni, false-alarm rate 1e-3), empirical against analytic variance, where design C's dQ variance has the
-within-cell covariance term (module docstring of row_tiles.py) and dK, dV have design A's; each check also fails
-for a wrong estimator.
+within-cell covariance term (module docstring of design_c_reference.py) and dK, dV have design A's; each check also
+fails for a wrong estimator.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import statistics
 import pytest
 import torch
 
-from quietstar.ops.sus import attention, reference, rng, row_tiles
+from quietstar.ops.sus import attention, design_c_reference, reference, rng
 from quietstar.ops.sus.reference import visible
 
 FALSE_ALARM = 1e-3
@@ -32,7 +32,7 @@ def _inputs(B=1, H=2, Hkv=2, n=24, d=16, seed=0, dtype=torch.float32):
 def _reference_grads(q, k, v, do, scale, c, seed, tile=TILE, **pattern):
     pattern.setdefault("num_text", q.shape[2])
     o, lse = reference.attention_forward(q, k, v, scale, **pattern)
-    return row_tiles.attention_backward(q, k, v, o, lse, do, scale, **pattern, c=c, seed=seed, tile=tile)
+    return design_c_reference.attention_backward(q, k, v, o, lse, do, scale, **pattern, c=c, seed=seed, tile=tile)
 
 
 # ---------------------------------------------------------------------------- the dense oracle
@@ -51,7 +51,7 @@ def _dense(q, k, v, do, scale, num_text, branch_length=0, key_valid=None):
 
 
 def _tile_of_columns(n, num_text, tile):
-    return row_tiles.key_tile(torch.arange(n), num_text, tile)
+    return design_c_reference.key_tile(torch.arange(n), num_text, tile)
 
 
 def _dense_weights(p, c, seed, num_text, tile, conditional=True):
@@ -100,19 +100,19 @@ def test_reference_equals_the_dense_oracle(case):
 
 def test_key_tiles_number_text_then_branch_tiles():
     cols = torch.arange(30)
-    assert row_tiles.key_tile(cols, 30, 8).tolist() == [j // 8 for j in range(30)]
-    assert row_tiles.key_tile(cols, 10, 8).tolist() == [0] * 8 + [1] * 2 + [2] * 8 + [3] * 8 + [4] * 4
-    assert row_tiles.num_key_tiles(30, 10, 8) == 5 and row_tiles.num_key_tiles(30, 30, 64) == 1
+    assert design_c_reference.key_tile(cols, 30, 8).tolist() == [j // 8 for j in range(30)]
+    assert design_c_reference.key_tile(cols, 10, 8).tolist() == [0] * 8 + [1] * 2 + [2] * 8 + [3] * 8 + [4] * 4
+    assert design_c_reference.num_key_tiles(30, 10, 8) == 5 and design_c_reference.num_key_tiles(30, 30, 64) == 1
 
 
 def test_open_cells_opens_about_the_expected_number_per_row():
     mass = torch.softmax(torch.randn(1, 3, 64, 40, generator=torch.Generator().manual_seed(0)) * 2, -1)
-    cell_open, pi = row_tiles.open_cells(mass, 4.0, seed=3)
+    cell_open, pi = design_c_reference.open_cells(mass, 4.0, seed=3)
     assert ((pi == 1) <= cell_open).all() and not cell_open[pi == 0].any()
     expected = pi.sum()  # each cell a Bernoulli(pi) draw
     sd = (pi * (1 - pi)).sum().sqrt()
     assert abs(cell_open.sum() - expected) < 4 * sd
-    assert not torch.equal(cell_open, row_tiles.open_cells(mass, 4.0, seed=4)[0])
+    assert not torch.equal(cell_open, design_c_reference.open_cells(mass, 4.0, seed=4)[0])
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -246,7 +246,7 @@ def test_sus_design_c_selects_this_estimator_in_attention():
     for design in ("a", "c"):
         out = attention(*leaves, c=3.0, seed=8, backend="torch", sus_design=design)
         grads[design] = torch.autograd.grad(out, leaves, do)
-    want = _reference_grads(q, k, v, do, 8**-0.5, 3.0, 8, tile=row_tiles.TILE)
+    want = _reference_grads(q, k, v, do, 8**-0.5, 3.0, 8, tile=design_c_reference.TILE)
     for got, expected in zip(grads["c"], want):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert not torch.equal(grads["a"][0], grads["c"][0])  # the same marginals, other samples

@@ -1,6 +1,6 @@
 """SUS backward, design C: two-level sampling at (row, key-tile) granularity. PyTorch reference.
 
-Design A (``reference.py``, ``kernels.py``) draws every attention weight on its own, so its backward
+Design A (``design_a_reference.py``, ``design_a_kernels.py``) draws every attention weight on its own, so its backward
 must visit every visible tile to find the few kept entries. Design C draws in two levels so that the
 backward visits only the (row, key tile) cells it opened.
 
@@ -33,7 +33,7 @@ which vanishes for cells with pi = 1 (mass >= 1/c). Hence:
 **Work.** A row opens sum_t pi_it <= min(#tiles, c sum_t m_it) = min(#tiles, c) cells on average, whatever n
 is; the backward gathers, per key tile, the rows that opened it and runs the dense tile math on them only.
 
-**What the kernels store.** The forward (``row_tiles_kernels.py``) writes the tile log-sum-exp
+**What the kernels store.** The forward (``design_c_kernels.py``) writes the tile log-sum-exp
 l_it = log sum_{j in t} exp(S_ij) per (row, tile) as it goes; once lse_i is final it reads them back,
 m_it = exp(l_it - lse_i), and draws level 1 (one hash per row per tile), keeping pi_it for an opened cell
 and 0 for a closed one: fp32, 4 * ceil(n / 64) bytes per row and head (n = 16k: 1 KiB per row and head,
@@ -48,11 +48,11 @@ from __future__ import annotations
 
 import torch
 
-from ...precision import at_least_fp32
 from . import reference, rng
+from .limits import SEED_MASK
 
 TILE = 64  # key tile: part of the estimator's distribution (which entries share a level-1 draw), so fixed
-LEVEL1_STREAM = 1 << 31  # seeds are 31-bit (function.SEED_MASK): bit 31 gives level 1 a stream of its own
+LEVEL1_STREAM = SEED_MASK + 1  # seeds are 31-bit (SEED_MASK): bit 31 gives level 1 a stream of its own
 
 
 def num_key_tiles(n: int, num_text: int, tile: int = TILE) -> int:
@@ -98,32 +98,28 @@ def tile_mass(pieces, probs, B, H, n, num_text, tile=TILE) -> torch.Tensor:
     return mass
 
 
-def attention_backward(q, k, v, o, lse, do, scale, num_text, branch_length=0, causal=True, key_valid=None,
-                       c=None, seed=0, tile=TILE):
-    """SUS gradients (dq, dk, dv) of design C, in fp32 (fp64 for fp64 inputs); ``c=None`` is the exact backward."""
-    if c is None:
-        return reference.attention_backward(q, k, v, o, lse, do, scale, num_text, branch_length, causal, key_valid)
-    B, H, n, d = q.shape
-    hkv = k.shape[1]
-    q, do = at_least_fp32(q), at_least_fp32(do)
-    k, v = reference._expand_heads(at_least_fp32(k), H), reference._expand_heads(at_least_fp32(v), H)
-    delta = (do * at_least_fp32(o)).sum(-1)  # D_i from the exact output, never from P~ (that would bias dQ)
-    pieces, probs, _, _ = reference._all_probs(q, k, scale, num_text, branch_length, causal, key_valid, None, None,
-                                               lse)  # no window, no soft-capping (function.check_inputs refuses them)
+def sampled_weights(pieces: list[reference.Piece], probs: list[torch.Tensor], n: int, num_text: int, c: float,
+                    seed: int, tile: int = TILE) -> list[torch.Tensor]:
+    """P~ of every piece of a row of n tokens, by the two levels: probabilities ``[B, H, ..., R, C]`` -> the same
+    shape."""
+    B, H = probs[0].shape[:2]
     cell_open, cell_pi = open_cells(tile_mass(pieces, probs, B, H, n, num_text, tile), c, seed)
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    bh = torch.arange(B * H, device=q.device).view(B, H)
+    bh = torch.arange(B * H, device=probs[0].device).view(B, H)
+    sampled = []
     for piece, p in zip(pieces, probs):
         index = _cell_tiles(piece, num_text, tile, p.shape)
         stream = rng.stream_key(seed, bh.view(B, H, *([1] * (p.dim() - 2))))
         u2 = rng.uniform_from_keys(rng.row_key(stream, piece.rows), piece.cols)
-        p = kept_weights(p, u2, piece.q_view(cell_open).gather(-1, index), piece.q_view(cell_pi).gather(-1, index), c)
-        q_p, k_p, v_p, do_p = piece.q_view(q), piece.kv_view(k), piece.kv_view(v), piece.q_view(do)
-        ds = p * (torch.matmul(do_p, v_p.transpose(-1, -2)) - piece.q_view(delta[..., None]))
-        rows = slice(piece.rows.min(), piece.rows.max() + 1)
-        cols = slice(piece.cols.min(), piece.cols.max() + 1)
-        dq[:, :, rows] += (scale * torch.matmul(ds, k_p)).reshape(B, H, -1, d)
-        dk[:, :, cols] += (scale * torch.matmul(ds.transpose(-1, -2), q_p)).reshape(B, H, -1, d)
-        dv[:, :, cols] += torch.matmul(p.transpose(-1, -2), do_p).reshape(B, H, -1, d)
-    group = H // hkv
-    return dq, dk.view(B, hkv, group, n, d).sum(2), dv.view(B, hkv, group, n, d).sum(2)
+        sampled.append(kept_weights(p, u2, piece.q_view(cell_open).gather(-1, index),
+                                    piece.q_view(cell_pi).gather(-1, index), c))
+    return sampled
+
+
+def attention_backward(q, k, v, o, lse, do, scale, num_text, branch_length=0, causal=True, key_valid=None,
+                       c=None, seed=0, tile=TILE):
+    """SUS gradients (dq, dk, dv) of design C, in fp32 (fp64 for fp64 inputs); ``c=None`` is the exact backward.
+    No window, no soft-capping (function.check_inputs refuses them)."""
+    n = q.shape[2]
+    draw = None if c is None else lambda pieces, probs: sampled_weights(pieces, probs, n, num_text, c, seed, tile)
+    return reference.attention_backward(q, k, v, o, lse, do, scale, num_text, branch_length, causal, key_valid,
+                                        sampled_weights=draw)

@@ -1,8 +1,8 @@
 """How much work does SUS design C's backward open on a real model, against design A's tiles?
 
-    python bench/sus_row_tiles.py                       # offline SmolLM2-135M, MATH text, n = 1k ... 16k
+    python bench/sus_design_c.py                       # offline SmolLM2-135M, MATH text, n = 1k ... 16k
 
-Design C (quietstar/ops/sus/row_tiles.py) opens cell (row i, key tile t) with probability
+Design C (quietstar/ops/sus/design_c_reference.py) opens cell (row i, key tile t) with probability
 pi_it = min(1, c m_it), m_it the row's softmax mass on the tile; its backward runs the tile math for
 the opened cells only. Design A runs QK^T for every visible 64 x 64 tile and the other four
 matmuls for tiles holding a kept entry. Per query row this script reports, exactly in expectation
@@ -35,7 +35,7 @@ from quietstar.assets import offline_smollm2
 from sus_variance import token_windows  # bench/sus_variance.py, a sibling
 
 TILE = 64
-ATTENTION_NAME = "sus_row_tiles_statistics"
+ATTENTION_NAME = "sus_design_c_statistics"
 
 
 def row_block_starts(n: int, row_blocks: int) -> list[int]:
@@ -148,7 +148,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cs", type=float, nargs="+", default=[16, 32, 64])
     parser.add_argument("--row-blocks", type=int, default=16, help="blocks of 64 query rows measured per head")
     parser.add_argument("--documents", type=int, default=None)
-    parser.add_argument("--out", default="bench_results/sus_row_tiles.json", help="JSON; the PNG goes beside it")
+    parser.add_argument("--out", default="bench_results/sus_design_c.json", help="JSON; the PNG goes beside it")
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,6 +1,6 @@
 """How sparse is the SUS mask on a real model, tile by tile? The measurement behind the backward design choice.
 
-    python bench/sus_tiles.py                 # offline SmolLM2-135M, MATH text, n = 1024 and 2048
+    python bench/sus_design_a.py                 # offline SmolLM2-135M, MATH text, n = 1024 and 2048
 
 Design A (quietstar/ops/sus/README.md) recomputes Q K^T for every visible tile and skips the other
 four backward matmuls of a tile only when no entry of it is kept. Its backward cost is therefore
@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cs", type=float, nargs="+", default=[16, 32, 64])
     parser.add_argument("--tiles", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--documents", type=int, default=None)
-    parser.add_argument("--out", default="bench_results/sus_tiles.json")
+    parser.add_argument("--out", default="bench_results/sus_design_a.json")
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

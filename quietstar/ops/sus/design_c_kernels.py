@@ -1,19 +1,19 @@
-"""Triton kernels of SUS design C (row_tiles.py holds the sampling and its derivation).
+"""Triton kernels of SUS design C (design_c_reference.py holds the sampling and its derivation).
 
-* ``forward_kernel``: the exact forward of :mod:`.kernels` with key blocks of exactly one key tile, which also
+* ``forward_kernel``: the exact forward of :mod:`.design_a_kernels` with key blocks of exactly one key tile, which also
   draws level 1. In the loop it writes the tile log-sum-exp l_it = log sum_{j in t} exp(S_ij) per (row, key tile)
   into CELL_PI (one log and one store per row per tile); once the row's lse is final it reads them back and
   overwrites each with pi_it = min(1, c exp(l_it - lse_i)) where u1_it < pi_it, else 0 (one hash per row per
   tile). Branch key loops start at a tile boundary (a few invisible columns more) so that every block is one
-  tile of row_tiles.key_tile's numbering.
+  tile of design_c_reference.key_tile's numbering.
 * ``backward_kernel``: one program per (key tile, key/value head). For each query head of the group it walks
   the rows that opened the tile (gathered by the launch, BLOCK_M at a time: dense tensor-core tiles of
   gathered rows), recomputes P for them, keeps entry (i, j) when u2_ij * pi_it < min(1, c P_ij), and
   accumulates dK and dV in registers and dQ of the gathered rows by fp32 atomics.
 
-The forward's visibility rule and block geometry and the hash come from :mod:`.kernels`, so both designs see one
-attention pattern and one random stream; the backward's visibility is one span per row and key tile
-(:func:`_visible_span`), tested against the reference on every pattern.
+The forward's visibility rule and block geometry and the hash come from :mod:`.common_kernels`, as design A's do,
+so both designs see one attention pattern and one random stream; the backward's visibility is one span per row and
+key tile (:func:`_visible_span`), tested against the reference on every pattern.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import _clip, _query_block, _row_keys, _seen, _uniform
+from .common_kernels import clip, pairs_seen, query_block, row_keys_for, uniform
 
 
 @triton.jit
 def _visible_span(rows, text_tile, n, num_text, branch_length, CAUSAL: tl.constexpr):
     """Within one key tile, the keys row r sees form one span [lo, hi] (padding aside): a text tile holds text keys
     0..limit(r) (limit = r for a text row, its position j for a branch row), a branch tile the keys of r's own
-    branch up to r. Two compares per score instead of the general rule of :func:`.kernels._visible`."""
+    branch up to r. Two compares per score instead of the general rule of :func:`.common_kernels.visible`."""
     row_is_text = rows < num_text
     row_segment = (rows - num_text) // branch_length  # only used where rows >= num_text
     if text_tile:
@@ -47,15 +47,15 @@ def _visible_span(rows, text_tile, n, num_text, branch_length, CAUSAL: tl.conste
 def _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows, col_start, hi, n, num_text, branch_length,
                   key_valid_row, scale, cell_ptrs, row_ok, CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
                   MASKED: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-    """:func:`.kernels._forward_tile` (no window, no soft-capping) that also stores the tile's log-sum-exp per row."""
+    """design A's ``_forward_tile`` (no window, no soft-capping) that also stores the tile's log-sum-exp per row."""
     dims = tl.arange(0, HEAD_DIM)
-    cols = _clip(col_start + tl.arange(0, TILE), hi, n)
+    cols = clip(col_start + tl.arange(0, TILE), hi, n)
     col_ok = cols < n
     k = tl.load(k_base + cols[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None], other=0.0)
     v = tl.load(v_base + cols[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None], other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     if MASKED or HAS_KEY_VALID:
-        seen = _seen(rows[:, None], cols[None, :], n, num_text, branch_length, key_valid_row, 0, CAUSAL,
+        seen = pairs_seen(rows[:, None], cols[None, :], n, num_text, branch_length, key_valid_row, 0, CAUSAL,
                      HAS_KEY_VALID, False, MASKED)
         s = tl.where(seen, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -76,7 +76,7 @@ def _open_cells(cell_ptrs, tile, lse, rows, row_keys, row_ok, c):
     """Level 1 for one tile of the block's rows: l_it read back, pi_it if the cell opens, else 0, written over it."""
     tile_lse = tl.load(cell_ptrs + tile, mask=row_ok, other=float("-inf"))
     pi = tl.minimum(c * tl.exp(tile_lse - lse), 1.0)  # -inf tiles and rows that see nothing (lse = +inf) give 0
-    u = _uniform(row_keys, tl.zeros_like(rows) + tile)
+    u = uniform(row_keys, tl.zeros_like(rows) + tile)
     tl.store(cell_ptrs + tile, tl.where(u < pi, pi, 0.0), mask=row_ok)
 
 
@@ -93,7 +93,7 @@ def forward_kernel(Q, K, V, O, LSE, CELL_PI, KEY_VALID,
     b = bh // num_heads
     h = bh % num_heads
     (start, stop, text_lo, text_mid_lo, text_mid_hi, text_hi,
-     branch_lo, _, _, branch_hi) = _query_block(pid, text_blocks, n, num_text, branch_length, 0, CAUSAL, False,
+     branch_lo, _, _, branch_hi) = query_block(pid, text_blocks, n, num_text, branch_length, 0, CAUSAL, False,
                                                 BLOCK_M, TILE)
     if branch_hi > branch_lo:  # a branch block: its key tiles start at tile boundaries counted from L
         branch_lo = num_text + (branch_lo - num_text) // TILE * TILE
@@ -112,7 +112,7 @@ def forward_kernel(Q, K, V, O, LSE, CELL_PI, KEY_VALID,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # text keys in the three runs of kernels._tile_split: boundary tiles masked, tiles every row sees whole not
+    # text keys in the three runs of common_kernels.tile_split: boundary tiles masked, tiles every row sees whole not
     for col_start in range(text_lo, text_mid_lo, TILE):
         acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, rows_seen, col_start, text_hi, n,
                                       num_text, branch_length, key_valid_row, scale, cell_rows, row_ok, CAUSAL,
@@ -137,7 +137,7 @@ def forward_kernel(Q, K, V, O, LSE, CELL_PI, KEY_VALID,
     tl.store(LSE + bh * n + rows, lse, mask=row_ok)
 
     tl.debug_barrier()  # the loop's l_it stores, from any thread of the program, are read back below
-    row_keys = _row_keys(seed.to(tl.uint32) | 0x80000000, bh, rows)  # level 1's stream (row_tiles.LEVEL1_STREAM)
+    row_keys = row_keys_for(seed.to(tl.uint32) | 0x80000000, bh, rows)  # level 1's stream (LEVEL1_STREAM)
     for tile in range(0, tl.cdiv(text_hi, TILE)):
         _open_cells(cell_rows, tile, lse, rows, row_keys, row_ok, c)
     for col_start in range(branch_lo, branch_hi, TILE):
@@ -167,7 +167,7 @@ def _opened_rows(dk, dv, k, v, cols, col_ok, text_tile, Q, DO, DQ, LSE, DELTA, R
         seen = (cols[:, None] >= lo[None, :]) & (cols[:, None] <= hi[None, :]) & col_ok[:, None]
         p_t = tl.where(seen, tl.exp(s_t - lse[None, :]), 0.0)
         keep_prob = tl.minimum(c * p_t, 1.0)
-        u = _uniform(_row_keys(seed, bh, rows)[None, :], cols[:, None])
+        u = uniform(row_keys_for(seed, bh, rows)[None, :], cols[:, None])
         p_t = tl.where(u * pi[None, :] < keep_prob, tl.maximum(p_t, 1.0 / c), 0.0)  # level 2: q / pi given open
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)

@@ -1,4 +1,5 @@
-"""Design C's Triton kernels (quietstar/ops/sus/row_tiles_kernels.py) against its PyTorch reference (row_tiles.py).
+"""Design C's Triton kernels (quietstar/ops/sus/design_c_kernels.py) against its PyTorch reference
+(design_c_reference.py).
 
 On CPU under TRITON_INTERPRET=1 (conftest) at tiny odd sizes, fp32 and fp16; compiled on a GPU; compiled for sm_90
 without a GPU (scripts/compile_check.py's stand-in driver) where Triton's NVIDIA backend is installed. Outputs are
@@ -19,8 +20,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from quietstar.ops.sus import attention, reference, row_tiles  # noqa: E402
-from quietstar.ops.sus import row_tiles_launch as launch_c  # noqa: E402
+from quietstar.ops.sus import attention, design_c_reference, reference  # noqa: E402
+from quietstar.ops.sus import design_c_launch as launch_c  # noqa: E402
 from quietstar.ops.sus.reference import attention_forward  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -67,10 +68,11 @@ def _compare(got, want, dtype):
 def _reference_cells(q, k, scale, pattern, tile, c, seed):
     """Level 1 by the reference: pi where the cell opens, else 0."""
     B, H, n, _ = q.shape
-    qf, kf = q.float(), reference._expand_heads(k.float(), H)
-    pieces, probs, _, _ = reference._all_probs(qf, kf, scale, pattern["num_text"], pattern["branch_length"],
+    qf, kf = q.float(), reference.expand_heads(k.float(), H)
+    pieces, probs, _, _ = reference.all_probs(qf, kf, scale, pattern["num_text"], pattern["branch_length"],
                                                pattern["causal"], pattern["key_valid"], None, None)
-    cell_open, pi = row_tiles.open_cells(row_tiles.tile_mass(pieces, probs, B, H, n, pattern["num_text"], tile), c, seed)
+    mass = design_c_reference.tile_mass(pieces, probs, B, H, n, pattern["num_text"], tile)
+    cell_open, pi = design_c_reference.open_cells(mass, c, seed)
     return torch.where(cell_open, pi, torch.zeros_like(pi))
 
 
@@ -84,7 +86,7 @@ def test_forward_opens_the_cells_the_reference_opens(name, dtype):
     q, k, v, do, pattern, scale, tile = _problem(CASES[name], dtype)
     o_ref, lse_ref = attention_forward(q, k, v, scale, **pattern)
     o, lse = _poisoned(q, lse_ref)
-    cell_pi = torch.full((*lse_ref.shape, row_tiles.num_key_tiles(q.shape[2], pattern["num_text"], tile)),
+    cell_pi = torch.full((*lse_ref.shape, design_c_reference.num_key_tiles(q.shape[2], pattern["num_text"], tile)),
                          float("nan"), device=DEVICE)
     launch_c.triton_forward(q, k, v, scale, **pattern, c=2.0, seed=77, out=(o, lse, cell_pi), tile=tile, **EXACT_FP32)
     _compare(o, o_ref, dtype)
@@ -104,7 +106,8 @@ def test_forward_opens_the_cells_the_reference_opens(name, dtype):
 def test_backward_matches_reference(name, dtype, c):
     q, k, v, do, pattern, scale, tile = _problem(CASES[name], dtype, seed=1)
     o_ref, lse_ref = attention_forward(q, k, v, scale, **pattern)
-    want = row_tiles.attention_backward(q, k, v, o_ref, lse_ref, do, scale, **pattern, c=c, seed=4321, tile=tile)
+    want = design_c_reference.attention_backward(q, k, v, o_ref, lse_ref, do, scale, **pattern, c=c, seed=4321,
+                                                 tile=tile)
     _, _, cell_pi = launch_c.triton_forward(q, k, v, scale, **pattern, c=c, seed=4321, tile=tile, **EXACT_FP32)
     grads = _poisoned(q, k, v)
     launch_c.triton_backward(q, k, v, o_ref.to(dtype), lse_ref, cell_pi, do, scale, **pattern, c=c, seed=4321,
@@ -134,7 +137,7 @@ def test_opened_cells_list_every_open_cell_once_by_tile():
 def test_huge_c_equals_the_exact_gradient():
     q, k, v, do, pattern, scale, tile = _problem(CASES["thoughts"], torch.float32, seed=2)
     o, lse, cell_pi = launch_c.triton_forward(q, k, v, scale, **pattern, c=1e30, seed=5, tile=tile, **EXACT_FP32)
-    exact = row_tiles.attention_backward(q, k, v, o, lse, do, scale, **pattern, c=None)
+    exact = design_c_reference.attention_backward(q, k, v, o, lse, do, scale, **pattern, c=None)
     huge = launch_c.triton_backward(q, k, v, o, lse, cell_pi, do, scale, **pattern, c=1e30, seed=5, tile=tile,
                                     **EXACT_FP32)
     for got, want in zip(huge, exact):
@@ -178,10 +181,10 @@ os.environ.pop("TRITON_INTERPRET", None)  # off before the kernels are defined
 sys.path.insert(0, "scripts")
 import compile_check, torch
 compile_check._use_arch(90)
-from quietstar.ops.sus import row_tiles, row_tiles_launch as lc
+from quietstar.ops.sus import design_c_launch as lc, design_c_reference
 d = int(sys.argv[1])
 L, N, S, B, H, HK = 37, 2, 5, 2, 4, 2  # compile_check's padded thought layout
-n, tiles = L + N * L * S, row_tiles.num_key_tiles(L + N * L * S, L)
+n, tiles = L + N * L * S, design_c_reference.num_key_tiles(L + N * L * S, L)
 q, k = torch.zeros(B, H, n, d, dtype=torch.bfloat16), torch.zeros(B, HK, n, d, dtype=torch.bfloat16)
 lse, cell_pi = torch.zeros(B, H, n), torch.zeros(B, H, n, tiles)
 cells = lc.OpenedCells(torch.zeros(1, dtype=torch.int32), torch.zeros(1), torch.zeros(B * H * tiles, dtype=torch.int64),
