@@ -139,7 +139,7 @@ def score_documents(model, documents: Sequence[MultihopDocument], generator: tor
                     winner = candidates[distribution[candidates].argmax()]
                     record[path]["correct"][view] = bool(winner == query.answer.token_id)
             thought = learned[row, 0, position].tolist()
-            record["thought"] = thought
+            record["thought"], record["thought_text"] = thought, model.tokenizer.decode(thought)
             record["contains_answer"] = query.answer.token_id in thought
             if query.intermediates:
                 record["contains_intermediate"] = any(e.token_id in thought for e in query.intermediates)
