@@ -326,8 +326,12 @@ def test_summary_gives_the_gap_closed_and_the_content_check():
     assert summary["content"]["intermediate"]["mean"] == pytest.approx(20 / 30)
     assert summary["content"]["chance"]["mean"] == 0
     assert summary["num_documents"] == 10 and summary["num_queries"] == 30
-    one_hop = summarize([r | {"mixed": {**r["mixed"], "logp": {**r["mixed"]["logp"], "gold": r["mixed"]["logp"]["null"]}}}
-                         for r in synthetic_records(hops=1)], num_resamples=50)
+    records = synthetic_records(hops=1)
+    for record in records:  # k = 1: gold is null on both paths
+        for path in PATHS:
+            record[path] = {**record[path], "logp": {**record[path]["logp"], "gold": record[path]["logp"]["null"]}}
+    one_hop = summarize(records, num_resamples=50)
+    assert one_hop["thought_path"]["gap_closed"] is None
     assert one_hop["mixed"]["gap_closed"] is None and one_hop["content"] is None
 
 

@@ -43,7 +43,7 @@ HOP_PHRASES = {1: "One step", 2: "Two steps", 3: "Three steps", 4: "Four steps",
 class MultihopSpec:
     """The shape of a document."""
 
-    hops: int = field(default=2, metadata={"help": "k: steps from a query's start to its answer (k - 1 intermediates)."})
+    hops: int = field(default=2, metadata={"help": "k: steps from a query's start to its answer (k - 1 between)."})
     num_entities: int = field(default=8, metadata={"help": "Entities (and facts) per document."})
     num_queries: int = field(default=6, metadata={"help": "Queries per document, from distinct starts."})
 
