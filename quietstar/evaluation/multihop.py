@@ -48,7 +48,7 @@ class MultihopEvalSettings:
     """What to score: held-out documents of each k (the "heldout" stream, which training never sees)."""
 
     hops: tuple[int, ...] = (1, 2, 3)
-    num_documents: int = 100
+    num_documents: int = 40
     num_entities: int = 8
     num_queries: int = 6
     seed: int = 0  # the held-out documents' seed
