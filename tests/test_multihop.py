@@ -1,4 +1,4 @@
-"""The multi-hop task (quietstar/tasks/multihop.py) and its six-view evaluation (quietstar/evaluation/multihop.py):
+"""The multi-hop task (quietstar/tasks/multihop.py) and its six-view evaluation (quietstar/report/multihop.py):
 the generator's invariants on a byte-level and a BPE tokenizer, the views' thoughts, their scores against the model
 run on explicit sequences, the statistics, the training source and the command."""
 
@@ -16,8 +16,8 @@ from transformers import PreTrainedTokenizerFast
 
 from conftest import make_model, randomize_mixing_head, transformers_eager
 from quietstar.cli import multihop as multihop_cli
-from quietstar.evaluation import multihop as evaluation
-from quietstar.evaluation.multihop import PATHS, VIEWS, score_documents, summarize, view_thoughts
+from quietstar.report import multihop as evaluation
+from quietstar.report.multihop import PATHS, VIEWS, score_documents, summarize, view_thoughts
 from quietstar.report.stats import paired_bootstrap_ratio
 from quietstar.scoring import configure_for_scoring
 from quietstar.tasks.multihop import ENTITY_WORDS, HOP_PHRASES, MultihopGenerator, MultihopSpec

@@ -1,4 +1,4 @@
-"""Score the multi-hop task's six views (quietstar.evaluation.multihop): do a model's learned thoughts carry content?
+"""Score the multi-hop task's six views (quietstar.report.multihop): do a model's learned thoughts carry content?
 
     python scripts/multihop_eval.py --model runs/smollm2-135m-multihop --hops 1 2 3 --documents 100 \\
         --output runs/smollm2-135m-multihop/multihop.json
@@ -19,7 +19,7 @@ import os
 import torch
 
 from ..config import QuietStarConfig
-from ..evaluation.multihop import MultihopEvalSettings, evaluate_multihop, markdown_table
+from ..report.multihop import MultihopEvalSettings, evaluate_multihop, markdown_table
 from ..evaluation.run import DTYPES, default_device, load_model
 from ..scoring import configure_for_scoring
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..padding import right_pad
-from ..report.stats import format_interval, paired_bootstrap, paired_bootstrap_ratio, verdict
+from .stats import format_interval, paired_bootstrap, paired_bootstrap_ratio, verdict
 from ..tasks.multihop import Entity, MultihopDocument, MultihopGenerator, MultihopSpec
 from ..vocab import mask_thought_tokens
 
