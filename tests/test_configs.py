@@ -193,7 +193,7 @@ def test_smollm2_configs_use_the_offline_assets(bf16_capable):
 def test_demo_and_experiment_use_the_recipe_and_the_presets_the_official_loss(bf16_capable):
     """The recipe (docs/recipe.md) is what the demo and the experiment run; the official loss only where a config says
     it reproduces the official run."""
-    from quietstar.config import OFFICIAL_LOSS
+    from quietstar.loss_config import OFFICIAL_LOSS
 
     for name in ("smollm2-135m-cpu", "smollm2-135m-cpu-experiment", "smollm2-135m-gpu"):
         model_args, _, config, training_args = parse_config(["--config", os.path.join(REPO, "configs", f"{name}.yaml")])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import make_model, randomize_mixing_head
-from quietstar.config import OFFICIAL_LOSS
+from quietstar.loss_config import OFFICIAL_LOSS
 from quietstar.attention import ThoughtLayout, eager
 from quietstar.ops import flash_cpu
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ARCHITECTURES, make_model, padded_batch, randomize_mixing_head, transformers_eager
-from quietstar.config import OFFICIAL_LOSS
+from quietstar.loss_config import OFFICIAL_LOSS
 
 
 def masked(logits, model):

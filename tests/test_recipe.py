@@ -10,7 +10,7 @@ import torch
 
 from conftest import make_model, padded_batch, randomize_mixing_head
 from quietstar import QuietStarConfig
-from quietstar.config import OFFICIAL_LOSS
+from quietstar.loss_config import OFFICIAL_LOSS
 from quietstar.mixing import mix
 from quietstar.thoughts import expanded_pass
 from quietstar.training import QuietStarTrainer, QuietStarTrainingArguments, build_window_dataset

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_model, padded_batch, randomize_mixing_head
-from quietstar.config import OFFICIAL_LOSS
+from quietstar.loss_config import OFFICIAL_LOSS
 from quietstar import QuietStarConfig, QuietStarForCausalLM
 from quietstar.tiny import byte_tokenizer, tiny_model
 from quietstar.training import QuietStarTrainer

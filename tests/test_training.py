@@ -278,7 +278,7 @@ def test_non_finite_loss_raises_before_any_checkpoint_of_that_step(tmp_path, mon
     def forward_with_nan_at_step_2(*args, **kwargs):
         out = forward(*args, **kwargs)
         calls.append(1)
-        if len(calls) == 2:  # the trainer combines the loss terms (the policy-weight schedule): poison them all
+        if len(calls) == 2:  # poison the loss and every term the trainer measures
             out.loss = out.loss * float("nan")
             out.loss_terms = {name: term * float("nan") for name, term in out.loss_terms.items()}
         return out

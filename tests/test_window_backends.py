@@ -15,7 +15,7 @@ import torch
 
 from conftest import make_model, padded_batch, randomize_mixing_head
 from quietstar.attention import ThoughtLayout, dispatch, eager
-from quietstar.config import OFFICIAL_LOSS
+from quietstar.loss_config import OFFICIAL_LOSS
 from test_sus_training import DEVICE, _assert_grads_close, _loss_and_grads, _with_backend
 
 pytest.importorskip("triton")

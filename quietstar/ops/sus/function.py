@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from ...config import SUS_DESIGNS
+from ...attention.settings import SUS_DESIGNS
 from . import reference
 
 BACKENDS = ("auto", "torch", "triton")
