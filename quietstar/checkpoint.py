@@ -101,8 +101,8 @@ def _split_saved_fields(values: dict, path: str) -> tuple[QuietStarConfig, Quiet
     fields of an older save are run settings of its process: ignored, with a warning when they are not the defaults."""
     values = dict(values)
     loss = {name: values.pop(name) for name in QuietStarLossConfig.field_names() if name in values}
-    attention = {name: values.pop(name) for name in AttentionSettings.field_names() if name in values}
     defaults = AttentionSettings().to_dict()
+    attention = {name: values.pop(name) for name in defaults if name in values}
     ignored = {name: value for name, value in attention.items() if value != defaults[name]}
     if ignored:
         settings = ", ".join(f"{name}={value!r}" for name, value in ignored.items())

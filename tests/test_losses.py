@@ -22,7 +22,7 @@ def masked(logits, model):
 
 def reference_loss(model, ids, mask, thoughts):
     """L = L_NLL + gamma L_thought + lambda L_RL computed one position, sample and step at a time."""
-    cfg = model.quietstar_config
+    cfg, loss = model.quietstar_config, model.loss_config
     T, A, N = cfg.num_thought_tokens, cfg.num_lookahead_tokens, cfg.num_thoughts
     sot, eot = model.thought_token_ids
     base_terms, mixed_terms, thought_terms = [], [[] for _ in range(A)], [[] for _ in range(A)]
@@ -43,7 +43,7 @@ def reference_loss(model, ids, mask, thoughts):
                     h = model.body(inputs_embeds=model.embed(sequence[None])).last_hidden_state[0]
                     start = j + 1
                     sampling = masked(model.lm_head(h[start : start + T]), model)
-                    logprob_rows.append(torch.log_softmax(sampling / cfg.reinforce_temperature, -1)[torch.arange(T), c])
+                    logprob_rows.append(torch.log_softmax(sampling / loss.reinforce_temperature, -1)[torch.arange(T), c])
                     reward = 0.0
                     for s in range(A):
                         if j + 1 + s >= n_real:
@@ -61,27 +61,27 @@ def reference_loss(model, ids, mask, thoughts):
                         thought_nll = F.cross_entropy(masked(thought_logits, model), real[j + 1 + s])
                         mixed_terms[s].append(nll)
                         thought_terms[s].append(thought_nll)
-                        reward = reward - (thought_nll if cfg.reward_source == "thought" else nll).detach()
+                        reward = reward - (thought_nll if loss.reward_source == "thought" else nll).detach()
                     rewards.append(reward)
                 if rewards[0] is None:
                     continue
                 mean_reward = sum(rewards) / N
                 scored.extend((rewards[n] - mean_reward, logprob_rows[n]) for n in range(N))
     spread = 1.0
-    if cfg.advantage_normalization == "batch_std":
-        spread = max(float(torch.stack([a for a, _ in scored]).square().mean().sqrt()), cfg.advantage_std_floor)
+    if loss.advantage_normalization == "batch_std":
+        spread = max(float(torch.stack([a for a, _ in scored]).square().mean().sqrt()), loss.advantage_std_floor)
     policy_terms = []
     for advantage, logprobs in scored:
         advantage = advantage / spread
-        if cfg.clip_negative_advantage:
+        if loss.clip_negative_advantage:
             advantage = max(advantage, 0.0)
         policy_terms.extend(-advantage * logprobs)
-    nll = cfg.base_loss_weight * torch.stack(base_terms).mean() + (1 - cfg.base_loss_weight) * sum(
+    nll = loss.base_loss_weight * torch.stack(base_terms).mean() + (1 - loss.base_loss_weight) * sum(
         torch.stack(terms).mean() for terms in mixed_terms
     ) / A
     thought = sum(torch.stack(terms).mean() for terms in thought_terms) / A
     policy = torch.stack(policy_terms).mean()
-    return nll + cfg.thought_nll_weight * thought + cfg.policy_weight * policy, policy
+    return nll + loss.thought_nll_weight * thought + loss.policy_weight * policy, policy
 
 
 def gradients(model):
