@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import make_model, padded_batch
-from quietstar.attention import ThoughtLayout, dispatch, eager
+from quietstar.attention import AttentionSettings, ThoughtLayout, dispatch, eager
 from quietstar.ops import flash_cpu
 from quietstar.thoughts import sample_thoughts
 
@@ -20,7 +20,7 @@ def _layout(phase, backend, padded=False, sus_c=None):
     key_padding = torch.ones(1, L, dtype=torch.bool)
     key_padding[0, 0] = not padded
     lengths = dict(branch_length=S) if phase == "expanded" else dict(num_thought_tokens=T)
-    return ThoughtLayout(phase, key_padding, N, backend=backend, sus_c=sus_c, **lengths)
+    return ThoughtLayout(phase, key_padding, N, attention=AttentionSettings(attention_backend=backend, sus_c=sus_c), **lengths)
 
 
 @needs_flash
@@ -86,9 +86,9 @@ def test_eager_backend_reaches_the_sampling_steps(monkeypatch):
 ])
 def test_layout_takes_the_length_its_phase_uses(phase, given, needed):
     with pytest.raises(ValueError, match=needed):
-        ThoughtLayout(phase, torch.ones(1, L, dtype=torch.bool), N, backend="auto", **given)
+        ThoughtLayout(phase, torch.ones(1, L, dtype=torch.bool), N, attention=AttentionSettings(attention_backend="auto"), **given)
 
 
 def test_layout_refuses_a_missing_length():
     with pytest.raises(ValueError, match="needs ThoughtLayout.branch_length"):
-        ThoughtLayout("expanded", torch.ones(1, L, dtype=torch.bool), N, backend="auto")
+        ThoughtLayout("expanded", torch.ones(1, L, dtype=torch.bool), N, attention=AttentionSettings(attention_backend="auto"))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import make_model, randomize_mixing_head
+from quietstar.attention import AttentionSettings, ThoughtLayout, eager
 from quietstar.loss_config import OFFICIAL_LOSS
-from quietstar.attention import ThoughtLayout, eager
 from quietstar.ops import flash_cpu
 
 pytestmark = pytest.mark.skipif(flash_cpu._flash is None, reason="this torch has no CPU flash-attention op")
@@ -21,7 +21,7 @@ def test_flash_cpu_equals_eager(B, H, Hkv, L, N, S, d):
     k = torch.randn(B, Hkv, n, d, generator=generator, requires_grad=True)
     v = torch.randn(B, Hkv, n, d, generator=generator, requires_grad=True)
     grad = torch.randn(B, n, H, d, generator=generator)
-    layout = ThoughtLayout("expanded", torch.ones(B, L, dtype=torch.bool), N, branch_length=S, backend="auto")
+    layout = ThoughtLayout("expanded", torch.ones(B, L, dtype=torch.bool), N, branch_length=S, attention=AttentionSettings(attention_backend="auto"))
     assert flash_cpu.applies(q, layout.key_padding, 0.0)
     results = []
     for out in (eager.expanded_attention(q, k, v, layout, d ** -0.5),

@@ -14,8 +14,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_mask
 
-from quietstar import QuietStarConfig
-from quietstar.attention import ThoughtLayout, branch_visibility, eager, prefix_visibility
+from quietstar.attention import AttentionSettings, ThoughtLayout, branch_visibility, eager, prefix_visibility
 from quietstar.attention.dispatch import resolve_backend
 from quietstar.ops import flash_cpu, flex
 
@@ -65,7 +64,7 @@ def test_mask_mod_equals_the_layout_rule(lengths, L, N, S, left, window):
 
 
 def test_block_masks_are_kept_per_window():
-    layout = ThoughtLayout("expanded", key_padding_of((9,), 9), 1, backend="flex", branch_length=3)
+    layout = ThoughtLayout("expanded", key_padding_of((9,), 9), 1, attention=AttentionSettings(attention_backend="flex"), branch_length=3)
     full, local = flex.block_mask(layout), flex.block_mask(layout, 4)
     assert flex.block_mask(layout) is full and flex.block_mask(layout, 4) is local
     n = layout.expected_length()
@@ -77,7 +76,7 @@ def test_block_masks_are_kept_per_window():
 def test_block_mask_covers_exactly_the_visible_blocks_and_is_built_once():
     L, N, S = 21, 2, 5
     key_padding = key_padding_of((21, 13), L, left_padded=(1,))
-    layout = ThoughtLayout("expanded", key_padding, N, backend="flex", branch_length=S)
+    layout = ThoughtLayout("expanded", key_padding, N, attention=AttentionSettings(attention_backend="flex"), branch_length=S)
     mask = flex.block_mask(layout)
     assert flex.block_mask(layout) is mask  # every later layer reuses the first layer's mask
     n = layout.expected_length()
@@ -95,7 +94,7 @@ def _problem(lengths, L, N, S, left, H, Hkv, d, dtype, device, seed=0, window=No
     n = L + N * L * S
     B = len(lengths)
     q, k, v = (torch.randn(B, h, n, d, generator=generator).to(device=device, dtype=dtype) for h in (H, Hkv, Hkv))
-    layout = ThoughtLayout("expanded", key_padding_of(lengths, L, left).to(device), N, backend="flex", branch_length=S)
+    layout = ThoughtLayout("expanded", key_padding_of(lengths, L, left).to(device), N, attention=AttentionSettings(attention_backend="flex"), branch_length=S)
     sees_something = dense_visibility(layout.key_padding.cpu(), N, S, window).any(-1).to(device)  # [B, n]
     return q, k, v, layout, sees_something
 
@@ -175,13 +174,13 @@ def _query_on(device: str, head_dim: int):
 ])
 def test_resolver_picks_flex_for_exact_and_triton_for_sus_on_cuda(backend, sus_c, device, head_dim, dropout,
                                                                    expected):
-    layout = ThoughtLayout("expanded", torch.ones(1, 2, dtype=torch.bool), 1, backend=backend, branch_length=3,
-                           sus_c=sus_c)
+    layout = ThoughtLayout("expanded", torch.ones(1, 2, dtype=torch.bool), 1, branch_length=3,
+                           attention=AttentionSettings(attention_backend=backend, sus_c=sus_c))
     query = torch.zeros(1, 4, 10, head_dim) if device == "cpu" else _query_on(device, head_dim)
     assert resolve_backend(layout, query, dropout) == expected
 
 
 def test_flex_has_no_sus_backward():
     with pytest.raises(ValueError, match="attention_backend='flex' does not have"):
-        QuietStarConfig(attention_backend="flex", sus_c=32.0)
-    assert QuietStarConfig(attention_backend="flex").attention_backend == "flex"
+        AttentionSettings(attention_backend="flex", sus_c=32.0)
+    assert AttentionSettings(attention_backend="flex").attention_backend == "flex"

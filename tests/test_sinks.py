@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quietstar.attention import ThoughtLayout, dispatch, eager
+from quietstar.attention import AttentionSettings, ThoughtLayout, dispatch, eager
 from quietstar.ops import flash_cpu
 from test_window_softcap import _real_rows, dense_reference
 
@@ -31,7 +31,7 @@ def test_eager_expanded_attention_equals_the_dense_definition(window, padded):
     if padded:
         key_padding[0, :2] = False
         key_padding[1, -1:] = False
-    layout = ThoughtLayout("expanded", key_padding, N, branch_length=S, backend="eager")
+    layout = ThoughtLayout("expanded", key_padding, N, branch_length=S, attention=AttentionSettings(attention_backend="eager"))
     want = dense_reference(q, k, v, key_padding, N, S, 0.4, window=window, sinks=sinks)
     got = eager.expanded_attention(q.double(), k.double(), v.double(), layout, 0.4, window=window,
                                    sinks=sinks.double())
@@ -61,7 +61,7 @@ def test_causal_attention_equals_the_dense_definition():
 def test_flash_cpu_equals_eager(window, d, dv):
     B, H, Hkv, L, N, S = 2, 4, 2, 9, 2, 4
     q, k, v, sinks, grad = _inputs(B, H, Hkv, L + N * L * S, d, dv, seed=2)
-    layout = ThoughtLayout("expanded", torch.ones(B, L, dtype=torch.bool), N, branch_length=S, backend="auto")
+    layout = ThoughtLayout("expanded", torch.ones(B, L, dtype=torch.bool), N, branch_length=S, attention=AttentionSettings(attention_backend="auto"))
     assert dispatch.resolve_backend(layout, q, 0.0, window, None, dv, sinks) == "flash_cpu"
     results = []
     for out in (eager.expanded_attention(q, k, v, layout, 0.3, window=window, sinks=sinks),
@@ -107,7 +107,7 @@ def test_sampling_steps_equal_the_dense_definition():
 def test_backends_without_sinks_refuse(backend, sus_c, named):
     B, H, L, N, S = 1, 2, 4, 1, 2
     q, k, v, sinks, _ = _inputs(B, H, H, L + N * L * S, 16, 16)
-    layout = ThoughtLayout("expanded", torch.ones(B, L, dtype=torch.bool), N, branch_length=S, backend=backend,
-                           sus_c=sus_c)
+    layout = ThoughtLayout("expanded", torch.ones(B, L, dtype=torch.bool), N, branch_length=S,
+                           attention=AttentionSettings(attention_backend=backend, sus_c=sus_c))
     with pytest.raises(ValueError, match=f"attention sinks .*{named}.*'auto' or 'eager'"):
         dispatch.gradient_pass_attention(q, k, v, layout, 0.25, 0.0, sinks=sinks)

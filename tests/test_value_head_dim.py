@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quietstar.attention import ThoughtLayout, dispatch, eager
+from quietstar.attention import AttentionSettings, ThoughtLayout, dispatch, eager
 from quietstar.ops import flash_cpu
 from test_window_softcap import _real_rows, dense_reference
 
@@ -34,7 +34,7 @@ def test_eager_expanded_attention_equals_the_dense_definition(d, dv, window):
     key_padding = torch.ones(B, L, dtype=torch.bool)
     key_padding[0, :2] = False
     key_padding[1, -1:] = False
-    layout = ThoughtLayout("expanded", key_padding, N, branch_length=S, backend="eager")
+    layout = ThoughtLayout("expanded", key_padding, N, branch_length=S, attention=AttentionSettings(attention_backend="eager"))
     want = dense_reference(q, k, v, key_padding, N, S, 0.4, window=window)
     got = eager.expanded_attention(q.double(), k.double(), v.double(), layout, 0.4, window=window)
     assert got.shape == (B, L + N * L * S, H, dv)
@@ -66,7 +66,7 @@ def test_causal_attention_equals_the_dense_definition(d, dv, padded):
 def test_flash_cpu_equals_eager(d, dv, window):
     B, H, Hkv, L, N, S = 2, 4, 2, 9, 2, 4
     q, k, v, grad = _inputs(B, H, Hkv, L + N * L * S, d, dv, seed=2)
-    layout = ThoughtLayout("expanded", torch.ones(B, L, dtype=torch.bool), N, branch_length=S, backend="auto")
+    layout = ThoughtLayout("expanded", torch.ones(B, L, dtype=torch.bool), N, branch_length=S, attention=AttentionSettings(attention_backend="auto"))
     assert dispatch.resolve_backend(layout, q, 0.0, window, None, dv) == "flash_cpu"
     results = []
     for out in (eager.expanded_attention(q, k, v, layout, 0.3, window=window),
@@ -113,8 +113,8 @@ def test_sampling_steps_equal_the_dense_definition(d, dv):
 def test_backends_with_one_head_dim_refuse(backend, sus_c, named):
     B, H, L, N, S = 1, 2, 4, 1, 2
     q, k, v, _ = _inputs(B, H, H, L + N * L * S, 16, 8)
-    layout = ThoughtLayout("expanded", torch.ones(B, L, dtype=torch.bool), N, branch_length=S, backend=backend,
-                           sus_c=sus_c)
+    layout = ThoughtLayout("expanded", torch.ones(B, L, dtype=torch.bool), N, branch_length=S,
+                           attention=AttentionSettings(attention_backend=backend, sus_c=sus_c))
     with pytest.raises(ValueError, match=f"own head dim \\(8; queries and keys: 16.*{named}.*'auto' or 'eager'"):
         dispatch.gradient_pass_attention(q, k, v, layout, 0.25, 0.0)
     with pytest.raises(ValueError, match="own head dim .*SUS attention"):

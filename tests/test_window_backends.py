@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import make_model, padded_batch, randomize_mixing_head
-from quietstar.attention import ThoughtLayout, dispatch, eager
+from quietstar.attention import AttentionSettings, ThoughtLayout, dispatch, eager
 from quietstar.loss_config import OFFICIAL_LOSS
 from test_sus_training import DEVICE, _assert_grads_close, _loss_and_grads, _with_backend
 
@@ -103,7 +103,7 @@ def test_auto_routes_windowed_and_soft_capped_layers_on_cuda_as_any_other(sus_c,
     """On CUDA "auto" no longer steers these layers away from FlexAttention and the Triton kernels."""
     from test_flex import _query_on
 
-    layout = ThoughtLayout("expanded", torch.ones(1, 2, dtype=torch.bool), 1, backend="auto", branch_length=3,
-                           sus_c=sus_c)
+    layout = ThoughtLayout("expanded", torch.ones(1, 2, dtype=torch.bool), 1, branch_length=3,
+                           attention=AttentionSettings(sus_c=sus_c))
     for rule in (dict(window=5), dict(softcap=1.0), dict(window=5, softcap=1.0)):
         assert dispatch.resolve_backend(layout, _query_on("cuda", 64), 0.0, **rule) == expected

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quietstar.attention import ThoughtLayout, eager
+from quietstar.attention import AttentionSettings, ThoughtLayout, eager
 from quietstar.ops import flash_cpu
 
 
@@ -87,7 +87,7 @@ def test_eager_expanded_attention_equals_the_dense_definition(rule, padded):
     if padded:
         key_padding[0, :3] = False  # left padding
         key_padding[1, -2:] = False  # right padding
-    layout = ThoughtLayout("expanded", key_padding, N, branch_length=S, backend="eager")
+    layout = ThoughtLayout("expanded", key_padding, N, branch_length=S, attention=AttentionSettings(attention_backend="eager"))
     want = dense_reference(q, k, v, key_padding, N, S, 0.4, **rule)
     got = eager.expanded_attention(q.double(), k.double(), v.double(), layout, 0.4, **rule)
     rows = _real_rows(key_padding, N, S)
@@ -155,7 +155,7 @@ def test_flash_cpu_with_a_window_equals_eager(window, B, H, Hkv, L, N, S, d, mon
     """Outputs and gradients; the second size runs the band in several chunks (a small chunk forces it)."""
     monkeypatch.setattr(flash_cpu, "BAND_CHUNK", 32)
     q, k, v, grad = _inputs(B, H, Hkv, L, N, S, d, seed=window)
-    layout = ThoughtLayout("expanded", torch.ones(B, L, dtype=torch.bool), N, branch_length=S, backend="auto")
+    layout = ThoughtLayout("expanded", torch.ones(B, L, dtype=torch.bool), N, branch_length=S, attention=AttentionSettings(attention_backend="auto"))
     results = []
     for out in (eager.expanded_attention(q, k, v, layout, 0.3, window=window),
                 flash_cpu.expanded_attention(q, k, v, L, N, S, 0.3, window)):

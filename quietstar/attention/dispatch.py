@@ -79,9 +79,9 @@ def quietstar_attention(
     return gradient_pass_attention(query, key, value, layout, scaling, dropout, **rule), None
 
 
-def _features(query, value, key_padding, dropout, window, softcap, sinks) -> tuple[LayerFeatures, dict]:
+def _features(query, value_head_dim, key_padding, dropout, window, softcap, sinks) -> tuple[LayerFeatures, dict]:
     """What a call asks of a backend, and how a refusal describes each feature."""
-    own_value_dim = value is not None and value.shape[-1] != query.shape[-1]
+    own_value_dim = value_head_dim not in (None, query.shape[-1])
     padded = key_padding is not None and not bool(key_padding.all())
     features = LayerFeatures(windows=window is not None, softcap=softcap is not None, sinks=sinks is not None,
                              value_head_dim=own_value_dim, dropout=dropout > 0, padding=padded)
@@ -89,21 +89,21 @@ def _features(query, value, key_padding, dropout, window, softcap, sinks) -> tup
     if sinks is not None:
         detail["sinks"] = f"one logit per head {tuple(sinks.shape)}"
     if own_value_dim:
-        detail["value_head_dim"] = (f"{value.shape[-1]}; queries and keys: {query.shape[-1]}, as in multi-head latent "
+        detail["value_head_dim"] = (f"{value_head_dim}; queries and keys: {query.shape[-1]}, as in multi-head latent "
                                     "attention")
     return features, detail
 
 
 def resolve_backend(layout: ThoughtLayout, query: torch.Tensor, dropout: float, window: int | None = None,
-                    softcap: float | None = None, value: torch.Tensor | None = None,
+                    softcap: float | None = None, value_head_dim: int | None = None,
                     sinks: torch.Tensor | None = None) -> str:
     """Which implementation serves a sampling step or the gradient pass: "eager", "flash_cpu", "flex", "sus_torch"
     or "sus_triton": the first candidate of the layout's plan (:func:`.backends.resolve`, once per settings and
     device) that implements this layer's features (:func:`.backends.choose`); a named backend that lacks one
-    refuses, naming it. ``value``: the values, when their head dim may differ from the queries'."""
+    refuses, naming it. ``value_head_dim``: the values' head dim, when it may differ from the queries'."""
     plan = resolve(layout.attention, query.device.type, query.shape[-1], query.dtype)
     candidates = plan.gradient if layout.phase == "expanded" else plan.sampling
-    features, detail = _features(query, value, layout.key_padding, dropout, window, softcap, sinks)
+    features, detail = _features(query, value_head_dim, layout.key_padding, dropout, window, softcap, sinks)
     return choose(candidates, features, query, layout.key_padding, dropout, detail).name
 
 
@@ -122,7 +122,7 @@ def plain_attention(query, key, value, attention_mask, scaling, dropout, sus_c, 
         raise ValueError("sus_c applies to full-sequence calls (training), not to cached decoding.")
     settings = AttentionSettings(sus_c=sus_c, sus_design=sus_design)
     plan = resolve(settings, query.device.type, query.shape[-1], value.dtype)
-    features, detail = _features(query, value, None, dropout, window, softcap, sinks)
+    features, detail = _features(query, value.shape[-1], None, dropout, window, softcap, sinks)
     engine = choose(plan.plain, features, query, None, dropout, detail).name.removeprefix("sus_")
     out = sus.attention(query.to(value.dtype), key.to(value.dtype), value, c=sus_c, scale=scaling,
                         seed=_fresh_seed(), backend=engine, key_valid=attention_mask, window=window, softcap=softcap,
@@ -162,7 +162,7 @@ def sampling_step_attention(layer: int, query, key, value, layout: ThoughtLayout
 def gradient_pass_attention(query, key, value, layout: ThoughtLayout, scaling, dropout, window=None, softcap=None,
                             sinks=None):
     """The expanded phase: the L text tokens then the N*L*S branch tokens, with gradient."""
-    backend = resolve_backend(layout, query, dropout, window, softcap, value, sinks)
+    backend = resolve_backend(layout, query, dropout, window, softcap, value.shape[-1], sinks)
     settings = layout.attention
     if backend in ("sus_torch", "sus_triton"):
         key_valid = None if bool(layout.key_padding.all()) else layout.key_padding
