@@ -16,6 +16,7 @@ from conftest import make_model
 from safetensors.torch import load_file
 
 from quietstar import AttentionSettings, QuietStarConfig, QuietStarForCausalLM, QuietStarLossConfig
+from quietstar.attention.backends import resolve
 from quietstar.checkpoint import CONFIG_FILE, SavedQuietStar, read_saved_quietstar
 from quietstar.loss_config import OFFICIAL_LOSS
 
@@ -95,6 +96,7 @@ def test_a_backend_the_device_cannot_run_is_refused_naming_the_setting(monkeypat
     """Asked for on a CPU without Triton's interpreter, the Triton backend is refused when set, naming the field and
     the way out (not with a kernel-level message at the first forward)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    resolve.cache_clear()  # resolved once per settings and device: drop what earlier tests resolved
     model = QuietStarForCausalLM.from_pretrained(OLD_CHECKPOINT)
     with pytest.raises(ValueError, match=r"attention_backend='triton' cannot run here.*needs CUDA.*"
                                          r"set_attention\(attention_backend='auto'\)"):

@@ -2,21 +2,18 @@
 
 On CPU: its mask_mod, element by element, equals the dense visibility that layout.py's functions give (the
 rule eager applies); its BlockMask covers exactly the blocks holding a visible pair; its forward (FlexAttention
-runs one, unfused, on CPU) equals eager; the resolver picks it for an exact gradient pass on CUDA and the Triton
-kernels for SUS. On CUDA (marked gpu): outputs and gradients equal eager's, fp32 and bf16.
+runs one, unfused, on CPU) equals eager. On CUDA (marked gpu): outputs and gradients equal eager's, fp32 and bf16.
+Which layers it serves and which it refuses: tests/test_backend_matrix.py.
 """
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.nn.attention.flex_attention import create_mask
 
 from quietstar.attention import AttentionSettings, ThoughtLayout, branch_visibility, eager, prefix_visibility
-from quietstar.attention.dispatch import resolve_backend
-from quietstar.ops import flash_cpu, flex
+from quietstar.ops import flex
 
 
 def dense_visibility(key_padding: torch.Tensor, num_thoughts: int, branch_length: int,
@@ -153,34 +150,3 @@ def test_cuda_forward_and_gradients_equal_eager(dtype, lengths, L, N, S, left, H
         assert torch.isfinite(got).all(), f"d{name} holds NaN or inf"
         scale = want.abs().max().item()
         torch.testing.assert_close(got.float() / scale, want / scale, **tolerance, msg=f"d{name}")
-
-
-def _query_on(device: str, head_dim: int):
-    """What the resolver reads of a query (device, dtype, shape): a CUDA one is described, not allocated."""
-    return SimpleNamespace(device=torch.device(device), dtype=torch.bfloat16, shape=(1, 4, 10, head_dim))
-
-
-@pytest.mark.parametrize("backend, sus_c, device, head_dim, dropout, expected", [
-    ("auto", None, "cuda", 64, 0.0, "flex"),  # the exact gradient pass on CUDA
-    ("auto", 32.0, "cuda", 64, 0.0, "sus_triton"),  # SUS on CUDA: the Triton kernels
-    ("triton", None, "cuda", 64, 0.0, "sus_triton"),  # the exact kernels only when named
-    ("flex", None, "cuda", 64, 0.0, "flex"),
-    ("auto", None, "cuda", 8, 0.0, "eager"),  # a head dim FlexAttention lacks: the exact reference
-    ("auto", None, "cuda", 64, 0.1, "eager"),  # attention dropout
-    ("eager", None, "cuda", 64, 0.0, "eager"),
-    ("eager", 32.0, "cuda", 64, 0.0, "sus_torch"),
-    ("auto", 32.0, "cpu", 64, 0.0, "sus_torch"),
-    ("auto", None, "cpu", 64, 0.0, "flash_cpu" if flash_cpu._flash is not None else "eager"),
-])
-def test_resolver_picks_flex_for_exact_and_triton_for_sus_on_cuda(backend, sus_c, device, head_dim, dropout,
-                                                                   expected):
-    layout = ThoughtLayout("expanded", torch.ones(1, 2, dtype=torch.bool), 1, branch_length=3,
-                           attention=AttentionSettings(attention_backend=backend, sus_c=sus_c))
-    query = torch.zeros(1, 4, 10, head_dim) if device == "cpu" else _query_on(device, head_dim)
-    assert resolve_backend(layout, query, dropout) == expected
-
-
-def test_flex_has_no_sus_backward():
-    with pytest.raises(ValueError, match="attention_backend='flex' does not have"):
-        AttentionSettings(attention_backend="flex", sus_c=32.0)
-    assert AttentionSettings(attention_backend="flex").attention_backend == "flex"
