@@ -44,7 +44,7 @@ BACKENDS = {backend.name: backend for backend in (
     Backend("flash_cpu", "the CPU flash path", windows=True, softcap=False, sinks=True, value_head_dim=True,
             dropout=False, padding=False, devices=("cpu",), sus=False),
     Backend("flex", "attention_backend='flex' (FlexAttention)", windows=True, softcap=True, sinks=False,
-            value_head_dim=False, dropout=True, padding=True, devices=("cuda",), sus=False),
+            value_head_dim=False, dropout=False, padding=True, devices=("cuda",), sus=False),
     Backend("sus_torch", "the 'torch' SUS attention (sus_c)", windows=True, softcap=True, sinks=False,
             value_head_dim=False, dropout=False, padding=True, devices=("cpu", "cuda"), sus=True),
     Backend("sus_triton", "the 'triton' SUS attention (sus_c)", windows=True, softcap=True, sinks=False,
