@@ -153,7 +153,8 @@ def quietstar_loss(
     mixed_nll = token_nll(mixed_logits, targets[:, None].expand(mixed_logits.shape[:-1]))
     nll, per_step = nll_loss(base_nll, target_valid[..., 0], mixed_nll, target_valid, cfg.base_loss_weight)
     needs_thought = cfg.needs_thought_logits
-    thought_nll = token_nll(thought_logits, targets[:, None].expand(thought_logits.shape[:-1])) if needs_thought else None
+    thought_nll = (token_nll(thought_logits, targets[:, None].expand(thought_logits.shape[:-1])) if needs_thought
+                   else None)
     thought_term = per_step_nll(thought_nll, target_valid).mean() if needs_thought else nll.new_zeros(())
     reward, reward_valid = rewards(thought_nll if cfg.reward_source == "thought" else mixed_nll, target_valid)
     advantage = advantages(reward, cfg.clip_negative_advantage, cfg.advantage_normalization, cfg.advantage_std_floor,

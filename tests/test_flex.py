@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_mask
 
-from quietstar.attention import AttentionSettings, ThoughtLayout, branch_visibility, eager, prefix_visibility
+from quietstar.attention import ThoughtLayout, branch_visibility, eager, prefix_visibility
 from quietstar.ops import flex
 
 
@@ -61,7 +61,7 @@ def test_mask_mod_equals_the_layout_rule(lengths, L, N, S, left, window):
 
 
 def test_block_masks_are_kept_per_window():
-    layout = ThoughtLayout("expanded", key_padding_of((9,), 9), 1, attention=AttentionSettings(attention_backend="flex"), branch_length=3)
+    layout = ThoughtLayout("expanded", key_padding_of((9,), 9), 1, branch_length=3)
     full, local = flex.block_mask(layout), flex.block_mask(layout, 4)
     assert flex.block_mask(layout) is full and flex.block_mask(layout, 4) is local
     n = layout.expected_length()
@@ -73,7 +73,7 @@ def test_block_masks_are_kept_per_window():
 def test_block_mask_covers_exactly_the_visible_blocks_and_is_built_once():
     L, N, S = 21, 2, 5
     key_padding = key_padding_of((21, 13), L, left_padded=(1,))
-    layout = ThoughtLayout("expanded", key_padding, N, attention=AttentionSettings(attention_backend="flex"), branch_length=S)
+    layout = ThoughtLayout("expanded", key_padding, N, branch_length=S)
     mask = flex.block_mask(layout)
     assert flex.block_mask(layout) is mask  # every later layer reuses the first layer's mask
     n = layout.expected_length()
@@ -91,7 +91,7 @@ def _problem(lengths, L, N, S, left, H, Hkv, d, dtype, device, seed=0, window=No
     n = L + N * L * S
     B = len(lengths)
     q, k, v = (torch.randn(B, h, n, d, generator=generator).to(device=device, dtype=dtype) for h in (H, Hkv, Hkv))
-    layout = ThoughtLayout("expanded", key_padding_of(lengths, L, left).to(device), N, attention=AttentionSettings(attention_backend="flex"), branch_length=S)
+    layout = ThoughtLayout("expanded", key_padding_of(lengths, L, left).to(device), N, branch_length=S)
     sees_something = dense_visibility(layout.key_padding.cpu(), N, S, window).any(-1).to(device)  # [B, n]
     return q, k, v, layout, sees_something
 

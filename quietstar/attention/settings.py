@@ -23,9 +23,9 @@ class AttentionSettings:
         default="auto",
         metadata={"help": "Backend of the 'quietstar' attention: 'eager' (PyTorch, the reference, in every phase), "
                           "'flex' (PyTorch's FlexAttention with the thought layout as a block mask, in the exact "
-                          "gradient pass; CUDA), 'triton' (the kernels of quietstar.ops.sus in the gradient pass, exact "
-                          "or SUS; CUDA) or 'auto' (on CUDA FlexAttention for an exact gradient pass and Triton for "
-                          "SUS; on CPU the exact flash fast path for unpadded rows, else eager). "
+                          "gradient pass; CUDA), 'triton' (the kernels of quietstar.ops.sus in the gradient pass, "
+                          "exact or SUS; CUDA) or 'auto' (on CUDA FlexAttention for an exact gradient pass and Triton "
+                          "for SUS; on CPU the exact flash fast path for unpadded rows, else eager). "
                           "quietstar.attention.backends.resolve applies it."},
     )
     sus_c: float | None = field(

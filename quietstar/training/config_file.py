@@ -3,9 +3,9 @@
 ``scripts/train.py --config configs/x.yaml --learning_rate 1e-5`` fills six dataclasses with
 ``transformers.HfArgumentParser``: ModelArguments, DataArguments, QuietStarConfig (what the model is, saved with it),
 QuietStarTrainingArguments, QuietStarLossConfig (how the loss is weighed: the run's) and AttentionSettings (how
-attention runs in this process). Every YAML key must be a field of one of them; a misspelt key or a value of the wrong type is refused with a message that
-names it. YAML values are checked against the field types (so ``1e-6``, which YAML reads as a string, is
-accepted as a float).
+attention runs in this process). Every YAML key must be a field of one of them; a misspelt key or a value of the
+wrong type is refused with a message that names it. YAML values are checked against the field types (so ``1e-6``,
+which YAML reads as a string, is accepted as a float).
 """
 
 from __future__ import annotations
