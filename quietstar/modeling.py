@@ -14,7 +14,6 @@ from transformers import AddedToken
 from . import attention  # noqa: F401  (registers the "quietstar" attention with transformers)
 from . import checkpoint
 from .attention import ATTENTION_NAME, AttentionSettings
-from .attention.backends import resolve as resolve_attention
 from .attention.layout import text_positions
 from .compat import check_model_supported, check_new_embeddings, check_thought_layout
 from .config import QuietStarConfig
@@ -163,13 +162,13 @@ class QuietStarForCausalLM(nn.Module):
         hub_id = name if name and not os.path.isdir(name) else None
         model = cls(base, tokenizer, config, thought_ids, tokenizer.pad_token_id, base_model_id=hub_id)
         model.loss_config = loss_config or QuietStarLossConfig()
-        if attention is not None:
-            model.set_attention(**attention.to_dict())
         with torch.no_grad():
             init = base.get_input_embeddings().weight[init_ids[0]].float()
             model.thought_embeddings.copy_(init.expand(2, -1))
             model.write_thought_embeddings()
-        check_thought_layout(model)
+        check_thought_layout(model)  # under the default settings: the family's layout, whatever runs it later
+        if attention is not None:
+            model.set_attention(**attention.to_dict())
         return model
 
     # ------------------------------------------------------------------------------------ components
@@ -274,11 +273,10 @@ class QuietStarForCausalLM(nn.Module):
 
     def set_attention(self, **changes) -> None:
         """Change how attention runs (fields of :class:`quietstar.attention.AttentionSettings`: ``attention_backend``,
-        ``sus_c``, ``sus_design``, ``triton_fp32_precision``) for the calls that follow. Checked on the model's
-        device at once: a backend the device cannot run is refused here, naming the field."""
-        settings = dataclasses.replace(self.attention, **changes)
-        resolve_attention(settings, self.thought_embeddings.device.type)
-        self.attention = settings
+        ``sus_c``, ``sus_design``, ``triton_fp32_precision``) for the calls that follow. They are resolved for the
+        device of the first call there (quietstar.attention.backends.resolve): a model is often built on a CPU and
+        moved, so a backend this device cannot run is refused at that call, naming the field."""
+        self.attention = dataclasses.replace(self.attention, **changes)
 
     def forward(self, input_ids, attention_mask=None, labels=None, thoughts=None, output_logits=True,
                 generator=None, loss_config: QuietStarLossConfig | None = None) -> QuietStarOutput:

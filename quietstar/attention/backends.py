@@ -92,8 +92,11 @@ def resolve(settings: AttentionSettings, device_type: str, head_dim: int | None 
         try:
             sus.resolve_backend("triton", torch.device(device_type), head_dim, dtype)
         except (ValueError, RuntimeError) as error:
-            raise ValueError(f"attention_backend='triton' cannot run here ({error}) Set it to 'auto' (or 'eager'), "
-                             "e.g. model.set_attention(attention_backend='auto'), or the run's attention_backend key."
+            reason = ("the triton package is not installed" if isinstance(error, RuntimeError) else
+                      f"it needs CUDA (or Triton's interpreter: TRITON_INTERPRET=1 before importing quietstar), and "
+                      f"this call runs on {device_type}")
+            raise ValueError(f"attention_backend='triton' cannot run here: {reason}. Set it to 'auto' (or 'eager'): "
+                             "model.set_attention(attention_backend='auto'), or the run's attention_backend key."
                              ) from None
         gradient = ("sus_triton",)
     elif backend == "flex":
