@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ARCHITECTURES, make_model, padded_batch, randomize_mixing_head, transformers_eager
+from quietstar import QuietStarLossConfig, modeling
 from quietstar.loss_config import OFFICIAL_LOSS
+from quietstar.losses import quietstar_loss, total_loss
 
 
 def masked(logits, model):
@@ -183,3 +185,31 @@ def test_losses_ignore_what_labels_ignore():
     assert partial.metrics["base_nll"] != full.metrics["base_nll"]
     # Targets up to x_4 only: the base NLL equals that of the row cut after x_4.
     assert abs(partial.metrics["base_nll"] - truncated.metrics["base_nll"]) < 1e-5
+
+
+def test_one_set_of_loss_defaults_one_sum_and_a_loss_config_per_call(monkeypatch):
+    """Called directly, the loss function weighs as a model call does by default (the recipe: one set of defaults);
+    the weighted terms sum to the loss (one owner); a call's loss_config replaces the model's for that call only."""
+    model = make_model("llama", num_lookahead_tokens=2)
+    randomize_mixing_head(model)
+    ids, mask = padded_batch(lengths=(9, 7))
+    thoughts = model.sample_thoughts(ids, mask)
+    calls = []
+    monkeypatch.setattr(modeling, "quietstar_loss", lambda *a, **kw: calls.append((a, kw)) or quietstar_loss(*a, **kw))
+    out = model(ids, attention_mask=mask, labels=ids, thoughts=thoughts)
+    ((args, kwargs),) = calls
+    assert args[7] is model.loss_config and model.loss_config == QuietStarLossConfig()
+    direct, metrics, terms = quietstar_loss(*args[:7], **kwargs)  # no loss config: the function's own default
+    torch.testing.assert_close(direct, out.loss)
+    assert metrics["policy_loss"] == out.metrics["policy_loss"] and metrics["loss"] == out.metrics["loss"]
+    torch.testing.assert_close(total_loss(out.loss_terms), out.loss)
+    torch.testing.assert_close(out.loss_terms["policy"] / model.loss_config.policy_weight,
+                               torch.tensor(out.metrics["policy_loss"]))
+    official = QuietStarLossConfig.official(policy_weight=3.0)
+    per_call = model(ids, attention_mask=mask, labels=ids, thoughts=thoughts, loss_config=official)
+    assert model.loss_config == QuietStarLossConfig()  # the model's stays
+    assert not torch.allclose(per_call.loss, out.loss)
+    torch.testing.assert_close(total_loss(per_call.loss_terms), per_call.loss)
+    torch.testing.assert_close(per_call.loss_terms["thought_nll"], per_call.loss.new_zeros(()))  # gamma = 0
+    model.loss_config = official
+    torch.testing.assert_close(model(ids, attention_mask=mask, labels=ids, thoughts=thoughts).loss, per_call.loss)
