@@ -409,7 +409,12 @@ class QuietStarForCausalLM(nn.Module):
         checkpoint.save(self, path, state_dict)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype=torch.float32, **kwargs) -> "QuietStarForCausalLM":
-        """Load what :meth:`save_pretrained` wrote, from a folder or a Hub id; ``kwargs`` go to
+    def from_pretrained(cls, path: str | os.PathLike, dtype=torch.float32, *, attention: AttentionSettings | None = None,
+                        **kwargs) -> "QuietStarForCausalLM":
+        """Load what :meth:`save_pretrained` wrote, from a folder or a Hub id; ``attention``: how attention runs
+        (default: "auto", whatever the run that saved it used); ``kwargs`` go to
         ``AutoModelForCausalLM.from_pretrained``."""
-        return checkpoint.load(cls, path, dtype, **kwargs)
+        model = checkpoint.load(cls, path, dtype, **kwargs)
+        if attention is not None:
+            model.set_attention(**attention.to_dict())
+        return model
