@@ -90,6 +90,12 @@ def test_a_gpu_run_checkpoint_loads_and_scores_on_cpu():
     for name in ("base_logits", "mixing_weights", "logits"):
         torch.testing.assert_close(getattr(got, name), recorded[name], msg=name)
     torch.testing.assert_close(got.loss.reshape(1), recorded["loss"])
+    # Settings for this process are given at loading, or later with set_attention.
+    with pytest.warns(UserWarning, match="run settings in the old save ignored"):
+        eager = QuietStarForCausalLM.from_pretrained(GPU_RUN_CHECKPOINT,
+                                                     attention=AttentionSettings(attention_backend="eager")).eval()
+    assert eager.attention == AttentionSettings(attention_backend="eager")
+    torch.testing.assert_close(_outputs(eager, recorded).logits, recorded["logits"])
 
 
 def test_a_backend_the_device_cannot_run_is_refused_naming_the_setting(monkeypatch):
