@@ -106,15 +106,19 @@ def resolve(settings: AttentionSettings, device_type: str, head_dim: int | None 
                                                                 dtype) == "triton"
         gradient = ("sus_triton",) if auto_triton else ("sus_torch",)
     elif backend == "auto":
-        gradient = tuple(name for name in ("flex", "flash_cpu", "eager") if device_type in BACKENDS[name].devices
-                         or name == "eager")
+        gradient = (*_native(("flex", "flash_cpu"), device_type), "eager")
     else:
         gradient = ("eager",)
-    sampling = ("flash_cpu", "eager") if backend == "auto" and device_type == "cpu" else ("eager",)
+    sampling = (*_native(("flash_cpu",), device_type), "eager") if backend == "auto" else ("eager",)
     plain = () if sus_c is None else (
         ("sus_triton",) if sus.resolve_backend("auto", torch.device(device_type), head_dim, dtype) == "triton"
         else ("sus_torch",))
     return Plan(settings, sampling, gradient, plain)
+
+
+def _native(names: tuple[str, ...], device_type: str) -> tuple[str, ...]:
+    """The fast paths of ``names`` that run on ``device_type``; eager, the reference, runs anywhere."""
+    return tuple(name for name in names if device_type in BACKENDS[name].devices)
 
 
 def missing_features(backend: Backend, features: LayerFeatures) -> list[str]:
@@ -132,7 +136,7 @@ def applies(name: str, query: torch.Tensor, key_padding: torch.Tensor | None, dr
 
 
 def choose(candidates: tuple[str, ...], features: LayerFeatures, query: torch.Tensor,
-           key_padding: torch.Tensor | None = None, dropout: float = 0.0, detail: dict | None = None) -> Backend:
+           key_padding: torch.Tensor | None = None, dropout: float = 0.0, detail=None) -> Backend:
     """The first of ``candidates`` that implements ``features`` and takes the inputs; the last candidate is taken
     or refused (a named backend has only itself). ``detail``: feature -> the words a refusal says about it."""
     for name in candidates[:-1]:
@@ -141,7 +145,7 @@ def choose(candidates: tuple[str, ...], features: LayerFeatures, query: torch.Te
     backend = BACKENDS[candidates[-1]]
     missing = missing_features(backend, features)
     if missing:
-        raise ValueError(refusal(backend, missing[0], (detail or {}).get(missing[0])))
+        raise ValueError(refusal(backend, missing[0], detail(missing[0]) if detail else None))
     return backend
 
 

@@ -12,6 +12,8 @@ dv != d in multi-head latent attention); every phase returns ``[B, n, H, dv]``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..ops import flash_cpu, flex, sus
@@ -79,18 +81,17 @@ def quietstar_attention(
     return gradient_pass_attention(query, key, value, layout, scaling, dropout, **rule), None
 
 
-def _features(query, value_head_dim, key_padding, dropout, window, softcap, sinks) -> tuple[LayerFeatures, dict]:
-    """What a call asks of a backend, and how a refusal describes each feature."""
+def _features(query, value_head_dim, padded, dropout, window, softcap, sinks) -> tuple[LayerFeatures, Callable]:
+    """What a call asks of a backend, and how a refusal describes each feature (called only to refuse)."""
     own_value_dim = value_head_dim not in (None, query.shape[-1])
-    padded = key_padding is not None and not bool(key_padding.all())
     features = LayerFeatures(windows=window is not None, softcap=softcap is not None, sinks=sinks is not None,
                              value_head_dim=own_value_dim, dropout=dropout > 0, padding=padded)
-    detail = {"dropout": f"{dropout}", "softcap": f"{softcap}", "windows": f"window {window}"}
-    if sinks is not None:
-        detail["sinks"] = f"one logit per head {tuple(sinks.shape)}"
-    if own_value_dim:
-        detail["value_head_dim"] = (f"{value_head_dim}; queries and keys: {query.shape[-1]}, as in multi-head latent "
-                                    "attention")
+
+    def detail(feature: str) -> str | None:
+        return {"dropout": f"{dropout}", "softcap": f"cap {softcap}", "windows": f"window {window}",
+                "sinks": None if sinks is None else f"one logit per head {tuple(sinks.shape)}",
+                "value_head_dim": f"{value_head_dim}; queries and keys: {query.shape[-1]}, as in multi-head latent "
+                                  "attention"}.get(feature)
     return features, detail
 
 
@@ -103,7 +104,7 @@ def resolve_backend(layout: ThoughtLayout, query: torch.Tensor, dropout: float, 
     refuses, naming it. ``value_head_dim``: the values' head dim, when it may differ from the queries'."""
     plan = resolve(layout.attention, query.device.type, query.shape[-1], query.dtype)
     candidates = plan.gradient if layout.phase == "expanded" else plan.sampling
-    features, detail = _features(query, value_head_dim, layout.key_padding, dropout, window, softcap, sinks)
+    features, detail = _features(query, value_head_dim, layout.padded, dropout, window, softcap, sinks)
     return choose(candidates, features, query, layout.key_padding, dropout, detail).name
 
 
@@ -122,7 +123,7 @@ def plain_attention(query, key, value, attention_mask, scaling, dropout, sus_c, 
         raise ValueError("sus_c applies to full-sequence calls (training), not to cached decoding.")
     settings = AttentionSettings(sus_c=sus_c, sus_design=sus_design)
     plan = resolve(settings, query.device.type, query.shape[-1], value.dtype)
-    features, detail = _features(query, value.shape[-1], None, dropout, window, softcap, sinks)
+    features, detail = _features(query, value.shape[-1], False, dropout, window, softcap, sinks)
     engine = choose(plan.plain, features, query, None, dropout, detail).name.removeprefix("sus_")
     out = sus.attention(query.to(value.dtype), key.to(value.dtype), value, c=sus_c, scale=scaling,
                         seed=_fresh_seed(), backend=engine, key_valid=attention_mask, window=window, softcap=softcap,
@@ -165,7 +166,7 @@ def gradient_pass_attention(query, key, value, layout: ThoughtLayout, scaling, d
     backend = resolve_backend(layout, query, dropout, window, softcap, value.shape[-1], sinks)
     settings = layout.attention
     if backend in ("sus_torch", "sus_triton"):
-        key_valid = None if bool(layout.key_padding.all()) else layout.key_padding
+        key_valid = layout.key_padding if layout.padded else None
         out = sus.attention(
             query.to(value.dtype), key.to(value.dtype), value, c=settings.sus_c, scale=scaling, seed=_fresh_seed(),
             backend=backend.removeprefix("sus_"), num_text=layout.num_text, branch_length=layout.branch_length,

@@ -17,6 +17,7 @@ so all S tokens of one branch sit together.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import KW_ONLY, dataclass, field
 
 import torch
@@ -116,6 +117,11 @@ class ThoughtLayout:
     @property
     def num_text(self) -> int:
         return self.key_padding.shape[-1]
+
+    @functools.cached_property
+    def padded(self) -> bool:
+        """Whether any text key is padding: one device sync per model call, not one per layer."""
+        return not bool(self.key_padding.all())
 
     def expected_length(self) -> int:
         """Number of tokens a model call in this phase must hold."""
