@@ -72,7 +72,7 @@ class Plan:
     settings: AttentionSettings
     sampling: tuple[str, ...]
     gradient: tuple[str, ...]
-    plain: tuple[str, ...]
+    plain: tuple[str, ...]  # empty without sus_c
 
 
 @functools.lru_cache(maxsize=64)
@@ -87,10 +87,14 @@ def resolve(settings: AttentionSettings, device_type: str, head_dim: int | None 
     steps run the CPU flash path under "auto" where it applies, else eager. A setting the device cannot run is
     refused here, naming the field and the way out.
     """
-    backend, sus_c = settings.attention_backend, settings.sus_c
+    backend, sus_c, device = settings.attention_backend, settings.sus_c, torch.device(device_type)
+    # SUS where quietstar.ops.sus's own "auto" puts it: the Triton kernels on CUDA, else the PyTorch reference.
+    auto_sus = "sus_torch"
+    if sus_c is not None and backend == "auto" and sus.resolve_backend("auto", device, head_dim, dtype) == "triton":
+        auto_sus = "sus_triton"
     if backend == "triton":
         try:
-            sus.resolve_backend("triton", torch.device(device_type), head_dim, dtype)
+            sus.resolve_backend("triton", device, head_dim, dtype)
         except (ValueError, RuntimeError) as error:
             reason = ("the triton package is not installed" if isinstance(error, RuntimeError) else
                       f"it needs CUDA (or Triton's interpreter: TRITON_INTERPRET=1 before importing quietstar), and "
@@ -102,17 +106,13 @@ def resolve(settings: AttentionSettings, device_type: str, head_dim: int | None 
     elif backend == "flex":
         gradient = ("flex",)
     elif sus_c is not None:
-        auto_triton = backend == "auto" and sus.resolve_backend("auto", torch.device(device_type), head_dim,
-                                                                dtype) == "triton"
-        gradient = ("sus_triton",) if auto_triton else ("sus_torch",)
+        gradient = (auto_sus,)
     elif backend == "auto":
         gradient = (*_native(("flex", "flash_cpu"), device_type), "eager")
     else:
         gradient = ("eager",)
     sampling = (*_native(("flash_cpu",), device_type), "eager") if backend == "auto" else ("eager",)
-    plain = () if sus_c is None else (
-        ("sus_triton",) if sus.resolve_backend("auto", torch.device(device_type), head_dim, dtype) == "triton"
-        else ("sus_torch",))
+    plain = () if sus_c is None else (auto_sus,)
     return Plan(settings, sampling, gradient, plain)
 
 
