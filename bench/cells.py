@@ -66,11 +66,11 @@ def positions_per_row(args, length: int, thought_tokens: int) -> int:
 def build_step(args, cell: Cell, device: str = "cpu", attention_backend: str = "auto"):
     """Model, optimizer and batch of one cell; returns a function that runs one training step.
 
-    ``attention_backend``: the Quiet-STaR model's (QuietStarConfig.attention_backend).
+    ``attention_backend``: the Quiet-STaR model's (AttentionSettings.attention_backend).
     """
     import torch
 
-    from quietstar import QuietStarConfig, QuietStarForCausalLM
+    from quietstar import AttentionSettings, QuietStarConfig, QuietStarForCausalLM
     from quietstar.official_dense import dense_forward
     from quietstar.tiny import byte_tokenizer, tiny_model
 
@@ -89,8 +89,10 @@ def build_step(args, cell: Cell, device: str = "cpu", attention_backend: str = "
             return base(input_ids=ids, labels=ids).loss
     else:
         config = QuietStarConfig(num_thought_tokens=cell.thought_tokens, num_lookahead_tokens=args.lookahead_tokens,
-                                 num_thoughts=args.num_thoughts, attention_backend=attention_backend)
-        model = QuietStarForCausalLM.from_base(base, byte_tokenizer(), config).to(device, dtype)
+                                 num_thoughts=args.num_thoughts)
+        model = QuietStarForCausalLM.from_base(base, byte_tokenizer(), config,
+                                               attention=AttentionSettings(attention_backend=attention_backend))
+        model = model.to(device, dtype)
         ids = torch.randint(0, TEXT_TOKEN_RANGE, (args.batch, cell.length), generator=generator).to(device)
         if device != "cpu":
             generator = torch.Generator(device).manual_seed(args.seed)  # thoughts are drawn where the logits are

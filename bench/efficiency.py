@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from cells import Cell, build_step, model_description, step_settings  # bench/cells.py, a sibling
-from quietstar.config import ATTENTION_BACKENDS
+from quietstar.attention.settings import ATTENTION_BACKENDS
 
 
 def parse_cell(text: str) -> tuple[int, int]:

@@ -15,8 +15,13 @@ A save is a folder that stock transformers loads as a plain LM, plus the Quiet-S
   "pad_token_id": id, "base_model": Hub id or null}``. It is written last, so a folder without it is an incomplete
   save, and loading refuses it.
 
-Older saves still load: a config saved before a QuietStarConfig field existed gets what the code did then
-(config.ADDED_FIELDS_BEFORE), and the first version wrote no ``base_model``. tests/test_checkpoint.py loads such saves.
+Only what the model is gets saved: the loss settings belong to the run (its ``run_config.json``), the attention
+settings to the process. Older saves still load: a config saved before a QuietStarConfig field existed gets what the
+code did then (config.ADDED_FIELDS_BEFORE); the first version wrote no ``base_model``; saves written before the
+split also hold the loss fields, which become the loaded model's ``loss_config`` (what a call with labels gave
+then; fields they lack get loss_config.SAVED_LOSS_FIELDS_BEFORE), and the attention fields, which are ignored with a
+warning (a GPU run's ``attention_backend: triton`` must not stop the model on a CPU). tests/test_checkpoint.py loads
+such saves.
 
 :func:`read_checkpoint` checks every file of a save before it is published (export, push); a missing or corrupt one
 raises :class:`CheckpointError` naming it.
@@ -28,6 +33,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +42,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .attention import ATTENTION_NAME
+from .attention import ATTENTION_NAME, AttentionSettings
 from .compat import check_model_supported
 from .config import QuietStarConfig
+from .loss_config import SAVED_LOSS_FIELDS_BEFORE, QuietStarLossConfig
 from .lora import ADAPTER_FOLDER, lm_state_dict_without_lora, load_lora
 
 CONFIG_FILE = "quietstar_config.json"
@@ -60,13 +67,16 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class SavedQuietStar:
-    """What ``quietstar_config.json`` holds: the thought hyperparameters, the ids of <|startofthought|> and
-    <|endofthought|>, the pad id, and the Hub id of the LM the model was built from (None when not from the Hub)."""
+    """What ``quietstar_config.json`` holds: the model config, the ids of <|startofthought|> and
+    <|endofthought|>, the pad id, and the Hub id of the LM the model was built from (None when not from the Hub).
+    ``loss_config``: the loss a save written before the loss left the model config was trained with (None for
+    later saves, which hold none); it is read, never written."""
 
     config: QuietStarConfig
     thought_token_ids: tuple[int, int]
     pad_token_id: int
     base_model: str | None = None
+    loss_config: QuietStarLossConfig | None = None
 
     def to_dict(self) -> dict:
         return {"quietstar": self.config.to_dict(), "thought_token_ids": list(self.thought_token_ids),
@@ -90,14 +100,31 @@ def read_saved_quietstar(folder: str | os.PathLike) -> SavedQuietStar:
     except ValueError as error:  # bad JSON or bad UTF-8
         raise ValueError(f"{path} is corrupt (not readable JSON: {_one_line(error)}).") from error
     try:
-        config = QuietStarConfig.from_dict(saved["quietstar"])
+        config, loss_config = _split_saved_fields(saved["quietstar"], path)
         token_ids = tuple(int(i) for i in saved["thought_token_ids"])
         pad_token_id = int(saved["pad_token_id"])
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path} is corrupt ({type(error).__name__}: {_one_line(error)}).") from error
     if len(token_ids) != 2:
         raise ValueError(f"{path} is corrupt (thought_token_ids must hold 2 ids, got {list(token_ids)}).")
-    return SavedQuietStar(config, token_ids, pad_token_id, saved.get("base_model"))
+    return SavedQuietStar(config, token_ids, pad_token_id, saved.get("base_model"), loss_config)
+
+
+def _split_saved_fields(values: dict, path: str) -> tuple[QuietStarConfig, QuietStarLossConfig | None]:
+    """The model config of a saved ``"quietstar"`` section, and the loss config an older save also holds. Attention
+    fields of an older save are run settings of its process: ignored, with a warning when they are not the defaults."""
+    values = dict(values)
+    loss = {name: values.pop(name) for name in QuietStarLossConfig.field_names() if name in values}
+    defaults = AttentionSettings().to_dict()
+    attention = {name: values.pop(name) for name in defaults if name in values}
+    ignored = {name: value for name, value in attention.items() if value != defaults[name]}
+    if ignored:
+        settings = ", ".join(f"{name}={value!r}" for name, value in ignored.items())
+        warnings.warn(f"{path}: run settings in the old save ignored ({settings}); the model runs with the default "
+                      "attention settings. Set them with model.set_attention(...) (or the run's YAML keys of the same "
+                      "names).", stacklevel=3)
+    loss_config = QuietStarLossConfig(**{**SAVED_LOSS_FIELDS_BEFORE, **loss}) if loss else None
+    return QuietStarConfig.from_dict(values), loss_config
 
 
 def read_quietstar_weights(folder: str | os.PathLike) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -186,7 +213,9 @@ def save(model, path: str | os.PathLike, state_dict: dict | None = None) -> None
 
 def load(model_class: type, path: str | os.PathLike, dtype=torch.float32, **kwargs):
     """Load what :func:`save` wrote, from a folder or a Hub id, as a ``model_class`` (QuietStarForCausalLM, whose
-    ``from_pretrained`` calls this); ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained``."""
+    ``from_pretrained`` calls this); ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained``. The model gets the
+    default attention settings, and the recipe loss unless the save is older and holds the loss it was trained with
+    (module docstring)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         path = snapshot_download(path)
@@ -196,6 +225,8 @@ def load(model_class: type, path: str | os.PathLike, dtype=torch.float32, **kwar
     check_model_supported(base)
     model = model_class(base, tokenizer, saved.config, saved.thought_token_ids, saved.pad_token_id,
                         base_model_id=saved.base_model)
+    if saved.loss_config is not None:
+        model.loss_config = saved.loss_config
     thought_embeddings, head = read_quietstar_weights(path)
     with torch.no_grad():
         model.thought_embeddings.copy_(thought_embeddings)

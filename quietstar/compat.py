@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import ATTENTION_NAME, ThoughtLayout
+from .attention import ATTENTION_NAME, AttentionSettings, ThoughtLayout
 from .head import LogitTransform, apply_output_head, decoder, output_head_names
 from .thoughts import expanded_pass
 
@@ -31,7 +31,8 @@ def check_model_supported(base) -> None:
                          "config says how many attention layers they have.")
     embeddings = check_token_tables(base)
     ids = torch.arange(3, 9, device=embeddings.weight.device)[None] % embeddings.num_embeddings
-    layout = ThoughtLayout("prefix", torch.ones_like(ids, dtype=torch.bool), 1, num_thought_tokens=1, backend="eager")
+    layout = ThoughtLayout("prefix", torch.ones_like(ids, dtype=torch.bool), 1, num_thought_tokens=1,
+                           attention=AttentionSettings(attention_backend="eager"))
     was_training = base.training
     base.eval()  # dropout would make the two runs differ
     try:

@@ -1,40 +1,28 @@
-"""QuietStarConfig: the model-side hyperparameters of Quiet-STaR (docs/design.md §1), saved with checkpoints
-(quietstar/checkpoint.py)."""
+"""QuietStarConfig: what a Quiet-STaR model is (docs/design.md §1), saved with every checkpoint
+(quietstar/checkpoint.py) and compared when a run resumes.
+
+How the loss is weighed is a run setting (quietstar/loss_config.py), and how attention runs a process setting
+(quietstar/attention/settings.py); neither is saved with the model.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 
-from .ops.sus.limits import FP32_PRECISIONS as TRITON_FP32_PRECISIONS
-from .ops.sus.limits import SUS_DESIGNS
-
 MIXING_MODES = ("logits", "logprobs")
-ATTENTION_BACKENDS = ("auto", "eager", "flex", "triton")
-REWARD_SOURCES = ("mixed", "thought")
-REWARD_PRECISIONS = ("fp32", "autocast")
-ADVANTAGE_NORMALIZATIONS = ("none", "batch_std")
 TEXT_PATHS = ("train", "frozen", "thought_lora")
 
-# The official code's loss settings (docs/design.md §1): a preset, not the default (see QuietStarConfig.official).
-OFFICIAL_LOSS = dict(reinforce_temperature=3.0, clip_negative_advantage=True, policy_weight=1e6, reward_source="mixed",
-                     reward_precision="autocast", advantage_normalization="none", thought_nll_weight=0.0)
-
 # Fields added after checkpoints were first written, with the behaviour of the code that wrote those checkpoints.
-ADDED_FIELDS_BEFORE = dict(reward_source="mixed", reward_precision="autocast", advantage_normalization="none",
-                           thought_nll_weight=0.0, text_path="train", triton_fp32_precision="ieee", sus_design="a")
+ADDED_FIELDS_BEFORE = dict(text_path="train")
 
 
 @dataclass
 class QuietStarConfig:
-    """Hyperparameters of the thought process, the mixing head and the losses.
+    """The thought process, the mixing and the thought tokens: what the weights were trained for.
 
     Names follow docs/design.md §1: T = ``num_thought_tokens``, A = ``num_lookahead_tokens``,
     N = ``num_thoughts``; a branch holds S = T + A + 1 tokens.
-
-    The loss defaults are the recipe that does not wreck the LM (docs/recipe.md): scoring at the sampling
-    temperature with centred, unclipped, batch-normalised advantages, a reward from the thought path alone computed
-    in fp32, and a thought-path NLL term. :meth:`official` gives the official code's settings instead.
     """
 
     num_thought_tokens: int = field(
@@ -51,57 +39,6 @@ class QuietStarConfig:
     )
     thought_temperature: float = field(
         default=1.0, metadata={"help": "Temperature at which thought tokens are sampled during training."}
-    )
-    reinforce_temperature: float = field(
-        default=1.0,
-        metadata={"help": "tau_RL: temperature of the log-softmax in the policy-gradient loss. Equal to "
-                          "thought_temperature it is the true policy's log-probability (an unbiased REINFORCE "
-                          "gradient); the official 3 sharpens every distribution whatever the rewards say."},
-    )
-    base_loss_weight: float = field(
-        default=0.5,
-        metadata={"help": "beta: weight of the base-model NLL; the mixed NLL gets 1 - beta."},
-    )
-    policy_weight: float = field(
-        default=1.0,
-        metadata={"help": "lambda: weight of the REINFORCE loss. With advantage_normalization 'batch_std' it is the "
-                          "RL gradient relative to the NLL gradient; the official code used 1e6 with raw advantages."},
-    )
-    clip_negative_advantage: bool = field(
-        default=False,
-        metadata={"help": "Train only on thoughts better than the mean of their position (r+ = max(r, 0); the "
-                          "official code). Clipping gives the policy gradient a non-zero mean even when rewards carry "
-                          "no information; false keeps it centred and unbiased."},
-    )
-    reward_source: str = field(
-        default="thought",
-        metadata={"help": f"One of {REWARD_SOURCES}. 'mixed': R = -sum_s NLL of the mixed prediction (official; "
-                          "proportional to the mixing weight w, so zero while w = 0). 'thought': R = -sum_s NLL of "
-                          "lm_head(h_thought) alone, independent of w (a thought's own likelihood gain)."},
-    )
-    reward_precision: str = field(
-        default="fp32",
-        metadata={"help": f"One of {REWARD_PRECISIONS}. 'fp32': the reward path (mixing head, thought-path lm_head, "
-                          "the cross-entropies that make rewards) runs in fp32 even under bf16 autocast, where the "
-                          "reward difference between two thoughts is otherwise mostly rounding noise. 'autocast': as "
-                          "the surrounding autocast (official)."},
-    )
-    advantage_normalization: str = field(
-        default="batch_std",
-        metadata={"help": f"One of {ADVANTAGE_NORMALIZATIONS}. 'batch_std': divide the centred advantages by their "
-                          "standard deviation over the batch (at least advantage_std_floor), so that policy_weight "
-                          "means the same whatever the reward scale. 'none': raw advantages (official)."},
-    )
-    advantage_std_floor: float = field(
-        default=0.01,
-        metadata={"help": "Smallest standard deviation (in nats) that 'batch_std' divides by: a batch whose thoughts "
-                          "all score alike is not blown up into a large gradient."},
-    )
-    thought_nll_weight: float = field(
-        default=0.5,
-        metadata={"help": "gamma: weight of the NLL of lm_head(h_thought) alone (the thought path's own prediction of "
-                          "the lookahead tokens), so the model learns to read its thoughts while the mixing weight is "
-                          "small. 0: no such term (official)."},
     )
     text_path: str = field(
         default="train",
@@ -125,71 +62,17 @@ class QuietStarConfig:
         default="---",
         metadata={"help": "The thought tokens' embeddings start as the embedding of this text's first token."},
     )
-    attention_backend: str = field(
-        default="auto",
-        metadata={"help": "Backend of the 'quietstar' attention: 'eager' (PyTorch, the reference, in every phase), "
-                          "'flex' (PyTorch's FlexAttention with the thought layout as a block mask, in the exact "
-                          "gradient pass; CUDA), 'triton' (the kernels of quietstar.ops.sus in the gradient pass, exact "
-                          "or SUS; CUDA) or 'auto' (on CUDA FlexAttention for an exact gradient pass and Triton for "
-                          "SUS; on CPU the exact flash fast path for unpadded rows, else eager). "
-                          "quietstar.attention.dispatch.resolve_backend applies it."},
-    )
-    sus_c: float | None = field(
-        default=None,
-        metadata={"help": "SUS backprop (docs/design.md §3) in the gradient pass: keep each attention weight P in the "
-                          "backward with probability min(1, c P), rescaled. None: exact backward. The paper found "
-                          "c of 25-30 costs about one percent extra gradient variance at n = 2000."},
-    )
-    sus_design: str = field(
-        default="a",
-        metadata={"help": "How SUS (sus_c) draws its mask: 'a' (design A: each attention weight on its own) or 'c' "
-                          "(design C: first each (row, 64-key tile) with probability min(1, c * its mass), then the "
-                          "entries of an opened tile; the backward visits the opened tiles only). Same per-weight "
-                          "probability, both unbiased; quietstar/ops/sus/design_a_*.py, design_c_*.py."},
-    )
-
-    triton_fp32_precision: str = field(
-        default="tf32",
-        metadata={"help": "How the Triton kernels (attention_backend 'triton', or SUS under 'auto' on CUDA) multiply fp32 "
-                          "inputs: 'tf32' (tensor cores, about 1e-3 relative error per product) or 'ieee' (exact fp32, "
-                          "several times slower; the setting the tests compare against the fp32 reference with). fp16 "
-                          "and bf16 inputs ignore it."},
-    )
-
     def __post_init__(self):
         for name in ("num_thought_tokens", "num_lookahead_tokens", "num_thoughts"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"QuietStarConfig.{name} must be a positive integer, got {value!r}.")
-        for name, allowed in (("reward_source", REWARD_SOURCES), ("reward_precision", REWARD_PRECISIONS),
-                              ("advantage_normalization", ADVANTAGE_NORMALIZATIONS), ("text_path", TEXT_PATHS),
-                              ("triton_fp32_precision", TRITON_FP32_PRECISIONS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"QuietStarConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
-        if not self.advantage_std_floor > 0:
-            raise ValueError(f"QuietStarConfig.advantage_std_floor must be > 0, got {self.advantage_std_floor!r}.")
-        if not self.thought_nll_weight >= 0:
-            raise ValueError(f"QuietStarConfig.thought_nll_weight must be >= 0, got {self.thought_nll_weight!r}.")
-        for name in ("thought_temperature", "reinforce_temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"QuietStarConfig.{name} must be > 0, got {getattr(self, name)!r}.")
-        if not 0.0 <= self.base_loss_weight <= 1.0:
-            raise ValueError(f"QuietStarConfig.base_loss_weight must be in [0, 1], got {self.base_loss_weight!r}.")
-        if self.policy_weight < 0:
-            raise ValueError(f"QuietStarConfig.policy_weight must be >= 0, got {self.policy_weight!r}.")
+        if self.text_path not in TEXT_PATHS:
+            raise ValueError(f"QuietStarConfig.text_path must be one of {TEXT_PATHS}, got {self.text_path!r}.")
+        if not self.thought_temperature > 0:
+            raise ValueError(f"QuietStarConfig.thought_temperature must be > 0, got {self.thought_temperature!r}.")
         if self.mixing not in MIXING_MODES:
             raise ValueError(f"QuietStarConfig.mixing must be one of {MIXING_MODES}, got {self.mixing!r}.")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(
-                f"QuietStarConfig.attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}."
-            )
-        if self.sus_c is not None and (isinstance(self.sus_c, bool) or not self.sus_c > 0):
-            raise ValueError(f"QuietStarConfig.sus_c must be > 0 (or None for the exact backward), got {self.sus_c!r}.")
-        if self.sus_design not in SUS_DESIGNS:
-            raise ValueError(f"QuietStarConfig.sus_design must be one of {SUS_DESIGNS}, got {self.sus_design!r}.")
-        if self.sus_c is not None and self.attention_backend == "flex":
-            raise ValueError("QuietStarConfig.sus_c needs a SUS backward, which attention_backend='flex' does not have; "
-                             "use 'auto' or 'triton' (or 'eager' for the PyTorch reference).")
         if self.start_thought_token == self.end_thought_token:
             raise ValueError("QuietStarConfig.start_thought_token and end_thought_token must differ.")
         if not self.thought_init_text:
@@ -199,12 +82,6 @@ class QuietStarConfig:
     def branch_length(self) -> int:
         """S = T + A + 1: <sot>, T thought tokens, <eot>, then A - 1 teacher-forced true tokens."""
         return self.num_thought_tokens + self.num_lookahead_tokens + 1
-
-    @classmethod
-    def official(cls, **overrides) -> "QuietStarConfig":
-        """The official code's loss settings (lambda = 1e6, tau_RL = 3, clipped raw advantages, rewards from the
-        mixed prediction under autocast, no thought-path NLL); ``overrides`` change any field."""
-        return cls(**{**OFFICIAL_LOSS, **overrides})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .loss_config import QuietStarLossConfig
 from .ops.precision import at_least_fp32
 
 IGNORE_INDEX = -100
@@ -110,6 +111,12 @@ def sampling_entropy(sample_logits: torch.Tensor, temperature: float, position_v
     return masked_mean(entropy, position_valid[:, None, ::stride, None]).item()
 
 
+def total_loss(terms: dict) -> torch.Tensor:
+    """L = L_NLL + gamma * L_thought + lambda * L_RL from the weighted terms :func:`quietstar_loss` returns: the one
+    place the objective is summed."""
+    return terms["nll"] + terms["thought_nll"] + terms["policy"]
+
+
 def quietstar_loss(
     base_logits,
     mixed_logits,
@@ -118,46 +125,44 @@ def quietstar_loss(
     mixing_weights,
     labels,
     position_valid,
+    loss_config: QuietStarLossConfig | None = None,
     *,
-    base_loss_weight: float,
-    policy_weight: float,
-    reinforce_temperature: float,
-    clip_negative_advantage: bool,
     thought_logits=None,
-    reward_source: str = "mixed",
-    advantage_normalization: str = "none",
-    advantage_std_floor: float = 0.01,
-    thought_nll_weight: float = 0.0,
     sample_temperature: float = 1.0,
 ):
-    """The whole Quiet-STaR objective L = L_NLL + gamma * L_thought + lambda * L_RL, its terms and its metrics.
+    """The whole Quiet-STaR objective L = L_NLL + gamma * L_thought + lambda * L_RL, its terms and its metrics,
+    weighed by ``loss_config`` (default: the recipe, ``QuietStarLossConfig()``).
 
     base_logits ``[B, L, V]``, mixed_logits ``[B, N, L, A, V]``, sample_logits ``[B, N, L, T, V]``
     (the thought-token-masked logits each c_{j,m} was sampled from), thoughts ``[B, N, L, T]``,
     mixing_weights ``[B, N, L, A]`` (weight on the thought path), labels ``[B, L]``,
     position_valid ``[B, L]``; thought_logits ``[B, N, L, A, V]`` (lm_head(h_thought), thought-token-masked) is
-    needed when ``reward_source="thought"`` or ``thought_nll_weight > 0``.
-    Returns ``(loss, metrics, terms)``: metrics a dict of floats, terms the unweighted losses ``{"nll",
-    "thought_nll", "policy"}`` (tensors) so that a trainer can reweight them (a policy-weight schedule).
+    needed when ``reward_source="thought"`` or ``thought_nll_weight > 0``; ``sample_temperature``: the temperature
+    the thoughts were sampled at (for the entropy diagnostic).
+    Returns ``(loss, metrics, terms)``: metrics a dict of floats, terms the weighted losses ``{"nll",
+    "thought_nll", "policy"}`` (tensors) whose :func:`total_loss` is ``loss`` (a trainer measures each one's
+    gradient).
     """
-    if reward_source not in ("mixed", "thought"):
-        raise ValueError(f"Unknown reward_source {reward_source!r}; use 'mixed' or 'thought'.")
-    if (reward_source == "thought" or thought_nll_weight > 0) and thought_logits is None:
-        raise ValueError(f"reward_source={reward_source!r} with thought_nll_weight={thought_nll_weight} needs "
+    cfg = QuietStarLossConfig() if loss_config is None else loss_config
+    if cfg.needs_thought_logits and thought_logits is None:
+        raise ValueError(f"reward_source={cfg.reward_source!r} with thought_nll_weight={cfg.thought_nll_weight} needs "
                          "thought_logits (the thought path's own predictions); pass them.")
     num_lookahead = mixed_logits.shape[-2]
     targets, target_valid = lookahead_targets(labels, position_valid, num_lookahead)
     base_nll = token_nll(base_logits, targets[..., 0])
     mixed_nll = token_nll(mixed_logits, targets[:, None].expand(mixed_logits.shape[:-1]))
-    nll, per_step = nll_loss(base_nll, target_valid[..., 0], mixed_nll, target_valid, base_loss_weight)
-    needs_thought = reward_source == "thought" or thought_nll_weight > 0
-    thought_nll = token_nll(thought_logits, targets[:, None].expand(thought_logits.shape[:-1])) if needs_thought else None
+    nll, per_step = nll_loss(base_nll, target_valid[..., 0], mixed_nll, target_valid, cfg.base_loss_weight)
+    needs_thought = cfg.needs_thought_logits
+    thought_nll = (token_nll(thought_logits, targets[:, None].expand(thought_logits.shape[:-1])) if needs_thought
+                   else None)
     thought_term = per_step_nll(thought_nll, target_valid).mean() if needs_thought else nll.new_zeros(())
-    reward, reward_valid = rewards(thought_nll if reward_source == "thought" else mixed_nll, target_valid)
-    advantage = advantages(reward, clip_negative_advantage, advantage_normalization, advantage_std_floor, reward_valid)
-    logprobs = thought_logprobs(sample_logits, thoughts, reinforce_temperature)
+    reward, reward_valid = rewards(thought_nll if cfg.reward_source == "thought" else mixed_nll, target_valid)
+    advantage = advantages(reward, cfg.clip_negative_advantage, cfg.advantage_normalization, cfg.advantage_std_floor,
+                           reward_valid)
+    logprobs = thought_logprobs(sample_logits, thoughts, cfg.reinforce_temperature)
     rl = policy_loss(logprobs, advantage, reward_valid)
-    loss = nll + thought_nll_weight * thought_term + policy_weight * rl
+    terms = {"nll": nll, "thought_nll": cfg.thought_nll_weight * thought_term, "policy": cfg.policy_weight * rl}
+    loss = total_loss(terms)
 
     with torch.no_grad():
         valid = reward_valid[:, None].expand_as(reward)
@@ -180,4 +185,4 @@ def quietstar_loss(
         }
         for s, value in enumerate(per_step.tolist()):
             metrics[f"mixed_nll_{s}"] = value
-    return loss, metrics, {"nll": nll, "thought_nll": thought_term, "policy": rl}
+    return loss, metrics, terms

@@ -13,12 +13,14 @@ from transformers import AddedToken
 
 from . import attention  # noqa: F401  (registers the "quietstar" attention with transformers)
 from . import checkpoint
-from .attention import ATTENTION_NAME
+from .attention import ATTENTION_NAME, AttentionSettings
+from .ops.visibility import text_positions
 from .compat import check_model_supported, check_new_embeddings, check_thought_layout
 from .config import QuietStarConfig
 from .generation import GenerationOutput, generate
 from .head import LogitTransform, apply_output_head, decoder, hidden_width, output_head_names
 from .lora import THOUGHT_BRANCH_MASK, ThoughtTokenGate
+from .loss_config import QuietStarLossConfig
 from .losses import IGNORE_INDEX, quietstar_loss
 from .mixing import MixingHead, mix, thought_weight
 from .ops.precision import at_least_fp32
@@ -40,7 +42,7 @@ class QuietStarOutput:
     mixing_weights: torch.Tensor | None = None  # [B, N, L, A], weight on the thought path
     logits: torch.Tensor | None = None  # [B, N, L, A, V], mixed
     thoughts: torch.Tensor | None = None  # [B, N, L, T]
-    loss_terms: dict = field(default_factory=dict)  # unweighted "nll", "thought_nll", "policy" (tensors)
+    loss_terms: dict = field(default_factory=dict)  # weighted "nll", "thought_nll", "policy" (tensors); sum: loss
 
 
 def _add_thought_tokens(tokenizer, config: QuietStarConfig) -> tuple[int, int]:
@@ -87,7 +89,9 @@ class QuietStarForCausalLM(nn.Module):
 
     Trainable parts: the LM itself, ``thought_embeddings`` (the input vectors of <|startofthought|>
     and <|endofthought|>, a separate parameter so they can get their own learning rate) and
-    ``mixing_head``. ``config`` is the LM's config; ``quietstar_config`` the thought hyperparameters.
+    ``mixing_head``. ``config`` is the LM's config; ``quietstar_config`` what the model is (saved);
+    ``loss_config`` how a call with ``labels`` weighs the loss (a run setting, not saved; default the recipe);
+    ``attention`` how attention runs in this process (not saved; :meth:`set_attention`).
     """
 
     def __init__(self, base, tokenizer, quietstar_config: QuietStarConfig, thought_token_ids, pad_token_id: int,
@@ -97,6 +101,8 @@ class QuietStarForCausalLM(nn.Module):
         self.base_model_id = base_model_id  # the Hub id the LM came from, when it came from the Hub
         self.tokenizer = tokenizer
         self.quietstar_config = quietstar_config
+        self.loss_config = QuietStarLossConfig()
+        self.attention = AttentionSettings()
         self.thought_token_ids = tuple(int(i) for i in thought_token_ids)
         self.pad_token_id = int(pad_token_id)
         self.output_head_names = output_head_names(base)
@@ -137,8 +143,11 @@ class QuietStarForCausalLM(nn.Module):
 
     # ----------------------------------------------------------------------------------------- build
     @classmethod
-    def from_base(cls, base, tokenizer, config: QuietStarConfig | None = None) -> "QuietStarForCausalLM":
-        """Add the thought tokens to ``tokenizer`` and ``base`` and switch ``base`` to the quietstar attention."""
+    def from_base(cls, base, tokenizer, config: QuietStarConfig | None = None, *,
+                  loss_config: QuietStarLossConfig | None = None,
+                  attention: AttentionSettings | None = None) -> "QuietStarForCausalLM":
+        """Add the thought tokens to ``tokenizer`` and ``base`` and switch ``base`` to the quietstar attention.
+        ``loss_config`` and ``attention`` set the model's run and process settings (default: the recipe, "auto")."""
         config = config or QuietStarConfig()
         ensure_pad_token(tokenizer)
         init_ids = tokenizer(config.thought_init_text, add_special_tokens=False).input_ids
@@ -153,11 +162,14 @@ class QuietStarForCausalLM(nn.Module):
         name = getattr(base, "name_or_path", "") or ""
         hub_id = name if name and not os.path.isdir(name) else None
         model = cls(base, tokenizer, config, thought_ids, tokenizer.pad_token_id, base_model_id=hub_id)
+        model.loss_config = loss_config or QuietStarLossConfig()
         with torch.no_grad():
             init = base.get_input_embeddings().weight[init_ids[0]].float()
             model.thought_embeddings.copy_(init.expand(2, -1))
             model.write_thought_embeddings()
-        check_thought_layout(model)
+        check_thought_layout(model)  # under the default settings: the family's layout, whatever runs it later
+        if attention is not None:
+            model.set_attention(**attention.to_dict())
         return model
 
     # ------------------------------------------------------------------------------------ components
@@ -260,15 +272,25 @@ class QuietStarForCausalLM(nn.Module):
                                                    ("num_thoughts", num_thoughts)) if value is not None}
         self.quietstar_config = dataclasses.replace(self.quietstar_config, **changes)
 
+    def set_attention(self, **changes) -> None:
+        """Change how attention runs (fields of :class:`quietstar.attention.AttentionSettings`: ``attention_backend``,
+        ``sus_c``, ``sus_design``, ``triton_fp32_precision``) for the calls that follow. They are resolved for the
+        device of the first call there (quietstar.attention.backends.resolve): a model is often built on a CPU and
+        moved, so a backend this device cannot run is refused at that call, naming the field."""
+        self.attention = dataclasses.replace(self.attention, **changes)
+
     def forward(self, input_ids, attention_mask=None, labels=None, thoughts=None, output_logits=True,
-                generator=None) -> QuietStarOutput:
+                generator=None, loss_config: QuietStarLossConfig | None = None) -> QuietStarOutput:
         """Think at every position, mix, and (with ``labels``) compute the Quiet-STaR loss.
 
         input_ids/attention_mask/labels ``[B, L]`` (labels: IGNORE_INDEX where not scored; the target
         of position j is labels[j+1]). ``thoughts [B, N, L, T]`` replays given thoughts instead of
         sampling. ``output_logits=False`` skips ``thought_logits`` and keeps only what the loss needs.
+        ``loss_config`` weighs the loss of this call (default: ``self.loss_config``; the trainer passes the run's,
+        with its scheduled lambda); its ``reward_precision`` also sets the precision of the mixing path.
         """
         cfg = self.quietstar_config
+        loss_config = self.loss_config if loss_config is None else loss_config
         T, A = cfg.num_thought_tokens, cfg.num_lookahead_tokens
         key_padding = self._key_padding(input_ids, attention_mask)
         shortest = int(key_padding.sum(dim=1).min())
@@ -291,9 +313,9 @@ class QuietStarForCausalLM(nn.Module):
         base_hidden = text_hidden[:, shifted].unsqueeze(1).expand_as(thought_hidden)
         mixes_logits = cfg.mixing == "logprobs" or not self.head_is_affine
         needs_thought_logits = (output_logits or mixes_logits
-                                or (labels is not None and (cfg.reward_source == "thought" or cfg.thought_nll_weight > 0)))
-        with self._reward_precision(input_ids.device):
-            fp32 = cfg.reward_precision == "fp32"
+                                or (labels is not None and loss_config.needs_thought_logits))
+        fp32 = loss_config.reward_precision == "fp32"
+        with self._reward_precision(input_ids.device, fp32):
             if fp32:
                 base_hidden, thought_hidden = at_least_fp32(base_hidden), at_least_fp32(thought_hidden)
             thought_logits = self.head_logits(thought_hidden) if needs_thought_logits else None
@@ -310,13 +332,14 @@ class QuietStarForCausalLM(nn.Module):
             masked_thought = (mask_thought_tokens(thought_logits, self.thought_token_ids)
                               if thought_logits is not None else None)
             out.loss, out.metrics, out.loss_terms = self.objective(base_logits, mixed, sample_logits, thoughts, weights,
-                                                                   labels, key_padding, masked_thought)
+                                                                   labels, key_padding, masked_thought, loss_config)
             out.metrics["mixing_head_live_units"] = self.mixing_head.live_unit_fraction(base_hidden, thought_hidden)
         return out
 
-    def _reward_precision(self, device: torch.device):
+    @staticmethod
+    def _reward_precision(device: torch.device, fp32: bool):
         """fp32 for the reward path (reward_precision="fp32"): autocast off; else the caller's autocast."""
-        if self.quietstar_config.reward_precision == "fp32":
+        if fp32:
             return torch.autocast(device_type=device.type, enabled=False)
         return contextlib.nullcontext()
 
@@ -358,18 +381,15 @@ class QuietStarForCausalLM(nn.Module):
             mixed = mix(shifted_base_logits, thought_logits, weights, mode)
         return weights, mask_thought_tokens(mixed, self.thought_token_ids)
 
-    def objective(self, base_logits, mixed, sample_logits, thoughts, weights, labels, key_padding, thought_logits=None):
-        """The Quiet-STaR loss, metrics and unweighted loss terms (quietstar.losses.quietstar_loss) with this model's
-        settings."""
-        cfg = self.quietstar_config
+    def objective(self, base_logits, mixed, sample_logits, thoughts, weights, labels, key_padding, thought_logits=None,
+                  loss_config: QuietStarLossConfig | None = None):
+        """The Quiet-STaR loss, metrics and weighted loss terms (quietstar.losses.quietstar_loss), weighed by
+        ``loss_config`` (default: ``self.loss_config``)."""
         return quietstar_loss(
             mask_thought_tokens(base_logits, self.thought_token_ids), mixed, sample_logits, thoughts, weights,
             labels.masked_fill(~key_padding, IGNORE_INDEX), key_padding,
-            base_loss_weight=cfg.base_loss_weight, policy_weight=cfg.policy_weight,
-            reinforce_temperature=cfg.reinforce_temperature, clip_negative_advantage=cfg.clip_negative_advantage,
-            thought_logits=thought_logits, reward_source=cfg.reward_source,
-            advantage_normalization=cfg.advantage_normalization, advantage_std_floor=cfg.advantage_std_floor,
-            thought_nll_weight=cfg.thought_nll_weight, sample_temperature=cfg.thought_temperature,
+            self.loss_config if loss_config is None else loss_config,
+            thought_logits=thought_logits, sample_temperature=self.quietstar_config.thought_temperature,
         )
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, do_sample=False, temperature=1.0,
@@ -390,7 +410,12 @@ class QuietStarForCausalLM(nn.Module):
         checkpoint.save(self, path, state_dict)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype=torch.float32, **kwargs) -> "QuietStarForCausalLM":
-        """Load what :meth:`save_pretrained` wrote, from a folder or a Hub id; ``kwargs`` go to
+    def from_pretrained(cls, path: str | os.PathLike, dtype=torch.float32, *, attention: AttentionSettings | None = None,
+                        **kwargs) -> "QuietStarForCausalLM":
+        """Load what :meth:`save_pretrained` wrote, from a folder or a Hub id; ``attention``: how attention runs
+        (default: "auto", whatever the run that saved it used); ``kwargs`` go to
         ``AutoModelForCausalLM.from_pretrained``."""
-        return checkpoint.load(cls, path, dtype, **kwargs)
+        model = checkpoint.load(cls, path, dtype, **kwargs)
+        if attention is not None:
+            model.set_attention(**attention.to_dict())
+        return model

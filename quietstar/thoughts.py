@@ -41,7 +41,7 @@ def sample_thoughts(model, input_ids, key_padding, *, temperature=1.0, greedy=Fa
     B, L = input_ids.shape
     N, T = cfg.num_thoughts, cfg.num_thought_tokens
     positions = model.text_positions(key_padding)
-    layout = ThoughtLayout("prefix", key_padding, N, num_thought_tokens=T, backend=cfg.attention_backend)
+    layout = ThoughtLayout("prefix", key_padding, N, num_thought_tokens=T, attention=model.attention)
     model.body(inputs_embeds=model.embed(input_ids), position_ids=positions, thought_layout=layout, use_cache=False)
 
     layout.phase = "sample"
@@ -92,8 +92,7 @@ def expanded_pass(model, input_ids, key_padding, thoughts):
     branch_positions = positions[:, None, :, None] + torch.arange(1, S + 1, device=input_ids.device)
     ids = torch.cat([input_ids, branches.reshape(B, -1)], dim=1)
     all_positions = torch.cat([positions, branch_positions.expand(B, N, L, S).reshape(B, -1)], dim=1)
-    layout = ThoughtLayout("expanded", key_padding, N, branch_length=S, backend=cfg.attention_backend,
-                           sus_c=cfg.sus_c, sus_design=cfg.sus_design, fp32_precision=cfg.triton_fp32_precision)
+    layout = ThoughtLayout("expanded", key_padding, N, branch_length=S, attention=model.attention)
     hidden = model.body(
         inputs_embeds=model.embed(ids), position_ids=all_positions, thought_layout=layout, use_cache=False
     ).last_hidden_state

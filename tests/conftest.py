@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     # Triton kernels run on CPU tensors only in the interpreter, which must be on before they are defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from quietstar import QuietStarConfig, QuietStarForCausalLM
+from quietstar import AttentionSettings, QuietStarConfig, QuietStarForCausalLM, QuietStarLossConfig
 from quietstar.tiny import byte_tokenizer, tiny_model
 
 ARCHITECTURES = ["llama", "mistral", "qwen2"]
@@ -31,14 +31,19 @@ def _deterministic():
     yield
 
 
-def make_model(arch: str = "llama", seed: int = 0, **config) -> QuietStarForCausalLM:
-    """A tiny Quiet-STaR model; defaults T=3, A=3, N=2."""
+def make_model(arch: str = "llama", seed: int = 0, **settings) -> QuietStarForCausalLM:
+    """A tiny Quiet-STaR model; defaults T=3, A=3, N=2. ``settings``: fields of QuietStarConfig, QuietStarLossConfig
+    (the model's loss_config) and AttentionSettings, each to its own."""
+    loss = {k: settings.pop(k) for k in QuietStarLossConfig.field_names() & set(settings)}
+    attention = {k: settings.pop(k) for k in AttentionSettings.field_names() & set(settings)}
     values = dict(num_thought_tokens=3, num_lookahead_tokens=3, num_thoughts=2)
-    values.update(config)
+    values.update(settings)
     tokenizer = byte_tokenizer()
     base = tiny_model(arch, vocab_size=len(tokenizer), seed=seed)
     # eval(): families with dropout (gpt2) would otherwise differ from run to run.
-    return QuietStarForCausalLM.from_base(base, tokenizer, QuietStarConfig(**values)).eval()
+    return QuietStarForCausalLM.from_base(base, tokenizer, QuietStarConfig(**values),
+                                          loss_config=QuietStarLossConfig(**loss),
+                                          attention=AttentionSettings(**attention)).eval()
 
 
 def randomize_mixing_head(model: QuietStarForCausalLM, scale: float = 0.5, seed: int = 1) -> None:

@@ -21,8 +21,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from conftest import make_model, randomize_mixing_head  # noqa: E402
-from quietstar.config import OFFICIAL_LOSS  # noqa: E402
 from quietstar import QuietStarForCausalLM  # noqa: E402
+from quietstar.loss_config import OFFICIAL_LOSS  # noqa: E402
 from quietstar.training.trainer import load_checkpoint_weights  # noqa: E402
 
 STEPS, LEARNING_RATE, ROWS, LENGTH = 2, 0.1, 4, 12

@@ -15,13 +15,18 @@ import torch
 from conftest import make_model
 from safetensors.torch import load_file
 
-from quietstar import QuietStarConfig, QuietStarForCausalLM
+from quietstar import AttentionSettings, QuietStarConfig, QuietStarForCausalLM, QuietStarLossConfig
+from quietstar.attention.backends import resolve
 from quietstar.checkpoint import CONFIG_FILE, SavedQuietStar, read_saved_quietstar
+from quietstar.loss_config import OFFICIAL_LOSS
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 OLD_CHECKPOINT = os.path.join(FIXTURES, "checkpoint")
 OLD_OUTPUTS = os.path.join(FIXTURES, "checkpoint-outputs.safetensors")
 LEGACY_CONFIG = os.path.join(FIXTURES, "legacy_quietstar_config.json")
+GPU_RUN_CHECKPOINT = os.path.join(FIXTURES, "checkpoint-gpu-run")
+# The loss and attention fields every save written before the model config was split holds.
+RUN_FIELDS = QuietStarLossConfig.field_names() | AttentionSettings.field_names()
 
 
 def _outputs(model: QuietStarForCausalLM, recorded: dict):
@@ -33,9 +38,10 @@ def _outputs(model: QuietStarForCausalLM, recorded: dict):
 def test_a_checkpoint_written_before_the_refactor_loads_to_the_same_outputs():
     recorded = load_file(OLD_OUTPUTS)
     model = QuietStarForCausalLM.from_pretrained(OLD_CHECKPOINT).eval()
-    # triton_fp32_precision came later: the save loads with what the code then did (exact fp32, "ieee").
     assert model.quietstar_config == QuietStarConfig(num_thought_tokens=2, num_lookahead_tokens=2, num_thoughts=2,
-                                                     mixing="logprobs", triton_fp32_precision="ieee")
+                                                     mixing="logprobs")
+    # Its loss fields (the recipe's) become the model's loss config; attention runs with the defaults.
+    assert model.loss_config == QuietStarLossConfig() and model.attention == AttentionSettings()
     assert model.thought_token_ids == (258, 259) and model.pad_token_id == 257 and model.base_model_id is None
     got = _outputs(model, recorded)
     for name in ("base_logits", "mixing_weights", "logits"):
@@ -47,36 +53,75 @@ def test_a_checkpoint_written_before_the_refactor_loads_to_the_same_outputs():
 
 def test_a_checkpoint_saved_before_later_config_fields_loads_with_the_behaviour_of_its_time(tmp_path):
     """The first format (commit b17f15d) had no ``base_model`` key and none of the QuietStarConfig fields added
-    since: it loads with what the code then did (config.ADDED_FIELDS_BEFORE) and to the same outputs."""
+    since: it loads with what the code then did (config.ADDED_FIELDS_BEFORE, loss_config.SAVED_LOSS_FIELDS_BEFORE)
+    and to the same outputs."""
     folder = tmp_path / "legacy"
     shutil.copytree(OLD_CHECKPOINT, folder)
     shutil.copyfile(LEGACY_CONFIG, folder / "quietstar_config.json")
     model = QuietStarForCausalLM.from_pretrained(folder).eval()
-    config = model.quietstar_config
-    assert (config.reward_source, config.reward_precision, config.advantage_normalization, config.thought_nll_weight,
-            config.text_path, config.sus_c, config.triton_fp32_precision) == ("mixed", "autocast", "none", 0.0, "train",
-                                                                              None, "ieee")
-    assert (config.reinforce_temperature, config.policy_weight, config.clip_negative_advantage) == (3.0, 1e6, True)
+    config, loss = model.quietstar_config, model.loss_config
+    assert config.text_path == "train" and model.attention == AttentionSettings()
+    assert (loss.reward_source, loss.reward_precision, loss.advantage_normalization, loss.thought_nll_weight) == (
+        "mixed", "autocast", "none", 0.0)
+    assert (loss.reinforce_temperature, loss.policy_weight, loss.clip_negative_advantage) == (3.0, 1e6, True)
+    assert loss == QuietStarLossConfig.official() == QuietStarLossConfig(**OFFICIAL_LOSS)
     assert model.base_model_id is None and model.thought_token_ids == (258, 259)
     recorded = load_file(OLD_OUTPUTS)
     got = _outputs(model, recorded)
     torch.testing.assert_close(got.logits, recorded["logits"])
-    # Saved again, it is written in the current format and reads back to the same config.
+    # Saved again, it is written in the current format, without run settings, and reads back to the same config.
     model.save_pretrained(tmp_path / "resaved")
+    resaved = json.loads((tmp_path / "resaved" / CONFIG_FILE).read_text())
+    assert not RUN_FIELDS & set(resaved["quietstar"])
     assert QuietStarForCausalLM.from_pretrained(tmp_path / "resaved").quietstar_config == config
 
+
+def test_a_gpu_run_checkpoint_loads_and_scores_on_cpu():
+    """A save written before the split by a run with ``attention_backend: triton`` and SUS (design C): its attention
+    settings are reported once and ignored, so the model runs on a CPU, to the outputs of the same weights."""
+    saved = json.loads(open(os.path.join(GPU_RUN_CHECKPOINT, CONFIG_FILE)).read())["quietstar"]
+    assert (saved["attention_backend"], saved["sus_c"], saved["sus_design"]) == ("triton", 30.0, "c")
+    with pytest.warns(UserWarning, match=r"run settings in the old save ignored \(attention_backend='triton', "
+                                         r"sus_c=30.0, sus_design='c', triton_fp32_precision='ieee'\).*set_attention"):
+        model = QuietStarForCausalLM.from_pretrained(GPU_RUN_CHECKPOINT).eval()
+    assert model.attention == AttentionSettings()
+    recorded = load_file(OLD_OUTPUTS)  # the same weights as OLD_CHECKPOINT (make_checkpoint.py)
+    got = _outputs(model, recorded)
+    for name in ("base_logits", "mixing_weights", "logits"):
+        torch.testing.assert_close(getattr(got, name), recorded[name], msg=name)
+    torch.testing.assert_close(got.loss.reshape(1), recorded["loss"])
+    # Settings for this process are given at loading, or later with set_attention.
+    with pytest.warns(UserWarning, match="run settings in the old save ignored"):
+        eager = QuietStarForCausalLM.from_pretrained(GPU_RUN_CHECKPOINT,
+                                                     attention=AttentionSettings(attention_backend="eager")).eval()
+    assert eager.attention == AttentionSettings(attention_backend="eager")
+    torch.testing.assert_close(_outputs(eager, recorded).logits, recorded["logits"])
+
+
+def test_a_backend_the_device_cannot_run_is_refused_naming_the_setting(monkeypatch):
+    """Asked for on a CPU without Triton's interpreter, the Triton backend is refused at the first call, naming the
+    field and the way out (not with a kernel-level message about CUDA tensors)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    resolve.cache_clear()  # resolved once per settings and device: drop what earlier tests resolved
+    model = QuietStarForCausalLM.from_pretrained(OLD_CHECKPOINT).eval()
+    model.set_attention(attention_backend="triton", sus_c=30.0)  # a model is often set up on a CPU, then moved
+    recorded = load_file(OLD_OUTPUTS)
+    with pytest.raises(ValueError, match=r"attention_backend='triton' cannot run here.*needs CUDA.*"
+                                         r"set_attention\(attention_backend='auto'\)"):
+        _outputs(model, recorded)
+    model.set_attention(attention_backend="auto", sus_c=None)
+    torch.testing.assert_close(_outputs(model, recorded).logits, recorded["logits"])
 
 def test_the_reader_gives_the_saved_values_typed():
     saved = read_saved_quietstar(OLD_CHECKPOINT)
     assert saved == SavedQuietStar(QuietStarConfig(num_thought_tokens=2, num_lookahead_tokens=2, num_thoughts=2,
-                                                   mixing="logprobs", triton_fp32_precision="ieee"), (258, 259), 257,
-                                   None)
+                                                   mixing="logprobs"), (258, 259), 257, None, QuietStarLossConfig())
     with pytest.raises(dataclasses.FrozenInstanceError):
         saved.pad_token_id = 0
     with open(os.path.join(OLD_CHECKPOINT, CONFIG_FILE)) as f:
         written = json.load(f)
-    written["quietstar"]["triton_fp32_precision"] = "ieee"  # a later field, filled in on reading
-    written["quietstar"]["sus_design"] = "a"  # a later field, filled in on reading
+    # The run settings of the old save are read, never written back.
+    written["quietstar"] = {k: v for k, v in written["quietstar"].items() if k not in RUN_FIELDS}
     assert saved.to_dict() == written  # what the writer writes, key for key
 
 

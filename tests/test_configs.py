@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 
 import pytest
 import transformers.training_args
 
-from quietstar import QuietStarConfig
+from quietstar import AttentionSettings, QuietStarConfig, QuietStarLossConfig
 from quietstar.training import (
     ConfigError,
     DataArguments,
@@ -44,15 +45,16 @@ def test_configs_exist():
 def test_every_config_parses_and_starts_with_a_comment(path, bf16_capable):
     with open(path) as f:
         assert f.readline().startswith("# Run:"), f"{path} must start with a comment giving its command"
-    model_args, data_args, quietstar_config, training_args = parse_config(["--config", path])
+    model_args, data_args, quietstar_config, training_args, loss_config, attention = parse_config(["--config", path])
     assert isinstance(model_args, ModelArguments) and isinstance(data_args, DataArguments)
     assert isinstance(quietstar_config, QuietStarConfig)
     assert isinstance(training_args, QuietStarTrainingArguments)
+    assert isinstance(loss_config, QuietStarLossConfig) and isinstance(attention, AttentionSettings)
     assert training_args.output_dir.startswith("runs/")
 
 
 def test_tiny_cpu_values():
-    model_args, data_args, quietstar_config, training_args = parse_config(
+    model_args, data_args, quietstar_config, training_args, *_ = parse_config(
         ["--config", os.path.join(REPO, "configs", "tiny-cpu.yaml")]
     )
     assert model_args.model_config["model_type"] == "llama"
@@ -64,7 +66,7 @@ def test_tiny_cpu_values():
 
 
 def test_mistral_values_match_the_official_run(bf16_capable):
-    model_args, data_args, quietstar_config, training_args = parse_config(
+    model_args, data_args, quietstar_config, training_args, *_ = parse_config(
         ["--config", os.path.join(REPO, "configs", "mistral-7b-openwebmath.yaml")]
     )
     assert model_args.model_name_or_path == "mistralai/Mistral-7B-v0.1" and model_args.dtype == "float32"
@@ -82,18 +84,20 @@ def test_mistral_values_match_the_official_run(bf16_capable):
 def test_sus_config_is_the_official_run_with_sus(bf16_capable):
     official = parse_config(["--config", os.path.join(REPO, "configs", "mistral-7b-openwebmath.yaml")])
     sus = parse_config(["--config", os.path.join(REPO, "configs", "mistral-7b-openwebmath-sus.yaml")])
-    assert sus[2].attention_backend == "triton" and sus[2].sus_c == 32.0
-    assert official[2].sus_c is None
-    sus[2].attention_backend, sus[2].sus_c = official[2].attention_backend, official[2].sus_c
-    assert sus[2] == official[2] and sus[1] == official[1]
-    assert sus[3].learning_rate == official[3].learning_rate and sus[3].max_steps == official[3].max_steps
+    assert sus.attention.attention_backend == "triton" and sus.attention.sus_c == 32.0
+    assert official.attention.sus_c is None
+    assert dataclasses.replace(sus.attention, attention_backend=official.attention.attention_backend,
+                               sus_c=official.attention.sus_c) == official.attention
+    assert sus.quietstar == official.quietstar and sus.data == official.data and sus.loss == official.loss
+    assert (sus.training.learning_rate == official.training.learning_rate
+            and sus.training.max_steps == official.training.max_steps)
 
 
 def test_command_line_overrides_yaml(tmp_path):
     path = write_yaml(tmp_path, "model_config: {model_type: llama}\ntokenizer_name_or_path: builtin-bytes\n"
                                 "dataset: synthetic-arithmetic\nlearning_rate: 1e-3\nmax_steps: 7\nnum_thoughts: 3\n")
-    _, _, quietstar_config, training_args = parse_config(["--config", path, "--learning_rate", "1e-5",
-                                                          "--num_thoughts", "4"])
+    _, _, quietstar_config, training_args, *_ = parse_config(["--config", path, "--learning_rate", "1e-5",
+                                                              "--num_thoughts", "4"])
     assert training_args.learning_rate == 1e-5
     assert quietstar_config.num_thoughts == 4
     assert training_args.max_steps == 7  # from the YAML
@@ -184,7 +188,7 @@ def test_accelerate_configs_load_and_say_how_to_launch(path):
 
 def test_smollm2_configs_use_the_offline_assets(bf16_capable):
     for name in ("smollm2-135m-cpu", "smollm2-135m-cpu-experiment", "smollm2-135m-cpu-official", "smollm2-135m-gpu"):
-        model_args, data_args, quietstar_config, training_args = parse_config(
+        model_args, data_args, quietstar_config, training_args, *_ = parse_config(
             ["--config", os.path.join(REPO, "configs", f"{name}.yaml")])
         assert (model_args.model_name_or_path, data_args.dataset) == ("smollm2-135m", "offline-math")
         assert training_args.output_dir == f"runs/{name}"
@@ -193,14 +197,15 @@ def test_smollm2_configs_use_the_offline_assets(bf16_capable):
 def test_demo_and_experiment_use_the_recipe_and_the_presets_the_official_loss(bf16_capable):
     """The recipe (docs/recipe.md) is what the demo and the experiment run; the official loss only where a config says
     it reproduces the official run."""
-    from quietstar.config import OFFICIAL_LOSS
+    from quietstar.loss_config import OFFICIAL_LOSS
 
     for name in ("smollm2-135m-cpu", "smollm2-135m-cpu-experiment", "smollm2-135m-gpu"):
-        model_args, _, config, training_args = parse_config(["--config", os.path.join(REPO, "configs", f"{name}.yaml")])
-        assert config.text_path == "thought_lora" and model_args.peft is not None
-        assert (config.reward_source, config.reward_precision, config.advantage_normalization) == (
+        run = parse_config(["--config", os.path.join(REPO, "configs", f"{name}.yaml")])
+        config, loss, training_args = run.quietstar, run.loss, run.training
+        assert config.text_path == "thought_lora" and run.model.peft is not None
+        assert (loss.reward_source, loss.reward_precision, loss.advantage_normalization) == (
             "thought", "fp32", "batch_std")
-        assert not config.clip_negative_advantage and config.reinforce_temperature == config.thought_temperature
+        assert not loss.clip_negative_advantage and loss.reinforce_temperature == config.thought_temperature
         assert training_args.policy_weight_warmup_steps > 0 and training_args.mixing_head_lr_scale == 1
     for name in ("smollm2-135m-cpu-official", "mistral-7b-openwebmath", "mistral-7b-openwebmath-sus"):
         values = load_yaml_config(os.path.join(REPO, "configs", f"{name}.yaml"))

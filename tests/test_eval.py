@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import CSQA_ROWS, GSM8K_ROWS, make_model, randomize_mixing_head
+from quietstar import AttentionSettings, QuietStarLossConfig
 from quietstar.cli import eval as eval_cli
 from quietstar.evaluation import EvalResult, EvalSettings, answer_tokens, evaluate, prompts
 from quietstar.evaluation import data as eval_data
@@ -125,8 +126,12 @@ def test_a_new_result_has_the_keys_of_one_written_before(saved_model, synthetic_
     with open(os.path.join(FIXTURES, "gsm8k_accuracy_thoughts.json")) as f:
         old = json.load(f)
     assert list(new) == list(old) and list(new["settings"]) == list(old["settings"])
-    # Config fields added since (triton_fp32_precision) may follow; the old ones keep their names and order.
-    assert [key for key in new["quietstar_config"] if key in old["quietstar_config"]] == list(old["quietstar_config"])
+    # The model config's fields keep their names and order (fields added since may follow); the loss and attention
+    # fields left it (they are run settings, not the model's).
+    run_fields = QuietStarLossConfig.field_names() | AttentionSettings.field_names()
+    assert [key for key in new["quietstar_config"] if key in old["quietstar_config"]] == [
+        key for key in old["quietstar_config"] if key not in run_fields]
+    assert not run_fields & set(new["quietstar_config"])
     assert list(new["items"][0]) == list(old["items"][0])
 
 

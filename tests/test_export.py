@@ -152,8 +152,11 @@ def test_model_card_holds_metadata_config_training_metrics_and_eval_results(chec
     assert header == {"library_name": "transformers", "pipeline_tag": "text-generation", "license": "apache-2.0",
                       "base_model": "HuggingFaceTB/SmolLM2-135M", "tags": ["quiet-star", "reasoning"]}
     for row in ("| `num_thought_tokens` | `3` |", "| `num_lookahead_tokens` | `3` |", "| `num_thoughts` | `2` |",
-                "| `policy_weight` | `1.0` |", "| `reward_source` | `thought` |", "| `mixing` | `logits` |"):
+                "| `mixing` | `logits` |", "| `text_path` | `train` |"):
         assert row in body
+    # Run settings (how the loss was weighed, how attention ran) are not the model's: the card does not list them.
+    for name in ("policy_weight", "reward_source", "attention_backend", "sus_c"):
+        assert f"| `{name}` |" not in body, name
     assert "20 optimizer steps" in body
     for row in ("| `loss` | 2 | 20 |", "| `base_nll` | 2.346 | 20 |", "| `reward_mean` | 0.125 | 20 |",
                 "| `eval_loss` | 1.875 | 20 |", "| 10 | 3.142 | 2.718 | 2.5 | -0.25 |",

@@ -56,7 +56,7 @@ def test_keys_beyond_the_calls_tokens_are_refused():
     module = torch.nn.Module()
     module.layer_idx = 0
     q, k, v = _inputs(5)
-    layout = ThoughtLayout("prefix", torch.ones(1, 4, dtype=torch.bool), 1, num_thought_tokens=1, backend="auto")
+    layout = ThoughtLayout("prefix", torch.ones(1, 4, dtype=torch.bool), 1, num_thought_tokens=1)
     with pytest.raises(ValueError, match="expects 4 keys per row .* over 5: .*entries of its own"):
         dispatch.quietstar_attention(module, q[:, :, :4], k, v, None, thought_layout=layout)
 

@@ -2,22 +2,18 @@
 
 On CPU: its mask_mod, element by element, equals the dense visibility that layout.py's functions give (the
 rule eager applies); its BlockMask covers exactly the blocks holding a visible pair; its forward (FlexAttention
-runs one, unfused, on CPU) equals eager; the resolver picks it for an exact gradient pass on CUDA and the Triton
-kernels for SUS. On CUDA (marked gpu): outputs and gradients equal eager's, fp32 and bf16.
+runs one, unfused, on CPU) equals eager. On CUDA (marked gpu): outputs and gradients equal eager's, fp32 and bf16.
+Which layers it serves and which it refuses: tests/test_backend_matrix.py.
 """
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.nn.attention.flex_attention import create_mask
 
-from quietstar import QuietStarConfig
 from quietstar.attention import ThoughtLayout, branch_visibility, eager, prefix_visibility
-from quietstar.attention.dispatch import resolve_backend
-from quietstar.ops import flash_cpu, flex
+from quietstar.ops import flex
 
 
 def dense_visibility(key_padding: torch.Tensor, num_thoughts: int, branch_length: int,
@@ -65,7 +61,7 @@ def test_mask_mod_equals_the_layout_rule(lengths, L, N, S, left, window):
 
 
 def test_block_masks_are_kept_per_window():
-    layout = ThoughtLayout("expanded", key_padding_of((9,), 9), 1, backend="flex", branch_length=3)
+    layout = ThoughtLayout("expanded", key_padding_of((9,), 9), 1, branch_length=3)
     full, local = flex.block_mask(layout), flex.block_mask(layout, 4)
     assert flex.block_mask(layout) is full and flex.block_mask(layout, 4) is local
     n = layout.expected_length()
@@ -77,7 +73,7 @@ def test_block_masks_are_kept_per_window():
 def test_block_mask_covers_exactly_the_visible_blocks_and_is_built_once():
     L, N, S = 21, 2, 5
     key_padding = key_padding_of((21, 13), L, left_padded=(1,))
-    layout = ThoughtLayout("expanded", key_padding, N, backend="flex", branch_length=S)
+    layout = ThoughtLayout("expanded", key_padding, N, branch_length=S)
     mask = flex.block_mask(layout)
     assert flex.block_mask(layout) is mask  # every later layer reuses the first layer's mask
     n = layout.expected_length()
@@ -95,7 +91,7 @@ def _problem(lengths, L, N, S, left, H, Hkv, d, dtype, device, seed=0, window=No
     n = L + N * L * S
     B = len(lengths)
     q, k, v = (torch.randn(B, h, n, d, generator=generator).to(device=device, dtype=dtype) for h in (H, Hkv, Hkv))
-    layout = ThoughtLayout("expanded", key_padding_of(lengths, L, left).to(device), N, backend="flex", branch_length=S)
+    layout = ThoughtLayout("expanded", key_padding_of(lengths, L, left).to(device), N, branch_length=S)
     sees_something = dense_visibility(layout.key_padding.cpu(), N, S, window).any(-1).to(device)  # [B, n]
     return q, k, v, layout, sees_something
 
@@ -154,34 +150,3 @@ def test_cuda_forward_and_gradients_equal_eager(dtype, lengths, L, N, S, left, H
         assert torch.isfinite(got).all(), f"d{name} holds NaN or inf"
         scale = want.abs().max().item()
         torch.testing.assert_close(got.float() / scale, want / scale, **tolerance, msg=f"d{name}")
-
-
-def _query_on(device: str, head_dim: int):
-    """What the resolver reads of a query (device, dtype, shape): a CUDA one is described, not allocated."""
-    return SimpleNamespace(device=torch.device(device), dtype=torch.bfloat16, shape=(1, 4, 10, head_dim))
-
-
-@pytest.mark.parametrize("backend, sus_c, device, head_dim, dropout, expected", [
-    ("auto", None, "cuda", 64, 0.0, "flex"),  # the exact gradient pass on CUDA
-    ("auto", 32.0, "cuda", 64, 0.0, "sus_triton"),  # SUS on CUDA: the Triton kernels
-    ("triton", None, "cuda", 64, 0.0, "sus_triton"),  # the exact kernels only when named
-    ("flex", None, "cuda", 64, 0.0, "flex"),
-    ("auto", None, "cuda", 8, 0.0, "eager"),  # a head dim FlexAttention lacks: the exact reference
-    ("auto", None, "cuda", 64, 0.1, "eager"),  # attention dropout
-    ("eager", None, "cuda", 64, 0.0, "eager"),
-    ("eager", 32.0, "cuda", 64, 0.0, "sus_torch"),
-    ("auto", 32.0, "cpu", 64, 0.0, "sus_torch"),
-    ("auto", None, "cpu", 64, 0.0, "flash_cpu" if flash_cpu._flash is not None else "eager"),
-])
-def test_resolver_picks_flex_for_exact_and_triton_for_sus_on_cuda(backend, sus_c, device, head_dim, dropout,
-                                                                   expected):
-    layout = ThoughtLayout("expanded", torch.ones(1, 2, dtype=torch.bool), 1, backend=backend, branch_length=3,
-                           sus_c=sus_c)
-    query = torch.zeros(1, 4, 10, head_dim) if device == "cpu" else _query_on(device, head_dim)
-    assert resolve_backend(layout, query, dropout) == expected
-
-
-def test_flex_has_no_sus_backward():
-    with pytest.raises(ValueError, match="attention_backend='flex' does not have"):
-        QuietStarConfig(attention_backend="flex", sus_c=32.0)
-    assert QuietStarConfig(attention_backend="flex").attention_backend == "flex"

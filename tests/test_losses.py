@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ARCHITECTURES, make_model, padded_batch, randomize_mixing_head, transformers_eager
-from quietstar.config import OFFICIAL_LOSS
+from quietstar import QuietStarLossConfig, modeling
+from quietstar.loss_config import OFFICIAL_LOSS
+from quietstar.losses import quietstar_loss, total_loss
 
 
 def masked(logits, model):
@@ -22,7 +24,7 @@ def masked(logits, model):
 
 def reference_loss(model, ids, mask, thoughts):
     """L = L_NLL + gamma L_thought + lambda L_RL computed one position, sample and step at a time."""
-    cfg = model.quietstar_config
+    cfg, loss = model.quietstar_config, model.loss_config
     T, A, N = cfg.num_thought_tokens, cfg.num_lookahead_tokens, cfg.num_thoughts
     sot, eot = model.thought_token_ids
     base_terms, mixed_terms, thought_terms = [], [[] for _ in range(A)], [[] for _ in range(A)]
@@ -43,7 +45,7 @@ def reference_loss(model, ids, mask, thoughts):
                     h = model.body(inputs_embeds=model.embed(sequence[None])).last_hidden_state[0]
                     start = j + 1
                     sampling = masked(model.lm_head(h[start : start + T]), model)
-                    logprob_rows.append(torch.log_softmax(sampling / cfg.reinforce_temperature, -1)[torch.arange(T), c])
+                    logprob_rows.append(torch.log_softmax(sampling / loss.reinforce_temperature, -1)[torch.arange(T), c])
                     reward = 0.0
                     for s in range(A):
                         if j + 1 + s >= n_real:
@@ -61,27 +63,27 @@ def reference_loss(model, ids, mask, thoughts):
                         thought_nll = F.cross_entropy(masked(thought_logits, model), real[j + 1 + s])
                         mixed_terms[s].append(nll)
                         thought_terms[s].append(thought_nll)
-                        reward = reward - (thought_nll if cfg.reward_source == "thought" else nll).detach()
+                        reward = reward - (thought_nll if loss.reward_source == "thought" else nll).detach()
                     rewards.append(reward)
                 if rewards[0] is None:
                     continue
                 mean_reward = sum(rewards) / N
                 scored.extend((rewards[n] - mean_reward, logprob_rows[n]) for n in range(N))
     spread = 1.0
-    if cfg.advantage_normalization == "batch_std":
-        spread = max(float(torch.stack([a for a, _ in scored]).square().mean().sqrt()), cfg.advantage_std_floor)
+    if loss.advantage_normalization == "batch_std":
+        spread = max(float(torch.stack([a for a, _ in scored]).square().mean().sqrt()), loss.advantage_std_floor)
     policy_terms = []
     for advantage, logprobs in scored:
         advantage = advantage / spread
-        if cfg.clip_negative_advantage:
+        if loss.clip_negative_advantage:
             advantage = max(advantage, 0.0)
         policy_terms.extend(-advantage * logprobs)
-    nll = cfg.base_loss_weight * torch.stack(base_terms).mean() + (1 - cfg.base_loss_weight) * sum(
+    nll = loss.base_loss_weight * torch.stack(base_terms).mean() + (1 - loss.base_loss_weight) * sum(
         torch.stack(terms).mean() for terms in mixed_terms
     ) / A
     thought = sum(torch.stack(terms).mean() for terms in thought_terms) / A
     policy = torch.stack(policy_terms).mean()
-    return nll + cfg.thought_nll_weight * thought + cfg.policy_weight * policy, policy
+    return nll + loss.thought_nll_weight * thought + loss.policy_weight * policy, policy
 
 
 def gradients(model):
@@ -183,3 +185,31 @@ def test_losses_ignore_what_labels_ignore():
     assert partial.metrics["base_nll"] != full.metrics["base_nll"]
     # Targets up to x_4 only: the base NLL equals that of the row cut after x_4.
     assert abs(partial.metrics["base_nll"] - truncated.metrics["base_nll"]) < 1e-5
+
+
+def test_one_set_of_loss_defaults_one_sum_and_a_loss_config_per_call(monkeypatch):
+    """Called directly, the loss function weighs as a model call does by default (the recipe: one set of defaults);
+    the weighted terms sum to the loss (one owner); a call's loss_config replaces the model's for that call only."""
+    model = make_model("llama", num_lookahead_tokens=2)
+    randomize_mixing_head(model)
+    ids, mask = padded_batch(lengths=(9, 7))
+    thoughts = model.sample_thoughts(ids, mask)
+    calls = []
+    monkeypatch.setattr(modeling, "quietstar_loss", lambda *a, **kw: calls.append((a, kw)) or quietstar_loss(*a, **kw))
+    out = model(ids, attention_mask=mask, labels=ids, thoughts=thoughts)
+    ((args, kwargs),) = calls
+    assert args[7] is model.loss_config and model.loss_config == QuietStarLossConfig()
+    direct, metrics, terms = quietstar_loss(*args[:7], **kwargs)  # no loss config: the function's own default
+    torch.testing.assert_close(direct, out.loss)
+    assert metrics["policy_loss"] == out.metrics["policy_loss"] and metrics["loss"] == out.metrics["loss"]
+    torch.testing.assert_close(total_loss(out.loss_terms), out.loss)
+    torch.testing.assert_close(out.loss_terms["policy"] / model.loss_config.policy_weight,
+                               torch.tensor(out.metrics["policy_loss"]))
+    official = QuietStarLossConfig.official(policy_weight=3.0)
+    per_call = model(ids, attention_mask=mask, labels=ids, thoughts=thoughts, loss_config=official)
+    assert model.loss_config == QuietStarLossConfig()  # the model's stays
+    assert not torch.allclose(per_call.loss, out.loss)
+    torch.testing.assert_close(total_loss(per_call.loss_terms), per_call.loss)
+    torch.testing.assert_close(per_call.loss_terms["thought_nll"], per_call.loss.new_zeros(()))  # gamma = 0
+    model.loss_config = official
+    torch.testing.assert_close(model(ids, attention_mask=mask, labels=ids, thoughts=thoughts).loss, per_call.loss)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from conftest import make_model, padded_batch, randomize_mixing_head
-from quietstar import QuietStarConfig, QuietStarForCausalLM
+from quietstar import AttentionSettings, QuietStarConfig, QuietStarForCausalLM, QuietStarLossConfig
 from quietstar.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from quietstar.tiny import byte_tokenizer, tiny_model
 
@@ -64,21 +64,23 @@ def test_embed_replaces_only_thought_tokens_and_follows_the_trained_vectors():
 
 
 @pytest.mark.parametrize(
-    "values, message",
+    "config_class, values, message",
     [
-        (dict(num_thought_tokens=0), "num_thought_tokens must be a positive integer"),
-        (dict(num_lookahead_tokens=-1), "num_lookahead_tokens"),
-        (dict(num_thoughts=1.5), "num_thoughts"),
-        (dict(mixing="sum"), "mixing must be one of"),
-        (dict(base_loss_weight=1.5), "base_loss_weight must be in"),
-        (dict(reinforce_temperature=0), "reinforce_temperature must be > 0"),
-        (dict(attention_backend="flash"), "attention_backend must be one of"),
-        (dict(start_thought_token="<t>", end_thought_token="<t>"), "must differ"),
+        (QuietStarConfig, dict(num_thought_tokens=0), "num_thought_tokens must be a positive integer"),
+        (QuietStarConfig, dict(num_lookahead_tokens=-1), "num_lookahead_tokens"),
+        (QuietStarConfig, dict(num_thoughts=1.5), "num_thoughts"),
+        (QuietStarConfig, dict(mixing="sum"), "mixing must be one of"),
+        (QuietStarConfig, dict(thought_temperature=0), "thought_temperature must be > 0"),
+        (QuietStarLossConfig, dict(base_loss_weight=1.5), "base_loss_weight must be in"),
+        (QuietStarLossConfig, dict(reinforce_temperature=0), "reinforce_temperature must be > 0"),
+        (QuietStarLossConfig, dict(policy_weight=-1.0), "policy_weight must be >= 0"),
+        (AttentionSettings, dict(attention_backend="flash"), "attention_backend must be one of"),
+        (QuietStarConfig, dict(start_thought_token="<t>", end_thought_token="<t>"), "must differ"),
     ],
 )
-def test_config_errors_name_the_field(values, message):
+def test_config_errors_name_the_field(config_class, values, message):
     with pytest.raises(ValueError, match=message):
-        QuietStarConfig(**values)
+        config_class(**values)
 
 
 def test_config_from_dict_rejects_unknown_fields():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import make_model, padded_batch, randomize_mixing_head
-from quietstar.config import OFFICIAL_LOSS
+from quietstar.loss_config import OFFICIAL_LOSS
 from quietstar.official_dense import dense_forward, plain_attention
 
 # The official scheme with the official loss (its tolerances assume raw advantages; the recipe's normalised ones are

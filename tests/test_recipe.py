@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from conftest import make_model, padded_batch, randomize_mixing_head
-from quietstar import QuietStarConfig
-from quietstar.config import OFFICIAL_LOSS
+from quietstar import AttentionSettings, QuietStarConfig, QuietStarLossConfig
+from quietstar.checkpoint import CONFIG_FILE, read_saved_quietstar
+from quietstar.loss_config import OFFICIAL_LOSS
 from quietstar.mixing import mix
 from quietstar.thoughts import expanded_pass
 from quietstar.training import QuietStarTrainer, QuietStarTrainingArguments, build_window_dataset
@@ -70,30 +71,37 @@ def test_thought_rewards_are_live_where_mixed_rewards_are_dead():
     assert thought["tied_reward_fraction"] < 0.5 and thought["policy_loss"] != 0.0
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("reward_source", "both", "reward_source must be one of"),
-    ("reward_precision", "fp16", "reward_precision must be one of"),
-    ("advantage_normalization", "z", "advantage_normalization must be one of"),
-    ("text_path", "lora", "text_path must be one of"),
-    ("triton_fp32_precision", "fp64", "triton_fp32_precision must be one of"),
-    ("advantage_std_floor", 0.0, "advantage_std_floor must be > 0"),
-    ("thought_nll_weight", -1.0, "thought_nll_weight must be >= 0"),
+@pytest.mark.parametrize("config_class, field, value, message", [
+    (QuietStarLossConfig, "reward_source", "both", "reward_source must be one of"),
+    (QuietStarLossConfig, "reward_precision", "fp16", "reward_precision must be one of"),
+    (QuietStarLossConfig, "advantage_normalization", "z", "advantage_normalization must be one of"),
+    (QuietStarConfig, "text_path", "lora", "text_path must be one of"),
+    (AttentionSettings, "triton_fp32_precision", "fp64", "triton_fp32_precision must be one of"),
+    (QuietStarLossConfig, "advantage_std_floor", 0.0, "advantage_std_floor must be > 0"),
+    (QuietStarLossConfig, "thought_nll_weight", -1.0, "thought_nll_weight must be >= 0"),
 ])
-def test_bad_recipe_fields_are_refused(field, value, message):
+def test_bad_recipe_fields_are_refused(config_class, field, value, message):
     with pytest.raises(ValueError, match=message):
-        QuietStarConfig(**{field: value})
+        config_class(**{field: value})
 
 
-def test_presets_and_configs_saved_before_the_recipe():
-    official = QuietStarConfig.official(num_thought_tokens=5)
-    assert {k: getattr(official, k) for k in OFFICIAL_LOSS} == OFFICIAL_LOSS and official.num_thought_tokens == 5
-    recipe = QuietStarConfig()
-    assert (recipe.reinforce_temperature, recipe.clip_negative_advantage) == (recipe.thought_temperature, False)
-    # A checkpoint written before these fields existed was trained with the official loss: it loads as such.
-    saved = {k: v for k, v in QuietStarConfig.official().to_dict().items()
+def test_presets_and_configs_saved_before_the_recipe(tmp_path):
+    official = QuietStarLossConfig.official(thought_nll_weight=0.25)
+    assert {k: getattr(official, k) for k in OFFICIAL_LOSS if k != "thought_nll_weight"} == {
+        k: v for k, v in OFFICIAL_LOSS.items() if k != "thought_nll_weight"} and official.thought_nll_weight == 0.25
+    recipe = QuietStarLossConfig()
+    assert (recipe.reinforce_temperature, recipe.clip_negative_advantage) == (QuietStarConfig().thought_temperature,
+                                                                              False)
+    # A checkpoint written before these fields existed was trained with the official loss: it loads as such (the
+    # loss fields of a save from before the split become the loaded model's loss_config).
+    old_fields = {**QuietStarConfig().to_dict(), **QuietStarLossConfig.official().to_dict()}
+    saved = {k: v for k, v in old_fields.items()
              if k not in ("reward_source", "reward_precision", "advantage_normalization", "thought_nll_weight",
                           "text_path")}
-    assert QuietStarConfig.from_dict(saved) == QuietStarConfig.official()
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"quietstar": saved, "thought_token_ids": [1, 2],
+                                                    "pad_token_id": 0}))
+    read = read_saved_quietstar(tmp_path)
+    assert read.loss_config == QuietStarLossConfig.official() and read.config == QuietStarConfig()
 
 
 def test_policy_weight_schedule(tmp_path):

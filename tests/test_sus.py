@@ -59,7 +59,7 @@ def test_reference_matches_eager_thought_layout_with_padding():
     key_valid[1, :2] = False  # left padding
     do[1, :, :2] = 0  # padding queries: eager yields finite garbage, the reference zeros; losses mask them out
     out, grads = _grads(q, k, v, do, num_text=L, branch_length=S, key_valid=key_valid)
-    layout = ThoughtLayout("expanded", key_valid, N, branch_length=S, backend="eager")
+    layout = ThoughtLayout("expanded", key_valid, N, branch_length=S)
     expected = eager.expanded_attention(q, k, v, layout, 8**-0.5).transpose(1, 2)
     expected_grads = torch.autograd.grad(expected, (q, k, v), do)
     torch.testing.assert_close(out[0], expected[0], rtol=1e-5, atol=1e-6)

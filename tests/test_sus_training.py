@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from conftest import make_model, padded_batch, randomize_mixing_head
-from quietstar.config import OFFICIAL_LOSS
-from quietstar import QuietStarConfig, QuietStarForCausalLM
+from quietstar import AttentionSettings, QuietStarConfig, QuietStarForCausalLM
+from quietstar.attention import dispatch
+from quietstar.loss_config import OFFICIAL_LOSS
+from quietstar.ops.sus import attention
 from quietstar.tiny import byte_tokenizer, tiny_model
 from quietstar.training import QuietStarTrainer
 from test_training import tiny_quietstar, training_args, window_dataset
@@ -30,9 +32,8 @@ def _loss_and_grads(model, ids, mask, thoughts, seed=0):
 
 
 def _with_backend(model, backend, sus_c=None):
-    model.quietstar_config.attention_backend = backend
-    model.quietstar_config.sus_c = sus_c
-    model.quietstar_config.triton_fp32_precision = "ieee"  # compared with fp32 eager attention: no tf32 rounding
+    # ieee: compared with fp32 eager attention, no tf32 rounding
+    model.set_attention(attention_backend=backend, sus_c=sus_c, triton_fp32_precision="ieee")
     return model
 
 
@@ -98,7 +99,7 @@ def test_sus_under_activation_checkpointing_replays_the_same_mask(problem):
 
 def test_trainer_trains_with_sus(tmp_path):
     model = tiny_quietstar()
-    model.quietstar_config.sus_c = 8.0
+    model.set_attention(sus_c=8.0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = QuietStarTrainer(model=model, args=training_args(tmp_path, max_steps=2),
                                train_dataset=window_dataset(model.tokenizer))
@@ -109,10 +110,10 @@ def test_trainer_trains_with_sus(tmp_path):
 @pytest.mark.parametrize("value", [0.0, -3.0, True])
 def test_bad_sus_c_is_refused(value):
     with pytest.raises(ValueError, match="sus_c must be > 0"):
-        QuietStarConfig(sus_c=value)
+        AttentionSettings(sus_c=value)
 
 
-def test_any_causal_lm_can_train_with_sus_through_the_attention_keyword():
+def test_any_causal_lm_can_train_with_sus_through_the_attention_keyword(monkeypatch):
     model = make_model("qwen2")
     # Right padding: with left padding the first real token is predicted from a padding query, whose
     # output is arbitrary (finite garbage in eager, zero in the SUS path).
@@ -132,6 +133,15 @@ def test_any_causal_lm_can_train_with_sus_through_the_attention_keyword():
     _, sparse = grads(sus_c=1.0)
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(sparse[name], exact[name], rtol=1e-3)
+    # The keyword reaches design C too (every layer's SUS call draws with it): exact at a huge c, sparse at c = 1.
+    designs = []
+    monkeypatch.setattr(dispatch.sus, "attention",
+                        lambda *a, **kw: designs.append(kw["sus_design"]) or attention(*a, **kw))
+    _, huge_c = grads(sus_c=1e30, sus_design="c")
+    _assert_grads_close(huge_c, exact, rtol=1e-4, atol=1e-6)
+    _, design_c = grads(sus_c=1.0, sus_design="c")
+    assert not torch.allclose(design_c[name], exact[name], rtol=1e-3)
+    assert designs == ["c"] * (2 * model.base.config.num_hidden_layers)
 
 
 def test_sus_refuses_attention_dropout_in_training():
@@ -142,7 +152,7 @@ def test_sus_refuses_attention_dropout_in_training():
     ids, mask = padded_batch(lengths=(8, 8))
     with pytest.raises(ValueError, match="dropout"):
         model.base(inputs_embeds=model.embed(ids), labels=ids, sus_c=4.0)
-    model.quietstar_config.sus_c = 4.0
+    model.set_attention(sus_c=4.0)
     with pytest.raises(ValueError, match="dropout"):
         model(ids, labels=ids)
 
@@ -150,11 +160,11 @@ def test_sus_refuses_attention_dropout_in_training():
 def test_sus_design_c_in_quiet_star_draws_the_same_gradients_in_kernels_and_reference(problem):
     model, ids, mask, thoughts, loss, _ = problem
     try:
-        model.quietstar_config.sus_design = "c"
+        model.set_attention(sus_design="c")
         design_c_loss, reference = _loss_and_grads(_with_backend(model, "eager", sus_c=2.0), ids, mask, thoughts, seed=5)
         _, kernels = _loss_and_grads(_with_backend(model, "triton", sus_c=2.0), ids, mask, thoughts, seed=5)
     finally:
-        model.quietstar_config.sus_design = "a"
+        model.set_attention(sus_design="a")
     torch.testing.assert_close(design_c_loss, loss, rtol=1e-5, atol=1e-6)  # the forward stays exact
     _assert_grads_close(kernels, reference, rtol=1e-4, atol=1e-6)
     _, design_a = _loss_and_grads(_with_backend(model, "eager", sus_c=2.0), ids, mask, thoughts, seed=5)
@@ -164,4 +174,4 @@ def test_sus_design_c_in_quiet_star_draws_the_same_gradients_in_kernels_and_refe
 
 def test_bad_sus_design_is_refused():
     with pytest.raises(ValueError, match="sus_design must be one of"):
-        QuietStarConfig(sus_design="b")
+        AttentionSettings(sus_design="b")

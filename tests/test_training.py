@@ -19,7 +19,7 @@ import torch
 from transformers import TrainerState, TrainingArguments
 
 from conftest import make_model, randomize_mixing_head
-from quietstar import QuietStarConfig, QuietStarForCausalLM
+from quietstar import AttentionSettings, QuietStarConfig, QuietStarForCausalLM, QuietStarLossConfig
 from quietstar.tiny import byte_tokenizer, tiny_model
 from quietstar.training import (
     DataArguments,
@@ -278,7 +278,7 @@ def test_non_finite_loss_raises_before_any_checkpoint_of_that_step(tmp_path, mon
     def forward_with_nan_at_step_2(*args, **kwargs):
         out = forward(*args, **kwargs)
         calls.append(1)
-        if len(calls) == 2:  # the trainer combines the loss terms (the policy-weight schedule): poison them all
+        if len(calls) == 2:  # poison the loss and every term the trainer measures
             out.loss = out.loss * float("nan")
             out.loss_terms = {name: term * float("nan") for name, term in out.loss_terms.items()}
         return out
@@ -340,7 +340,7 @@ def test_train_script_writes_a_loadable_checkpoint(tmp_path):
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "scripts", "train.py"), "--config", os.path.join(REPO, "configs",
          "tiny-cpu.yaml"), "--max_steps", "2", "--save_steps", "2", "--output_dir", str(output_dir),
-         "--report_to", "none", "--disable_tqdm", "true"],
+         "--report_to", "none", "--disable_tqdm", "true", "--policy_weight", "2.5", "--attention_backend", "eager"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -348,3 +348,12 @@ def test_train_script_writes_a_loadable_checkpoint(tmp_path):
     model = QuietStarForCausalLM.from_pretrained(output_dir / "checkpoint-2")
     assert model.quietstar_config.num_thought_tokens == 4
     assert (output_dir / "quietstar_config.json").exists()
+    # The run's loss and attention settings go to its run config, never into the model it saves.
+    run_config = json.loads((output_dir / "run_config.json").read_text())
+    assert run_config["QuietStarLossConfig"]["policy_weight"] == 2.5
+    assert run_config["AttentionSettings"]["attention_backend"] == "eager"
+    assert "policy_weight" not in run_config["QuietStarConfig"]
+    for folder in (output_dir, output_dir / "checkpoint-2"):
+        saved = json.loads((folder / "quietstar_config.json").read_text())["quietstar"]
+        assert saved == model.quietstar_config.to_dict()
+    assert model.loss_config == QuietStarLossConfig() and model.attention == AttentionSettings()

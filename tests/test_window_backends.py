@@ -3,7 +3,8 @@
 Tiny Gemma-2 (soft-capped scores, a 5-token window on its local layer, a global layer) and Mistral with a 4-token
 window (shorter than a branch), rows longer than the window, left- and right-padded rows. The gradient pass runs in
 the SUS reference, the Triton kernels (Triton's interpreter on CPU) and FlexAttention (its CPU forward), each
-against the eager path, which test_window_softcap.py checks against a dense definition.
+against the eager path, which test_backend_matrix.py checks against a dense definition (and every backend against
+eager, layer by layer).
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import pytest
 import torch
 
 from conftest import make_model, padded_batch, randomize_mixing_head
-from quietstar.attention import ThoughtLayout, dispatch, eager
-from quietstar.config import OFFICIAL_LOSS
+from quietstar.loss_config import OFFICIAL_LOSS
 from test_sus_training import DEVICE, _assert_grads_close, _loss_and_grads, _with_backend
 
 pytest.importorskip("triton")
@@ -74,36 +74,3 @@ def test_flex_forward_gives_the_eager_loss(problem):
     with torch.no_grad():
         flex_loss = model(ids, attention_mask=mask, labels=ids, thoughts=thoughts).loss
     torch.testing.assert_close(flex_loss, loss, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("window, softcap", [(3, None), (None, 0.5), (4, 1.0)])
-def test_plain_calls_with_sus_c_keep_the_window_and_the_cap(window, softcap):
-    """Ordinary causal attention with a SUS backward (sus_c on a model call without thoughts), padded keys: the
-    exact forward and, at huge c, the exact gradients of eager's causal attention."""
-    generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, h, 11, 16, generator=generator, requires_grad=True) for h in (4, 2, 2))
-    mask = torch.ones(2, 11, dtype=torch.long)
-    mask[1, :3] = 0  # left padding, as generation pads
-    grad = torch.randn(2, 11, 4, 16, generator=generator) * mask[..., None, None]
-    results = []
-    for sus_c in (None, 1e30):
-        out = dispatch.plain_attention(q, k, v, mask, 0.5, 0.0, sus_c, window=window, softcap=softcap)
-        results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
-    real = mask.bool()
-    (out_ref, *grads_ref), (out, *grads) = results
-    torch.testing.assert_close(out[real], out_ref[real], rtol=1e-5, atol=1e-6)
-    for name, got, want in zip("qkv", grads, grads_ref):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=f"d{name}")
-    unwindowed = eager.causal_attention(q, k, v, mask, 0.5, softcap=softcap)
-    assert window is None or not torch.allclose(out[real], unwindowed[real])
-
-
-@pytest.mark.parametrize("sus_c, expected", [(None, "flex"), (32.0, "sus_triton")])
-def test_auto_routes_windowed_and_soft_capped_layers_on_cuda_as_any_other(sus_c, expected):
-    """On CUDA "auto" no longer steers these layers away from FlexAttention and the Triton kernels."""
-    from test_flex import _query_on
-
-    layout = ThoughtLayout("expanded", torch.ones(1, 2, dtype=torch.bool), 1, backend="auto", branch_length=3,
-                           sus_c=sus_c)
-    for rule in (dict(window=5), dict(softcap=1.0), dict(window=5, softcap=1.0)):
-        assert dispatch.resolve_backend(layout, _query_on("cuda", 64), 0.0, **rule) == expected

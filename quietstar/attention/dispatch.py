@@ -3,8 +3,8 @@
 transformers calls :func:`quietstar_attention` in every layer of a model loaded with
 ``attn_implementation="quietstar"``. The call's ``thought_layout`` keyword names the phase
 (:mod:`.layout`): none (ordinary causal attention: the text pass, generation, any plain LM),
-``"prefix"``, ``"sample"`` or ``"expanded"``. :func:`resolve_backend` is the one place
-``attention_backend`` ("auto", "eager", "triton") becomes the implementation that serves a call.
+``"prefix"``, ``"sample"`` or ``"expanded"``. Which implementation serves a call is read from the capability
+table in :mod:`.backends` (:func:`resolve_backend`); this file decides nothing about what a backend implements.
 
 Shapes as transformers passes them: q ``[B, H, n, d]``, k ``[B, Hkv, n, d]``, v ``[B, Hkv, n, dv]`` (after RoPE;
 dv != d in multi-head latent attention); every phase returns ``[B, n, H, dv]``.
@@ -12,11 +12,15 @@ dv != d in multi-head latent attention); every phase returns ``[B, n, H, dv]``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..ops import flash_cpu, flex, sus
 from . import eager
+from .backends import LayerFeatures, choose, resolve
 from .layout import ThoughtLayout
+from .settings import AttentionSettings
 
 def quietstar_attention(
     module: torch.nn.Module,
@@ -30,6 +34,7 @@ def quietstar_attention(
     softcap: float | None = None,
     thought_layout: ThoughtLayout | None = None,
     sus_c: float | None = None,
+    sus_design: str = "a",
     s_aux: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
     position_bias: torch.Tensor | None = None,
@@ -41,10 +46,9 @@ def quietstar_attention(
     soft-capping) and attention sinks (``s_aux`` as GPT-OSS names them, or ``sinks``: one logit per query head,
     ``[H]``) are the family's own, applied in every phase (:mod:`.layout`, :mod:`.eager`). Sinks per token and an
     additive ``position_bias`` over query-key pairs are refused.
-    ``sus_c`` (a keyword of the model call, without a thought layout): ordinary causal attention with
-    an exact forward and a SUS backward (quietstar.ops.sus), for any causal LM loaded with this attention.
-    Every backend implements both rules except the CPU flash path, which lacks soft-capping and is never chosen
-    for a soft-capped layer.
+    ``sus_c`` and ``sus_design`` (keywords of the model call, without a thought layout): ordinary causal attention
+    with an exact forward and a SUS backward (quietstar.ops.sus), for any causal LM loaded with this attention.
+    What each backend implements is in :data:`.backends.BACKENDS`.
     """
     if getattr(module, "is_causal", True) is False:  # transformers' own attention functions read it from the module
         raise ValueError(
@@ -61,7 +65,8 @@ def quietstar_attention(
     rule = dict(window=sliding_window, softcap=softcap, sinks=sinks)
     layout = thought_layout
     if layout is None:
-        return plain_attention(query, key, value, attention_mask, scaling, dropout, sus_c, **rule), None
+        return plain_attention(query, key, value, attention_mask, scaling, dropout, sus_c, sus_design=sus_design,
+                               **rule), None
     if key.shape[2] != layout.expected_length():
         raise ValueError(
             f"The quietstar '{layout.phase}' layout expects {layout.expected_length()} keys per row (one per token of "
@@ -76,44 +81,37 @@ def quietstar_attention(
     return gradient_pass_attention(query, key, value, layout, scaling, dropout, **rule), None
 
 
+def _features(query, value_head_dim, padded, dropout, window, softcap, sinks) -> tuple[LayerFeatures, Callable]:
+    """What a call asks of a backend, and how a refusal describes each feature (called only to refuse)."""
+    own_value_dim = value_head_dim not in (None, query.shape[-1])
+    features = LayerFeatures(windows=window is not None, softcap=softcap is not None, sinks=sinks is not None,
+                             value_head_dim=own_value_dim, dropout=dropout > 0, padding=padded)
+
+    def detail(feature: str) -> str | None:
+        return {"dropout": f"{dropout}", "softcap": f"cap {softcap}", "windows": f"window {window}",
+                "sinks": None if sinks is None else f"one logit per head {tuple(sinks.shape)}",
+                "value_head_dim": f"{value_head_dim}; queries and keys: {query.shape[-1]}, as in multi-head latent "
+                                  "attention"}.get(feature)
+    return features, detail
+
+
 def resolve_backend(layout: ThoughtLayout, query: torch.Tensor, dropout: float, window: int | None = None,
                     softcap: float | None = None, value_head_dim: int | None = None,
                     sinks: torch.Tensor | None = None) -> str:
     """Which implementation serves a sampling step or the gradient pass: "eager", "flash_cpu", "flex", "sus_torch"
-    or "sus_triton".
-
-    The gradient pass takes named backends as named ("triton": the SUS kernels of quietstar.ops.sus, exact or SUS;
-    "flex": FlexAttention with the thought layout as a block mask, quietstar.ops.flex). Under "auto" a SUS backward
-    (``sus_c``) runs in the Triton kernels wherever quietstar.ops.sus's own "auto" picks them (CUDA with Triton),
-    else in its PyTorch reference; an exact one runs in FlexAttention on CUDA where it applies. Otherwise "auto"
-    takes the exact CPU flash path where it applies, and everything else (always under "eager") is eager.
-    A layer's sliding ``window`` and ``softcap`` reach every backend; only the CPU flash path lacks soft-capping, so
-    "auto" sends soft-capped layers to eager instead (exact too). ``sinks`` or values with their own head dim
-    (``value_head_dim`` != the query's) keep "auto" off the backends that lack them (SUS, flex); a named backend that
-    lacks them refuses, in :func:`gradient_pass_attention`.
-    """
-    own_value_dim = value_head_dim not in (None, query.shape[-1])
-    if layout.phase == "expanded":
-        if layout.backend == "triton":
-            return "sus_triton"
-        if layout.backend == "flex":
-            return "flex"
-        auto_on_cuda = layout.backend == "auto" and query.device.type == "cuda"
-        if layout.sus_c is not None:
-            triton = layout.backend == "auto" and sus.resolve_backend("auto", query.device, query.shape[-1],
-                                                                      query.dtype) == "triton"
-            return "sus_triton" if triton else "sus_torch"
-        if auto_on_cuda and sinks is None and not own_value_dim and flex.applies(query, dropout):
-            return "flex"
-    if (layout.backend == "auto" and softcap is None
-            and flash_cpu.applies(query, layout.key_padding, dropout)):
-        return "flash_cpu"
-    return "eager"
+    or "sus_triton": the first candidate of the layout's plan (:func:`.backends.resolve`, once per settings and
+    device) that implements this layer's features (:func:`.backends.choose`); a named backend that lacks one
+    refuses, naming it. ``value_head_dim``: the values' head dim, when it may differ from the queries'."""
+    plan = resolve(layout.attention, query.device.type, query.shape[-1], query.dtype)
+    candidates = plan.gradient if layout.phase == "expanded" else plan.sampling
+    features, detail = _features(query, value_head_dim, layout.padded, dropout, window, softcap, sinks)
+    return choose(candidates, features, query, layout.key_padding, dropout, detail).name
 
 
 def plain_attention(query, key, value, attention_mask, scaling, dropout, sus_c, window=None, softcap=None,
-                    sinks=None):
-    """Ordinary causal attention over a 2-D padding mask ``[B, n_kv]``; with ``sus_c``, a SUS backward."""
+                    sinks=None, sus_design="a"):
+    """Ordinary causal attention over a 2-D padding mask ``[B, n_kv]``; with ``sus_c``, a SUS backward of design
+    ``sus_design``."""
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
             "The quietstar attention takes a 2-D padding mask [batch, keys]; got a "
@@ -123,13 +121,13 @@ def plain_attention(query, key, value, attention_mask, scaling, dropout, sus_c, 
         return eager.causal_attention(query, key, value, attention_mask, scaling, dropout, window, softcap, sinks)
     if query.shape[2] != key.shape[2]:
         raise ValueError("sus_c applies to full-sequence calls (training), not to cached decoding.")
-    if dropout > 0:
-        raise ValueError(f"Attention dropout ({dropout}) is not implemented with sus_c; set the model's "
-                         "attention_dropout to 0.")
-    _refuse_sinks(sinks, "the SUS attention (sus_c)")
-    _refuse_value_head_dim(query, value, "the SUS attention (sus_c)")
+    settings = AttentionSettings(sus_c=sus_c, sus_design=sus_design)
+    plan = resolve(settings, query.device.type, query.shape[-1], value.dtype)
+    features, detail = _features(query, value.shape[-1], False, dropout, window, softcap, sinks)
+    engine = choose(plan.plain, features, query, None, dropout, detail).name.removeprefix("sus_")
     out = sus.attention(query.to(value.dtype), key.to(value.dtype), value, c=sus_c, scale=scaling,
-                        seed=_fresh_seed(), key_valid=attention_mask, window=window, softcap=softcap)
+                        seed=_fresh_seed(), backend=engine, key_valid=attention_mask, window=window, softcap=softcap,
+                        sus_design=sus_design)
     return out.transpose(1, 2).contiguous()
 
 
@@ -166,50 +164,22 @@ def gradient_pass_attention(query, key, value, layout: ThoughtLayout, scaling, d
                             sinks=None):
     """The expanded phase: the L text tokens then the N*L*S branch tokens, with gradient."""
     backend = resolve_backend(layout, query, dropout, window, softcap, value.shape[-1], sinks)
+    settings = layout.attention
     if backend in ("sus_torch", "sus_triton"):
-        engine = backend.removeprefix("sus_")
-        if dropout > 0:
-            raise ValueError(
-                f"Attention dropout ({dropout}) is not implemented by the {engine!r} SUS attention; set the model's "
-                "attention_dropout to 0 or use attention_backend='eager' without sus_c."
-            )
-        _refuse_sinks(sinks, f"the {engine!r} SUS attention (sus_c)")
-        _refuse_value_head_dim(query, value, f"the {engine!r} SUS attention (sus_c)")
-        key_valid = None if bool(layout.key_padding.all()) else layout.key_padding
+        key_valid = layout.key_padding if layout.padded else None
         out = sus.attention(
-            query.to(value.dtype), key.to(value.dtype), value, c=layout.sus_c, scale=scaling, seed=_fresh_seed(),
-            backend=engine, num_text=layout.num_text, branch_length=layout.branch_length, key_valid=key_valid,
-            fp32_precision=layout.fp32_precision, window=window, softcap=softcap, sus_design=layout.sus_design,
+            query.to(value.dtype), key.to(value.dtype), value, c=settings.sus_c, scale=scaling, seed=_fresh_seed(),
+            backend=backend.removeprefix("sus_"), num_text=layout.num_text, branch_length=layout.branch_length,
+            key_valid=key_valid, fp32_precision=settings.triton_fp32_precision, window=window, softcap=softcap,
+            sus_design=settings.sus_design,
         )
         return out.transpose(1, 2).contiguous()
     if backend == "flex":
-        _refuse_sinks(sinks, "attention_backend='flex' (FlexAttention)")
-        _refuse_value_head_dim(query, value, "attention_backend='flex' (FlexAttention)")
         return flex.expanded_attention(query, key, value, layout, scaling, dropout, window, softcap)
     if backend == "flash_cpu":
         return flash_cpu.expanded_attention(query, key, value, layout.num_text, layout.num_thoughts,
                                             layout.branch_length, scaling, window, sinks)
     return eager.expanded_attention(query, key, value, layout, scaling, dropout, window, softcap, sinks)
-
-
-def _refuse_sinks(sinks, backend: str) -> None:
-    """Refuse a layer's attention sinks on a backend that does not implement them, naming those that do."""
-    if sinks is not None:
-        raise ValueError(
-            f"This model uses attention sinks (one logit per head {tuple(sinks.shape)}), which {backend} does not "
-            "implement; its thoughts would be computed wrongly. Use attention_backend='auto' or 'eager' without "
-            "sus_c, which implement them."
-        )
-
-
-def _refuse_value_head_dim(query, value, backend: str) -> None:
-    """Refuse values with a head dim of their own (multi-head latent attention) on a backend that takes one for q, k
-    and v, naming the backends that take it."""
-    if value.shape[-1] != query.shape[-1]:
-        raise ValueError(
-            f"This model's values have their own head dim ({value.shape[-1]}; queries and keys: {query.shape[-1]}, "
-            f"as in multi-head latent attention), which {backend} does not implement. Use attention_backend='auto' "
-            "or 'eager' without sus_c, which implement it.")
 
 
 def _fresh_seed() -> int:

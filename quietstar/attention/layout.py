@@ -8,9 +8,12 @@ so all S tokens of one branch sit together.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import KW_ONLY, dataclass, field
 
 import torch
+
+from .settings import AttentionSettings
 
 PHASES = ("prefix", "sample", "expanded")
 SAMPLING_PHASES = ("prefix", "sample")
@@ -38,12 +41,9 @@ class ThoughtLayout:
     key_padding: torch.Tensor  # [B, L] bool, True for real tokens
     num_thoughts: int  # N
     _: KW_ONLY
-    backend: str  # QuietStarConfig.attention_backend; quietstar.attention.dispatch resolves it per call
+    attention: AttentionSettings = AttentionSettings()  # the model's; quietstar.attention.backends resolves them
     num_thought_tokens: int | None = None  # T, sampling phases only
     branch_length: int | None = None  # S, expanded phase only
-    sus_c: float | None = None  # SUS backward in the expanded phase (None: exact)
-    sus_design: str = "a"  # QuietStarConfig.sus_design: how SUS draws its mask
-    fp32_precision: str = "tf32"  # QuietStarConfig.triton_fp32_precision: fp32 dots in the Triton kernels
     step: int = 0  # the sampling step m: this call's tokens are b_{.,m+1}
     text_cache: dict = field(default_factory=dict)  # layer_idx -> (k, v), each [B, Hkv, L, d]
     branch_cache: dict = field(default_factory=dict)  # layer_idx -> (k, v), each [B, Hkv, N, L, T, d]
@@ -68,6 +68,11 @@ class ThoughtLayout:
     @property
     def num_text(self) -> int:
         return self.key_padding.shape[-1]
+
+    @functools.cached_property
+    def padded(self) -> bool:
+        """Whether any text key is padding: one device sync per model call, not one per layer."""
+        return not bool(self.key_padding.all())
 
     def expected_length(self) -> int:
         """Number of tokens a model call in this phase must hold."""

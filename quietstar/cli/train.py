@@ -5,7 +5,8 @@
     (from a checkout: python scripts/train.py ..., accelerate launch scripts/train.py ...)
 
 The YAML file gives defaults and flags override them; ``--help`` lists every field (model, data, Quiet-STaR
-and training arguments). Checkpoints go to ``output_dir/checkpoint-N`` and the final model to ``output_dir``;
+model, training, loss and attention arguments; all are written to ``output_dir/run_config.json``, the model
+config alone into each checkpoint). Checkpoints go to ``output_dir/checkpoint-N`` and the final model to ``output_dir``;
 load either with ``QuietStarForCausalLM.from_pretrained``. ``--resume_from_checkpoint DIR`` resumes a run.
 """
 
@@ -30,12 +31,13 @@ INPUT_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, AssetU
 def prepare(argv: list[str] | None):
     """Parse and check the run, build the model and the datasets: everything before training that bad input can
     stop. Raises one of INPUT_ERRORS; writes nothing but ``run_config.json``, last."""
-    model_args, data_args, quietstar_config, training_args = parse_config(argv)
+    run = parse_config(argv)
+    model_args, data_args, quietstar_config, training_args = run.model, run.data, run.quietstar, run.training
     check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint)
     if training_args.bf16_note and training_args.should_log:
         print(training_args.bf16_note)  # what bf16: auto chose for this machine, and how to force the other
     set_seed(training_args.seed)  # before the model: a random model_config is initialised from it
-    model = build_model(model_args, quietstar_config)
+    model = build_model(model_args, quietstar_config, run.loss, run.attention)
     stages = training_args.thought_stages
     check_positions(model, data_args.max_length, stages)
     if training_args.resume_from_checkpoint:
@@ -52,7 +54,7 @@ def prepare(argv: list[str] | None):
         train_dataset, eval_dataset = build_datasets(data_args, model.tokenizer, min_tokens=lookahead + 2,
                                                      seed=window_seed)
     if training_args.should_save:
-        write_run_config(training_args.output_dir, model_args, data_args, quietstar_config, training_args)
+        write_run_config(training_args.output_dir, *run)
     return model, training_args, train_dataset, eval_dataset
 
 

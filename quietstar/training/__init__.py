@@ -5,7 +5,7 @@ Nothing in the core ``quietstar`` package imports from here.
 
 from .arguments import DataArguments, ModelArguments, QuietStarTrainingArguments
 from .build import build_model, load_base_model, load_tokenizer
-from .config_file import ConfigError, load_yaml_config, parse_config
+from .config_file import ConfigError, RunArguments, load_yaml_config, parse_config
 from .data import (
     RandomWindowDataset,
     WindowCollator,
@@ -25,6 +25,7 @@ __all__ = [
     "QuietStarTrainer",
     "QuietStarTrainingArguments",
     "RandomWindowDataset",
+    "RunArguments",
     "WindowCollator",
     "WindowEpochCallback",
     "build_datasets",

@@ -9,7 +9,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..assets import resolve_model
+from ..attention import AttentionSettings
 from ..config import QuietStarConfig
+from ..loss_config import QuietStarLossConfig
 from ..lora import add_lora, lora_config
 from ..modeling import QuietStarForCausalLM
 from ..tiny import byte_tokenizer
@@ -64,12 +66,14 @@ def _load(from_pretrained, name: str, what: str, **kwargs):
                          "folder, an offline name such as 'smollm2-135m', or check the id and your network.") from error
 
 
-def build_model(args: ModelArguments, quietstar_config: QuietStarConfig) -> QuietStarForCausalLM:
-    """Tokenizer + base LM wrapped as a QuietStarForCausalLM (the two thought tokens are added), with LoRA
-    adapters when ``args.peft`` asks for them."""
+def build_model(args: ModelArguments, quietstar_config: QuietStarConfig, loss_config: QuietStarLossConfig | None = None,
+                attention: AttentionSettings | None = None) -> QuietStarForCausalLM:
+    """Tokenizer + base LM wrapped as a QuietStarForCausalLM (the two thought tokens are added), with the run's
+    loss and attention settings, and LoRA adapters when ``args.peft`` asks for them."""
     check_text_path(args, quietstar_config)
     tokenizer = load_tokenizer(args)
-    model = QuietStarForCausalLM.from_base(load_base_model(args, tokenizer), tokenizer, quietstar_config)
+    model = QuietStarForCausalLM.from_base(load_base_model(args, tokenizer), tokenizer, quietstar_config,
+                                           loss_config=loss_config, attention=attention)
     if quietstar_config.text_path == "frozen":
         model.base.requires_grad_(False)
     if args.peft is not None:

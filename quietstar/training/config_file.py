@@ -1,10 +1,11 @@
 """Run configuration: a flat YAML file gives defaults, command-line flags override them.
 
-``scripts/train.py --config configs/x.yaml --learning_rate 1e-5`` fills four dataclasses (ModelArguments,
-DataArguments, QuietStarConfig, QuietStarTrainingArguments) with ``transformers.HfArgumentParser``. Every YAML
-key must be a field of one of them; a misspelt key or a value of the wrong type is refused with a message that
-names it. YAML values are checked against the field types (so ``1e-6``, which YAML reads as a string, is
-accepted as a float).
+``scripts/train.py --config configs/x.yaml --learning_rate 1e-5`` fills six dataclasses with
+``transformers.HfArgumentParser``: ModelArguments, DataArguments, QuietStarConfig (what the model is, saved with it),
+QuietStarTrainingArguments, QuietStarLossConfig (how the loss is weighed: the run's) and AttentionSettings (how
+attention runs in this process). Every YAML key must be a field of one of them; a misspelt key or a value of the
+wrong type is refused with a message that names it. YAML values are checked against the field types (so ``1e-6``,
+which YAML reads as a string, is accepted as a float).
 """
 
 from __future__ import annotations
@@ -15,16 +16,31 @@ import difflib
 import types
 import typing
 from enum import Enum
-from typing import Any, Literal, Union
+from typing import Any, Literal, NamedTuple, Union
 
 import yaml
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
+from ..attention import AttentionSettings
 from ..config import QuietStarConfig
+from ..loss_config import QuietStarLossConfig
 from .arguments import DataArguments, ModelArguments, QuietStarTrainingArguments
 
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, QuietStarConfig, QuietStarTrainingArguments)
+
+class RunArguments(NamedTuple):
+    """The parsed run, one dataclass per lifetime of its settings."""
+
+    model: ModelArguments
+    data: DataArguments
+    quietstar: QuietStarConfig
+    training: QuietStarTrainingArguments
+    loss: QuietStarLossConfig
+    attention: AttentionSettings
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, QuietStarConfig, QuietStarTrainingArguments, QuietStarLossConfig,
+                    AttentionSettings)  # in RunArguments' order
 
 
 class ConfigError(ValueError):
@@ -38,7 +54,7 @@ def did_you_mean(key: str, candidates) -> str:
 
 
 def field_types() -> dict[str, Any]:
-    """Type hint of every init field of the four argument classes, by field name."""
+    """Type hint of every init field of the argument classes, by field name."""
     hints = {}
     for cls in ARGUMENT_CLASSES:
         resolved = typing.get_type_hints(cls)
@@ -159,15 +175,13 @@ class RunArgumentParser(HfArgumentParser):
 
 
 def build_parser() -> HfArgumentParser:
-    """The command-line parser of ``scripts/train.py``: ``--config`` plus every field of the four classes."""
+    """The command-line parser of ``scripts/train.py``: ``--config`` plus every field of the argument classes."""
     parser = RunArgumentParser(ARGUMENT_CLASSES, description="Train a causal LM with Quiet-STaR.")
     parser.add_argument("--config", help="YAML file of field: value defaults; command-line flags override them.")
     return parser
 
 
-def parse_config(
-    argv: list[str] | None = None,
-) -> tuple[ModelArguments, DataArguments, QuietStarConfig, QuietStarTrainingArguments]:
+def parse_config(argv: list[str] | None = None) -> RunArguments:
     """Parse ``argv`` (default: sys.argv[1:]): ``--config FILE`` gives defaults, the other flags override them.
 
     Raises ConfigError for a bad file or invalid values; argparse itself rejects malformed flags.
@@ -179,10 +193,8 @@ def parse_config(
     if config_path:
         parser.set_defaults(**load_yaml_config(config_path))
     try:
-        model_args, data_args, quietstar_config, training_args, _ = parser.parse_args_into_dataclasses(
-            argv, look_for_args_file=False
-        )
+        *parsed, _ = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
     except ValueError as error:
         source = f" (from {config_path} and the command line)" if config_path else ""
         raise ConfigError(f"Invalid configuration{source}: {error}") from error
-    return model_args, data_args, quietstar_config, training_args
+    return RunArguments(*parsed)

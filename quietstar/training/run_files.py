@@ -59,7 +59,8 @@ def check_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint: s
 
 
 def write_run_config(output_dir: str, *argument_objects) -> None:
-    """All run arguments (model, data, Quiet-STaR, training) as one JSON file, for the report and for people."""
+    """All run arguments (model, data, Quiet-STaR, training, loss, attention) as one JSON file, a section per class,
+    for the report and for people."""
     values = {}
     for arguments in argument_objects:
         section = arguments.to_dict() if hasattr(arguments, "to_dict") else dataclasses.asdict(arguments)

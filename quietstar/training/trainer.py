@@ -1,7 +1,8 @@
 """QuietStarTrainer: transformers.Trainer adapted to QuietStarForCausalLM.
 
 What it changes:
-- the loss is the model's Quiet-STaR objective; its metrics are logged (in training, means since the last log;
+- the loss is the model's Quiet-STaR objective weighed by the run's loss config (``loss_config``, with lambda from the
+  policy-weight schedule of QuietStarTrainingArguments); its metrics are logged (in training, means since the last log;
   in evaluation, means over the evaluation set, ``eval_``-prefixed);
 - a non-finite loss raises before its step's update and before anything of that step is saved;
 - the optimizer has separate parameter groups for the LM body, the thought embeddings and the mixing head;
@@ -16,6 +17,7 @@ restores the run. FSDP1, sharded FSDP state dicts, ZeRO-3 and LoRA with either a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -27,6 +29,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..files import replace_folder
+from ..loss_config import QuietStarLossConfig
 from ..modeling import QuietStarForCausalLM
 from .arguments import QuietStarTrainingArguments
 from .data import RandomWindowDataset, WindowCollator, WindowEpochCallback
@@ -78,11 +81,13 @@ class QuietStarTrainer(Trainer):
 
     ``data_collator`` defaults to a :class:`WindowCollator` with the model's pad token, ``processing_class`` to
     the model's tokenizer; a :class:`RandomWindowDataset` as ``train_dataset`` gets its epoch set every epoch.
-    Other arguments are Trainer's.
+    ``loss_config``: the run's loss (default: the model's ``loss_config``); the trainer owns it and passes it to
+    every model call, lambda scaled by the schedule in training. Other arguments are Trainer's.
     """
 
     def __init__(self, model: QuietStarForCausalLM, args: QuietStarTrainingArguments, train_dataset=None,
-                 eval_dataset=None, data_collator=None, processing_class=None, callbacks=None, **kwargs):
+                 eval_dataset=None, data_collator=None, processing_class=None, callbacks=None,
+                 loss_config: QuietStarLossConfig | None = None, **kwargs):
         if not isinstance(model, QuietStarForCausalLM):
             raise TypeError(f"QuietStarTrainer trains a QuietStarForCausalLM, got {type(model).__name__}; wrap the "
                             "LM with QuietStarForCausalLM.from_base(base, tokenizer, config).")
@@ -108,6 +113,7 @@ class QuietStarTrainer(Trainer):
             check_deepspeed_plugin(self.accelerator.state.deepspeed_plugin, model)
         if self.is_fsdp_enabled:
             check_fsdp_plugin(self.accelerator.state.fsdp_plugin, model)
+        self.loss_config = model.loss_config if loss_config is None else loss_config
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._step_metrics = {}  # measured once in an optimizer step, logged when its gradients are clipped
         self._term_norm_step = None
@@ -120,10 +126,12 @@ class QuietStarTrainer(Trainer):
         Raises RuntimeError on a non-finite loss: before backward, so the exception ends training before this
         step's update and before any checkpoint of it.
         """
+        loss_config = self.scheduled_loss_config() if model.training else self.loss_config
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                        labels=inputs["labels"], output_logits=False)
+                        labels=inputs["labels"], output_logits=False, loss_config=loss_config)
         if model.training:
-            outputs.loss = self._scheduled_loss(model, outputs)
+            outputs.metrics["policy_weight"] = loss_config.policy_weight
+            self._measure_term_gradients(model, outputs.loss_terms)
         if not torch.isfinite(outputs.loss):
             if model.training:
                 where = f"at global step {self.state.global_step + 1}; its update was not applied"
@@ -139,16 +147,14 @@ class QuietStarTrainer(Trainer):
             self._metrics[mode][name].append(value)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
-    def _scheduled_loss(self, model, outputs) -> torch.Tensor:
-        """L = L_NLL + gamma L_thought + lambda_t L_RL with lambda_t from the policy-weight schedule; on the steps
-        ``loss_term_grad_norm_steps`` asks for, the gradient norm of each weighted term is measured first."""
-        cfg = self.accelerator.unwrap_model(model).quietstar_config
+    def scheduled_loss_config(self) -> QuietStarLossConfig:
+        """The run's loss config with lambda_t = lambda * the policy-weight schedule's factor at this step."""
+        factor = self.args.policy_weight_factor(self.state.global_step)
+        return dataclasses.replace(self.loss_config, policy_weight=self.loss_config.policy_weight * factor)
+
+    def _measure_term_gradients(self, model, weighted: dict) -> None:
+        """On the steps ``loss_term_grad_norm_steps`` asks for, the gradient norm of each weighted loss term."""
         step = self.state.global_step
-        policy_weight = cfg.policy_weight * self.args.policy_weight_factor(step)
-        terms = outputs.loss_terms
-        weighted = {"nll": terms["nll"], "thought_nll": cfg.thought_nll_weight * terms["thought_nll"],
-                    "policy": policy_weight * terms["policy"]}
-        outputs.metrics["policy_weight"] = policy_weight
         every = self.args.loss_term_grad_norm_steps
         if every and step % every == 0 and step != self._term_norm_step and torch.is_grad_enabled():
             self._term_norm_step = step  # once per optimizer step, not per accumulated micro-batch
@@ -160,7 +166,6 @@ class QuietStarTrainer(Trainer):
                 norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads
                                                              if g is not None] or [term.new_zeros(())]))
                 self._step_metrics[f"grad_norm/{name}"] = norm.item()
-        return sum(weighted.values())
 
     def _clip_grad_norm(self, model):
         """Trainer's clipping; before it, the norm of the summed gradient in each optimizer parameter group."""

@@ -1,0 +1,121 @@
+"""QuietStarLossConfig: how the Quiet-STaR loss is weighed (docs/design.md §1, "Losses"). A run setting, not part
+of the model: training writes it to the run's ``run_config.json``, never into a checkpoint.
+
+One set of defaults, the recipe that does not wreck the LM (docs/recipe.md); :meth:`QuietStarLossConfig.official`
+gives the official code's settings. :func:`quietstar.losses.quietstar_loss` takes one, and so does a model call
+with ``labels`` (``model(ids, labels=ids, loss_config=...)``; by default the model's ``loss_config``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+REWARD_SOURCES = ("mixed", "thought")
+REWARD_PRECISIONS = ("fp32", "autocast")
+ADVANTAGE_NORMALIZATIONS = ("none", "batch_std")
+
+# The official code's loss settings (docs/design.md §1): a preset, not the default (QuietStarLossConfig.official).
+OFFICIAL_LOSS = dict(reinforce_temperature=3.0, clip_negative_advantage=True, policy_weight=1e6, reward_source="mixed",
+                     reward_precision="autocast", advantage_normalization="none", thought_nll_weight=0.0)
+
+# Saves written before the loss left the model config held its fields, some of them only from a later version on:
+# a field such a save lacks gets what the code that wrote it did (quietstar/checkpoint.py reads them).
+SAVED_LOSS_FIELDS_BEFORE = dict(reward_source="mixed", reward_precision="autocast", advantage_normalization="none",
+                                thought_nll_weight=0.0)
+
+
+@dataclass(frozen=True)
+class QuietStarLossConfig:
+    """The weights and choices of L = L_NLL + gamma * L_thought + lambda * L_RL (quietstar.losses.quietstar_loss).
+
+    The defaults are the recipe: scoring at the sampling temperature with centred, unclipped, batch-normalised
+    advantages, a reward from the thought path alone computed in fp32, and a thought-path NLL term.
+    """
+
+    base_loss_weight: float = field(
+        default=0.5,
+        metadata={"help": "beta: weight of the base-model NLL; the mixed NLL gets 1 - beta."},
+    )
+    policy_weight: float = field(
+        default=1.0,
+        metadata={"help": "lambda: weight of the REINFORCE loss. With advantage_normalization 'batch_std' it is the "
+                          "RL gradient relative to the NLL gradient; the official code used 1e6 with raw advantages."},
+    )
+    reinforce_temperature: float = field(
+        default=1.0,
+        metadata={"help": "tau_RL: temperature of the log-softmax in the policy-gradient loss. Equal to "
+                          "thought_temperature it is the true policy's log-probability (an unbiased REINFORCE "
+                          "gradient); the official 3 sharpens every distribution whatever the rewards say."},
+    )
+    clip_negative_advantage: bool = field(
+        default=False,
+        metadata={"help": "Train only on thoughts better than the mean of their position (r+ = max(r, 0); the "
+                          "official code). Clipping gives the policy gradient a non-zero mean even when rewards carry "
+                          "no information; false keeps it centred and unbiased."},
+    )
+    reward_source: str = field(
+        default="thought",
+        metadata={"help": f"One of {REWARD_SOURCES}. 'mixed': R = -sum_s NLL of the mixed prediction (official; "
+                          "proportional to the mixing weight w, so zero while w = 0). 'thought': R = -sum_s NLL of "
+                          "lm_head(h_thought) alone, independent of w (a thought's own likelihood gain)."},
+    )
+    reward_precision: str = field(
+        default="fp32",
+        metadata={"help": f"One of {REWARD_PRECISIONS}. 'fp32': the reward path (mixing head, thought-path lm_head, "
+                          "the cross-entropies that make rewards) runs in fp32 even under bf16 autocast, where the "
+                          "reward difference between two thoughts is otherwise mostly rounding noise. 'autocast': as "
+                          "the surrounding autocast (official)."},
+    )
+    advantage_normalization: str = field(
+        default="batch_std",
+        metadata={"help": f"One of {ADVANTAGE_NORMALIZATIONS}. 'batch_std': divide the centred advantages by their "
+                          "standard deviation over the batch (at least advantage_std_floor), so that policy_weight "
+                          "means the same whatever the reward scale. 'none': raw advantages (official)."},
+    )
+    advantage_std_floor: float = field(
+        default=0.01,
+        metadata={"help": "Smallest standard deviation (in nats) that 'batch_std' divides by: a batch whose thoughts "
+                          "all score alike is not blown up into a large gradient."},
+    )
+    thought_nll_weight: float = field(
+        default=0.5,
+        metadata={"help": "gamma: weight of the NLL of lm_head(h_thought) alone (the thought path's own prediction of "
+                          "the lookahead tokens), so the model learns to read its thoughts while the mixing weight is "
+                          "small. 0: no such term (official)."},
+    )
+
+    def __post_init__(self):
+        for name, allowed in (("reward_source", REWARD_SOURCES), ("reward_precision", REWARD_PRECISIONS),
+                              ("advantage_normalization", ADVANTAGE_NORMALIZATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"QuietStarLossConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        if not self.advantage_std_floor > 0:
+            raise ValueError(f"QuietStarLossConfig.advantage_std_floor must be > 0, got {self.advantage_std_floor!r}.")
+        if not self.thought_nll_weight >= 0:
+            raise ValueError(f"QuietStarLossConfig.thought_nll_weight must be >= 0, got {self.thought_nll_weight!r}.")
+        if not self.reinforce_temperature > 0:
+            raise ValueError(
+                f"QuietStarLossConfig.reinforce_temperature must be > 0, got {self.reinforce_temperature!r}.")
+        if not 0.0 <= self.base_loss_weight <= 1.0:
+            raise ValueError(f"QuietStarLossConfig.base_loss_weight must be in [0, 1], got {self.base_loss_weight!r}.")
+        if not self.policy_weight >= 0:
+            raise ValueError(f"QuietStarLossConfig.policy_weight must be >= 0, got {self.policy_weight!r}.")
+
+    @property
+    def needs_thought_logits(self) -> bool:
+        """Whether the loss reads the thought path's own predictions (its reward or its NLL term)."""
+        return self.reward_source == "thought" or self.thought_nll_weight > 0
+
+    @classmethod
+    def official(cls, **overrides) -> "QuietStarLossConfig":
+        """The official code's loss settings (lambda = 1e6, tau_RL = 3, clipped raw advantages, rewards from the
+        mixed prediction under autocast, no thought-path NLL); ``overrides`` change any field."""
+        return cls(**{**OFFICIAL_LOSS, **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in dataclasses.fields(cls))
