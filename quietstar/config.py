@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
-MIXING_MODES = ("logits", "logprobs")
+MIXING_MODES = ("logits", "logprobs", "bounded")
+BOUNDED_MIXING_MODES = ("logprobs", "bounded")  # w in [0, 1]
 ATTENTION_BACKENDS = ("auto", "eager", "flex", "triton")
 SUS_DESIGNS = ("a", "c")  # a: each weight drawn alone (quietstar/ops/sus/reference.py); c: per (row, key tile) first
 REWARD_SOURCES = ("mixed", "thought")
@@ -14,6 +16,7 @@ REWARD_PRECISIONS = ("fp32", "autocast")
 ADVANTAGE_NORMALIZATIONS = ("none", "batch_std")
 TEXT_PATHS = ("train", "frozen", "thought_lora")
 TRITON_FP32_PRECISIONS = ("tf32", "ieee")
+THOUGHT_KINDS = ("sampled", "filler")
 
 # The official code's loss settings (docs/design.md §1): a preset, not the default (see QuietStarConfig.official).
 OFFICIAL_LOSS = dict(reinforce_temperature=3.0, clip_negative_advantage=True, policy_weight=1e6, reward_source="mixed",
@@ -115,7 +118,9 @@ class QuietStarConfig:
         metadata={
             "help": "'logits': z = (1-w) z_base + w z_thought with an unbounded w (official code; starts exactly at "
             "the base model). 'logprobs': log p = (1-s) log p_base + s log p_thought with s = sigmoid(w) "
-            "(the paper's text; starts at an even mix)."
+            "(the paper's text; starts at an even mix). 'bounded': z = (1-w) z_base + w z_thought with "
+            "w = sigmoid(u + logit(0.01)) in (0, 1) (starts at w = 0.01: near, not exactly at, the base model; "
+            "docs/design.md §1)."
         },
     )
     start_thought_token: str = field(default="<|startofthought|>", metadata={"help": "Token that opens a thought."})
@@ -155,6 +160,24 @@ class QuietStarConfig:
                           "and bf16 inputs ignore it."},
     )
 
+    # --- added by issue 21 (model): how the model makes its thoughts (the null-thoughts control) ---
+    thoughts: str = field(
+        default="sampled",
+        metadata={"help": f"One of {THOUGHT_KINDS}. 'sampled': Quiet-STaR's sampled thoughts. 'filler': every thought "
+                          "is T copies of the filler token (the first token of thought_init_text, what the null "
+                          "scoring view uses): a model trained by the null-thoughts control (set by the training "
+                          "option control: null_thoughts, not by hand), which thinks filler wherever it thinks."},
+    )
+
+    # --- added by issue 21 (loss): the mixing-weight prior; belongs in the loss config ---
+    mixing_prior_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the mixing-weight prior L_prior = mean over valid (n, j, s) of w * max(0, "
+                          "NLL_thought - NLL_base) (NLLs detached; quietstar.losses.mixing_prior): it pulls w towards "
+                          "0 wherever the thought path does not beat the base prediction. Needs a bounded w (mixing: "
+                          "bounded or logprobs). 0: no prior."},
+    )
+
     def __post_init__(self):
         for name in ("num_thought_tokens", "num_lookahead_tokens", "num_thoughts"):
             value = getattr(self, name)
@@ -178,6 +201,16 @@ class QuietStarConfig:
             raise ValueError(f"QuietStarConfig.policy_weight must be >= 0, got {self.policy_weight!r}.")
         if self.mixing not in MIXING_MODES:
             raise ValueError(f"QuietStarConfig.mixing must be one of {MIXING_MODES}, got {self.mixing!r}.")
+        if self.thoughts not in THOUGHT_KINDS:
+            raise ValueError(f"QuietStarConfig.thoughts must be one of {THOUGHT_KINDS}, got {self.thoughts!r}.")
+        if isinstance(self.mixing_prior_weight, bool) or not (math.isfinite(self.mixing_prior_weight)
+                                                            and self.mixing_prior_weight >= 0):
+            raise ValueError("QuietStarConfig.mixing_prior_weight must be a finite number >= 0, got "
+                             f"{self.mixing_prior_weight!r}.")
+        if self.mixing_prior_weight > 0 and self.mixing not in BOUNDED_MIXING_MODES:
+            raise ValueError(f"QuietStarConfig.mixing_prior_weight needs a mixing weight bounded to [0, 1] (mixing one of "
+                             f"{BOUNDED_MIXING_MODES}); with mixing {self.mixing!r} w can go below 0 and the prior "
+                             "would reward that. Set mixing: bounded, or mixing_prior_weight: 0.")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"QuietStarConfig.attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}."

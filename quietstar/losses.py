@@ -97,6 +97,27 @@ def policy_loss(logprobs: torch.Tensor, advantage: torch.Tensor, position_valid:
     return masked_mean(per_token, position_valid[:, None, :, None])
 
 
+def base_nll_ahead(base_nll: torch.Tensor, num_lookahead: int) -> torch.Tensor:
+    """The base model's NLL of each lookahead target x_{j+1+s}, which it predicts at position j + s:
+    ``base_nll [B, L]`` (position j: the NLL of x_{j+1}) -> ``[B, L, A]``; entries past the row are meaningless."""
+    L = base_nll.shape[1]
+    index = (torch.arange(L, device=base_nll.device)[:, None] + torch.arange(num_lookahead, device=base_nll.device))
+    return base_nll[:, index.clamp(max=L - 1)]
+
+
+def mixing_prior(weights: torch.Tensor, thought_nll: torch.Tensor, base_nll: torch.Tensor,
+                 valid: torch.Tensor) -> torch.Tensor:
+    """L_prior = mean over valid (b, n, j, s) of w_{j,s} * max(0, l_thought - l_base), NLLs detached: it pulls w towards
+    0 exactly where the thought path does not beat the base prediction, and is zero where it does. With logit mixing
+    and w in [0, 1] (convexity of the NLL in the logits) it bounds how much mixing can cost over the base model:
+    l_mix - l_base <= w (l_thought - l_base) <= w max(0, l_thought - l_base).
+
+    weights/thought_nll ``[B, N, L, A]``, base_nll ``[B, L, A]`` (:func:`base_nll_ahead`), valid ``[B, L, A]``.
+    """
+    excess = (thought_nll.detach() - base_nll.detach()[:, None]).clamp(min=0)
+    return masked_mean(weights * excess, valid[:, None])
+
+
 @torch.no_grad()
 def sampling_entropy(sample_logits: torch.Tensor, temperature: float, position_valid: torch.Tensor,
                      stride: int = 4) -> float:
@@ -129,6 +150,7 @@ def quietstar_loss(
     advantage_std_floor: float = 0.01,
     thought_nll_weight: float = 0.0,
     sample_temperature: float = 1.0,
+    mixing_prior_weight: float = 0.0,
 ):
     """The whole Quiet-STaR objective L = L_NLL + gamma * L_thought + lambda * L_RL, its terms and its metrics.
 
@@ -137,20 +159,23 @@ def quietstar_loss(
     mixing_weights ``[B, N, L, A]`` (weight on the thought path), labels ``[B, L]``,
     position_valid ``[B, L]``; thought_logits ``[B, N, L, A, V]`` (lm_head(h_thought), thought-token-masked) is
     needed when ``reward_source="thought"`` or ``thought_nll_weight > 0``.
+    ``mixing_prior_weight`` > 0 adds that times :func:`mixing_prior` (it needs thought_logits too).
     Returns ``(loss, metrics, terms)``: metrics a dict of floats, terms the unweighted losses ``{"nll",
-    "thought_nll", "policy"}`` (tensors) so that a trainer can reweight them (a policy-weight schedule).
+    "thought_nll", "policy"}`` and, with the prior, ``"mixing_prior"`` (tensors) so that a trainer can reweight them
+    (a policy-weight schedule).
     """
     if reward_source not in ("mixed", "thought"):
         raise ValueError(f"Unknown reward_source {reward_source!r}; use 'mixed' or 'thought'.")
-    if (reward_source == "thought" or thought_nll_weight > 0) and thought_logits is None:
-        raise ValueError(f"reward_source={reward_source!r} with thought_nll_weight={thought_nll_weight} needs "
-                         "thought_logits (the thought path's own predictions); pass them.")
+    needs_thought = reward_source == "thought" or thought_nll_weight > 0 or mixing_prior_weight > 0
+    if needs_thought and thought_logits is None:
+        raise ValueError(f"reward_source={reward_source!r} with thought_nll_weight={thought_nll_weight} and "
+                         f"mixing_prior_weight={mixing_prior_weight} needs thought_logits (the thought path's own "
+                         "predictions); pass them.")
     num_lookahead = mixed_logits.shape[-2]
     targets, target_valid = lookahead_targets(labels, position_valid, num_lookahead)
     base_nll = token_nll(base_logits, targets[..., 0])
     mixed_nll = token_nll(mixed_logits, targets[:, None].expand(mixed_logits.shape[:-1]))
     nll, per_step = nll_loss(base_nll, target_valid[..., 0], mixed_nll, target_valid, base_loss_weight)
-    needs_thought = reward_source == "thought" or thought_nll_weight > 0
     thought_nll = token_nll(thought_logits, targets[:, None].expand(thought_logits.shape[:-1])) if needs_thought else None
     thought_term = per_step_nll(thought_nll, target_valid).mean() if needs_thought else nll.new_zeros(())
     reward, reward_valid = rewards(thought_nll if reward_source == "thought" else mixed_nll, target_valid)
@@ -158,6 +183,11 @@ def quietstar_loss(
     logprobs = thought_logprobs(sample_logits, thoughts, reinforce_temperature)
     rl = policy_loss(logprobs, advantage, reward_valid)
     loss = nll + thought_nll_weight * thought_term + policy_weight * rl
+    terms = {"nll": nll, "thought_nll": thought_term, "policy": rl}
+    if mixing_prior_weight > 0:
+        terms["mixing_prior"] = mixing_prior(mixing_weights, thought_nll, base_nll_ahead(base_nll, num_lookahead),
+                                             target_valid)
+        loss = loss + mixing_prior_weight * terms["mixing_prior"]
 
     with torch.no_grad():
         valid = reward_valid[:, None].expand_as(reward)
@@ -180,4 +210,6 @@ def quietstar_loss(
         }
         for s, value in enumerate(per_step.tolist()):
             metrics[f"mixed_nll_{s}"] = value
-    return loss, metrics, {"nll": nll, "thought_nll": thought_term, "policy": rl}
+        if "mixing_prior" in terms:
+            metrics["mixing_prior_loss"] = terms["mixing_prior"].item()
+    return loss, metrics, terms

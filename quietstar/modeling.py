@@ -25,6 +25,7 @@ from .mixing import MixingHead, mix, thought_weight
 from .padding import ensure_pad_token
 from .positions import first_position_id
 from .precision import at_least_fp32
+from .scoring import null_thoughts
 from .thoughts import expanded_pass, sample_thoughts
 from .vocab import mask_thought_tokens
 
@@ -246,8 +247,12 @@ class QuietStarForCausalLM(nn.Module):
         return attention_mask.bool()
 
     def sample_thoughts(self, input_ids, attention_mask=None, generator=None, greedy=False):
-        """Thoughts at every position: ``[B, N, L, T]`` token ids (no gradient). ``greedy`` takes the argmax."""
+        """Thoughts at every position: ``[B, N, L, T]`` token ids (no gradient). ``greedy`` takes the argmax. A model
+        whose thoughts are filler (``thoughts="filler"``, the null-thoughts control) samples nothing: every thought is
+        the filler of quietstar.scoring.null_thoughts."""
         key_padding = self._key_padding(input_ids, attention_mask)
+        if self.quietstar_config.thoughts == "filler":
+            return null_thoughts(self, input_ids)
         return sample_thoughts(self, input_ids, key_padding, temperature=self.quietstar_config.thought_temperature,
                                greedy=greedy, generator=generator)
 
@@ -291,7 +296,8 @@ class QuietStarForCausalLM(nn.Module):
         base_hidden = text_hidden[:, shifted].unsqueeze(1).expand_as(thought_hidden)
         mixes_logits = cfg.mixing == "logprobs" or not self.head_is_affine
         needs_thought_logits = (output_logits or mixes_logits
-                                or (labels is not None and (cfg.reward_source == "thought" or cfg.thought_nll_weight > 0)))
+                                or (labels is not None and (cfg.reward_source == "thought" or cfg.thought_nll_weight > 0
+                                                            or cfg.mixing_prior_weight > 0)))
         with self._reward_precision(input_ids.device):
             fp32 = cfg.reward_precision == "fp32"
             if fp32:
@@ -346,7 +352,7 @@ class QuietStarForCausalLM(nn.Module):
         """
         mode = self.quietstar_config.mixing
         weights = thought_weight(self.mixing_head(base_hidden, thought_hidden), mode)
-        if mode == "logits" and self.head_is_affine:
+        if mode in ("logits", "bounded") and self.head_is_affine:
             # The head is affine, so mixing hidden states equals mixing logits at a fraction of the cost.
             w = weights.unsqueeze(-1).to(thought_hidden.dtype)
             mixed = self.head_logits((1 - w) * base_hidden + w * thought_hidden)
@@ -370,11 +376,16 @@ class QuietStarForCausalLM(nn.Module):
             thought_logits=thought_logits, reward_source=cfg.reward_source,
             advantage_normalization=cfg.advantage_normalization, advantage_std_floor=cfg.advantage_std_floor,
             thought_nll_weight=cfg.thought_nll_weight, sample_temperature=cfg.thought_temperature,
+            mixing_prior_weight=cfg.mixing_prior_weight,
         )
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, do_sample=False, temperature=1.0,
                  greedy_thoughts=False, thoughts=None, generator=None, eos_token_id=None) -> GenerationOutput:
-        """Generate text, thinking before every token; see :func:`quietstar.generation.generate`."""
+        """Generate text, thinking before every token; see :func:`quietstar.generation.generate`. A model whose thoughts
+        are filler thinks filler."""
+        if thoughts is None and self.quietstar_config.thoughts == "filler":
+            thoughts = input_ids.new_full((input_ids.shape[0], max_new_tokens, self.quietstar_config.num_thought_tokens),
+                                          self.filler_token_id)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, greedy_thoughts=greedy_thoughts, thoughts=thoughts,
                         generator=generator, eos_token_id=eos_token_id)

@@ -15,6 +15,7 @@ from ..modeling import QuietStarForCausalLM
 from ..tiny import byte_tokenizer
 from .arguments import BUILTIN_BYTE_TOKENIZER, ModelArguments
 from .config_file import did_you_mean
+from .controls import control_config, freeze_thought_parts
 
 
 def load_tokenizer(args: ModelArguments):
@@ -64,9 +65,11 @@ def _load(from_pretrained, name: str, what: str, **kwargs):
                          "folder, an offline name such as 'smollm2-135m', or check the id and your network.") from error
 
 
-def build_model(args: ModelArguments, quietstar_config: QuietStarConfig) -> QuietStarForCausalLM:
+def build_model(args: ModelArguments, quietstar_config: QuietStarConfig, control: str = "none") -> QuietStarForCausalLM:
     """Tokenizer + base LM wrapped as a QuietStarForCausalLM (the two thought tokens are added), with LoRA
-    adapters when ``args.peft`` asks for them."""
+    adapters when ``args.peft`` asks for them, built for the training ``control`` (quietstar.training.controls: its
+    ``quietstar_config`` is the one the control runs with)."""
+    quietstar_config = control_config(control, quietstar_config, args.peft)
     check_text_path(args, quietstar_config)
     tokenizer = load_tokenizer(args)
     model = QuietStarForCausalLM.from_base(load_base_model(args, tokenizer), tokenizer, quietstar_config)
@@ -74,6 +77,8 @@ def build_model(args: ModelArguments, quietstar_config: QuietStarConfig) -> Quie
         model.base.requires_grad_(False)
     if args.peft is not None:
         add_lora(model, lora_config(args.peft))
+    if control == "finetune":
+        freeze_thought_parts(model)
     return model
 
 

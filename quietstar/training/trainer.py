@@ -29,6 +29,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from ..files import replace_folder
 from ..modeling import QuietStarForCausalLM
 from .arguments import QuietStarTrainingArguments
+from .controls import plain_lm_output
 from .data import RandomWindowDataset, WindowCollator, WindowEpochCallback
 from .curriculum import CurriculumCallback
 from .run_files import MetricsFileCallback
@@ -57,6 +58,18 @@ def check_deepspeed_plugin(plugin, model: QuietStarForCausalLM) -> None:
                          "(configs/accelerate/deepspeed-zero2.yaml), or FSDP2 to shard parameters.")
     if model.lora is not None:
         raise ValueError("LoRA together with DeepSpeed is not supported; train LoRA with DDP or on one device.")
+
+
+def check_control(model: QuietStarForCausalLM, control: str) -> None:
+    """Refuse a model that was not built for the run's ``control`` (quietstar.training.build.build_model builds it)."""
+    wanted = "filler" if control == "null_thoughts" else "sampled"
+    if model.quietstar_config.thoughts != wanted:
+        raise ValueError(f"control: {control} needs a model whose thoughts are {wanted}, got thoughts="
+                         f"{model.quietstar_config.thoughts!r}; build it with build_model(..., control={control!r}).")
+    if control == "finetune" and model._thought_gate is not None:
+        raise ValueError("control: finetune trains the adapters on the text, but this model's adapters act on thought "
+                         "tokens only (text_path thought_lora), so the text would not train; build it with "
+                         "build_model(..., control='finetune').")
 
 
 def load_checkpoint_weights(model: QuietStarForCausalLM, folder: str, sharded: bool = False) -> None:
@@ -104,6 +117,7 @@ class QuietStarTrainer(Trainer):
             callbacks=callbacks,
             **kwargs,
         )
+        check_control(model, args.control)
         if self.is_deepspeed_enabled:
             check_deepspeed_plugin(self.accelerator.state.deepspeed_plugin, model)
         if self.is_fsdp_enabled:
@@ -120,8 +134,12 @@ class QuietStarTrainer(Trainer):
         Raises RuntimeError on a non-finite loss: before backward, so the exception ends training before this
         step's update and before any checkpoint of it.
         """
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                        labels=inputs["labels"], output_logits=False)
+        if self.args.control == "finetune":
+            outputs = plain_lm_output(self.accelerator.unwrap_model(model), inputs["input_ids"],
+                                      inputs.get("attention_mask"), inputs["labels"])
+        else:
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                            labels=inputs["labels"], output_logits=False)
         if model.training:
             outputs.loss = self._scheduled_loss(model, outputs)
         if not torch.isfinite(outputs.loss):
@@ -140,14 +158,15 @@ class QuietStarTrainer(Trainer):
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def _scheduled_loss(self, model, outputs) -> torch.Tensor:
-        """L = L_NLL + gamma L_thought + lambda_t L_RL with lambda_t from the policy-weight schedule; on the steps
+        """L = L_NLL + gamma L_thought + lambda_t L_RL (+ the mixing prior's weight x L_prior) with lambda_t from the
+        policy-weight schedule, over the terms the step has (the finetune control: L_NLL alone); on the steps
         ``loss_term_grad_norm_steps`` asks for, the gradient norm of each weighted term is measured first."""
         cfg = self.accelerator.unwrap_model(model).quietstar_config
         step = self.state.global_step
         policy_weight = cfg.policy_weight * self.args.policy_weight_factor(step)
-        terms = outputs.loss_terms
-        weighted = {"nll": terms["nll"], "thought_nll": cfg.thought_nll_weight * terms["thought_nll"],
-                    "policy": policy_weight * terms["policy"]}
+        weights = {"nll": 1.0, "thought_nll": cfg.thought_nll_weight, "policy": policy_weight,
+                   "mixing_prior": cfg.mixing_prior_weight}
+        weighted = {name: weights[name] * term for name, term in outputs.loss_terms.items()}
         outputs.metrics["policy_weight"] = policy_weight
         every = self.args.loss_term_grad_norm_steps
         if every and step % every == 0 and step != self._term_norm_step and torch.is_grad_enabled():
