@@ -113,14 +113,15 @@ def test_thought_gated_adapters_would_not_train_the_text(tmp_path):
     control must be built ungated, and the trainer refuses a gated one."""
     torch.manual_seed(0)
     ids, mask = padded_batch(lengths=(9, 6), left_padding_rows=())
-    grads = {}
+    losses = {}
     for control in ("none", "finetune"):
         model = build_model(model_args(), thought_lora_config(), control=control)
         randomize_adapters(model)
-        plain_lm_output(model, ids, mask, ids.masked_fill(mask == 0, -100)).loss.backward()
-        grads[control] = max(p.grad.abs().max().item() for n, p in model.named_parameters()
-                             if "lora_A" in n and p.grad is not None)
-    assert grads["none"] == 0.0 and grads["finetune"] > 1e-4
+        losses[control] = (model, plain_lm_output(model, ids, mask, ids.masked_fill(mask == 0, -100)).loss)
+    assert not losses["none"][1].requires_grad  # gated: no trainable parameter reaches the text loss
+    model, loss = losses["finetune"]
+    loss.backward()
+    assert min(p.grad.abs().max().item() for n, p in model.named_parameters() if "lora_A" in n) > 1e-6
     gated = build_model(model_args(), thought_lora_config(), control="none")
     with pytest.raises(ValueError, match="act on thought tokens only"):
         QuietStarTrainer(model=gated, args=training_args(tmp_path, control="finetune"))
@@ -229,7 +230,7 @@ def test_run_config_records_the_control_and_the_step_cost(tmp_path):
 
     common = ["--config", os.path.join(REPO, "configs", "tiny-cpu.yaml"), "--max_steps", "2", "--save_steps", "2",
               "--num_documents", "40", "--report_to", "none", "--disable_tqdm", "true", "--peft", json.dumps(LORA),
-              "--text_path", "thought_lora", "--num_thought_tokens", "2"]
+              "--text_path", "thought_lora", "--num_thought_tokens", "2", "--per_device_train_batch_size", "2"]
     main([*common, "--output_dir", str(tmp_path / "think")])
     main([*common, "--output_dir", str(tmp_path / "finetune"), "--control", "finetune"])
     think, finetune = read_run_config(tmp_path / "think"), read_run_config(tmp_path / "finetune")
