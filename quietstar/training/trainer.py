@@ -8,7 +8,9 @@ What it changes:
 - checkpoints are written and read with ``QuietStarForCausalLM.save_pretrained`` / ``from_pretrained``, and
   published atomically: written under ``.staging-checkpoint-N`` and renamed to ``checkpoint-N`` once complete;
 - ``thought_curriculum`` changes the thought and lookahead lengths over steps (quietstar.training.curriculum);
-- every log is also appended to ``output_dir/metrics.jsonl`` (quietstar.training.run_files).
+- every log is also appended to ``output_dir/metrics.jsonl`` (quietstar.training.run_files);
+- ``control`` (quietstar.training.controls): the finetune control's loss is the plain LM's NLL, the null-thoughts
+  control has no policy loss; a model not built for the run's control is refused.
 Supported: one device, or several with DDP, FSDP2 or DeepSpeed ZeRO 0-2 (``accelerate launch``). Under FSDP the
 full state dict is gathered for saving and scattered when resuming; under DeepSpeed the engine's own checkpoint
 restores the run. FSDP1, sharded FSDP state dicts, ZeRO-3 and LoRA with either are refused.
