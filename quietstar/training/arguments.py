@@ -256,6 +256,9 @@ class QuietStarTrainingArguments(TrainingArguments):
         if self.label_names is None:
             self.label_names = ["labels"]
         super().__post_init__()
+        if self.control == "finetune" and self.world_size > 1:
+            raise ValueError("control: finetune runs in one process only: its loss calls the LM directly, outside the "
+                             "DDP wrapper's forward, which would leave the gradients unsynchronised.")
         if self.loss_term_grad_norm_steps and self.world_size > 1:
             raise ValueError("loss_term_grad_norm_steps works in one process only (its extra backward passes would "
                              "bypass the gradient synchronisation of DDP/FSDP); set it to 0 for distributed runs.")
