@@ -225,8 +225,9 @@ def test_controls_are_checked(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- run folder, cost
-def test_run_config_records_the_control_and_the_step_cost(tmp_path):
+def test_run_config_records_the_control_and_the_step_cost(tmp_path, capsys):
     from quietstar.cli.train import main
+    from quietstar.training.compute import main as compute_main
 
     common = ["--config", os.path.join(REPO, "configs", "tiny-cpu.yaml"), "--max_steps", "2", "--save_steps", "2",
               "--num_documents", "40", "--report_to", "none", "--disable_tqdm", "true", "--peft", json.dumps(LORA),
@@ -245,6 +246,8 @@ def test_run_config_records_the_control_and_the_step_cost(tmp_path):
     factor, steps = equal_flops_steps(think["StepCost"])
     assert factor == pytest.approx(1 + N * (T + A + 1) + (1 + N * T) / 3)
     assert steps == math.ceil(2 * factor - 1e-9)
+    compute_main([str(tmp_path / "think")])
+    assert f"--max_steps {steps}" in capsys.readouterr().out
 
     # The finetune control's final LM is the fine-tuned LM, whichever way it is loaded; its checkpoint keeps the
     # adapter (so the run resumes), and stock transformers reads only the base LM from it.
