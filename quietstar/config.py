@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-MIXING_MODES = ("logits", "logprobs")
+MIXING_MODES = ("logits", "logprobs", "bounded")
+BOUNDED_MIXING_MODES = ("logprobs", "bounded")  # w in [0, 1]
 TEXT_PATHS = ("train", "frozen", "thought_lora")
+THOUGHT_KINDS = ("sampled", "filler")
 
 # Fields added after checkpoints were first written, with the behaviour of the code that wrote those checkpoints.
 ADDED_FIELDS_BEFORE = dict(text_path="train")
@@ -53,7 +55,9 @@ class QuietStarConfig:
         metadata={
             "help": "'logits': z = (1-w) z_base + w z_thought with an unbounded w (official code; starts exactly at "
             "the base model). 'logprobs': log p = (1-s) log p_base + s log p_thought with s = sigmoid(w) "
-            "(the paper's text; starts at an even mix)."
+            "(the paper's text; starts at an even mix). 'bounded': z = (1-w) z_base + w z_thought with "
+            "w = sigmoid(u + logit(0.01)) in (0, 1) (starts at w = 0.01: near, not exactly at, the base model; "
+            "docs/design.md §1)."
         },
     )
     start_thought_token: str = field(default="<|startofthought|>", metadata={"help": "Token that opens a thought."})
@@ -62,6 +66,14 @@ class QuietStarConfig:
         default="---",
         metadata={"help": "The thought tokens' embeddings start as the embedding of this text's first token."},
     )
+    thoughts: str = field(
+        default="sampled",
+        metadata={"help": f"One of {THOUGHT_KINDS}. 'sampled': Quiet-STaR's sampled thoughts. 'filler': every thought "
+                          "is T copies of the filler token (the first token of thought_init_text, what the null "
+                          "scoring view uses): a model trained by the null-thoughts control (set by the training "
+                          "option control: null_thoughts, not by hand), which thinks filler wherever it thinks."},
+    )
+
     def __post_init__(self):
         for name in ("num_thought_tokens", "num_lookahead_tokens", "num_thoughts"):
             value = getattr(self, name)
@@ -73,6 +85,8 @@ class QuietStarConfig:
             raise ValueError(f"QuietStarConfig.thought_temperature must be > 0, got {self.thought_temperature!r}.")
         if self.mixing not in MIXING_MODES:
             raise ValueError(f"QuietStarConfig.mixing must be one of {MIXING_MODES}, got {self.mixing!r}.")
+        if self.thoughts not in THOUGHT_KINDS:
+            raise ValueError(f"QuietStarConfig.thoughts must be one of {THOUGHT_KINDS}, got {self.thoughts!r}.")
         if self.start_thought_token == self.end_thought_token:
             raise ValueError("QuietStarConfig.start_thought_token and end_thought_token must differ.")
         if not self.thought_init_text:

@@ -9,7 +9,10 @@ with ``labels`` (``model(ids, labels=ids, loss_config=...)``; by default the mod
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+
+from .config import BOUNDED_MIXING_MODES
 
 REWARD_SOURCES = ("mixed", "thought")
 REWARD_PRECISIONS = ("fp32", "autocast")
@@ -84,6 +87,13 @@ class QuietStarLossConfig:
                           "the lookahead tokens), so the model learns to read its thoughts while the mixing weight is "
                           "small. 0: no such term (official)."},
     )
+    mixing_prior_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the mixing-weight prior L_prior = mean over valid (n, j, s) of w * max(0, "
+                          "NLL_thought - NLL_base) (NLLs detached; quietstar.losses.mixing_prior): it pulls w towards "
+                          "0 wherever the thought path does not beat the base prediction. Needs a bounded w (the "
+                          "model's mixing: bounded or logprobs). 0: no prior."},
+    )
 
     def __post_init__(self):
         for name, allowed in (("reward_source", REWARD_SOURCES), ("reward_precision", REWARD_PRECISIONS),
@@ -101,11 +111,23 @@ class QuietStarLossConfig:
             raise ValueError(f"QuietStarLossConfig.base_loss_weight must be in [0, 1], got {self.base_loss_weight!r}.")
         if not self.policy_weight >= 0:
             raise ValueError(f"QuietStarLossConfig.policy_weight must be >= 0, got {self.policy_weight!r}.")
+        if isinstance(self.mixing_prior_weight, bool) or not (math.isfinite(self.mixing_prior_weight)
+                                                            and self.mixing_prior_weight >= 0):
+            raise ValueError("QuietStarLossConfig.mixing_prior_weight must be a finite number >= 0, got "
+                             f"{self.mixing_prior_weight!r}.")
+
+    def check_mixing(self, mixing: str) -> None:
+        """Refuse the mixing prior on a model whose w is unbounded (``mixing``: the model config's mode): w could go
+        below 0, and the prior would reward that."""
+        if self.mixing_prior_weight > 0 and mixing not in BOUNDED_MIXING_MODES:
+            raise ValueError(f"QuietStarLossConfig.mixing_prior_weight needs a mixing weight bounded to [0, 1] (the "
+                             f"model's mixing one of {BOUNDED_MIXING_MODES}); with mixing {mixing!r} w can go below 0 "
+                             "and the prior would reward that. Set mixing: bounded, or mixing_prior_weight: 0.")
 
     @property
     def needs_thought_logits(self) -> bool:
-        """Whether the loss reads the thought path's own predictions (its reward or its NLL term)."""
-        return self.reward_source == "thought" or self.thought_nll_weight > 0
+        """Whether the loss reads the thought path's own predictions (its reward, its NLL term or the mixing prior)."""
+        return self.reward_source == "thought" or self.thought_nll_weight > 0 or self.mixing_prior_weight > 0
 
     @classmethod
     def official(cls, **overrides) -> "QuietStarLossConfig":

@@ -98,6 +98,27 @@ def policy_loss(logprobs: torch.Tensor, advantage: torch.Tensor, position_valid:
     return masked_mean(per_token, position_valid[:, None, :, None])
 
 
+def base_nll_ahead(base_nll: torch.Tensor, num_lookahead: int) -> torch.Tensor:
+    """The base model's NLL of each lookahead target x_{j+1+s}, which it predicts at position j + s:
+    ``base_nll [B, L]`` (position j: the NLL of x_{j+1}) -> ``[B, L, A]``; entries past the row are meaningless."""
+    L = base_nll.shape[1]
+    index = (torch.arange(L, device=base_nll.device)[:, None] + torch.arange(num_lookahead, device=base_nll.device))
+    return base_nll[:, index.clamp(max=L - 1)]
+
+
+def mixing_prior(weights: torch.Tensor, thought_nll: torch.Tensor, base_nll: torch.Tensor,
+                 valid: torch.Tensor) -> torch.Tensor:
+    """L_prior = mean over valid (b, n, j, s) of w_{j,s} * max(0, l_thought - l_base), NLLs detached: it pulls w towards
+    0 exactly where the thought path does not beat the base prediction, and is zero where it does. With logit mixing
+    and w in [0, 1] (convexity of the NLL in the logits) it bounds how much mixing can cost over the base model:
+    l_mix - l_base <= w (l_thought - l_base) <= w max(0, l_thought - l_base).
+
+    weights/thought_nll ``[B, N, L, A]``, base_nll ``[B, L, A]`` (:func:`base_nll_ahead`), valid ``[B, L, A]``.
+    """
+    excess = (thought_nll.detach() - base_nll.detach()[:, None]).clamp(min=0)
+    return masked_mean(weights * excess, valid[:, None])
+
+
 @torch.no_grad()
 def sampling_entropy(sample_logits: torch.Tensor, temperature: float, position_valid: torch.Tensor,
                      stride: int = 4) -> float:
@@ -140,13 +161,14 @@ def quietstar_loss(
     needed when ``reward_source="thought"`` or ``thought_nll_weight > 0``; ``sample_temperature``: the temperature
     the thoughts were sampled at (for the entropy diagnostic).
     Returns ``(loss, metrics, terms)``: metrics a dict of floats, terms the weighted losses ``{"nll",
-    "thought_nll", "policy"}`` (tensors) whose :func:`total_loss` is ``loss`` (a trainer measures each one's
+    "thought_nll", "policy"}`` and, with the prior, ``"mixing_prior"`` (tensors) whose :func:`total_loss` is ``loss`` (a trainer measures each one's
     gradient).
     """
     cfg = QuietStarLossConfig() if loss_config is None else loss_config
     if cfg.needs_thought_logits and thought_logits is None:
-        raise ValueError(f"reward_source={cfg.reward_source!r} with thought_nll_weight={cfg.thought_nll_weight} needs "
-                         "thought_logits (the thought path's own predictions); pass them.")
+        raise ValueError(f"reward_source={cfg.reward_source!r} with thought_nll_weight={cfg.thought_nll_weight} and "
+                         f"mixing_prior_weight={cfg.mixing_prior_weight} needs thought_logits (the thought path's own "
+                         "predictions); pass them.")
     num_lookahead = mixed_logits.shape[-2]
     targets, target_valid = lookahead_targets(labels, position_valid, num_lookahead)
     base_nll = token_nll(base_logits, targets[..., 0])
@@ -162,6 +184,10 @@ def quietstar_loss(
     logprobs = thought_logprobs(sample_logits, thoughts, cfg.reinforce_temperature)
     rl = policy_loss(logprobs, advantage, reward_valid)
     terms = {"nll": nll, "thought_nll": cfg.thought_nll_weight * thought_term, "policy": cfg.policy_weight * rl}
+    prior = None
+    if cfg.mixing_prior_weight > 0:
+        prior = mixing_prior(mixing_weights, thought_nll, base_nll_ahead(base_nll, num_lookahead), target_valid)
+        terms["mixing_prior"] = cfg.mixing_prior_weight * prior
     loss = total_loss(terms)
 
     with torch.no_grad():
@@ -185,4 +211,6 @@ def quietstar_loss(
         }
         for s, value in enumerate(per_step.tolist()):
             metrics[f"mixed_nll_{s}"] = value
+        if prior is not None:
+            metrics["mixing_prior_loss"] = prior.item()
     return loss, metrics, terms

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -43,16 +45,26 @@ class MixingHead(nn.Module):
         return alive.float().mean().item()
 
 
+# 'bounded': w = sigmoid(u + logit(BOUNDED_START_WEIGHT)), so the zero-initialised head starts at w = 0.01. Not at
+# exactly 0: a differentiable map into [0, 1] that is 0 at the start has its minimum there, hence a zero gradient, and
+# the head could never move (docs/design.md §1). Changing it changes every saved 'bounded' model.
+BOUNDED_START_WEIGHT = 0.01
+BOUNDED_OFFSET = math.log(BOUNDED_START_WEIGHT / (1 - BOUNDED_START_WEIGHT))
+
+
 def thought_weight(raw: torch.Tensor, mode: str) -> torch.Tensor:
-    """Weight on the thought path: the raw head output ('logits') or its sigmoid ('logprobs')."""
-    return raw if mode == "logits" else torch.sigmoid(raw)
+    """Weight on the thought path from the head output ``raw [...]``: ``raw`` itself ('logits', unbounded), its
+    sigmoid ('logprobs', starts at 0.5) or sigmoid(raw + BOUNDED_OFFSET) ('bounded', in (0, 1), starts at 0.01)."""
+    if mode == "logits":
+        return raw
+    return torch.sigmoid(raw + BOUNDED_OFFSET if mode == "bounded" else raw)
 
 
 def mix(base_logits: torch.Tensor, thought_logits: torch.Tensor, weight: torch.Tensor, mode: str) -> torch.Tensor:
     """Mixed logits ``[..., V]`` from base and thought logits ``[..., V]`` and the thought weight ``[...]``.
 
-    'logits':   z = (1 - w) z_base + w z_thought            (official code)
-    'logprobs': z = (1 - w) log p_base + w log p_thought    (the paper's text; w = sigmoid of the head)
+    'logits', 'bounded': z = (1 - w) z_base + w z_thought            (official code; 'bounded' keeps w in (0, 1))
+    'logprobs':          z = (1 - w) log p_base + w log p_thought    (the paper's text; w = sigmoid of the head)
     """
     w = weight.unsqueeze(-1).to(base_logits.dtype)
     if mode == "logprobs":

@@ -14,7 +14,6 @@ from transformers import AddedToken
 from . import attention  # noqa: F401  (registers the "quietstar" attention with transformers)
 from . import checkpoint
 from .attention import ATTENTION_NAME, AttentionSettings
-from .ops.visibility import text_positions
 from .compat import check_model_supported, check_new_embeddings, check_thought_layout
 from .config import QuietStarConfig
 from .generation import GenerationOutput, generate
@@ -27,6 +26,7 @@ from .ops.precision import at_least_fp32
 from .ops.visibility import text_positions
 from .padding import ensure_pad_token
 from .positions import first_position_id
+from .scoring import null_thoughts
 from .thoughts import expanded_pass, sample_thoughts
 from .vocab import mask_thought_tokens
 
@@ -258,8 +258,12 @@ class QuietStarForCausalLM(nn.Module):
         return attention_mask.bool()
 
     def sample_thoughts(self, input_ids, attention_mask=None, generator=None, greedy=False):
-        """Thoughts at every position: ``[B, N, L, T]`` token ids (no gradient). ``greedy`` takes the argmax."""
+        """Thoughts at every position: ``[B, N, L, T]`` token ids (no gradient). ``greedy`` takes the argmax. A model
+        whose thoughts are filler (``thoughts="filler"``, the null-thoughts control) samples nothing: every thought is
+        the filler of quietstar.scoring.null_thoughts."""
         key_padding = self._key_padding(input_ids, attention_mask)
+        if self.quietstar_config.thoughts == "filler":
+            return null_thoughts(self, input_ids)
         return sample_thoughts(self, input_ids, key_padding, temperature=self.quietstar_config.thought_temperature,
                                greedy=greedy, generator=generator)
 
@@ -291,6 +295,8 @@ class QuietStarForCausalLM(nn.Module):
         """
         cfg = self.quietstar_config
         loss_config = self.loss_config if loss_config is None else loss_config
+        if labels is not None:
+            loss_config.check_mixing(cfg.mixing)
         T, A = cfg.num_thought_tokens, cfg.num_lookahead_tokens
         key_padding = self._key_padding(input_ids, attention_mask)
         shortest = int(key_padding.sum(dim=1).min())
@@ -369,7 +375,7 @@ class QuietStarForCausalLM(nn.Module):
         """
         mode = self.quietstar_config.mixing
         weights = thought_weight(self.mixing_head(base_hidden, thought_hidden), mode)
-        if mode == "logits" and self.head_is_affine:
+        if mode in ("logits", "bounded") and self.head_is_affine:
             # The head is affine, so mixing hidden states equals mixing logits at a fraction of the cost.
             w = weights.unsqueeze(-1).to(thought_hidden.dtype)
             mixed = self.head_logits((1 - w) * base_hidden + w * thought_hidden)
@@ -395,6 +401,9 @@ class QuietStarForCausalLM(nn.Module):
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, do_sample=False, temperature=1.0,
                  greedy_thoughts=False, thoughts=None, generator=None, eos_token_id=None) -> GenerationOutput:
         """Generate text, thinking before every token, until every row ends: :func:`quietstar.generation.generate`."""
+        if thoughts is None and self.quietstar_config.thoughts == "filler":
+            thoughts = input_ids.new_full((input_ids.shape[0], max_new_tokens, self.quietstar_config.num_thought_tokens),
+                                          self.filler_token_id)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, greedy_thoughts=greedy_thoughts, thoughts=thoughts,
                         generator=generator, eos_token_id=eos_token_id)

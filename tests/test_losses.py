@@ -6,6 +6,8 @@ sequence and computes L_NLL, rewards, advantages and L_RL with Python loops stra
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,7 @@ def reference_loss(model, ids, mask, thoughts):
     sot, eot = model.thought_token_ids
     base_terms, mixed_terms, thought_terms = [], [[] for _ in range(A)], [[] for _ in range(A)]
     scored = []  # (advantage before normalisation, logprobs of the thought's T tokens)
+    prior_terms = []  # w * max(0, thought NLL - base NLL) of every valid target
     with transformers_eager(model):
         for b in range(ids.shape[0]):
             columns = mask[b].nonzero().flatten()
@@ -56,6 +59,9 @@ def reference_loss(model, ids, mask, thoughts):
                         base_logits, thought_logits = model.lm_head(h_base[j + s]), model.lm_head(h_thought)
                         if cfg.mixing == "logits":
                             z = (1 - w) * base_logits + w * thought_logits
+                        elif cfg.mixing == "bounded":
+                            w = 1 / (1 + torch.exp(-(w + math.log(0.01 / 0.99))))
+                            z = (1 - w) * base_logits + w * thought_logits
                         else:
                             w = torch.sigmoid(w)
                             z = (1 - w) * torch.log_softmax(base_logits, -1) + w * torch.log_softmax(thought_logits, -1)
@@ -63,6 +69,8 @@ def reference_loss(model, ids, mask, thoughts):
                         thought_nll = F.cross_entropy(masked(thought_logits, model), real[j + 1 + s])
                         mixed_terms[s].append(nll)
                         thought_terms[s].append(thought_nll)
+                        base_nll = F.cross_entropy(masked(base_logits, model), real[j + 1 + s])
+                        prior_terms.append(w * (thought_nll - base_nll).detach().clamp(min=0))
                         reward = reward - (thought_nll if loss.reward_source == "thought" else nll).detach()
                     rewards.append(reward)
                 if rewards[0] is None:
@@ -83,7 +91,9 @@ def reference_loss(model, ids, mask, thoughts):
     ) / A
     thought = sum(torch.stack(terms).mean() for terms in thought_terms) / A
     policy = torch.stack(policy_terms).mean()
-    return nll + loss.thought_nll_weight * thought + loss.policy_weight * policy, policy
+    prior = torch.stack(prior_terms).mean()
+    total = nll + loss.thought_nll_weight * thought + loss.policy_weight * policy + loss.mixing_prior_weight * prior
+    return total, policy
 
 
 def gradients(model):
@@ -101,11 +111,12 @@ RECIPES = {
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("mixing", ["logits", "logprobs"])
+@pytest.mark.parametrize("mixing", ["logits", "logprobs", "bounded"])
 def test_loss_and_gradients_match_slow_reference(arch, mixing, recipe):
     # fp64: normalised advantages divide differences of nearly equal rewards by their spread, which in fp32 leaves
     # only three or four digits to compare.
-    model = make_model(arch, mixing=mixing, num_lookahead_tokens=2, **{**RECIPES[recipe], "policy_weight": 3.0})
+    prior = {"mixing_prior_weight": 2.0} if mixing != "logits" else {}  # the prior needs a bounded weight
+    model = make_model(arch, mixing=mixing, num_lookahead_tokens=2, **{**RECIPES[recipe], "policy_weight": 3.0, **prior})
     model.double()
     randomize_mixing_head(model)
     ids, mask = padded_batch(lengths=(9, 7))

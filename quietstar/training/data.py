@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from ..assets import MATH_SPLITS, math_documents
+from ..assets import GENERAL_SPLITS, MATH_SPLITS, MIX_SPLITS, general_documents, math_documents, mixed_documents
 from ..losses import IGNORE_INDEX
 from ..padding import right_pad
 from ..tasks.multihop import MultihopGenerator
@@ -178,6 +178,10 @@ def load_documents(args: DataArguments, seed: int = 0, tokenizer=None) -> list[s
         return [d.text for d in generator.documents(args.num_documents or DEFAULT_SYNTHETIC_DOCUMENTS, seed, "train")]
     if args.dataset in MATH_SPLITS:
         return math_documents(args.num_documents, split=MATH_SPLITS[args.dataset])
+    if args.dataset in GENERAL_SPLITS:
+        return general_documents(args.num_documents, split=GENERAL_SPLITS[args.dataset])
+    if args.dataset in MIX_SPLITS:
+        return mixed_documents(args.general_text_fraction, args.num_documents, split=MIX_SPLITS[args.dataset])
     paths = _resolve_local_files(args.dataset)
     if paths is None:
         texts = _read_hub(args)

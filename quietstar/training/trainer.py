@@ -9,7 +9,9 @@ What it changes:
 - checkpoints are written and read with ``QuietStarForCausalLM.save_pretrained`` / ``from_pretrained``, and
   published atomically: written under ``.staging-checkpoint-N`` and renamed to ``checkpoint-N`` once complete;
 - ``thought_curriculum`` changes the thought and lookahead lengths over steps (quietstar.training.curriculum);
-- every log is also appended to ``output_dir/metrics.jsonl`` (quietstar.training.run_files).
+- every log is also appended to ``output_dir/metrics.jsonl`` (quietstar.training.run_files);
+- ``control`` (quietstar.training.controls): the finetune control's loss is the plain LM's NLL, the null-thoughts
+  control has no policy loss; a model not built for the run's control is refused.
 Supported: one device, or several with DDP, FSDP2 or DeepSpeed ZeRO 0-2 (``accelerate launch``). Under FSDP the
 full state dict is gathered for saving and scattered when resuming; under DeepSpeed the engine's own checkpoint
 restores the run. FSDP1, sharded FSDP state dicts, ZeRO-3 and LoRA with either are refused.
@@ -32,6 +34,7 @@ from ..files import replace_folder
 from ..loss_config import QuietStarLossConfig
 from ..modeling import QuietStarForCausalLM
 from .arguments import QuietStarTrainingArguments
+from .controls import plain_lm_output
 from .data import RandomWindowDataset, WindowCollator, WindowEpochCallback
 from .curriculum import CurriculumCallback
 from .run_files import MetricsFileCallback
@@ -60,6 +63,18 @@ def check_deepspeed_plugin(plugin, model: QuietStarForCausalLM) -> None:
                          "(configs/accelerate/deepspeed-zero2.yaml), or FSDP2 to shard parameters.")
     if model.lora is not None:
         raise ValueError("LoRA together with DeepSpeed is not supported; train LoRA with DDP or on one device.")
+
+
+def check_control(model: QuietStarForCausalLM, control: str) -> None:
+    """Refuse a model that was not built for the run's ``control`` (quietstar.training.build.build_model builds it)."""
+    wanted = "filler" if control == "null_thoughts" else "sampled"
+    if model.quietstar_config.thoughts != wanted:
+        raise ValueError(f"control: {control} needs a model whose thoughts are {wanted}, got thoughts="
+                         f"{model.quietstar_config.thoughts!r}; build it with build_model(..., control={control!r}).")
+    if control == "finetune" and model._thought_gate is not None:
+        raise ValueError("control: finetune trains the adapters on the text, but this model's adapters act on thought "
+                         "tokens only (text_path thought_lora), so the text would not train; build it with "
+                         "build_model(..., control='finetune').")
 
 
 def load_checkpoint_weights(model: QuietStarForCausalLM, folder: str, sharded: bool = False) -> None:
@@ -109,6 +124,7 @@ class QuietStarTrainer(Trainer):
             callbacks=callbacks,
             **kwargs,
         )
+        check_control(model, args.control)
         if self.is_deepspeed_enabled:
             check_deepspeed_plugin(self.accelerator.state.deepspeed_plugin, model)
         if self.is_fsdp_enabled:
@@ -127,8 +143,12 @@ class QuietStarTrainer(Trainer):
         step's update and before any checkpoint of it.
         """
         loss_config = self.scheduled_loss_config() if model.training else self.loss_config
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                        labels=inputs["labels"], output_logits=False, loss_config=loss_config)
+        if self.args.control == "finetune":
+            outputs = plain_lm_output(self.accelerator.unwrap_model(model), inputs["input_ids"],
+                                      inputs.get("attention_mask"), inputs["labels"])
+        else:
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                            labels=inputs["labels"], output_logits=False, loss_config=loss_config)
         if model.training:
             outputs.metrics["policy_weight"] = loss_config.policy_weight
             self._measure_term_gradients(model, outputs.loss_terms)
