@@ -133,9 +133,9 @@ def sampling_entropy(sample_logits: torch.Tensor, temperature: float, position_v
 
 
 def total_loss(terms: dict) -> torch.Tensor:
-    """L = L_NLL + gamma * L_thought + lambda * L_RL from the weighted terms :func:`quietstar_loss` returns: the one
-    place the objective is summed."""
-    return terms["nll"] + terms["thought_nll"] + terms["policy"]
+    """L = L_NLL + gamma * L_thought + lambda * L_RL (+ the optional terms the loss config turns on) from the weighted
+    terms :func:`quietstar_loss` returns: the one place the objective is summed."""
+    return sum(terms.values())
 
 
 def quietstar_loss(

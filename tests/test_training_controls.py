@@ -360,16 +360,15 @@ def test_mixing_prior_pushes_w_down_exactly_where_thoughts_lose_and_equals_a_loo
     assert not torch.allclose(unshifted, prior)
 
 
-def test_the_trainer_adds_the_weighted_prior(tmp_path):
+def test_the_loss_adds_the_weighted_prior_and_the_trainer_keeps_its_weight(tmp_path):
     model = make_model(mixing="bounded", mixing_prior_weight=3.0, thought_nll_weight=0.5, policy_weight=2.0)
-    trainer = QuietStarTrainer(model=model, args=training_args(tmp_path))
-    terms = {"nll": torch.tensor(1.0), "thought_nll": torch.tensor(2.0), "policy": torch.tensor(5.0),
-             "mixing_prior": torch.tensor(7.0)}
-    outputs = modeling_module.QuietStarOutput(loss_terms=terms)
-    assert trainer._scheduled_loss(model, outputs).item() == pytest.approx(1 + 0.5 * 2 + 2 * 5 + 3 * 7)
     ids, mask = padded_batch(lengths=(9, 9), left_padding_rows=())
     out = model(ids, attention_mask=mask, labels=ids)
-    assert out.loss_terms["mixing_prior"].item() > 0 and out.metrics["mixing_prior_loss"] > 0
+    prior = out.metrics["mixing_prior_loss"]
+    assert prior > 0 and out.loss_terms["mixing_prior"].item() == pytest.approx(3.0 * prior)
+    assert out.loss.item() == pytest.approx(sum(term.item() for term in out.loss_terms.values()))
+    trainer = QuietStarTrainer(model=model, args=training_args(tmp_path))
+    assert trainer.scheduled_loss_config().mixing_prior_weight == 3.0  # the schedule scales lambda alone
 
 
 # ------------------------------------------------------------------------------------------- offline text
