@@ -276,22 +276,24 @@ def control_folder(tmp_path, name, config):
 
 def test_equal_steps_and_equal_flops_controls_are_checked_against_the_run(tmp_path):
     run = run_config()
-    assert flops_factor(run) == 1 + 2 * (4 + 2 + 1)  # 1 + N·S, S = T + A + 1
-    assert positions_per_step(run, thinking=True) == 2 * 64 * 15 and positions_per_step(run, thinking=False) == 128
+    # 1 + N·S gradient positions (S = T + A + 1) plus a third of the sampling pass's 1 + N·T, per text position
+    assert flops_factor(run) == pytest.approx(1 + 2 * (4 + 2 + 1) + (1 + 2 * 4) / 3) == pytest.approx(18)
+    assert positions_per_step(run, thinking=True) == pytest.approx(2 * 64 * 18)
+    assert positions_per_step(run, thinking=False) == 128
     equal_steps = check_control("finetune", control_folder(tmp_path, "ft", run_config()), run)
-    assert equal_steps.compute_ratio == pytest.approx(1 / 15)
-    equal_flops = check_control("finetune_flops", control_folder(tmp_path, "ftf", run_config(steps=1500)), run)
-    assert equal_flops.compute_ratio == pytest.approx(1.0) and equal_flops.steps == 1500
-    with pytest.raises(ValueError, match="equal FLOPs needs 1500 steps"):
+    assert equal_steps.compute_ratio == pytest.approx(1 / 18)
+    equal_flops = check_control("finetune_flops", control_folder(tmp_path, "ftf", run_config(steps=1800)), run)
+    assert equal_flops.compute_ratio == pytest.approx(1.0) and equal_flops.steps == 1800
+    with pytest.raises(ValueError, match="equal FLOPs needs 1800 steps"):
         check_control("finetune_flops", control_folder(tmp_path, "short", run_config(steps=100)), run)
     with pytest.raises(ValueError, match="max_steps"):
-        check_control("finetune", control_folder(tmp_path, "long", run_config(steps=1500)), run)
+        check_control("finetune", control_folder(tmp_path, "long", run_config(steps=1800)), run)
     with pytest.raises(ValueError, match="seed"):
         check_control("null_trained", control_folder(tmp_path, "seed", run_config(seed=1)), run)
-    text = controls_text({"flops_factor": 15.0, "given": {"finetune": equal_steps.to_dict()},
+    text = controls_text({"flops_factor": 18.0, "given": {"finetune": equal_steps.to_dict()},
                           "missing": ["finetune_flops", "null_trained"]})
     assert "Missing, so not compared: plain-LM fine-tune, equal FLOPs; trained with filler thoughts" in text
-    assert "costs 15 plain-LM steps" in text and "ft`, 100 steps" in text
+    assert "costs 18 plain-LM steps" in text and "ft`, 100 steps" in text
 
 
 def trained_controls():

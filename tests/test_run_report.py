@@ -262,7 +262,9 @@ def test_report_from_a_two_step_tiny_run(tmp_path):
     assert set(heldout["nll"]) == {"base", "finetune", "no_thoughts", "real", "other_document", "causal_shuffle",
                                    "null"}
     assert heldout["controls"]["missing"] == ["finetune_flops", "null_trained"]
-    assert heldout["controls"]["given"]["finetune"]["compute_ratio"] == pytest.approx(1 / (1 + 2 * (3 + 2 + 1)))
+    # T = 3, A = 2, N = 2: 1 + N·S gradient positions and a third of the sampling pass's 1 + N·T per text position
+    assert heldout["controls"]["given"]["finetune"]["compute_ratio"] == pytest.approx(
+        1 / (1 + 2 * (3 + 2 + 1) + (1 + 2 * 3) / 3))
     # the base model was trained for 2 steps only: its held-out NLL is close to, but not exactly, the original
     assert heldout["nll"]["no_thoughts"] != heldout["nll"]["base"]
     assert abs(heldout["nll"]["no_thoughts"] - heldout["nll"]["base"]) < 0.5

@@ -438,7 +438,7 @@ def test_the_real_offline_general_text_loads():
 
 # --------------------------------------------------------------------------------------------------- configs
 def test_control_configs_are_the_demo_but_for_the_control():
-    demo = parse_config(["--config", os.path.join(REPO, "configs", "smollm2-135m-cpu.yaml"), "--bf16", "false"])
+    demo = parse_config(["--config", os.path.join(REPO, "configs", "smollm2-135m-cpu.yaml")])
     for name, control in (("finetune-control", "finetune"), ("null-control", "null_thoughts")):
         args = parse_config(["--config", os.path.join(REPO, "configs", f"smollm2-135m-cpu-{name}.yaml")])
         assert args[3].control == control and args[3].output_dir == f"runs/smollm2-135m-cpu-{name}"

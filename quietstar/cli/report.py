@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-control", default=None, help="Run folder of the plain-LM control: the same adapters, "
                    "data, seed and schedule trained without thoughts for the same steps. Not given: stated missing.")
     p.add_argument("--finetune-flops-control", default=None, help="Run folder of the plain-LM control trained for "
-                   "equal FLOPs (the run's steps × 1 + N·S). Not given: stated missing.")
+                   "equal FLOPs (the steps `python -m quietstar.training.compute RUN` prints). Not given: stated missing.")
     p.add_argument("--null-trained-control", default=None, help="Run folder of the Quiet-STaR control trained with "
                    "every thought fixed to filler (scored with filler). Not given: stated missing.")
     p.add_argument("--bootstrap", type=int, default=2000, help="Bootstrap resamples (over documents) per interval.")

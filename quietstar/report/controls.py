@@ -10,9 +10,11 @@ Three controls separate what a thought says from what training did (docs/design.
 - ``null_trained``: the same Quiet-STaR recipe with every thought fixed to filler from step 0, scored with filler
   (``--null-trained-control``).
 
-Training compute counts token positions, as the efficiency of docs/design.md §7 does: a Quiet-STaR step processes
-L·(1 + N·S) positions per row (S = T + A + 1, the branch length), a plain LM step L. A control that is not given is
-stated missing in the report; nothing stands in for it (least of all the base model).
+Training compute counts token positions as quietstar.training.compute does (the numbers a run records in its
+``StepCost`` and ``python -m quietstar.training.compute RUN`` prints): a Quiet-STaR step's gradient pass covers
+L·(1 + N·S) positions per row (S = T + A + 1, the branch length) and its no-grad sampling L + N·L·T, counted at a
+third; a plain LM step L. A control that is not given is stated missing in the report; nothing stands in for it
+(least of all the base model).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
+from ..training.compute import FORWARD_SHARE, positions_per_row
 from ..training.run_files import read_run_config
 
 CONTROLS = ("finetune", "finetune_flops", "null_trained")
@@ -29,26 +32,26 @@ CONTROL_TITLES = {"finetune": "plain-LM fine-tune, equal steps", "finetune_flops
 FLOPS_TOLERANCE = 0.05
 
 
-def positions_per_step(run_config: dict, thinking: bool) -> int:
-    """Token positions one optimizer step processes (one process; every process of a run does the same): batch ×
-    accumulation × L, times 1 + N·S when the run thinks. ``run_config``: a run folder's run_config.json."""
+def positions_per_step(run_config: dict, thinking: bool) -> float:
+    """Token positions one optimizer step costs (one process; every process of a run does the same): batch ×
+    accumulation rows, each a gradient pass plus FORWARD_SHARE × the sampling pass when the run thinks
+    (quietstar.training.compute.positions_per_row). ``run_config``: a run folder's run_config.json."""
     training, data = run_config["QuietStarTrainingArguments"], run_config["DataArguments"]
     rows = int(training["per_device_train_batch_size"]) * int(training["gradient_accumulation_steps"])
-    positions = rows * int(data["max_length"])
-    if thinking:
-        thoughts = run_config["QuietStarConfig"]
-        branch = int(thoughts["num_thought_tokens"]) + int(thoughts["num_lookahead_tokens"]) + 1
-        positions *= 1 + int(thoughts["num_thoughts"]) * branch
-    return positions
+    thoughts = run_config["QuietStarConfig"]
+    gradient, sampling = positions_per_row("none" if thinking else "finetune", int(data["max_length"]),
+                                           int(thoughts["num_thoughts"]), int(thoughts["num_thought_tokens"]),
+                                           int(thoughts["num_lookahead_tokens"]))
+    return rows * (gradient + FORWARD_SHARE * sampling)
 
 
-def training_positions(run_config: dict, thinking: bool) -> int:
+def training_positions(run_config: dict, thinking: bool) -> float:
     """Token positions of the whole training run: max_steps × :func:`positions_per_step`."""
     return int(run_config["QuietStarTrainingArguments"]["max_steps"]) * positions_per_step(run_config, thinking)
 
 
 def flops_factor(run_config: dict) -> float:
-    """How many plain-LM steps (same batch and L) one Quiet-STaR step of this run costs: 1 + N·S."""
+    """How many plain-LM steps (same batch and L) one Quiet-STaR step of this run costs: 1 + N·S + (1 + N·T) / 3."""
     return positions_per_step(run_config, thinking=True) / positions_per_step(run_config, thinking=False)
 
 
@@ -60,11 +63,11 @@ class Control:
     view: str
     run_dir: str
     steps: int
-    positions: int
+    positions: float
     compute_ratio: float
 
     def describe(self) -> str:
-        return (f"{CONTROL_TITLES[self.view]}: `{self.run_dir}`, {self.steps} steps, {self.positions:,} training token "
+        return (f"{CONTROL_TITLES[self.view]}: `{self.run_dir}`, {self.steps} steps, {self.positions:,.0f} training token "
                 f"positions ({self.compute_ratio:.3g} × the run's)")
 
     def to_dict(self) -> dict:
@@ -103,7 +106,7 @@ def check_control(view: str, control_dir: str, run_config: dict) -> Control:
             wanted = round(run_steps * flops_factor(run_config))
             raise ValueError(f"The finetune_flops control {control_dir} trained {steps} steps ({ratio:.3g} × the "
                              f"run's token positions); equal FLOPs needs {wanted} steps (the run's {run_steps} × "
-                             f"1 + N·S = {flops_factor(run_config):.4g}).")
+                             f"{flops_factor(run_config):.4g}; quietstar.training.compute).")
     else:
         _same("QuietStarTrainingArguments.max_steps", run_steps, steps, control_dir, view)
     return Control(view, control_dir, steps, positions, ratio)

@@ -45,7 +45,8 @@ def controls_text(controls: dict) -> str:
         parts.append(f"Missing, so not compared: {'; '.join(missing)}.")
     if "flops_factor" in controls:
         parts.append(f"One Quiet-STaR step costs {controls['flops_factor']:.4g} plain-LM steps of the same batch "
-                     "(1 + N·S token positions per text position, S = T + A + 1).")
+                     "(per text position: 1 + N·S gradient-pass positions, S = T + A + 1, plus a third of the "
+                     "sampling pass's 1 + N·T; quietstar.training.compute).")
     return " ".join(parts)
 
 
