@@ -155,6 +155,30 @@ class QuietStarConfig:
                           "and bf16 inputs ignore it."},
     )
 
+    # --- added by issue 21 (loss): recipe mechanisms for thoughts that carry their position (docs/design.md §1,
+    # "Losses"). Loss fields: when merging config-split, move them into the loss config. Their defaults are the
+    # behaviour of the code before them, so older checkpoints need no ADDED_FIELDS_BEFORE entry.
+    entropy_bonus_weight: float = field(
+        default=0.0,
+        metadata={"help": "eta: weight of the entropy bonus L_ent = -mean entropy (nats) of the distributions the "
+                          "thought tokens were drawn from (at thought_temperature), over the positions of L_RL: keeps "
+                          "the thought policy exploring instead of collapsing onto one generic thought. 0: off."},
+    )
+    contrastive_reward_weight: float = field(
+        default=0.0,
+        metadata={"help": "alpha: position-contrastive reward R' = R - alpha * G_moved, where G_moved is the thought's "
+                          "gain (base NLL minus the reward source's NLL) when replayed contrastive_shift positions "
+                          "later, so a thought that helps anywhere earns less than one that helps where it was "
+                          "thought. Costs a second, gradient-free thought-expanded pass. Positions without a later "
+                          "partner take no part in L_RL. 0: off (no extra pass)."},
+    )
+    contrastive_shift: int | None = field(
+        default=None,
+        metadata={"help": "How many positions later the position-contrastive reward replays each thought (at least "
+                          "num_lookahead_tokens, so its targets there are disjoint from its own). None: "
+                          "num_lookahead_tokens."},
+    )
+
     def __post_init__(self):
         for name in ("num_thought_tokens", "num_lookahead_tokens", "num_thoughts"):
             value = getattr(self, name)
@@ -193,11 +217,25 @@ class QuietStarConfig:
             raise ValueError("QuietStarConfig.start_thought_token and end_thought_token must differ.")
         if not self.thought_init_text:
             raise ValueError("QuietStarConfig.thought_init_text must be a non-empty string.")
+        for name in ("entropy_bonus_weight", "contrastive_reward_weight"):
+            if isinstance(getattr(self, name), bool) or not getattr(self, name) >= 0:
+                raise ValueError(f"QuietStarConfig.{name} must be >= 0 (0 turns it off), got {getattr(self, name)!r}.")
+        shift = self.contrastive_shift
+        if shift is not None and (not isinstance(shift, int) or isinstance(shift, bool)
+                                  or shift < self.num_lookahead_tokens):
+            raise ValueError(f"QuietStarConfig.contrastive_shift must be an integer >= num_lookahead_tokens = "
+                             f"{self.num_lookahead_tokens} (a thought moved fewer positions would be scored on some of "
+                             f"its own targets), or None for num_lookahead_tokens; got {shift!r}.")
 
     @property
     def branch_length(self) -> int:
         """S = T + A + 1: <sot>, T thought tokens, <eot>, then A - 1 teacher-forced true tokens."""
         return self.num_thought_tokens + self.num_lookahead_tokens + 1
+
+    @property
+    def contrastive_distance(self) -> int:
+        """How many positions later the position-contrastive reward replays each thought (contrastive_shift, or A)."""
+        return self.num_lookahead_tokens if self.contrastive_shift is None else self.contrastive_shift
 
     @classmethod
     def official(cls, **overrides) -> "QuietStarConfig":

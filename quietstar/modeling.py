@@ -17,6 +17,7 @@ from .attention import ATTENTION_NAME
 from .attention.layout import text_positions
 from .compat import check_model_supported, check_new_embeddings, check_thought_layout
 from .config import QuietStarConfig
+from .contrastive import moved_thought_nll
 from .generation import GenerationOutput, generate
 from .head import LogitTransform, apply_output_head, decoder, hidden_width, output_head_names
 from .lora import THOUGHT_BRANCH_MASK, ThoughtTokenGate
@@ -281,6 +282,9 @@ class QuietStarForCausalLM(nn.Module):
         if tuple(thoughts.shape) != expected:
             raise ValueError(f"thoughts must have shape [B, N, L, T] = {expected}, got {tuple(thoughts.shape)}.")
 
+        moved_nll = None
+        if labels is not None and cfg.contrastive_reward_weight > 0:  # before the gradient pass: less memory at peak
+            moved_nll = moved_thought_nll(self, input_ids, key_padding, labels, thoughts, cfg.contrastive_distance)
         text_hidden, branch_hidden = expanded_pass(self, input_ids, key_padding, thoughts)
         base_logits = self.head_logits(text_hidden)
         sample_logits = mask_thought_tokens(self.head_logits(branch_hidden[..., :T, :]), self.thought_token_ids)
@@ -310,7 +314,7 @@ class QuietStarForCausalLM(nn.Module):
             masked_thought = (mask_thought_tokens(thought_logits, self.thought_token_ids)
                               if thought_logits is not None else None)
             out.loss, out.metrics, out.loss_terms = self.objective(base_logits, mixed, sample_logits, thoughts, weights,
-                                                                   labels, key_padding, masked_thought)
+                                                                   labels, key_padding, masked_thought, moved_nll)
             out.metrics["mixing_head_live_units"] = self.mixing_head.live_unit_fraction(base_hidden, thought_hidden)
         return out
 
@@ -358,9 +362,10 @@ class QuietStarForCausalLM(nn.Module):
             mixed = mix(shifted_base_logits, thought_logits, weights, mode)
         return weights, mask_thought_tokens(mixed, self.thought_token_ids)
 
-    def objective(self, base_logits, mixed, sample_logits, thoughts, weights, labels, key_padding, thought_logits=None):
+    def objective(self, base_logits, mixed, sample_logits, thoughts, weights, labels, key_padding, thought_logits=None,
+                  moved_nll=None):
         """The Quiet-STaR loss, metrics and unweighted loss terms (quietstar.losses.quietstar_loss) with this model's
-        settings."""
+        settings; ``moved_nll`` from quietstar.contrastive.moved_thought_nll when the reward is position-contrastive."""
         cfg = self.quietstar_config
         return quietstar_loss(
             mask_thought_tokens(base_logits, self.thought_token_ids), mixed, sample_logits, thoughts, weights,
@@ -370,6 +375,8 @@ class QuietStarForCausalLM(nn.Module):
             thought_logits=thought_logits, reward_source=cfg.reward_source,
             advantage_normalization=cfg.advantage_normalization, advantage_std_floor=cfg.advantage_std_floor,
             thought_nll_weight=cfg.thought_nll_weight, sample_temperature=cfg.thought_temperature,
+            entropy_bonus_weight=cfg.entropy_bonus_weight, contrastive_reward_weight=cfg.contrastive_reward_weight,
+            moved_nll=moved_nll, contrastive_shift=cfg.contrastive_distance,
         )
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, do_sample=False, temperature=1.0,

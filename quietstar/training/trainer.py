@@ -140,14 +140,14 @@ class QuietStarTrainer(Trainer):
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def _scheduled_loss(self, model, outputs) -> torch.Tensor:
-        """L = L_NLL + gamma L_thought + lambda_t L_RL with lambda_t from the policy-weight schedule; on the steps
-        ``loss_term_grad_norm_steps`` asks for, the gradient norm of each weighted term is measured first."""
+        """L = L_NLL + gamma L_thought + lambda_t L_RL + eta L_ent with lambda_t from the policy-weight schedule; on
+        the steps ``loss_term_grad_norm_steps`` asks for, the gradient norm of each weighted term is measured first."""
         cfg = self.accelerator.unwrap_model(model).quietstar_config
         step = self.state.global_step
         policy_weight = cfg.policy_weight * self.args.policy_weight_factor(step)
         terms = outputs.loss_terms
         weighted = {"nll": terms["nll"], "thought_nll": cfg.thought_nll_weight * terms["thought_nll"],
-                    "policy": policy_weight * terms["policy"]}
+                    "policy": policy_weight * terms["policy"], "entropy": cfg.entropy_bonus_weight * terms["entropy"]}
         outputs.metrics["policy_weight"] = policy_weight
         every = self.args.loss_term_grad_norm_steps
         if every and step % every == 0 and step != self._term_norm_step and torch.is_grad_enabled():
