@@ -134,7 +134,8 @@ def lookahead_base_nll(base_nll: torch.Tensor, target_valid: torch.Tensor) -> to
     """sum_s l^base_{j+s} over the valid s: the NLL the model without thoughts leaves on the A targets of position j,
     ``[B, L]``; base_nll ``[B, L]`` is l^base_c (the NLL of x_{c+1}), target_valid ``[B, L, A]``."""
     L, A = target_valid.shape[-2:]
-    ahead = (torch.arange(L, device=base_nll.device)[:, None] + torch.arange(A, device=base_nll.device)).clamp(max=L - 1)
+    columns = torch.arange(L, device=base_nll.device)
+    ahead = (columns[:, None] + torch.arange(A, device=base_nll.device)).clamp(max=L - 1)  # [L, A]: j + s
     return (base_nll[:, ahead] * target_valid).sum(dim=-1)
 
 
@@ -244,7 +245,8 @@ def quietstar_loss(
         shift = num_lookahead if contrastive_shift is None else contrastive_shift
         own_reward = reward
         moved_gain, has_partner = moved_gains(moved_nll.detach(), base_nll.detach(), target_valid, shift)
-        reward, reward_valid = contrastive_rewards(reward, moved_gain, contrastive_reward_weight), reward_valid & has_partner
+        reward = contrastive_rewards(reward, moved_gain, contrastive_reward_weight)
+        reward_valid = reward_valid & has_partner
     advantage = advantages(reward, clip_negative_advantage, advantage_normalization, advantage_std_floor, reward_valid)
     logprobs = thought_logprobs(sample_logits, thoughts, reinforce_temperature)
     rl = policy_loss(logprobs, advantage, reward_valid)

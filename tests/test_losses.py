@@ -1,7 +1,8 @@
 """Oracles 2 and 3 (docs/design.md §5): the no-thought identity, and the loss and gradients against a slow reference.
 
 The reference runs the plain model (transformers' own eager attention) on every explicit branch
-sequence and computes L_NLL, rewards, advantages and L_RL with Python loops straight from docs/design.md §1.
+sequence and computes L_NLL, rewards, advantages, L_RL and L_ent with Python loops straight from docs/design.md §1,
+and for the position-contrastive reward every thought again on the explicit sequence of its partner position.
 """
 
 from __future__ import annotations
@@ -20,13 +21,42 @@ def masked(logits, model):
     return logits
 
 
+def thought_reward(model, h_base, real, at, thought):
+    """R of ``thought`` inserted after real[: at + 1] (mixed or thought path), None where a target is missing, and
+    the explicit branch's hidden states."""
+    cfg = model.quietstar_config
+    T, A = cfg.num_thought_tokens, cfg.num_lookahead_tokens
+    sot, eot = model.thought_token_ids
+    sequence = torch.cat([real[: at + 1], torch.tensor([sot]), thought, torch.tensor([eot]), real[at + 1 : at + A]])
+    h = model.body(inputs_embeds=model.embed(sequence[None])).last_hidden_state[0]
+    reward, mixed_nlls, thought_nlls = 0.0, [], []
+    for s in range(A):
+        if at + 1 + s >= len(real):
+            return None, h, mixed_nlls, thought_nlls
+        h_thought = h[at + 1 + T + 1 + s]
+        w = model.mixing_head(h_base[at + s], h_thought)
+        base_logits, thought_logits = model.lm_head(h_base[at + s]), model.lm_head(h_thought)
+        if cfg.mixing == "logits":
+            z = (1 - w) * base_logits + w * thought_logits
+        else:
+            w = torch.sigmoid(w)
+            z = (1 - w) * torch.log_softmax(base_logits, -1) + w * torch.log_softmax(thought_logits, -1)
+        nll = F.cross_entropy(masked(z, model), real[at + 1 + s])
+        thought_nll = F.cross_entropy(masked(thought_logits, model), real[at + 1 + s])
+        mixed_nlls.append(nll)
+        thought_nlls.append(thought_nll)
+        reward = reward - (thought_nll if cfg.reward_source == "thought" else nll).detach()
+    return reward, h, mixed_nlls, thought_nlls
+
+
 def reference_loss(model, ids, mask, thoughts):
-    """L = L_NLL + gamma L_thought + lambda L_RL computed one position, sample and step at a time."""
+    """L = L_NLL + gamma L_thought + lambda L_RL + eta L_ent computed one position, sample and step at a time."""
     cfg = model.quietstar_config
     T, A, N = cfg.num_thought_tokens, cfg.num_lookahead_tokens, cfg.num_thoughts
-    sot, eot = model.thought_token_ids
+    shift = cfg.num_lookahead_tokens if cfg.contrastive_shift is None else cfg.contrastive_shift
     base_terms, mixed_terms, thought_terms = [], [[] for _ in range(A)], [[] for _ in range(A)]
     scored = []  # (advantage before normalisation, logprobs of the thought's T tokens)
+    entropies = []  # entropy of each thought token's sampling distribution, at the positions of L_RL
     with transformers_eager(model):
         for b in range(ids.shape[0]):
             columns = mask[b].nonzero().flatten()
@@ -36,37 +66,32 @@ def reference_loss(model, ids, mask, thoughts):
             for j in range(n_real):
                 if j + 1 < n_real:
                     base_terms.append(F.cross_entropy(masked(model.lm_head(h_base[j]), model), real[j + 1]))
-                rewards, logprob_rows = [], []
+                rewards, logprob_rows, entropy_rows = [], [], []
                 for n in range(N):
                     c = thoughts[b, n, columns[j]]
-                    sequence = torch.cat([real[: j + 1], torch.tensor([sot]), c, torch.tensor([eot]), real[j + 1 : j + A]])
-                    h = model.body(inputs_embeds=model.embed(sequence[None])).last_hidden_state[0]
-                    start = j + 1
-                    sampling = masked(model.lm_head(h[start : start + T]), model)
-                    logprob_rows.append(torch.log_softmax(sampling / cfg.reinforce_temperature, -1)[torch.arange(T), c])
-                    reward = 0.0
-                    for s in range(A):
-                        if j + 1 + s >= n_real:
-                            reward = None
-                            break
-                        h_thought = h[start + T + 1 + s]
-                        w = model.mixing_head(h_base[j + s], h_thought)
-                        base_logits, thought_logits = model.lm_head(h_base[j + s]), model.lm_head(h_thought)
-                        if cfg.mixing == "logits":
-                            z = (1 - w) * base_logits + w * thought_logits
-                        else:
-                            w = torch.sigmoid(w)
-                            z = (1 - w) * torch.log_softmax(base_logits, -1) + w * torch.log_softmax(thought_logits, -1)
-                        nll = F.cross_entropy(masked(z, model), real[j + 1 + s])
-                        thought_nll = F.cross_entropy(masked(thought_logits, model), real[j + 1 + s])
+                    reward, h, mixed_nlls, thought_nlls = thought_reward(model, h_base, real, j, c)
+                    for s, (nll, thought_nll) in enumerate(zip(mixed_nlls, thought_nlls)):
                         mixed_terms[s].append(nll)
                         thought_terms[s].append(thought_nll)
-                        reward = reward - (thought_nll if cfg.reward_source == "thought" else nll).detach()
+                    sampling = masked(model.lm_head(h[j + 1 : j + 1 + T]), model)
+                    logprob_rows.append(torch.log_softmax(sampling / cfg.reinforce_temperature, -1)[torch.arange(T), c])
+                    p = torch.softmax(sampling / cfg.thought_temperature, -1)
+                    entropy_rows.append(-(p * torch.log(torch.where(p > 0, p, 1))).sum(-1))
+                    if reward is not None and cfg.contrastive_reward_weight > 0:
+                        # R' = R - alpha * (R at j' = j + shift - the base model's reward there)
+                        moved, _, _, _ = thought_reward(model, h_base, real, j + shift, c)
+                        if moved is None:
+                            reward = None
+                        else:
+                            base_moved = -sum(F.cross_entropy(masked(model.lm_head(h_base[j + shift + s]), model),
+                                                              real[j + shift + 1 + s]) for s in range(A)).detach()
+                            reward = reward - cfg.contrastive_reward_weight * (moved - base_moved)
                     rewards.append(reward)
                 if rewards[0] is None:
                     continue
                 mean_reward = sum(rewards) / N
                 scored.extend((rewards[n] - mean_reward, logprob_rows[n]) for n in range(N))
+                entropies.extend(entropy_rows)
     spread = 1.0
     if cfg.advantage_normalization == "batch_std":
         spread = max(float(torch.stack([a for a, _ in scored]).square().mean().sqrt()), cfg.advantage_std_floor)
@@ -81,7 +106,9 @@ def reference_loss(model, ids, mask, thoughts):
     ) / A
     thought = sum(torch.stack(terms).mean() for terms in thought_terms) / A
     policy = torch.stack(policy_terms).mean()
-    return nll + cfg.thought_nll_weight * thought + cfg.policy_weight * policy, policy
+    entropy = -torch.cat(entropies).mean()
+    loss = nll + cfg.thought_nll_weight * thought + cfg.policy_weight * policy + cfg.entropy_bonus_weight * entropy
+    return loss, policy
 
 
 def gradients(model):
@@ -94,6 +121,10 @@ RECIPES = {
     "mixed_reward_normalised": dict(reward_source="mixed", advantage_normalization="batch_std", thought_nll_weight=0.0),
     "thought_reward_clipped": dict(reward_source="thought", clip_negative_advantage=True, reinforce_temperature=2.0,
                                    advantage_normalization="none", thought_nll_weight=1.5),
+    # issue 21's mechanisms: an entropy bonus at a sampling temperature other than 1, position-contrastive rewards
+    "entropy_contrastive": dict(entropy_bonus_weight=0.7, thought_temperature=0.8, contrastive_reward_weight=0.6),
+    "entropy_contrastive_mixed": dict(entropy_bonus_weight=0.3, reward_source="mixed", contrastive_reward_weight=1.3,
+                                      contrastive_shift=3),
 }
 
 

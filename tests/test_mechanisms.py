@@ -1,0 +1,151 @@
+"""Issue 21's recipe mechanisms as pure functions (docs/design.md §1, "Losses"): the entropy bonus L_ent and the
+position-contrastive reward; the whole loss with them is checked against the slow reference in test_losses.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_model, padded_batch, randomize_mixing_head
+from quietstar import QuietStarConfig
+from quietstar.losses import advantages, contrastive_rewards, entropy_loss, lookahead_base_nll, moved_gains
+
+
+def random_sample_logits(shape=(2, 3, 5, 4, 11), seed=0):
+    """fp64 logits ``[B, N, L, T, V]`` with the two thought-token columns at -inf, as the model gives them."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(shape, generator=generator, dtype=torch.float64) * 2
+    logits[..., [3, 7]] = float("-inf")
+    return logits
+
+
+def independent_entropy_loss(logits, temperature, valid):
+    """-mean over valid (j, n, m) of H, with torch.distributions (its own handling of -inf logits)."""
+    entropy = torch.distributions.Categorical(logits=logits / temperature).entropy()  # [B, N, L, T]
+    weights = valid[:, None, :, None].expand_as(entropy)
+    return -entropy[weights].mean()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_entropy_loss_value_and_gradient_match_an_independent_computation(temperature):
+    valid = torch.tensor([[True, False, True, True, False], [True, True, True, False, False]])
+    logits = random_sample_logits().requires_grad_(True)
+    loss = entropy_loss(logits, temperature, valid)
+    (grad,) = torch.autograd.grad(loss, logits)
+    reference_logits = logits.detach().clone().requires_grad_(True)
+    reference = independent_entropy_loss(reference_logits, temperature, valid)
+    (reference_grad,) = torch.autograd.grad(reference, reference_logits)
+    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, reference_grad, rtol=1e-10, atol=1e-12)
+    assert torch.isfinite(grad).all() and (grad[..., [3, 7]] == 0).all()  # masked tokens: no NaN, no gradient
+    assert (grad[0, :, [1, 4]] == 0).all() and (grad[1, :, 3:] == 0).all()  # invalid positions take no part
+    assert (grad[0, :, [0, 2, 3]] != 0).any(dim=-1).all()
+    finite = logits.detach().masked_fill(torch.isinf(logits.detach()), 0).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda z: entropy_loss(z, temperature, valid), (finite,))
+
+
+def entropy_after_a_descent_step(loss_fn, step: float = 20.0) -> tuple[float, float]:
+    """Mean entropy of random logits before and after one gradient-descent step on ``loss_fn``."""
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    logits = random_sample_logits(seed=3).requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss_fn(logits, 1.0, valid), logits)
+    with torch.no_grad():
+        before = -entropy_loss(logits, 1.0, valid).item()
+        after = -entropy_loss(torch.where(torch.isinf(logits), logits, logits - step * grad), 1.0, valid).item()
+    return before, after
+
+
+def test_a_descent_step_on_the_entropy_bonus_raises_entropy_and_a_wrong_sign_would_not():
+    before, after = entropy_after_a_descent_step(entropy_loss)
+    assert after > before + 0.01
+    wrong_before, wrong_after = entropy_after_a_descent_step(lambda *a: -entropy_loss(*a))  # an entropy penalty
+    assert wrong_after < wrong_before - 0.01  # the check above would catch it
+
+
+def slow_moved_gains(moved_nll, base_nll, target_valid, shift):
+    """G^moved by loops: gain of column j + shift's moved thought, credited to position j."""
+    B, N, L, A = moved_nll.shape
+    gains, partner = torch.zeros(B, N, L, dtype=moved_nll.dtype), torch.zeros(B, L, dtype=torch.bool)
+    for b in range(B):
+        for j in range(L):
+            here = j + shift
+            if here >= L or not target_valid[b, here].all():
+                continue
+            partner[b, j] = True
+            for n in range(N):
+                gains[b, n, j] = sum(base_nll[b, here + s] - moved_nll[b, n, here, s] for s in range(A))
+    return gains, partner
+
+
+@pytest.mark.parametrize("shift", [3, 4])
+def test_moved_gains_match_a_loop(shift):
+    generator = torch.Generator().manual_seed(2)
+    B, N, L, A = 2, 3, 11, 3
+    moved_nll = torch.rand(B, N, L, A, generator=generator, dtype=torch.float64) * 5
+    base_nll = torch.rand(B, L, generator=generator, dtype=torch.float64) * 5
+    label_valid = torch.ones(B, L, dtype=torch.bool)
+    label_valid[0, 8] = False  # an ignored label inside the row
+    label_valid[1, :2] = False  # left padding
+    columns = torch.arange(L)[:, None] + torch.arange(1, A + 1)
+    target_valid = (columns < L) & label_valid[:, columns.clamp(max=L - 1)] & label_valid[:, :, None]
+    gains, partner = moved_gains(moved_nll, base_nll, target_valid, shift)
+    expected_gains, expected_partner = slow_moved_gains(moved_nll, base_nll, target_valid, shift)
+    assert torch.equal(partner, expected_partner) and partner.any() and not partner.all()
+    torch.testing.assert_close(gains, expected_gains, rtol=1e-12, atol=1e-12)
+
+
+def test_a_thought_that_helps_equally_everywhere_earns_no_contrastive_advantage():
+    generator = torch.Generator().manual_seed(4)
+    B, N, L = 2, 4, 7
+    base_reward = -torch.rand(B, 1, L, generator=generator, dtype=torch.float64) * 9  # -sum_s l^base at j
+    gain = torch.randn(B, N, L, generator=generator, dtype=torch.float64)  # each thought's gain, here and moved alike
+    reward = base_reward + gain
+    valid = torch.ones(B, L, dtype=torch.bool)
+    assert advantages(reward, False, "none", position_valid=valid).abs().max() > 0.1
+    contrastive = contrastive_rewards(reward, gain, 1.0)
+    torch.testing.assert_close(contrastive, base_reward.expand_as(reward))
+    assert advantages(contrastive, False, "none", position_valid=valid).abs().max() < 1e-12
+    # A thought that helps only where it was thought keeps its whole advantage; alpha = 0 changes nothing.
+    local = contrastive_rewards(reward, torch.zeros_like(gain), 1.0)
+    torch.testing.assert_close(advantages(local, False, "none"), advantages(reward, False, "none"))
+    assert torch.equal(contrastive_rewards(reward, gain, 0.0), reward)
+
+
+def test_lookahead_base_nll_sums_the_valid_targets():
+    base_nll = torch.tensor([[1.0, 2.0, 4.0, 8.0, 16.0]])
+    valid = torch.tensor([[[True, True], [True, False], [True, True], [True, True], [False, False]]])
+    assert lookahead_base_nll(base_nll, valid).tolist() == [[3.0, 2.0, 12.0, 24.0, 0.0]]
+
+
+def test_config_validates_the_mechanisms():
+    with pytest.raises(ValueError, match="entropy_bonus_weight must be >= 0"):
+        QuietStarConfig(entropy_bonus_weight=-0.1)
+    with pytest.raises(ValueError, match="contrastive_reward_weight must be >= 0"):
+        QuietStarConfig(contrastive_reward_weight=-1.0)
+    with pytest.raises(ValueError, match="contrastive_shift must be an integer >= num_lookahead_tokens = 4"):
+        QuietStarConfig(contrastive_shift=3)
+    assert QuietStarConfig().contrastive_distance == 4
+    assert QuietStarConfig(contrastive_shift=7).contrastive_distance == 7
+
+
+def test_mechanisms_off_change_nothing_and_run_no_extra_pass(monkeypatch):
+    """alpha = 0 and eta = 0 (the defaults): the loss is today's bit for bit and no moved pass runs."""
+    model = make_model("llama")
+    randomize_mixing_head(model)
+    ids, mask = padded_batch()
+    thoughts = model.sample_thoughts(ids, mask)
+    calls = []
+    monkeypatch.setattr("quietstar.modeling.moved_thought_nll", lambda *a: calls.append(a))
+    out = model(ids, attention_mask=mask, labels=ids, thoughts=thoughts)
+    assert not calls and "entropy_loss" not in out.metrics and "moved_gain_mean" not in out.metrics
+    assert out.loss_terms["entropy"].item() == 0.0 and not out.loss_terms["entropy"].requires_grad
+    monkeypatch.undo()
+    model.quietstar_config = QuietStarConfig(**{**model.quietstar_config.to_dict(), "contrastive_reward_weight": 1.0,
+                                                "entropy_bonus_weight": 0.5})
+    on = model(ids, attention_mask=mask, labels=ids, thoughts=thoughts)
+    assert on.metrics["policy_loss"] != out.metrics["policy_loss"]
+    assert on.metrics["nll_loss"] == out.metrics["nll_loss"]  # the mechanisms touch rewards and L_ent only
+    assert {"entropy_loss", "own_gain_mean", "moved_gain_mean"} <= set(on.metrics)
+    torch.testing.assert_close(on.loss, out.loss - out.loss_terms["policy"] * model.quietstar_config.policy_weight
+                               + on.loss_terms["policy"] * model.quietstar_config.policy_weight
+                               + 0.5 * on.loss_terms["entropy"])
