@@ -3,12 +3,16 @@ position-contrastive reward; the whole loss with them is checked against the slo
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from conftest import make_model, padded_batch, randomize_mixing_head
 from quietstar import QuietStarConfig
 from quietstar.losses import advantages, contrastive_rewards, entropy_loss, lookahead_base_nll, moved_gains
+from quietstar.training import (QuietStarTrainer, QuietStarTrainingArguments, build_window_dataset,
+                                synthetic_arithmetic_documents)
 
 
 def random_sample_logits(shape=(2, 3, 5, 4, 11), seed=0):
@@ -149,3 +153,26 @@ def test_mechanisms_off_change_nothing_and_run_no_extra_pass(monkeypatch):
     torch.testing.assert_close(on.loss, out.loss - out.loss_terms["policy"] * model.quietstar_config.policy_weight
                                + on.loss_terms["policy"] * model.quietstar_config.policy_weight
                                + 0.5 * on.loss_terms["entropy"])
+
+
+def test_trainer_adds_the_entropy_term_and_logs_the_mechanisms(tmp_path):
+    """The trainer rebuilds the loss from its terms (the policy-weight schedule): eta * L_ent must be among them."""
+    model = make_model(num_thought_tokens=2, num_lookahead_tokens=2, entropy_bonus_weight=0.5,
+                       contrastive_reward_weight=1.0).train()
+    args = QuietStarTrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
+        use_cpu=True, report_to="none", disable_tqdm=True, save_strategy="no", logging_steps=1, seed=0,
+        loss_term_grad_norm_steps=1)
+    dataset = build_window_dataset(synthetic_arithmetic_documents(8), model.tokenizer, 24, 4)
+    trainer = QuietStarTrainer(model=model, args=args, train_dataset=dataset)
+    batch = next(iter(trainer.get_train_dataloader()))
+    out = model(**batch, output_logits=False)
+    assert out.loss_terms["entropy"].requires_grad
+    torch.testing.assert_close(trainer._scheduled_loss(model, out), out.loss)  # lambda at full weight: the same L
+    trainer.train()
+    logs = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"loss"' in line]
+    assert len(logs) == 2
+    for entry in logs:
+        assert {"entropy_loss", "own_gain_mean", "moved_gain_mean"} <= set(entry)
+        assert entry["entropy_loss"] < 0
+    assert any(entry.get("grad_norm/entropy", 0) > 0 for entry in logs)
