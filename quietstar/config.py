@@ -221,11 +221,9 @@ class QuietStarConfig:
             if isinstance(getattr(self, name), bool) or not getattr(self, name) >= 0:
                 raise ValueError(f"QuietStarConfig.{name} must be >= 0 (0 turns it off), got {getattr(self, name)!r}.")
         shift = self.contrastive_shift
-        if shift is not None and (not isinstance(shift, int) or isinstance(shift, bool)
-                                  or shift < self.num_lookahead_tokens):
-            raise ValueError(f"QuietStarConfig.contrastive_shift must be an integer >= num_lookahead_tokens = "
-                             f"{self.num_lookahead_tokens} (a thought moved fewer positions would be scored on some of "
-                             f"its own targets), or None for num_lookahead_tokens; got {shift!r}.")
+        if shift is not None and (not isinstance(shift, int) or isinstance(shift, bool) or shift < 1):
+            raise ValueError(f"QuietStarConfig.contrastive_shift must be a positive integer (at least "
+                             f"num_lookahead_tokens), or None for num_lookahead_tokens; got {shift!r}.")
 
     @property
     def branch_length(self) -> int:
@@ -234,8 +232,15 @@ class QuietStarConfig:
 
     @property
     def contrastive_distance(self) -> int:
-        """How many positions later the position-contrastive reward replays each thought (contrastive_shift, or A)."""
-        return self.num_lookahead_tokens if self.contrastive_shift is None else self.contrastive_shift
+        """How many positions later the position-contrastive reward replays each thought (contrastive_shift, or A).
+        Checked here, where it is used, rather than in __post_init__: evaluation and the layout probe change A
+        (set_thought_lengths) on models that never compute the contrastive reward."""
+        shift = self.contrastive_shift
+        if shift is not None and shift < self.num_lookahead_tokens:
+            raise ValueError(f"QuietStarConfig.contrastive_shift = {shift} is below num_lookahead_tokens = "
+                             f"{self.num_lookahead_tokens}: a thought moved fewer positions would be scored on some of "
+                             "its own targets. Raise contrastive_shift, or set it to None (= num_lookahead_tokens).")
+        return self.num_lookahead_tokens if shift is None else shift
 
     @classmethod
     def official(cls, **overrides) -> "QuietStarConfig":

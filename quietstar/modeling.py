@@ -376,7 +376,7 @@ class QuietStarForCausalLM(nn.Module):
             advantage_normalization=cfg.advantage_normalization, advantage_std_floor=cfg.advantage_std_floor,
             thought_nll_weight=cfg.thought_nll_weight, sample_temperature=cfg.thought_temperature,
             entropy_bonus_weight=cfg.entropy_bonus_weight, contrastive_reward_weight=cfg.contrastive_reward_weight,
-            moved_nll=moved_nll, contrastive_shift=cfg.contrastive_distance,
+            moved_nll=moved_nll, contrastive_shift=cfg.contrastive_shift,
         )
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, do_sample=False, temperature=1.0,

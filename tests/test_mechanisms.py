@@ -126,8 +126,10 @@ def test_config_validates_the_mechanisms():
         QuietStarConfig(entropy_bonus_weight=-0.1)
     with pytest.raises(ValueError, match="contrastive_reward_weight must be >= 0"):
         QuietStarConfig(contrastive_reward_weight=-1.0)
-    with pytest.raises(ValueError, match="contrastive_shift must be an integer >= num_lookahead_tokens = 4"):
-        QuietStarConfig(contrastive_shift=3)
+    with pytest.raises(ValueError, match="contrastive_shift must be a positive integer"):
+        QuietStarConfig(contrastive_shift=0)
+    with pytest.raises(ValueError, match="contrastive_shift = 3 is below num_lookahead_tokens = 4"):
+        QuietStarConfig(contrastive_shift=3).contrastive_distance
     assert QuietStarConfig().contrastive_distance == 4
     assert QuietStarConfig(contrastive_shift=7).contrastive_distance == 7
 
