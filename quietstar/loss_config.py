@@ -94,6 +94,27 @@ class QuietStarLossConfig:
                           "0 wherever the thought path does not beat the base prediction. Needs a bounded w (the "
                           "model's mixing: bounded or logprobs). 0: no prior."},
     )
+    entropy_bonus_weight: float = field(
+        default=0.0,
+        metadata={"help": "eta: weight of the entropy bonus L_ent = -mean entropy (nats) of the distributions the "
+                          "thought tokens were drawn from (at the model's thought_temperature), over the positions of "
+                          "L_RL: keeps the thought policy exploring instead of collapsing onto one generic thought. "
+                          "0: off."},
+    )
+    contrastive_reward_weight: float = field(
+        default=0.0,
+        metadata={"help": "alpha: position-contrastive reward R' = R - alpha * G_moved, where G_moved is the thought's "
+                          "gain (base NLL minus the reward source's NLL) when replayed contrastive_shift positions "
+                          "later, so a thought that helps anywhere earns less than one that helps where it was "
+                          "thought. Costs a second, gradient-free thought-expanded pass. Positions without a later "
+                          "partner take no part in L_RL. 0: off (no extra pass)."},
+    )
+    contrastive_shift: int | None = field(
+        default=None,
+        metadata={"help": "How many positions later the position-contrastive reward replays each thought (at least "
+                          "the model's num_lookahead_tokens, so its targets there are disjoint from its own). None: "
+                          "num_lookahead_tokens."},
+    )
 
     def __post_init__(self):
         for name, allowed in (("reward_source", REWARD_SOURCES), ("reward_precision", REWARD_PRECISIONS),
@@ -115,6 +136,25 @@ class QuietStarLossConfig:
                                                             and self.mixing_prior_weight >= 0):
             raise ValueError("QuietStarLossConfig.mixing_prior_weight must be a finite number >= 0, got "
                              f"{self.mixing_prior_weight!r}.")
+
+        for name in ("entropy_bonus_weight", "contrastive_reward_weight"):
+            if isinstance(getattr(self, name), bool) or not getattr(self, name) >= 0:
+                raise ValueError(f"QuietStarLossConfig.{name} must be >= 0 (0 turns it off), got {getattr(self, name)!r}.")
+        shift = self.contrastive_shift
+        if shift is not None and (not isinstance(shift, int) or isinstance(shift, bool) or shift < 1):
+            raise ValueError(f"QuietStarLossConfig.contrastive_shift must be a positive integer (at least "
+                             f"num_lookahead_tokens), or None for num_lookahead_tokens; got {shift!r}.")
+
+    def contrastive_distance(self, num_lookahead_tokens: int) -> int:
+        """How many positions later the position-contrastive reward replays each thought (contrastive_shift, or A).
+        Checked where it is used, against the model's A at that call: evaluation and the layout probe change A
+        (set_thought_lengths) on models that never compute the contrastive reward."""
+        shift = self.contrastive_shift
+        if shift is not None and shift < num_lookahead_tokens:
+            raise ValueError(f"QuietStarLossConfig.contrastive_shift = {shift} is below num_lookahead_tokens = "
+                             f"{num_lookahead_tokens}: a thought moved fewer positions would be scored on some of "
+                             "its own targets. Raise contrastive_shift, or set it to None (= num_lookahead_tokens).")
+        return num_lookahead_tokens if shift is None else shift
 
     def check_mixing(self, mixing: str) -> None:
         """Refuse the mixing prior on a model whose w is unbounded (``mixing``: the model config's mode): w could go

@@ -119,6 +119,82 @@ def mixing_prior(weights: torch.Tensor, thought_nll: torch.Tensor, base_nll: tor
     return masked_mean(weights * excess, valid[:, None])
 
 
+class _CategoricalEntropy(torch.autograd.Function):
+    """H(softmax(z)) of each row of ``z [..., V]`` -> ``[...]``, with dH/dz_k = -p_k (z_k - E_p[z]). It keeps only z
+    for the backward: autograd through log_softmax, exp and a product would keep three more ``[..., V]`` tensors,
+    gigabytes over the B * N * L * T rows of a training batch at a 49k vocabulary. Logits of -inf (masked tokens) have
+    probability 0 and contribute nothing."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+        probs = torch.exp(logits - log_norm)
+        mean_logit = (probs * torch.where(probs > 0, logits, 0)).sum(dim=-1, keepdim=True)  # 0 * -inf would be NaN
+        ctx.save_for_backward(logits, log_norm, mean_logit)
+        return (log_norm - mean_logit).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, log_norm, mean_logit = ctx.saved_tensors
+        probs = torch.exp(logits - log_norm)
+        return -grad.unsqueeze(-1) * probs * (torch.where(probs > 0, logits, 0) - mean_logit)
+
+
+def entropy_loss(sample_logits: torch.Tensor, temperature: float, position_valid: torch.Tensor) -> torch.Tensor:
+    """L_ent = -mean over valid j, all n and m of H(softmax(z_{j,m-1} / tau)), the entropy (nats) of the distribution
+    each thought token was drawn from: minimising it keeps the thought policy exploring.
+
+    sample_logits ``[B, N, L, T, V]`` (thought-token-masked, with gradient), tau the sampling temperature,
+    position_valid ``[B, L]`` (the positions that take part in L_RL).
+    """
+    logits = at_least_fp32(sample_logits)
+    entropy = _CategoricalEntropy.apply(logits if temperature == 1 else logits / temperature)  # [B, N, L, T]
+    return -masked_mean(entropy, position_valid[:, None, :, None])
+
+
+def lookahead_base_nll(base_nll: torch.Tensor, target_valid: torch.Tensor) -> torch.Tensor:
+    """sum_s l^base_{j+s} over the valid s: the NLL the model without thoughts leaves on the A targets of position j,
+    ``[B, L]``; base_nll ``[B, L]`` is l^base_c (the NLL of x_{c+1}), target_valid ``[B, L, A]``."""
+    L, A = target_valid.shape[-2:]
+    columns = torch.arange(L, device=base_nll.device)
+    ahead = (columns[:, None] + torch.arange(A, device=base_nll.device)).clamp(max=L - 1)  # [L, A]: j + s
+    return (base_nll[:, ahead] * target_valid).sum(dim=-1)
+
+
+def moved_gains(moved_nll: torch.Tensor, base_nll: torch.Tensor, target_valid: torch.Tensor, shift: int):
+    """The gain of each thought moved ``shift`` positions later: ``[B, N, L]``, and which positions have such a partner
+    position ``[B, L]``.
+
+    G^moved_{j,n} = sum_s (l^base_{j'+s} - l^moved_{j',s,n}) with j' = j + shift: how much less the thought c_{j,n},
+    replayed after x_0..x_{j'}, leaves to predict of x_{j'+1+s} than the model without a thought. moved_nll
+    ``[B, N, L, A]`` is indexed by j' (column j' holds the NLL after the thought sampled at j' - shift), base_nll
+    ``[B, L]`` is l^base_c (the NLL of x_{c+1} from the text pass), target_valid ``[B, L, A]``. A position has a
+    partner when j' is inside the row and all A of j''s targets are valid.
+
+    Why later, and at least A later: at j' > j the model has read all the text the thought saw, so the thought brings
+    nothing there that could not be known; scored earlier it could carry the very tokens it is scored on. From
+    j' >= j + A on, the targets x_{j'+1..j'+A} are disjoint from the thought's own x_{j+1..j+A}, so a thought that
+    predicts its own targets gains nothing at j' for that.
+    """
+    L = moved_nll.shape[2]
+    gain_here = lookahead_base_nll(base_nll, target_valid)[:, None] - (moved_nll * target_valid[:, None]).sum(dim=-1)
+    partner = torch.arange(L, device=moved_nll.device) + shift  # j', where the thought of j is scored
+    inside = partner < L
+    partner = partner.clamp(max=L - 1)
+    has_partner = target_valid.all(dim=-1)[:, partner] & inside
+    return gain_here[:, :, partner].masked_fill(~has_partner[:, None], 0), has_partner
+
+
+def contrastive_rewards(reward: torch.Tensor, moved_gain: torch.Tensor, weight: float) -> torch.Tensor:
+    """R'_{j,n} = R_{j,n} - alpha * G^moved_{j,n}: ``reward`` and ``moved_gain`` ``[B, N, L]``.
+
+    R_{j,n} is the base model's reward at j plus the thought's gain there, so R' = R^base_j + G_{j,n} - alpha G^moved:
+    with alpha = 1 a thought that helps as much elsewhere as here earns exactly its position's baseline, and its
+    advantage is zero.
+    """
+    return reward - weight * moved_gain
+
+
 @torch.no_grad()
 def sampling_entropy(sample_logits: torch.Tensor, temperature: float, position_valid: torch.Tensor,
                      stride: int = 4) -> float:
@@ -150,6 +226,7 @@ def quietstar_loss(
     *,
     thought_logits=None,
     sample_temperature: float = 1.0,
+    moved_nll=None,
 ):
     """The whole Quiet-STaR objective L = L_NLL + gamma * L_thought + lambda * L_RL, its terms and its metrics,
     weighed by ``loss_config`` (default: the recipe, ``QuietStarLossConfig()``).
@@ -158,11 +235,14 @@ def quietstar_loss(
     (the thought-token-masked logits each c_{j,m} was sampled from), thoughts ``[B, N, L, T]``,
     mixing_weights ``[B, N, L, A]`` (weight on the thought path), labels ``[B, L]``,
     position_valid ``[B, L]``; thought_logits ``[B, N, L, A, V]`` (lm_head(h_thought), thought-token-masked) is
-    needed when ``reward_source="thought"`` or ``thought_nll_weight > 0``; ``sample_temperature``: the temperature
-    the thoughts were sampled at (for the entropy diagnostic).
+    needed when ``reward_source="thought"``, ``thought_nll_weight > 0`` or ``mixing_prior_weight > 0``;
+    ``sample_temperature``: the temperature the thoughts were sampled at (for the entropy bonus and diagnostic).
+    ``contrastive_reward_weight`` alpha > 0 makes the rewards position-contrastive (:func:`contrastive_rewards`) with
+    ``moved_nll [B, N, L, A]``, the NLL of the reward source after each thought moved ``contrastive_shift``
+    positions later (None: A; :func:`moved_gains`); positions without a partner then take no part in L_RL.
     Returns ``(loss, metrics, terms)``: metrics a dict of floats, terms the weighted losses ``{"nll",
-    "thought_nll", "policy"}`` and, with the prior, ``"mixing_prior"`` (tensors) whose :func:`total_loss` is ``loss`` (a trainer measures each one's
-    gradient).
+    "thought_nll", "policy"}`` and, when on, ``"mixing_prior"`` and ``"entropy"`` (tensors) whose
+    :func:`total_loss` is ``loss`` (a trainer measures each one's gradient).
     """
     cfg = QuietStarLossConfig() if loss_config is None else loss_config
     if cfg.needs_thought_logits and thought_logits is None:
@@ -179,6 +259,15 @@ def quietstar_loss(
                    else None)
     thought_term = per_step_nll(thought_nll, target_valid).mean() if needs_thought else nll.new_zeros(())
     reward, reward_valid = rewards(thought_nll if cfg.reward_source == "thought" else mixed_nll, target_valid)
+    if cfg.contrastive_reward_weight > 0:
+        if moved_nll is None:
+            raise ValueError(f"contrastive_reward_weight={cfg.contrastive_reward_weight} needs moved_nll (the reward "
+                             "source's NLL after the thoughts moved to later positions); pass it.")
+        shift = cfg.contrastive_distance(num_lookahead)
+        own_reward = reward
+        moved_gain, has_partner = moved_gains(moved_nll.detach(), base_nll.detach(), target_valid, shift)
+        reward = contrastive_rewards(reward, moved_gain, cfg.contrastive_reward_weight)
+        reward_valid = reward_valid & has_partner
     advantage = advantages(reward, cfg.clip_negative_advantage, cfg.advantage_normalization, cfg.advantage_std_floor,
                            reward_valid)
     logprobs = thought_logprobs(sample_logits, thoughts, cfg.reinforce_temperature)
@@ -188,6 +277,10 @@ def quietstar_loss(
     if cfg.mixing_prior_weight > 0:
         prior = mixing_prior(mixing_weights, thought_nll, base_nll_ahead(base_nll, num_lookahead), target_valid)
         terms["mixing_prior"] = cfg.mixing_prior_weight * prior
+    entropy_term = None
+    if cfg.entropy_bonus_weight > 0:
+        entropy_term = entropy_loss(sample_logits, sample_temperature, reward_valid)
+        terms["entropy"] = cfg.entropy_bonus_weight * entropy_term
     loss = total_loss(terms)
 
     with torch.no_grad():
@@ -213,4 +306,11 @@ def quietstar_loss(
             metrics[f"mixed_nll_{s}"] = value
         if prior is not None:
             metrics["mixing_prior_loss"] = prior.item()
+        if entropy_term is not None:
+            metrics["entropy_loss"] = entropy_term.item()  # minus the mean entropy per thought token, all of them
+        if cfg.contrastive_reward_weight > 0:
+            # A thought's gain where it was sampled and where it was moved: equal when it is generic.
+            own_gain = own_reward + lookahead_base_nll(base_nll, target_valid)[:, None]
+            metrics["own_gain_mean"] = own_gain[valid].mean().item() if valid.any() else 0.0
+            metrics["moved_gain_mean"] = moved_gain[valid].mean().item() if valid.any() else 0.0
     return loss, metrics, terms

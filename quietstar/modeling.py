@@ -16,6 +16,7 @@ from . import checkpoint
 from .attention import ATTENTION_NAME, AttentionSettings
 from .compat import check_model_supported, check_new_embeddings, check_thought_layout
 from .config import QuietStarConfig
+from .contrastive import moved_thought_nll
 from .generation import GenerationOutput, generate
 from .head import LogitTransform, apply_output_head, decoder, hidden_width, output_head_names
 from .lora import THOUGHT_BRANCH_MASK, ThoughtTokenGate
@@ -309,6 +310,10 @@ class QuietStarForCausalLM(nn.Module):
         if tuple(thoughts.shape) != expected:
             raise ValueError(f"thoughts must have shape [B, N, L, T] = {expected}, got {tuple(thoughts.shape)}.")
 
+        moved_nll = None
+        if labels is not None and loss_config.contrastive_reward_weight > 0:  # before the gradient pass: lower peak
+            moved_nll = moved_thought_nll(self, input_ids, key_padding, labels, thoughts,
+                                          loss_config.contrastive_distance(A), loss_config.reward_source)
         text_hidden, branch_hidden = expanded_pass(self, input_ids, key_padding, thoughts)
         base_logits = self.head_logits(text_hidden)
         sample_logits = mask_thought_tokens(self.head_logits(branch_hidden[..., :T, :]), self.thought_token_ids)
@@ -338,7 +343,8 @@ class QuietStarForCausalLM(nn.Module):
             masked_thought = (mask_thought_tokens(thought_logits, self.thought_token_ids)
                               if thought_logits is not None else None)
             out.loss, out.metrics, out.loss_terms = self.objective(base_logits, mixed, sample_logits, thoughts, weights,
-                                                                   labels, key_padding, masked_thought, loss_config)
+                                                                   labels, key_padding, masked_thought, loss_config,
+                                                                   moved_nll)
             out.metrics["mixing_head_live_units"] = self.mixing_head.live_unit_fraction(base_hidden, thought_hidden)
         return out
 
@@ -388,14 +394,16 @@ class QuietStarForCausalLM(nn.Module):
         return weights, mask_thought_tokens(mixed, self.thought_token_ids)
 
     def objective(self, base_logits, mixed, sample_logits, thoughts, weights, labels, key_padding, thought_logits=None,
-                  loss_config: QuietStarLossConfig | None = None):
+                  loss_config: QuietStarLossConfig | None = None, moved_nll=None):
         """The Quiet-STaR loss, metrics and weighted loss terms (quietstar.losses.quietstar_loss), weighed by
-        ``loss_config`` (default: ``self.loss_config``)."""
+        ``loss_config`` (default: ``self.loss_config``); ``moved_nll`` from quietstar.contrastive.moved_thought_nll
+        when the reward is position-contrastive."""
         return quietstar_loss(
             mask_thought_tokens(base_logits, self.thought_token_ids), mixed, sample_logits, thoughts, weights,
             labels.masked_fill(~key_padding, IGNORE_INDEX), key_padding,
             self.loss_config if loss_config is None else loss_config,
             thought_logits=thought_logits, sample_temperature=self.quietstar_config.thought_temperature,
+            moved_nll=moved_nll,
         )
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, do_sample=False, temperature=1.0,

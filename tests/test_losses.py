@@ -24,13 +24,49 @@ def masked(logits, model):
     return logits
 
 
+def thought_reward(model, h_base, real, at, thought):
+    """R of ``thought`` inserted after real[: at + 1] (mixed or thought path), None where a target is missing; the
+    explicit branch's hidden states; the mixed and thought-path NLLs and the prior's w * max(0, thought - base NLL)
+    of each target there is."""
+    cfg, loss = model.quietstar_config, model.loss_config
+    T, A = cfg.num_thought_tokens, cfg.num_lookahead_tokens
+    sot, eot = model.thought_token_ids
+    sequence = torch.cat([real[: at + 1], torch.tensor([sot]), thought, torch.tensor([eot]), real[at + 1 : at + A]])
+    h = model.body(inputs_embeds=model.embed(sequence[None])).last_hidden_state[0]
+    reward, mixed_nlls, thought_nlls, prior_terms = 0.0, [], [], []
+    for s in range(A):
+        if at + 1 + s >= len(real):
+            return None, h, mixed_nlls, thought_nlls, prior_terms
+        h_thought = h[at + 1 + T + 1 + s]
+        w = model.mixing_head(h_base[at + s], h_thought)
+        base_logits, thought_logits = model.lm_head(h_base[at + s]), model.lm_head(h_thought)
+        if cfg.mixing == "logits":
+            z = (1 - w) * base_logits + w * thought_logits
+        elif cfg.mixing == "bounded":
+            w = 1 / (1 + torch.exp(-(w + math.log(0.01 / 0.99))))
+            z = (1 - w) * base_logits + w * thought_logits
+        else:
+            w = torch.sigmoid(w)
+            z = (1 - w) * torch.log_softmax(base_logits, -1) + w * torch.log_softmax(thought_logits, -1)
+        nll = F.cross_entropy(masked(z, model), real[at + 1 + s])
+        thought_nll = F.cross_entropy(masked(thought_logits, model), real[at + 1 + s])
+        mixed_nlls.append(nll)
+        thought_nlls.append(thought_nll)
+        base_nll = F.cross_entropy(masked(base_logits, model), real[at + 1 + s])
+        prior_terms.append(w * (thought_nll - base_nll).detach().clamp(min=0))
+        reward = reward - (thought_nll if loss.reward_source == "thought" else nll).detach()
+    return reward, h, mixed_nlls, thought_nlls, prior_terms
+
+
 def reference_loss(model, ids, mask, thoughts):
-    """L = L_NLL + gamma L_thought + lambda L_RL computed one position, sample and step at a time."""
+    """L = L_NLL + gamma L_thought + lambda L_RL + (the mixing prior's weight) L_prior + eta L_ent computed one
+    position, sample and step at a time."""
     cfg, loss = model.quietstar_config, model.loss_config
     T, A, N = cfg.num_thought_tokens, cfg.num_lookahead_tokens, cfg.num_thoughts
-    sot, eot = model.thought_token_ids
+    shift = cfg.num_lookahead_tokens if loss.contrastive_shift is None else loss.contrastive_shift
     base_terms, mixed_terms, thought_terms = [], [[] for _ in range(A)], [[] for _ in range(A)]
     scored = []  # (advantage before normalisation, logprobs of the thought's T tokens)
+    entropies = []  # entropy of each thought token's sampling distribution, at the positions of L_RL
     prior_terms = []  # w * max(0, thought NLL - base NLL) of every valid target
     with transformers_eager(model):
         for b in range(ids.shape[0]):
@@ -41,42 +77,33 @@ def reference_loss(model, ids, mask, thoughts):
             for j in range(n_real):
                 if j + 1 < n_real:
                     base_terms.append(F.cross_entropy(masked(model.lm_head(h_base[j]), model), real[j + 1]))
-                rewards, logprob_rows = [], []
+                rewards, logprob_rows, entropy_rows = [], [], []
                 for n in range(N):
                     c = thoughts[b, n, columns[j]]
-                    sequence = torch.cat([real[: j + 1], torch.tensor([sot]), c, torch.tensor([eot]), real[j + 1 : j + A]])
-                    h = model.body(inputs_embeds=model.embed(sequence[None])).last_hidden_state[0]
-                    start = j + 1
-                    sampling = masked(model.lm_head(h[start : start + T]), model)
-                    logprob_rows.append(torch.log_softmax(sampling / loss.reinforce_temperature, -1)[torch.arange(T), c])
-                    reward = 0.0
-                    for s in range(A):
-                        if j + 1 + s >= n_real:
-                            reward = None
-                            break
-                        h_thought = h[start + T + 1 + s]
-                        w = model.mixing_head(h_base[j + s], h_thought)
-                        base_logits, thought_logits = model.lm_head(h_base[j + s]), model.lm_head(h_thought)
-                        if cfg.mixing == "logits":
-                            z = (1 - w) * base_logits + w * thought_logits
-                        elif cfg.mixing == "bounded":
-                            w = 1 / (1 + torch.exp(-(w + math.log(0.01 / 0.99))))
-                            z = (1 - w) * base_logits + w * thought_logits
-                        else:
-                            w = torch.sigmoid(w)
-                            z = (1 - w) * torch.log_softmax(base_logits, -1) + w * torch.log_softmax(thought_logits, -1)
-                        nll = F.cross_entropy(masked(z, model), real[j + 1 + s])
-                        thought_nll = F.cross_entropy(masked(thought_logits, model), real[j + 1 + s])
+                    reward, h, mixed_nlls, thought_nlls, priors = thought_reward(model, h_base, real, j, c)
+                    for s, (nll, thought_nll) in enumerate(zip(mixed_nlls, thought_nlls)):
                         mixed_terms[s].append(nll)
                         thought_terms[s].append(thought_nll)
-                        base_nll = F.cross_entropy(masked(base_logits, model), real[j + 1 + s])
-                        prior_terms.append(w * (thought_nll - base_nll).detach().clamp(min=0))
-                        reward = reward - (thought_nll if loss.reward_source == "thought" else nll).detach()
+                    prior_terms.extend(priors)
+                    sampling = masked(model.lm_head(h[j + 1 : j + 1 + T]), model)
+                    logprob_rows.append(torch.log_softmax(sampling / loss.reinforce_temperature, -1)[torch.arange(T), c])
+                    p = torch.softmax(sampling / cfg.thought_temperature, -1)
+                    entropy_rows.append(-(p * torch.log(torch.where(p > 0, p, 1))).sum(-1))
+                    if reward is not None and loss.contrastive_reward_weight > 0:
+                        # R' = R - alpha * (R at j' = j + shift - the base model's reward there)
+                        moved = thought_reward(model, h_base, real, j + shift, c)[0]
+                        if moved is None:
+                            reward = None
+                        else:
+                            base_moved = -sum(F.cross_entropy(masked(model.lm_head(h_base[j + shift + s]), model),
+                                                              real[j + shift + 1 + s]) for s in range(A)).detach()
+                            reward = reward - loss.contrastive_reward_weight * (moved - base_moved)
                     rewards.append(reward)
                 if rewards[0] is None:
                     continue
                 mean_reward = sum(rewards) / N
                 scored.extend((rewards[n] - mean_reward, logprob_rows[n]) for n in range(N))
+                entropies.extend(entropy_rows)
     spread = 1.0
     if loss.advantage_normalization == "batch_std":
         spread = max(float(torch.stack([a for a, _ in scored]).square().mean().sqrt()), loss.advantage_std_floor)
@@ -92,7 +119,9 @@ def reference_loss(model, ids, mask, thoughts):
     thought = sum(torch.stack(terms).mean() for terms in thought_terms) / A
     policy = torch.stack(policy_terms).mean()
     prior = torch.stack(prior_terms).mean()
-    total = nll + loss.thought_nll_weight * thought + loss.policy_weight * policy + loss.mixing_prior_weight * prior
+    entropy = -torch.cat(entropies).mean()
+    total = (nll + loss.thought_nll_weight * thought + loss.policy_weight * policy + loss.mixing_prior_weight * prior
+             + loss.entropy_bonus_weight * entropy)
     return total, policy
 
 
@@ -106,6 +135,10 @@ RECIPES = {
     "mixed_reward_normalised": dict(reward_source="mixed", advantage_normalization="batch_std", thought_nll_weight=0.0),
     "thought_reward_clipped": dict(reward_source="thought", clip_negative_advantage=True, reinforce_temperature=2.0,
                                    advantage_normalization="none", thought_nll_weight=1.5),
+    # issue 21's mechanisms: an entropy bonus at a sampling temperature other than 1, position-contrastive rewards
+    "entropy_contrastive": dict(entropy_bonus_weight=0.7, thought_temperature=0.8, contrastive_reward_weight=0.6),
+    "entropy_contrastive_mixed": dict(entropy_bonus_weight=0.3, reward_source="mixed", contrastive_reward_weight=1.3,
+                                      contrastive_shift=3),
 }
 
 
