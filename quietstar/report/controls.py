@@ -26,6 +26,8 @@ from ..training.compute import FORWARD_SHARE, positions_per_row
 from ..training.run_files import read_run_config
 
 CONTROLS = ("finetune", "finetune_flops", "null_trained")
+# The QuietStarTrainingArguments.control each view's folder must have been trained with; the run itself: "none".
+CONTROL_KIND = {"finetune": "finetune", "finetune_flops": "finetune", "null_trained": "null_thoughts"}
 CONTROL_TITLES = {"finetune": "plain-LM fine-tune, equal steps", "finetune_flops": "plain-LM fine-tune, equal FLOPs",
                   "null_trained": "trained with filler thoughts, scored with filler"}
 # How far a control's steps or positions may be from what equal steps / equal FLOPs ask (rounding to whole steps).
@@ -81,15 +83,38 @@ def _same(name: str, ours, theirs, control_dir: str, view: str) -> None:
                          "option.")
 
 
+def _check_kind(control: dict, control_dir: str, view: str) -> None:
+    """The control folder was trained as the kind of control ``view`` needs (:data:`CONTROL_KIND`): a plain recipe
+    run or another control's folder given in its place would be compared as if it were that control."""
+    needed = CONTROL_KIND[view]
+    training = control["QuietStarTrainingArguments"]
+    if "control" not in training:
+        raise ValueError(f"The {view} control {control_dir} records no QuietStarTrainingArguments.control in its "
+                         f"run_config.json (written before the field existed), so it cannot be told to be a {needed} "
+                         f"control; retrain it with `control: {needed}` in its config.")
+    if training["control"] != needed:
+        raise ValueError(f"The {view} control {control_dir} was trained with control: {training['control']}, but the "
+                         f"{view} control needs control: {needed}; give the run folder trained with "
+                         f"`control: {needed}` in its config.")
+
+
 def check_control(view: str, control_dir: str, run_config: dict) -> Control:
-    """The control ``view`` in ``control_dir`` checked against the run it controls: the same data, L, batch, seed
-    and base model, and equal steps (``finetune``, ``null_trained``) or equal training positions within
-    :data:`FLOPS_TOLERANCE` (``finetune_flops``). ValueError naming the mismatch otherwise."""
+    """The control ``view`` in ``control_dir`` checked against the run it controls: trained as that kind of
+    control (QuietStarTrainingArguments.control, :data:`CONTROL_KIND`; the run's own is ``none``), the same data,
+    L, batch, seed and base model, and equal steps (``finetune``, ``null_trained``) or equal training positions
+    within :data:`FLOPS_TOLERANCE` (``finetune_flops``). ValueError naming the mismatch otherwise."""
     if view not in CONTROLS:
         raise ValueError(f"Unknown control {view!r}; valid: {', '.join(CONTROLS)}.")
+    # A run written before the field existed is a plain run: the controls came with the field.
+    run_kind = run_config["QuietStarTrainingArguments"].get("control", "none")
+    if run_kind != "none":
+        raise ValueError(f"The run being reported (given the {view} control {control_dir}) was trained with "
+                         f"control: {run_kind}, so it is itself a control; a run to report needs control: none. "
+                         "Report the run trained with control: none and give this one as its control.")
     if not os.path.isdir(control_dir):
         raise FileNotFoundError(f"The {view} control folder {control_dir} does not exist.")
     control = read_run_config(control_dir)
+    _check_kind(control, control_dir, view)
     for section, name in (("ModelArguments", "model_name_or_path"), ("DataArguments", "dataset"),
                           ("DataArguments", "max_length"), ("QuietStarTrainingArguments", "seed"),
                           ("QuietStarTrainingArguments", "per_device_train_batch_size"),
