@@ -19,7 +19,7 @@ from transformers import set_seed
 from ..assets import AssetUnavailableError
 from ..training import QuietStarTrainer, build_datasets, build_model, parse_config
 from ..training.curriculum import longest_thought_lengths
-from ..training.checks import check_checkpoint_matches, check_positions
+from ..training.checks import check_checkpoint_matches, check_gold_thoughts, check_positions
 from ..training.compute import step_cost
 from ..training.memory import check_memory, format_gib
 from ..training.run_files import check_output_dir, write_run_config
@@ -41,6 +41,8 @@ def prepare(argv: list[str] | None):
     model = build_model(model_args, quietstar_config, run.loss, run.attention, training_args.control)
     stages = training_args.thought_stages
     check_positions(model, data_args.max_length, stages)
+    check_gold_thoughts(training_args.gold_thought_steps, data_args.dataset, data_args.multihop_hops,
+                        quietstar_config.num_thought_tokens, stages)
     if training_args.resume_from_checkpoint:
         check_checkpoint_matches(model, training_args.resume_from_checkpoint, curriculum=bool(stages))
     if not training_args.skip_memory_check:
@@ -53,7 +55,8 @@ def prepare(argv: list[str] | None):
         # Rows must hold A + 2 real tokens for the longest lookahead the run will use (a curriculum may raise it).
         _, lookahead = longest_thought_lengths(quietstar_config, stages)
         train_dataset, eval_dataset = build_datasets(data_args, model.tokenizer, min_tokens=lookahead + 2,
-                                                     seed=window_seed)
+                                                     seed=window_seed,
+                                                     gold_intermediates=training_args.gold_thought_steps > 0)
     if training_args.should_save:
         rows = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
                 * training_args.world_size)

@@ -30,7 +30,7 @@ import torch
 
 from ..padding import right_pad
 from .stats import format_interval, paired_bootstrap, paired_bootstrap_ratio, verdict
-from ..tasks.multihop import Entity, MultihopDocument, MultihopGenerator, MultihopSpec
+from ..tasks.multihop import MultihopDocument, MultihopGenerator, MultihopSpec, gold_thought
 from ..vocab import mask_thought_tokens
 
 VIEWS = ("no_thoughts", "null", "learned", "shuffled", "gold", "gold_wrong")
@@ -67,14 +67,6 @@ class MultihopEvalSettings:
 
     def spec(self, hops: int) -> MultihopSpec:
         return MultihopSpec(hops=hops, num_entities=self.num_entities, num_queries=self.num_queries)
-
-
-def gold_thought(entities: Sequence[Entity], num_thought_tokens: int, filler_id: int) -> list[int]:
-    """A thought of T tokens: filler, then the entities' tokens last (right before <|endofthought|>)."""
-    if len(entities) > num_thought_tokens:
-        raise ValueError(f"{len(entities)} intermediate entities do not fit in a thought of {num_thought_tokens} "
-                         "tokens; score with more thought tokens.")
-    return [filler_id] * (num_thought_tokens - len(entities)) + [entity.token_id for entity in entities]
 
 
 def view_thoughts(view: str, learned: torch.Tensor, documents: Sequence[MultihopDocument],

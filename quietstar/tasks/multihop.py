@@ -20,7 +20,11 @@ from __future__ import annotations
 
 import random
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
+import torch
 
 SPLITS = ("train", "heldout")
 # Short, common nouns: single tokens (with a leading space) in most BPE vocabularies. None is a word of the query
@@ -182,3 +186,39 @@ class MultihopGenerator:
     def documents(self, count: int, seed: int = 0, split: str = "train") -> list[MultihopDocument]:
         """Documents 0 .. count - 1 of ``split``: any prefix of the list is stable."""
         return [self.document(index, seed, split) for index in range(count)]
+
+
+# ----------------------------------------------------------------------------------------------- gold thoughts
+def gold_thought(entities: Sequence[Entity], num_thought_tokens: int, filler_id: int) -> list[int]:
+    """A thought of T tokens: filler, then the entities' tokens last (right before <|endofthought|>)."""
+    if len(entities) > num_thought_tokens:
+        raise ValueError(f"{len(entities)} intermediate entities do not fit in a thought of {num_thought_tokens} "
+                         "tokens; use more thought tokens.")
+    return [filler_id] * (num_thought_tokens - len(entities)) + [entity.token_id for entity in entities]
+
+
+def gold_intermediates(document: MultihopDocument, hops: int) -> np.ndarray:
+    """``[n, k - 1]`` int64 for the document's n tokens: at each query's answer index - 1 (where the thought that helps
+    sits) the token ids of the query's intermediate entities in hop order, -1 everywhere else."""
+    out = np.full((len(document.input_ids), max(hops - 1, 0)), -1, dtype=np.int64)
+    for query in document.queries:
+        out[query.answer_index - 1] = [entity.token_id for entity in query.intermediates]
+    return out
+
+
+def insert_gold_thoughts(thoughts: torch.Tensor, intermediates: torch.Tensor, filler_id: int) -> torch.Tensor:
+    """``thoughts [B, N, L, T]`` with the thought at every position that has gold ``intermediates [B, L, K]`` (ids,
+    -1 where none; see :func:`gold_intermediates`) replaced, in all N thoughts, by :func:`gold_thought`: T - K filler
+    tokens, then the K intermediates. Other positions keep their thoughts."""
+    B, N, L, T = thoughts.shape
+    K = intermediates.shape[-1]
+    if tuple(intermediates.shape[:2]) != (B, L):
+        raise ValueError(f"intermediates must be [B, L, K] = [{B}, {L}, K] for thoughts of shape {tuple(thoughts.shape)}, "
+                         f"got {tuple(intermediates.shape)}.")
+    if K > T:
+        raise ValueError(f"{K} intermediate entities do not fit in a thought of {T} tokens; use num_thought_tokens >= "
+                         f"{K} (hops - 1).")
+    has_gold = intermediates[..., 0] >= 0 if K else torch.zeros(B, L, dtype=torch.bool, device=thoughts.device)
+    gold = thoughts.new_full((B, L, T), filler_id)
+    gold[..., T - K:] = intermediates.to(thoughts.dtype)
+    return torch.where(has_gold[:, None, :, None], gold[:, None], thoughts)

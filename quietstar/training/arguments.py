@@ -233,6 +233,17 @@ class QuietStarTrainingArguments(TrainingArguments):
         metadata={"help": "After the warm-up, lambda rises linearly from 0 to policy_weight over this many steps "
                           "(0: at once)."},
     )
+    gold_thought_steps: int = field(
+        default=0,
+        metadata={"help": "The gold-thought warm start, an arm of the multi-hop task (dataset synthetic-multihop) to be "
+                          "reported apart from the recipe: for this many optimizer steps the thought at each query's "
+                          "answer position - 1 is the query's gold thought (filler, then its k - 1 intermediate "
+                          "entities: the evaluation's gold view) in all N thoughts, and the policy loss, the entropy "
+                          "bonus and the contrastive reward are off; every other position keeps its sampled thought. "
+                          "The reader learns to use an intermediate before the policy is rewarded for writing one. "
+                          "The policy-weight schedule counts from step 0 as usual, so set policy_weight_warmup_steps "
+                          "to at least this. 0: off."},
+    )
     loss_term_grad_norm_steps: int = field(
         default=0,
         metadata={"help": "Every this many optimizer steps, log the gradient norm of each loss term (NLL, thought NLL, "
@@ -275,7 +286,8 @@ class QuietStarTrainingArguments(TrainingArguments):
                     f"{name} must be a finite number > 0, got {value!r}. To freeze a part, set requires_grad=False "
                     "on its parameters instead."
                 )
-        for name in ("policy_weight_warmup_steps", "policy_weight_ramp_steps", "loss_term_grad_norm_steps"):
+        for name in ("policy_weight_warmup_steps", "policy_weight_ramp_steps", "loss_term_grad_norm_steps",
+                     "gold_thought_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
@@ -284,6 +296,9 @@ class QuietStarTrainingArguments(TrainingArguments):
         if self.control == "finetune" and self.thought_curriculum is not None:
             raise ValueError("control: finetune trains without thoughts, so a thought_curriculum means nothing there; "
                              "remove it (the equal-FLOPs factor is computed from the thinking run's own steps).")
+        if self.gold_thought_steps and self.control != "none":
+            raise ValueError(f"gold_thought_steps is an arm of the thinking run; control: {self.control} inserts no "
+                             "thoughts of its own. Set gold_thought_steps: 0 for the control.")
         if self.thought_curriculum is not None:
             parse_curriculum(self.thought_curriculum)  # refuses a malformed schedule before anything runs
         self._resolve_bf16()

@@ -6,6 +6,7 @@ import json
 import os
 
 from ..checkpoint import LM_CONFIG_FILE, read_saved_quietstar
+from .arguments import SYNTHETIC_MULTIHOP
 from .curriculum import longest_thought_lengths
 
 # LM config fields whose difference makes a checkpoint's weights unusable for the model being trained.
@@ -48,3 +49,21 @@ def check_checkpoint_matches(model, checkpoint: str, curriculum: bool = False) -
     if differences:
         raise ValueError(f"Checkpoint {checkpoint} was written by a different configuration ({'; '.join(differences)}). "
                          "Resume with the configuration that wrote it, or start a new run in another output_dir.")
+
+
+def check_gold_thoughts(gold_thought_steps: int, dataset: str, hops: int, num_thought_tokens: int,
+                        stages=()) -> None:
+    """Refuse a gold-thought warm start that has nothing to insert or no room for it: it needs the multi-hop task
+    with k >= 2 (k - 1 intermediates) and thoughts of at least k - 1 tokens at every curriculum stage."""
+    if not gold_thought_steps:
+        return
+    if dataset != SYNTHETIC_MULTIHOP:
+        raise ValueError(f"gold_thought_steps inserts the multi-hop task's gold thoughts, but dataset is {dataset!r}; "
+                         f"use dataset: {SYNTHETIC_MULTIHOP}, or gold_thought_steps: 0.")
+    if hops < 2:
+        raise ValueError(f"gold_thought_steps needs multihop_hops >= 2: at k = {hops} a query has no intermediate "
+                         "entity to put in its thought.")
+    shortest = min([num_thought_tokens, *(stage.num_thought_tokens for stage in stages)])
+    if shortest < hops - 1:
+        raise ValueError(f"A gold thought holds the query's {hops - 1} intermediate entities, but thoughts are "
+                         f"{shortest} tokens long; raise num_thought_tokens to at least {hops - 1}.")

@@ -29,7 +29,7 @@ from transformers import TrainerCallback
 from ..assets import GENERAL_SPLITS, MATH_SPLITS, MIX_SPLITS, general_documents, math_documents, mixed_documents
 from ..losses import IGNORE_INDEX
 from ..padding import right_pad
-from ..tasks.multihop import MultihopGenerator
+from ..tasks.multihop import MultihopGenerator, gold_intermediates as gold_intermediates_of
 from .arguments import SYNTHETIC_ARITHMETIC, SYNTHETIC_MULTIHOP, DataArguments
 
 logger = logging.getLogger(__name__)
@@ -206,10 +206,16 @@ class RandomWindowDataset(torch.utils.data.Dataset):
     A document longer than ``max_length`` gives a window starting at a random offset that depends only on
     (seed, epoch, i), so runs are reproducible and each epoch sees other windows; a shorter document is
     returned whole (the collator pads it). ``set_epoch`` is called by :class:`WindowEpochCallback`.
+    ``gold_intermediates``: per document, ``[n, K]`` per-token annotations (quietstar.tasks.multihop.gold_intermediates)
+    cut to the same window and returned as ``"gold_intermediates"``; None: none.
     """
 
-    def __init__(self, documents: list[np.ndarray], max_length: int, seed: int = 0):
+    def __init__(self, documents: list[np.ndarray], max_length: int, seed: int = 0,
+                 gold_intermediates: list[np.ndarray] | None = None):
+        if gold_intermediates is not None and [len(g) for g in gold_intermediates] != [len(d) for d in documents]:
+            raise ValueError("gold_intermediates must hold one row per token of each document.")
         self.documents = documents
+        self.gold_intermediates = gold_intermediates
         self.max_length = max_length
         self.seed = seed
         self.epoch = 0
@@ -224,7 +230,11 @@ class RandomWindowDataset(torch.utils.data.Dataset):
         tokens = self.documents[index]
         excess = len(tokens) - self.max_length
         start = int(np.random.default_rng([self.seed, self.epoch, index]).integers(0, excess + 1)) if excess > 0 else 0
-        return {"input_ids": torch.from_numpy(tokens[start : start + self.max_length].astype(np.int64))}
+        window = slice(start, start + self.max_length)
+        item = {"input_ids": torch.from_numpy(tokens[window].astype(np.int64))}
+        if self.gold_intermediates is not None:
+            item["gold_intermediates"] = torch.from_numpy(self.gold_intermediates[index][window])
+        return item
 
 
 class WindowEpochCallback(TrainerCallback):
@@ -240,7 +250,8 @@ class WindowEpochCallback(TrainerCallback):
 class WindowCollator:
     """Right-pads windows to the longest in the batch: ``input_ids``, ``attention_mask`` (0 at padding), ``labels``.
 
-    ``labels`` equal ``input_ids`` with IGNORE_INDEX (-100) at padding; the model shifts them itself.
+    ``labels`` equal ``input_ids`` with IGNORE_INDEX (-100) at padding; the model shifts them itself. Windows with
+    ``gold_intermediates [n, K]`` give ``gold_intermediates [B, L, K]``, padded with -1 (no gold thought).
     """
 
     def __init__(self, pad_token_id: int):
@@ -249,7 +260,14 @@ class WindowCollator:
     def __call__(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         input_ids, attention_mask = right_pad([example["input_ids"] for example in examples], self.pad_token_id)
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if "gold_intermediates" in examples[0]:
+            gold = [example["gold_intermediates"] for example in examples]
+            padded = gold[0].new_full((len(gold), input_ids.shape[1], gold[0].shape[1]), -1)
+            for row, annotations in enumerate(gold):
+                padded[row, : len(annotations)] = annotations
+            batch["gold_intermediates"] = padded
+        return batch
 
 
 def build_window_dataset(texts: list[str], tokenizer, max_length: int, min_tokens: int, seed: int = 0):
@@ -271,8 +289,12 @@ def build_window_dataset(texts: list[str], tokenizer, max_length: int, min_token
     return RandomWindowDataset(documents, max_length, seed)
 
 
-def build_datasets(args: DataArguments, tokenizer, min_tokens: int, seed: int = 0):
-    """(train, eval or None) window datasets from ``args``; eval holds the last ``num_eval_documents`` documents."""
+def build_datasets(args: DataArguments, tokenizer, min_tokens: int, seed: int = 0, gold_intermediates: bool = False):
+    """(train, eval or None) window datasets from ``args``; eval holds the last ``num_eval_documents`` documents.
+    ``gold_intermediates``: the multi-hop task's windows also carry each query's gold intermediates
+    (quietstar.tasks.multihop.gold_intermediates), for the gold-thought warm start; ``synthetic-multihop`` only."""
+    if gold_intermediates:
+        return _multihop_datasets_with_gold(args, tokenizer, min_tokens, seed)
     texts = load_documents(args, seed, tokenizer)
     if args.num_eval_documents >= len(texts):
         raise ValueError(f"num_eval_documents ({args.num_eval_documents}) must be smaller than the number of "
@@ -282,3 +304,27 @@ def build_datasets(args: DataArguments, tokenizer, min_tokens: int, seed: int = 
     evaluation = (build_window_dataset(texts[split:], tokenizer, args.max_length, min_tokens, seed)
                   if args.num_eval_documents else None)
     return train, evaluation
+
+
+def _multihop_datasets_with_gold(args: DataArguments, tokenizer, min_tokens: int, seed: int):
+    """:func:`build_datasets` of ``synthetic-multihop`` with gold intermediates: the same documents, windows and
+    split, each token annotated."""
+    if args.dataset != SYNTHETIC_MULTIHOP:
+        raise ValueError(f"Gold intermediates exist for dataset '{SYNTHETIC_MULTIHOP}' only, not {args.dataset!r}; "
+                         "the gold-thought warm start (gold_thought_steps) needs that task.")
+    spec = args.multihop_spec()
+    documents = MultihopGenerator(tokenizer, spec).documents(args.num_documents or DEFAULT_SYNTHETIC_DOCUMENTS, seed,
+                                                             "train")
+    if args.num_eval_documents >= len(documents):
+        raise ValueError(f"num_eval_documents ({args.num_eval_documents}) must be smaller than the number of "
+                         f"documents loaded ({len(documents)}).")
+    if args.max_length < min_tokens:
+        raise ValueError(f"max_length ({args.max_length}) must be at least num_lookahead_tokens + 2 = {min_tokens}.")
+
+    def windows(part):
+        # Every document of the task holds its facts and queries (far more than A + 2 tokens): none is skipped.
+        return RandomWindowDataset([np.asarray(d.input_ids, dtype=np.int32) for d in part], args.max_length, seed,
+                                   [gold_intermediates_of(d, spec.hops) for d in part])
+
+    split = len(documents) - args.num_eval_documents
+    return windows(documents[:split]), (windows(documents[split:]) if args.num_eval_documents else None)

@@ -11,7 +11,10 @@ What it changes:
 - ``thought_curriculum`` changes the thought and lookahead lengths over steps (quietstar.training.curriculum);
 - every log is also appended to ``output_dir/metrics.jsonl`` (quietstar.training.run_files);
 - ``control`` (quietstar.training.controls): the finetune control's loss is the plain LM's NLL, the null-thoughts
-  control has no policy loss; a model not built for the run's control is refused.
+  control has no policy loss; a model not built for the run's control is refused;
+- ``gold_thought_steps`` (the multi-hop task's gold-thought warm start): for those steps the batch's gold
+  intermediates replace the sampled thoughts at the query positions, and the policy loss, entropy bonus and
+  contrastive reward are off.
 Supported: one device, or several with DDP, FSDP2 or DeepSpeed ZeRO 0-2 (``accelerate launch``). Under FSDP the
 full state dict is gathered for saving and scattered when resuming; under DeepSpeed the engine's own checkpoint
 restores the run. FSDP1, sharded FSDP state dicts, ZeRO-3 and LoRA with either are refused.
@@ -33,6 +36,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from ..files import replace_folder
 from ..loss_config import QuietStarLossConfig
 from ..modeling import QuietStarForCausalLM
+from ..tasks.multihop import insert_gold_thoughts
 from .arguments import QuietStarTrainingArguments
 from .controls import plain_lm_output
 from .data import RandomWindowDataset, WindowCollator, WindowEpochCallback
@@ -143,12 +147,26 @@ class QuietStarTrainer(Trainer):
         step's update and before any checkpoint of it.
         """
         loss_config = self.scheduled_loss_config() if model.training else self.loss_config
+        gold = inputs.pop("gold_intermediates", None)
+        thoughts = None
+        gold_step = model.training and self.state.global_step < self.args.gold_thought_steps
+        if gold_step:
+            if gold is None:
+                raise ValueError("gold_thought_steps needs batches with gold_intermediates: build the datasets with "
+                                 "build_datasets(..., gold_intermediates=True) (dataset synthetic-multihop).")
+            unwrapped = self.accelerator.unwrap_model(model)
+            thoughts = insert_gold_thoughts(unwrapped.sample_thoughts(inputs["input_ids"], inputs.get("attention_mask")),
+                                            gold, unwrapped.filler_token_id)
+            loss_config = dataclasses.replace(loss_config, policy_weight=0.0, entropy_bonus_weight=0.0,
+                                              contrastive_reward_weight=0.0)
         if self.args.control == "finetune":
             outputs = plain_lm_output(self.accelerator.unwrap_model(model), inputs["input_ids"],
                                       inputs.get("attention_mask"), inputs["labels"])
         else:
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                            labels=inputs["labels"], output_logits=False, loss_config=loss_config)
+                            labels=inputs["labels"], thoughts=thoughts, output_logits=False, loss_config=loss_config)
+        if model.training and self.args.gold_thought_steps:
+            outputs.metrics["gold_thoughts"] = float(gold_step)
         if model.training:
             outputs.metrics["policy_weight"] = loss_config.policy_weight
             self._measure_term_gradients(model, outputs.loss_terms)
@@ -166,6 +184,12 @@ class QuietStarTrainer(Trainer):
         for name, value in outputs.metrics.items():
             self._metrics[mode][name].append(value)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """Trainer keeps only the batch keys the model's forward takes; the gold intermediates are the trainer's."""
+        super()._set_signature_columns_if_needed()
+        if "gold_intermediates" not in self._signature_columns:
+            self._signature_columns.append("gold_intermediates")
 
     def scheduled_loss_config(self) -> QuietStarLossConfig:
         """The run's loss config with lambda_t = lambda * the policy-weight schedule's factor at this step."""
