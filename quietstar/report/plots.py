@@ -124,3 +124,23 @@ def plot_all(entries: list[dict], binned: dict | None, folder: str) -> dict[str,
     if binned:
         plots["difficulty"] = plot_difficulty(binned, os.path.join(folder, "nll_by_difficulty.png"))
     return plots
+
+
+def plot_multihop_arms(rows: list[tuple[str, dict[str, dict]]], title: str, path: str) -> str:
+    """A forest plot: per arm (``rows``: ``[(arm, {difference: {"mean", "low", "high"}})]``, top to bottom) each
+    difference as a point with its interval, against a zero line (quietstar.report.multihop_table.forest_rows)."""
+    labels = list(rows[0][1]) if rows else []
+    figure, axis = plt.subplots(figsize=(7, 1.2 + 0.55 * len(rows) * max(1, len(labels))))
+    spacing = 1.0 / (len(labels) + 1)
+    for number, label in enumerate(labels):
+        offset = 0.5 - (number + 1) * spacing  # the first difference on top
+        ys = [len(rows) - 1 - row + offset for row in range(len(rows))]
+        means = [r[1][label]["mean"] for r in rows]
+        errors = [[m - r[1][label]["low"] for m, r in zip(means, rows)],
+                  [r[1][label]["high"] - m for m, r in zip(means, rows)]]
+        axis.errorbar(means, ys, xerr=errors, fmt="o", color=f"C{number}", capsize=3, label=label)
+    axis.axvline(0.0, color="grey", linewidth=0.8, linestyle="--")
+    axis.set_yticks(range(len(rows)), [r[0] for r in reversed(rows)])
+    axis.set(xlabel="difference of the answer's log p (nats), 95 % interval over documents", title=title)
+    axis.legend(loc="best", fontsize="small")
+    return _save(figure, path)

@@ -5,7 +5,12 @@ Every experiment of ``docs/results/`` that can be regenerated has a raw-data bun
 compressed). From it alone :func:`regenerate` writes ``<name>.json`` (quietstar.report.pooling.pool_bundle) and the
 markdown tables into a results page between ``<!-- generated:<name> -->`` and ``<!-- /generated:<name> -->``; a
 ``<!-- generated:provenance -->`` block lists the held-out results in ``docs/results/`` that have no raw data (their
-numbers cannot be regenerated). ``python scripts/results_tables.py`` runs it; ``--check`` says what is stale.
+numbers cannot be regenerated). A ``<!-- generated:multihop -->`` block holds the multi-hop task's tables, from the
+records of ``scripts/multihop_eval.py`` in ``docs/results/multihop/`` (quietstar.report.multihop_table), and their
+forest plot ``docs/results/multihop/arms.png``. ``python scripts/results_tables.py`` runs it; ``--check`` says what is
+stale. The check compares the text files only: the figure is redrawn whenever the multihop block changes (its
+numbers are the block's) or it is missing, and check mode reports it then, never by comparing PNG bytes (matplotlib
+versions draw the same figure differently).
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ import os
 import re
 
 from .markdown import DIFFERENCE_HEADER, HELDOUT_VIEWS, controls_text, difference_rows, markdown_table, weights_text
+from .multihop_table import FOREST_HOPS, FOREST_PLOT, forest_rows, load_arms, render_block
 from .pooling import load_bundle, pool_bundle
 from .stats import format_interval, verdict
 
 BUNDLE_SUFFIX = ".tokens.npz"
+MULTIHOP_DIR = "multihop"
 NUM_RESAMPLES = 2000
 
 
@@ -115,22 +122,36 @@ def replace_block(text: str, name: str, body: str) -> str:
     return text.rstrip("\n") + ("\n\n" if text.strip() else "") + block + "\n"
 
 
-def generated(results_dir: str, page_text: str) -> tuple[dict[str, str], str]:
+def block_text(text: str, name: str) -> str | None:
+    """The body of the generated block ``name`` of ``text``, None when it has none."""
+    match = re.search(re.escape(f"<!-- generated:{name} -->") + r"\n?(.*?)\n?" + re.escape(f"<!-- /generated:{name} -->"),
+                      text, re.DOTALL)
+    return match.group(1) if match else None
+
+
+def generated(results_dir: str, page_text: str, link_dir: str = "results") -> tuple[dict[str, str], str]:
     """``({json file name: its text}, the page text with every generated block)`` from the bundles of
-    ``results_dir``."""
+    ``results_dir`` and the multi-hop records of its ``multihop`` folder (a block only when there are records or the
+    page has the block's markers); ``link_dir``: ``results_dir`` relative to the page."""
     names = bundles(results_dir)
     files = {}
     for name in names:
         result = pool_bundle(load_bundle(os.path.join(results_dir, name + BUNDLE_SUFFIX)), NUM_RESAMPLES)
         files[name + ".json"] = json.dumps(result, indent=2) + "\n"
         page_text = replace_block(page_text, name, render_experiment(name, result))
+    multihop = os.path.join(results_dir, MULTIHOP_DIR)
+    arms = load_arms(multihop)
+    if arms or block_text(page_text, "multihop") is not None:
+        page_text = replace_block(page_text, "multihop", render_block(arms, multihop, f"{link_dir}/{MULTIHOP_DIR}"))
     return files, replace_block(page_text, "provenance", provenance_block(results_dir, names))
 
 
 def regenerate(results_dir: str, page: str, check: bool = False) -> list[str]:
-    """Write every generated file (``check``: only compare); return the paths that were (would be) changed."""
+    """Write every generated file (``check``: only compare); return the paths that were (would be) changed. The
+    multi-hop figure counts as changed when the multihop block changes or the figure is missing (module docstring)."""
     page_text = open(page).read() if os.path.isfile(page) else ""
-    files, new_page = generated(results_dir, page_text)
+    link_dir = os.path.relpath(results_dir, os.path.dirname(os.path.abspath(page))).replace(os.sep, "/")
+    files, new_page = generated(results_dir, page_text, link_dir)
     wanted = {os.path.join(results_dir, file): text for file, text in files.items()} | {page: new_page}
     stale = []
     for path, text in wanted.items():
@@ -140,4 +161,13 @@ def regenerate(results_dir: str, page: str, check: bool = False) -> list[str]:
             if not check:
                 with open(path, "w") as f:
                     f.write(text)
+    multihop = os.path.join(results_dir, MULTIHOP_DIR)
+    figure = os.path.join(multihop, FOREST_PLOT)
+    rows = forest_rows(load_arms(multihop))
+    if rows and (block_text(page_text, "multihop") != block_text(new_page, "multihop") or not os.path.isfile(figure)):
+        stale.append(figure)
+        if not check:
+            from .plots import plot_multihop_arms  # matplotlib only when a figure is drawn
+
+            plot_multihop_arms(rows, f"Multi-hop arms, k = {FOREST_HOPS}, mixed prediction", figure)
     return stale
