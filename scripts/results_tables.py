@@ -1,10 +1,11 @@
-"""Regenerate every results table from the committed raw data (docs/results/*.tokens.npz).
+"""Regenerate every results table from the committed raw data (docs/results/*.tokens.npz, docs/results/multihop/*.json).
 
     python scripts/results_tables.py            # write docs/results/<name>.json and the tables of docs/results.md
     python scripts/results_tables.py --check    # exit 1 when a generated file is stale (tests/test_results_tables.py)
 
 The tables go between ``<!-- generated:<name> -->`` markers of the page; text outside them is left alone
-(quietstar.report.tables).
+(quietstar.report.tables). The multi-hop block also redraws docs/results/multihop/arms.png when the block changes;
+``--check`` compares text only (a missing figure is reported, PNG bytes are never compared).
 """
 
 from __future__ import annotations
