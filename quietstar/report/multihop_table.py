@@ -172,8 +172,8 @@ def render_block(arms: list[Arm], folder: str, link_dir: str) -> str:
         parts += [f"k = {hops}:", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER),
                   *("| " + " | ".join(row) + " |" for row in rows), ""]
     if forest_rows(arms):
-        parts += [f"![learned − shuffled and gold − gold-wrong per arm, k = {FOREST_HOPS}]({link_dir}/{FOREST_PLOT})",
-                  ""]
+        caption = f"learned − shuffled and gold − gold-wrong per arm, k = {FOREST_HOPS}"
+        parts += [f"![{caption}]({link_dir}/{FOREST_PLOT})", ""]
     return "\n".join(parts)
 
 

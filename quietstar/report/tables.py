@@ -124,8 +124,8 @@ def replace_block(text: str, name: str, body: str) -> str:
 
 def block_text(text: str, name: str) -> str | None:
     """The body of the generated block ``name`` of ``text``, None when it has none."""
-    match = re.search(re.escape(f"<!-- generated:{name} -->") + r"\n?(.*?)\n?" + re.escape(f"<!-- /generated:{name} -->"),
-                      text, re.DOTALL)
+    start, end = re.escape(f"<!-- generated:{name} -->"), re.escape(f"<!-- /generated:{name} -->")
+    match = re.search(start + r"\n?(.*?)\n?" + end, text, re.DOTALL)
     return match.group(1) if match else None
 
 
