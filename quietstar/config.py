@@ -42,6 +42,14 @@ class QuietStarConfig:
     thought_temperature: float = field(
         default=1.0, metadata={"help": "Temperature at which thought tokens are sampled during training."}
     )
+    thought_fraction: float = field(
+        default=1.0,
+        metadata={"help": "q in (0, 1]: the share of text positions a training step thinks at. Below 1, each row "
+                          "thinks only at its ceil(q * real tokens) positions of highest base next-token entropy "
+                          "(anchors, chosen from the text pass), so sampling and the gradient pass hold N*M*S branch "
+                          "tokens instead of N*L*S; the other positions take the base prediction. Runs on the eager "
+                          "attention only (docs/design.md §7, 'Thinking where it matters'). 1: every position."},
+    )
     text_path: str = field(
         default="train",
         metadata={"help": f"One of {TEXT_PATHS}: how training may change the predictions made without thoughts. "
@@ -83,6 +91,9 @@ class QuietStarConfig:
             raise ValueError(f"QuietStarConfig.text_path must be one of {TEXT_PATHS}, got {self.text_path!r}.")
         if not self.thought_temperature > 0:
             raise ValueError(f"QuietStarConfig.thought_temperature must be > 0, got {self.thought_temperature!r}.")
+        fraction = self.thought_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ValueError(f"QuietStarConfig.thought_fraction must be in (0, 1], got {self.thought_fraction!r}.")
         if self.mixing not in MIXING_MODES:
             raise ValueError(f"QuietStarConfig.mixing must be one of {MIXING_MODES}, got {self.mixing!r}.")
         if self.thoughts not in THOUGHT_KINDS:

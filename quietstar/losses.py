@@ -2,6 +2,8 @@
 
 Shapes: B batch, N thought samples, L text positions, A lookahead tokens, T thought tokens, V vocab.
 A target is valid when it exists (inside the row) and is neither padding nor ignored (-100).
+With anchors (thinking at a fraction of the positions, quietstar.anchors) the thought-side tensors hold M anchor
+slots in place of the L positions.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .anchors import UNUSED, at_anchors, into_positions
 from .loss_config import QuietStarLossConfig
 from .ops.precision import at_least_fp32
 
@@ -104,6 +107,13 @@ def base_nll_ahead(base_nll: torch.Tensor, num_lookahead: int) -> torch.Tensor:
     L = base_nll.shape[1]
     index = (torch.arange(L, device=base_nll.device)[:, None] + torch.arange(num_lookahead, device=base_nll.device))
     return base_nll[:, index.clamp(max=L - 1)]
+
+
+def anchor_targets(targets: torch.Tensor, target_valid: torch.Tensor, anchors: torch.Tensor):
+    """The lookahead targets ``[B, L, A]`` and their validity at each anchor slot of ``anchors [B, M]``: ``[B, M, A]``
+    each; an unused slot's targets are never valid."""
+    valid = at_anchors(target_valid, anchors) & (anchors != UNUSED)[..., None]
+    return at_anchors(targets, anchors), valid
 
 
 def mixing_prior(weights: torch.Tensor, thought_nll: torch.Tensor, base_nll: torch.Tensor,
@@ -227,6 +237,7 @@ def quietstar_loss(
     thought_logits=None,
     sample_temperature: float = 1.0,
     moved_nll=None,
+    anchors=None,
 ):
     """The whole Quiet-STaR objective L = L_NLL + gamma * L_thought + lambda * L_RL, its terms and its metrics,
     weighed by ``loss_config`` (default: the recipe, ``QuietStarLossConfig()``).
@@ -240,6 +251,10 @@ def quietstar_loss(
     ``contrastive_reward_weight`` alpha > 0 makes the rewards position-contrastive (:func:`contrastive_rewards`) with
     ``moved_nll [B, N, L, A]``, the NLL of the reward source after each thought moved ``contrastive_shift``
     positions later (None: A; :func:`moved_gains`); positions without a partner then take no part in L_RL.
+    With ``anchors [B, M]`` (quietstar.anchors) the thought-side tensors (mixed_logits, sample_logits, thoughts,
+    mixing_weights, thought_logits) hold the M anchor slots in place of the L positions: L_thought, the rewards, L_RL,
+    the prior, the entropy bonus and their metrics run over anchors, and the mixed NLL of every other position is the
+    base model's (w = 0 there).
     Returns ``(loss, metrics, terms)``: metrics a dict of floats, terms the weighted losses ``{"nll",
     "thought_nll", "policy"}`` and, when on, ``"mixing_prior"`` and ``"entropy"`` (tensors) whose
     :func:`total_loss` is ``loss`` (a trainer measures each one's gradient).
@@ -249,16 +264,27 @@ def quietstar_loss(
         raise ValueError(f"reward_source={cfg.reward_source!r} with thought_nll_weight={cfg.thought_nll_weight} and "
                          f"mixing_prior_weight={cfg.mixing_prior_weight} needs thought_logits (the thought path's own "
                          "predictions); pass them.")
+    if anchors is not None and cfg.contrastive_reward_weight > 0:
+        raise ValueError("contrastive_reward_weight > 0 moves every thought to a later position, which thinking at "
+                         "anchor positions only (thought_fraction < 1) does not have; set one of them off.")
     num_lookahead = mixed_logits.shape[-2]
     targets, target_valid = lookahead_targets(labels, position_valid, num_lookahead)
     base_nll = token_nll(base_logits, targets[..., 0])
-    mixed_nll = token_nll(mixed_logits, targets[:, None].expand(mixed_logits.shape[:-1]))
-    nll, per_step = nll_loss(base_nll, target_valid[..., 0], mixed_nll, target_valid, cfg.base_loss_weight)
+    # What the thoughts are scored on: the targets of every position, or of the anchors.
+    branch_targets, branch_valid = ((targets, target_valid) if anchors is None
+                                    else anchor_targets(targets, target_valid, anchors))
+    mixed_nll = token_nll(mixed_logits, branch_targets[:, None].expand(mixed_logits.shape[:-1]))
+    if anchors is None:
+        nll, per_step = nll_loss(base_nll, target_valid[..., 0], mixed_nll, target_valid, cfg.base_loss_weight)
+    else:  # away from the anchors the mixed prediction is the base one
+        ahead = base_nll_ahead(base_nll, num_lookahead)[:, None].expand(-1, mixed_nll.shape[1], -1, -1)
+        nll, per_step = nll_loss(base_nll, target_valid[..., 0], into_positions(ahead, mixed_nll, anchors),
+                                 target_valid, cfg.base_loss_weight)
     needs_thought = cfg.needs_thought_logits
-    thought_nll = (token_nll(thought_logits, targets[:, None].expand(thought_logits.shape[:-1])) if needs_thought
-                   else None)
-    thought_term = per_step_nll(thought_nll, target_valid).mean() if needs_thought else nll.new_zeros(())
-    reward, reward_valid = rewards(thought_nll if cfg.reward_source == "thought" else mixed_nll, target_valid)
+    thought_nll = (token_nll(thought_logits, branch_targets[:, None].expand(thought_logits.shape[:-1]))
+                   if needs_thought else None)
+    thought_term = per_step_nll(thought_nll, branch_valid).mean() if needs_thought else nll.new_zeros(())
+    reward, reward_valid = rewards(thought_nll if cfg.reward_source == "thought" else mixed_nll, branch_valid)
     if cfg.contrastive_reward_weight > 0:
         if moved_nll is None:
             raise ValueError(f"contrastive_reward_weight={cfg.contrastive_reward_weight} needs moved_nll (the reward "
@@ -275,7 +301,9 @@ def quietstar_loss(
     terms = {"nll": nll, "thought_nll": cfg.thought_nll_weight * thought_term, "policy": cfg.policy_weight * rl}
     prior = None
     if cfg.mixing_prior_weight > 0:
-        prior = mixing_prior(mixing_weights, thought_nll, base_nll_ahead(base_nll, num_lookahead), target_valid)
+        base_ahead = base_nll_ahead(base_nll, num_lookahead)
+        base_ahead = base_ahead if anchors is None else at_anchors(base_ahead, anchors)
+        prior = mixing_prior(mixing_weights, thought_nll, base_ahead, branch_valid)
         terms["mixing_prior"] = cfg.mixing_prior_weight * prior
     entropy_term = None
     if cfg.entropy_bonus_weight > 0:
@@ -298,7 +326,7 @@ def quietstar_loss(
             "reward_std": reward[valid].std().item() if valid.sum() > 1 else 0.0,
             "positive_advantage_fraction": (raw_advantage[valid] > 0).float().mean().item() if valid.any() else 0.0,
             "tied_reward_fraction": tied[reward_valid].float().mean().item() if reward_valid.any() else 0.0,
-            "mixing_weight_mean": masked_mean(mixing_weights.float(), target_valid[:, None]).item(),
+            "mixing_weight_mean": masked_mean(mixing_weights.float(), branch_valid[:, None]).item(),
             "zero_mixing_weight_fraction": (live_weights == 0).float().mean().item() if live_weights.numel() else 0.0,
             "thought_entropy": sampling_entropy(sample_logits, sample_temperature, reward_valid),
         }

@@ -13,6 +13,7 @@ from transformers import AddedToken
 
 from . import attention  # noqa: F401  (registers the "quietstar" attention with transformers)
 from . import checkpoint
+from .anchors import anchor_columns
 from .attention import ATTENTION_NAME, AttentionSettings
 from .compat import check_model_supported, check_new_embeddings, check_thought_layout
 from .config import QuietStarConfig
@@ -21,20 +22,24 @@ from .generation import GenerationOutput, generate
 from .head import LogitTransform, apply_output_head, decoder, hidden_width, output_head_names
 from .lora import THOUGHT_BRANCH_MASK, ThoughtTokenGate
 from .loss_config import QuietStarLossConfig
-from .losses import IGNORE_INDEX, quietstar_loss
+from .losses import IGNORE_INDEX, lookahead_targets, quietstar_loss
 from .mixing import MixingHead, mix, thought_weight
 from .ops.precision import at_least_fp32
 from .ops.visibility import text_positions
 from .padding import ensure_pad_token
 from .positions import first_position_id
 from .scoring import null_thoughts
-from .thoughts import expanded_pass, sample_thoughts
+from .thoughts import expanded_pass, sample_anchored_thoughts, sample_thoughts
 from .vocab import mask_thought_tokens
 
 
 @dataclass
 class QuietStarOutput:
-    """What a forward pass returns (docs/design.md §4). Logits of thought tokens are -inf in ``logits``."""
+    """What a forward pass returns (docs/design.md §4). Logits of thought tokens are -inf in ``logits``.
+
+    When the call thought at anchors only (``thought_fraction < 1``), ``anchors [B, M]`` holds the text position of
+    each anchor slot (-1: unused) and the thought-side fields hold M slots in place of the L positions.
+    """
 
     loss: torch.Tensor | None = None
     metrics: dict = field(default_factory=dict)
@@ -44,6 +49,15 @@ class QuietStarOutput:
     logits: torch.Tensor | None = None  # [B, N, L, A, V], mixed
     thoughts: torch.Tensor | None = None  # [B, N, L, T]
     loss_terms: dict = field(default_factory=dict)  # weighted "nll", "thought_nll", "policy" (tensors); sum: loss
+    anchors: torch.Tensor | None = None  # [B, M]; None: thoughts at every position
+
+
+def _ahead(text: torch.Tensor, shifted: torch.Tensor) -> torch.Tensor:
+    """Per-position ``text [B, L, ...]`` at the lookahead columns j + s: ``shifted [L, A]`` (every position) gives
+    ``[B, L, A, ...]``, ``shifted [B, M, A]`` (anchors) ``[B, M, A, ...]``."""
+    if shifted.dim() == 2:
+        return text[:, shifted]
+    return text[torch.arange(text.shape[0], device=text.device)[:, None, None], shifted]
 
 
 def _add_thought_tokens(tokenizer, config: QuietStarConfig) -> tuple[int, int]:
@@ -268,6 +282,18 @@ class QuietStarForCausalLM(nn.Module):
         return sample_thoughts(self, input_ids, key_padding, temperature=self.quietstar_config.thought_temperature,
                                greedy=greedy, generator=generator)
 
+    def sample_anchored_thoughts(self, input_ids, attention_mask=None, labels=None, generator=None, greedy=False):
+        """Thoughts at each row's ``thought_fraction`` of positions of highest base next-token entropy: ``anchors
+        [B, M]`` and thoughts ``[B, N, M, T]`` (no gradient; quietstar.thoughts.sample_anchored_thoughts). A position
+        may be an anchor when all A of its targets are scored: real tokens, and not IGNORE_INDEX in ``labels``."""
+        key_padding = self._key_padding(input_ids, attention_mask)
+        scored = input_ids if labels is None else labels
+        eligible = lookahead_targets(scored.masked_fill(~key_padding, IGNORE_INDEX), key_padding,
+                                     self.quietstar_config.num_lookahead_tokens)[1].all(dim=-1)
+        return sample_anchored_thoughts(self, input_ids, key_padding, eligible,
+                                        temperature=self.quietstar_config.thought_temperature, greedy=greedy,
+                                        generator=generator)
+
     def set_thought_lengths(self, num_thought_tokens: int | None = None, num_lookahead_tokens: int | None = None,
                             num_thoughts: int | None = None) -> None:
         """Change T, A or N (None: keep) for the calls that follow: the one way evaluation and a thought curriculum
@@ -285,14 +311,18 @@ class QuietStarForCausalLM(nn.Module):
         self.attention = dataclasses.replace(self.attention, **changes)
 
     def forward(self, input_ids, attention_mask=None, labels=None, thoughts=None, output_logits=True,
-                generator=None, loss_config: QuietStarLossConfig | None = None) -> QuietStarOutput:
-        """Think at every position, mix, and (with ``labels``) compute the Quiet-STaR loss.
+                generator=None, loss_config: QuietStarLossConfig | None = None, anchors=None) -> QuietStarOutput:
+        """Think at every position (or, with ``thought_fraction < 1``, at anchors), mix, and (with ``labels``) compute
+        the Quiet-STaR loss.
 
         input_ids/attention_mask/labels ``[B, L]`` (labels: IGNORE_INDEX where not scored; the target
         of position j is labels[j+1]). ``thoughts [B, N, L, T]`` replays given thoughts instead of
-        sampling. ``output_logits=False`` skips ``thought_logits`` and keeps only what the loss needs.
-        ``loss_config`` weighs the loss of this call (default: ``self.loss_config``; the trainer passes the run's,
-        with its scheduled lambda); its ``reward_precision`` also sets the precision of the mixing path.
+        sampling (at every position, whatever ``thought_fraction`` is); with ``anchors [B, M]`` (an output's
+        ``anchors``) ``thoughts [B, N, M, T]`` replays thoughts at those anchors. Sampled thoughts are at anchors when
+        ``thought_fraction < 1`` (and thoughts are not filler). ``output_logits=False`` skips ``thought_logits`` and
+        keeps only what the loss needs. ``loss_config`` weighs the loss of this call (default: ``self.loss_config``;
+        the trainer passes the run's, with its scheduled lambda); its ``reward_precision`` also sets the precision of
+        the mixing path.
         """
         cfg = self.quietstar_config
         loss_config = self.loss_config if loss_config is None else loss_config
@@ -304,24 +334,32 @@ class QuietStarForCausalLM(nn.Module):
         if shortest < A + 2:
             raise ValueError(f"A row has {shortest} real tokens; Quiet-STaR needs at least num_lookahead_tokens + 2 = "
                              f"{A + 2}. Drop or merge short documents, or lower num_lookahead_tokens.")
-        if thoughts is None:
+        if anchors is not None and thoughts is None:
+            raise ValueError("anchors= replays thoughts at given anchors; pass their thoughts [B, N, M, T] too.")
+        if thoughts is None and cfg.thought_fraction < 1 and cfg.thoughts == "sampled":
+            anchors, thoughts = self.sample_anchored_thoughts(input_ids, attention_mask, labels, generator=generator)
+        elif thoughts is None:
             thoughts = self.sample_thoughts(input_ids, attention_mask, generator=generator)
-        expected = (input_ids.shape[0], cfg.num_thoughts, input_ids.shape[1], T)
+        L = input_ids.shape[1]
+        expected = (input_ids.shape[0], cfg.num_thoughts, L if anchors is None else anchors.shape[1], T)
         if tuple(thoughts.shape) != expected:
-            raise ValueError(f"thoughts must have shape [B, N, L, T] = {expected}, got {tuple(thoughts.shape)}.")
+            raise ValueError(f"thoughts must have shape [B, N, {'L' if anchors is None else 'M'}, T] = {expected}, "
+                             f"got {tuple(thoughts.shape)}.")
+        if anchors is not None and labels is not None and loss_config.contrastive_reward_weight > 0:
+            raise ValueError("contrastive_reward_weight > 0 moves every thought to a later position, which thinking "
+                             "at anchor positions only (thought_fraction < 1) does not have; set one of them off.")
 
         moved_nll = None
         if labels is not None and loss_config.contrastive_reward_weight > 0:  # before the gradient pass: lower peak
             moved_nll = moved_thought_nll(self, input_ids, key_padding, labels, thoughts,
                                           loss_config.contrastive_distance(A), loss_config.reward_source)
-        text_hidden, branch_hidden = expanded_pass(self, input_ids, key_padding, thoughts)
+        text_hidden, branch_hidden = expanded_pass(self, input_ids, key_padding, thoughts, anchors)
         base_logits = self.head_logits(text_hidden)
         sample_logits = mask_thought_tokens(self.head_logits(branch_hidden[..., :T, :]), self.thought_token_ids)
-        thought_hidden = branch_hidden[..., T + 1 : T + 1 + A, :]  # [B, N, L, A, D]
-        L = input_ids.shape[1]
-        shifted = (torch.arange(L, device=input_ids.device)[:, None] + torch.arange(A, device=input_ids.device))
-        shifted = shifted.clamp(max=L - 1)  # h^base_{j+s}; out-of-row entries are never scored
-        base_hidden = text_hidden[:, shifted].unsqueeze(1).expand_as(thought_hidden)
+        thought_hidden = branch_hidden[..., T + 1 : T + 1 + A, :]  # [B, N, L or M, A, D]
+        columns = torch.arange(L, device=input_ids.device) if anchors is None else anchor_columns(anchors)
+        shifted = (columns[..., None] + torch.arange(A, device=input_ids.device)).clamp(max=L - 1)  # h^base_{j+s}: [L, A] or [B, M, A]; out-of-row entries are never scored
+        base_hidden = _ahead(text_hidden, shifted).unsqueeze(1).expand_as(thought_hidden)
         mixes_logits = cfg.mixing == "logprobs" or not self.head_is_affine
         needs_thought_logits = (output_logits or mixes_logits
                                 or (labels is not None and loss_config.needs_thought_logits))
@@ -335,16 +373,16 @@ class QuietStarForCausalLM(nn.Module):
                 # Mixed from logits; base logits again only when autocast made them narrower than fp32.
                 narrow = fp32 and base_logits.dtype not in (torch.float32, torch.float64)
                 full = self.head_logits(at_least_fp32(text_hidden)) if narrow else base_logits
-                shifted_base_logits = full[:, shifted].unsqueeze(1)
+                shifted_base_logits = _ahead(full, shifted).unsqueeze(1)
             weights, mixed = self.mix_predictions(base_hidden, thought_hidden, shifted_base_logits, thought_logits)
         out = QuietStarOutput(base_logits=base_logits, thought_logits=thought_logits if output_logits else None,
-                              mixing_weights=weights, logits=mixed, thoughts=thoughts)
+                              mixing_weights=weights, logits=mixed, thoughts=thoughts, anchors=anchors)
         if labels is not None:
             masked_thought = (mask_thought_tokens(thought_logits, self.thought_token_ids)
                               if thought_logits is not None else None)
             out.loss, out.metrics, out.loss_terms = self.objective(base_logits, mixed, sample_logits, thoughts, weights,
                                                                    labels, key_padding, masked_thought, loss_config,
-                                                                   moved_nll)
+                                                                   moved_nll, anchors)
             out.metrics["mixing_head_live_units"] = self.mixing_head.live_unit_fraction(base_hidden, thought_hidden)
         return out
 
@@ -394,16 +432,16 @@ class QuietStarForCausalLM(nn.Module):
         return weights, mask_thought_tokens(mixed, self.thought_token_ids)
 
     def objective(self, base_logits, mixed, sample_logits, thoughts, weights, labels, key_padding, thought_logits=None,
-                  loss_config: QuietStarLossConfig | None = None, moved_nll=None):
+                  loss_config: QuietStarLossConfig | None = None, moved_nll=None, anchors=None):
         """The Quiet-STaR loss, metrics and weighted loss terms (quietstar.losses.quietstar_loss), weighed by
         ``loss_config`` (default: ``self.loss_config``); ``moved_nll`` from quietstar.contrastive.moved_thought_nll
-        when the reward is position-contrastive."""
+        when the reward is position-contrastive; ``anchors [B, M]`` when the thoughts are at anchors."""
         return quietstar_loss(
             mask_thought_tokens(base_logits, self.thought_token_ids), mixed, sample_logits, thoughts, weights,
             labels.masked_fill(~key_padding, IGNORE_INDEX), key_padding,
             self.loss_config if loss_config is None else loss_config,
             thought_logits=thought_logits, sample_temperature=self.quietstar_config.thought_temperature,
-            moved_nll=moved_nll,
+            moved_nll=moved_nll, anchors=anchors,
         )
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, do_sample=False, temperature=1.0,

@@ -2,7 +2,7 @@
 
 Each implementation of the thought layout's attention is one :class:`Backend` row: the layer features it implements
 (sliding windows, attention-logit soft-capping, attention sinks, values with their own head dim, dropout, padded
-rows), the devices it runs on and whether it has a SUS backward. :func:`resolve` turns :class:`AttentionSettings`
+rows, branches at anchor positions only), the devices it runs on and whether it has a SUS backward. :func:`resolve` turns :class:`AttentionSettings`
 on one device (and the query's head dim and dtype) into the candidates of each phase, in order of preference,
 computed once per model and device (and again when either changes). :func:`choose` takes, for one layer's call,
 the first candidate that implements the layer's features, or refuses naming the backend and the feature.
@@ -18,7 +18,7 @@ import torch
 from ..ops import flash_cpu, flex, sus
 from .settings import AttentionSettings
 
-FEATURES = ("windows", "softcap", "sinks", "value_head_dim", "dropout", "padding")
+FEATURES = ("windows", "softcap", "sinks", "value_head_dim", "dropout", "padding", "anchors")
 
 
 @dataclass(frozen=True)
@@ -34,21 +34,22 @@ class Backend:
     value_head_dim: bool  # values with a head dim of their own (multi-head latent attention)
     dropout: bool
     padding: bool  # rows with padding keys
+    anchors: bool  # branches at anchor positions only (thought_fraction < 1, quietstar.anchors)
     devices: tuple[str, ...]
     sus: bool  # a SUS backward (sus_c)
 
 
 BACKENDS = {backend.name: backend for backend in (
     Backend("eager", "the eager attention", windows=True, softcap=True, sinks=True, value_head_dim=True, dropout=True,
-            padding=True, devices=("cpu", "cuda"), sus=False),
+            padding=True, anchors=True, devices=("cpu", "cuda"), sus=False),
     Backend("flash_cpu", "the CPU flash path", windows=True, softcap=False, sinks=True, value_head_dim=True,
-            dropout=False, padding=False, devices=("cpu",), sus=False),
+            dropout=False, padding=False, anchors=False, devices=("cpu",), sus=False),
     Backend("flex", "attention_backend='flex' (FlexAttention)", windows=True, softcap=True, sinks=False,
-            value_head_dim=False, dropout=False, padding=True, devices=("cuda",), sus=False),
+            value_head_dim=False, dropout=False, padding=True, anchors=False, devices=("cuda",), sus=False),
     Backend("sus_torch", "the 'torch' SUS attention (sus_c)", windows=True, softcap=True, sinks=False,
-            value_head_dim=False, dropout=False, padding=True, devices=("cpu", "cuda"), sus=True),
+            value_head_dim=False, dropout=False, padding=True, anchors=False, devices=("cpu", "cuda"), sus=True),
     Backend("sus_triton", "the 'triton' SUS attention (sus_c)", windows=True, softcap=True, sinks=False,
-            value_head_dim=False, dropout=False, padding=True, devices=("cuda",), sus=True),
+            value_head_dim=False, dropout=False, padding=True, anchors=False, devices=("cuda",), sus=True),
 )}
 
 
@@ -62,6 +63,7 @@ class LayerFeatures:
     value_head_dim: bool = False
     dropout: bool = False
     padding: bool = False
+    anchors: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,13 @@ def resolve(settings: AttentionSettings, device_type: str, head_dim: int | None 
     return Plan(settings, sampling, gradient, plain)
 
 
+def supports_anchors(settings: AttentionSettings, device_type: str) -> bool:
+    """Whether ``settings`` on ``device_type`` run thoughts at anchor positions (thought_fraction < 1): some candidate
+    of both the sampling steps and the gradient pass implements them."""
+    plan = resolve(settings, device_type)
+    return all(any(BACKENDS[name].anchors for name in phase) for phase in (plan.sampling, plan.gradient))
+
+
 def _native(names: tuple[str, ...], device_type: str) -> tuple[str, ...]:
     """The fast paths of ``names`` that run on ``device_type``; eager, the reference, runs anywhere."""
     return tuple(name for name in names if device_type in BACKENDS[name].devices)
@@ -158,7 +167,13 @@ def refusal(backend: Backend, feature: str, detail: str | None = None) -> str:
         "softcap": "This model soft-caps its attention logits",
         "windows": "This model uses sliding-window attention",
         "padding": "This call has padding keys",
+        "anchors": "This model thinks at anchor positions only (thought_fraction < 1)",
     }[feature]
-    fix = ("set the model's attention_dropout to 0, or use attention_backend='eager' without sus_c"
-           if feature == "dropout" else "use attention_backend='auto' or 'eager' without sus_c, which implement it")
+    if feature == "anchors":
+        fix = ("thought_fraction < 1 runs on the eager attention backend; set attention backend to eager "
+               "(attention_backend='eager' without sus_c; 'auto' picks it too)")
+    elif feature == "dropout":
+        fix = "set the model's attention_dropout to 0, or use attention_backend='eager' without sus_c"
+    else:
+        fix = "use attention_backend='auto' or 'eager' without sus_c, which implement it"
     return f"{has}{f' ({detail})' if detail else ''}, which {backend.described} does not implement; {fix}."

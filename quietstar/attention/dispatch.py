@@ -81,11 +81,12 @@ def quietstar_attention(
     return gradient_pass_attention(query, key, value, layout, scaling, dropout, **rule), None
 
 
-def _features(query, value_head_dim, padded, dropout, window, softcap, sinks) -> tuple[LayerFeatures, Callable]:
+def _features(query, value_head_dim, padded, dropout, window, softcap, sinks,
+              anchors=False) -> tuple[LayerFeatures, Callable]:
     """What a call asks of a backend, and how a refusal describes each feature (called only to refuse)."""
     own_value_dim = value_head_dim not in (None, query.shape[-1])
     features = LayerFeatures(windows=window is not None, softcap=softcap is not None, sinks=sinks is not None,
-                             value_head_dim=own_value_dim, dropout=dropout > 0, padding=padded)
+                             value_head_dim=own_value_dim, dropout=dropout > 0, padding=padded, anchors=anchors)
 
     def detail(feature: str) -> str | None:
         return {"dropout": f"{dropout}", "softcap": f"cap {softcap}", "windows": f"window {window}",
@@ -104,7 +105,8 @@ def resolve_backend(layout: ThoughtLayout, query: torch.Tensor, dropout: float, 
     refuses, naming it. ``value_head_dim``: the values' head dim, when it may differ from the queries'."""
     plan = resolve(layout.attention, query.device.type, query.shape[-1], query.dtype)
     candidates = plan.gradient if layout.phase == "expanded" else plan.sampling
-    features, detail = _features(query, value_head_dim, layout.padded, dropout, window, softcap, sinks)
+    features, detail = _features(query, value_head_dim, layout.padded, dropout, window, softcap, sinks,
+                                 anchors=layout.anchors is not None)
     return choose(candidates, features, query, layout.key_padding, dropout, detail).name
 
 
@@ -141,23 +143,23 @@ def prefix_attention(layer: int, query, key, value, layout: ThoughtLayout, scali
 
 def sampling_step_attention(layer: int, query, key, value, layout: ThoughtLayout, scaling, window=None,
                             softcap=None, sinks=None):
-    """Sampling step m = ``layout.step``: the N*L new tokens b_{.,m+1} (k ``[B, Hkv, N*L, d]``, v ``[B, Hkv, N*L,
-    dv]``) go into slot m of this layer's branch buffers ``[B, Hkv, N, L, T, d or dv]`` (allocated at step 0); their
-    queries then attend to the cached text and to their own branch slots 0..m."""
+    """Sampling step m = ``layout.step``: the N*P new tokens b_{.,m+1} (P = L, or M anchors; k ``[B, Hkv, N*P, d]``,
+    v ``[B, Hkv, N*P, dv]``) go into slot m of this layer's branch buffers ``[B, Hkv, N, P, T, d or dv]`` (allocated
+    at step 0); their queries then attend to the cached text and to their own branch slots 0..m."""
     m = layout.step
     if m == 0:
-        slots = (layout.num_thoughts, layout.num_text, layout.num_thought_tokens)
+        slots = (layout.num_thoughts, layout.num_branch_positions, layout.num_thought_tokens)
         layout.branch_cache[layer] = tuple(x.new_zeros(*x.shape[:2], *slots, x.shape[-1]) for x in (key, value))
     k_text, v_text = layout.text_cache[layer]
     k_buffer, v_buffer = layout.branch_cache[layer]
-    B, hkv, N, L = k_buffer.shape[:4]
-    k_buffer[:, :, :, :, m] = key.view(B, hkv, N, L, -1)
-    v_buffer[:, :, :, :, m] = value.view(B, hkv, N, L, -1)
+    B, hkv, N, P = k_buffer.shape[:4]
+    k_buffer[:, :, :, :, m] = key.view(B, hkv, N, P, -1)
+    v_buffer[:, :, :, :, m] = value.view(B, hkv, N, P, -1)
     k_branch, v_branch = k_buffer[:, :, :, :, : m + 1], v_buffer[:, :, :, :, : m + 1]
     if resolve_backend(layout, query, 0.0, window, softcap, sinks=sinks) == "flash_cpu":
         return flash_cpu.sample_step_attention(query, k_text, v_text, k_branch, v_branch, scaling, window, sinks)
     return eager.sample_step_attention(query, k_text, v_text, k_branch, v_branch, layout.key_padding, scaling,
-                                       window, softcap, sinks)
+                                       window, softcap, sinks, layout.anchors)
 
 
 def gradient_pass_attention(query, key, value, layout: ThoughtLayout, scaling, dropout, window=None, softcap=None,

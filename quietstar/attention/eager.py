@@ -14,7 +14,9 @@ Every function takes the layer's ``window`` (sliding-window attention, :mod:`qui
 before the mask and the softmax; None: off) and ``sinks`` (attention sinks as GPT-OSS has them: ``[H]``, one
 logit per query head that joins every softmax's denominator and carries no value; None: none).
 
-Work per head: O(L^2 N S + L N S^2); no tensor of size (N L S) x (N L S) is ever built.
+Work per head: O(L^2 N S + L N S^2); no tensor of size (N L S) x (N L S) is ever built. With anchors (branches at
+M of the L positions only, :mod:`quietstar.anchors`) read P = M for the branch positions below: O(L^2 + L N M S +
+M N S^2); without them P = L.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..anchors import at_anchors
 from ..ops.precision import at_least_fp32, wide_dtype
 from ..ops.visibility import branch_visibility, in_window, prefix_visibility, text_positions
 from .layout import ThoughtLayout
@@ -99,7 +102,7 @@ def causal_attention(q, k, v, key_padding, scaling, dropout=0.0, window=None, so
 
 
 def expanded_attention(q, k, v, layout: ThoughtLayout, scaling, dropout=0.0, window=None, softcap=None, sinks=None):
-    """Attention over a thought-expanded row: L text tokens, then N*L*S branch tokens.
+    """Attention over a thought-expanded row: L text tokens, then N*P*S branch tokens (P = L, or the M anchors).
 
     Text queries attend causally to text; branch queries of position j attend jointly (one
     softmax) to text keys 0..j and to their own branch's keys 0..k (all within the window).
@@ -107,11 +110,12 @@ def expanded_attention(q, k, v, layout: ThoughtLayout, scaling, dropout=0.0, win
     B, hkv, _, d = k.shape
     dv = v.shape[-1]
     L, N, S = layout.num_text, layout.num_thoughts, layout.branch_length
+    P = layout.num_branch_positions
     qg = at_least_fp32(_grouped(q, hkv)) * scaling
     g = qg.shape[2]
     k_text, v_text = k[:, :, :L].unsqueeze(2), v[:, :, :L].unsqueeze(2)  # [B, Hkv, 1, L, d]
-    k_branch = k[:, :, L:].reshape(B, hkv, 1, N, L, S, d)
-    v_branch = v[:, :, L:].reshape(B, hkv, 1, N, L, S, dv)
+    k_branch = k[:, :, L:].reshape(B, hkv, 1, N, P, S, d)
+    v_branch = v[:, :, L:].reshape(B, hkv, 1, N, P, S, dv)
     key_padding = layout.key_padding.bool()
     prefix_visible = prefix_visibility(key_padding, window)  # [B, L(j), L(i)]
 
@@ -121,46 +125,52 @@ def expanded_attention(q, k, v, layout: ThoughtLayout, scaling, dropout=0.0, win
     text_out = torch.matmul(text_probs, v_text)  # [B, Hkv, G, L, d]
 
     # Branch queries: scores against the prefix and against their own branch, one softmax over both.
-    q_branch = qg[:, :, :, L:].reshape(B, hkv, g, N, L, S, d)
-    to_prefix = torch.matmul(q_branch.reshape(B, hkv, g, N * L * S, d), at_least_fp32(k_text).transpose(-1, -2))
-    to_prefix = to_prefix.view(B, hkv, g, N, L, S, L)
-    to_branch = torch.matmul(q_branch, at_least_fp32(k_branch).transpose(-1, -2))  # [..., N, L, S, S]
+    q_branch = qg[:, :, :, L:].reshape(B, hkv, g, N, P, S, d)
+    to_prefix = torch.matmul(q_branch.reshape(B, hkv, g, N * P * S, d), at_least_fp32(k_text).transpose(-1, -2))
+    to_prefix = to_prefix.view(B, hkv, g, N, P, S, L)
+    to_branch = torch.matmul(q_branch, at_least_fp32(k_branch).transpose(-1, -2))  # [..., N, P, S, S]
     slot_offsets = torch.arange(1, S + 1, device=q.device)
     branch_prefix_visible = prefix_visibility(key_padding, window, slot_offsets).transpose(1, 2)  # [B, L, S, L]
+    if layout.anchors is not None:
+        branch_prefix_visible = at_anchors(branch_prefix_visible, layout.anchors)  # [B, M, S, L]
     visible = torch.cat(
         [
-            branch_prefix_visible[:, None, None, None].expand(B, 1, 1, 1, L, S, L),
-            branch_visibility(S, q.device, window).expand(B, 1, 1, 1, L, S, S),
+            branch_prefix_visible[:, None, None, None].expand(B, 1, 1, 1, P, S, L),
+            branch_visibility(S, q.device, window).expand(B, 1, 1, 1, P, S, S),
         ],
         dim=-1,
     )
     probs = _softmax(capped(torch.cat([to_prefix, to_branch], dim=-1), softcap), visible, dropout, sinks).to(v.dtype)
     prefix_probs, branch_probs = probs.split([L, S], dim=-1)
-    branch_out = torch.matmul(prefix_probs.reshape(B, hkv, g, N * L * S, L), v_text)
-    branch_out = branch_out.view(B, hkv, g, N, L, S, dv) + torch.matmul(branch_probs, v_branch)
-    out = torch.cat([text_out, branch_out.reshape(B, hkv, g, N * L * S, dv)], dim=3)
+    branch_out = torch.matmul(prefix_probs.reshape(B, hkv, g, N * P * S, L), v_text)
+    branch_out = branch_out.view(B, hkv, g, N, P, S, dv) + torch.matmul(branch_probs, v_branch)
+    out = torch.cat([text_out, branch_out.reshape(B, hkv, g, N * P * S, dv)], dim=3)
     return _ungrouped(out)
 
 
 def sample_step_attention(q, k_text, v_text, k_branch, v_branch, key_padding, scaling, window=None, softcap=None,
-                          sinks=None):
-    """One sampling step (no gradient): the N*L queries b_{j,m+1} ``[B, H, N*L, d]`` attend to the text
-    prefix ``k_text [B, Hkv, L, d]``, ``v_text [B, Hkv, L, dv]`` (keys 0..j that are not padding, ``key_padding
-    [B, L]``) and to their own branch slots 0..m, ``k_branch [B, Hkv, N, L, m+1, d]``, ``v_branch [B, Hkv, N, L,
-    m+1, dv]``, within the window of their position pos_j + 1 + m. Returns ``[B, N*L, H, dv]``.
+                          sinks=None, anchors=None):
+    """One sampling step (no gradient): the N*P queries b_{j,m+1} ``[B, H, N*P, d]`` (P = L, or the M positions of
+    ``anchors [B, M]``) attend to the text prefix ``k_text [B, Hkv, L, d]``, ``v_text [B, Hkv, L, dv]`` (keys 0..j
+    that are not padding, ``key_padding [B, L]``) and to their own branch slots 0..m, ``k_branch [B, Hkv, N, P, m+1,
+    d]``, ``v_branch [B, Hkv, N, P, m+1, dv]``, within the window of their position pos_j + 1 + m. Returns
+    ``[B, N*P, H, dv]``.
     """
-    B, hkv, N, L, slots, d = k_branch.shape
-    dv = v_branch.shape[-1]
+    B, hkv, N, P, slots, d = k_branch.shape
+    L, dv = k_text.shape[2], v_branch.shape[-1]
     qg = at_least_fp32(_grouped(q, hkv)) * scaling
     g = qg.shape[2]
-    to_prefix = torch.matmul(qg, at_least_fp32(k_text).unsqueeze(2).transpose(-1, -2)).view(B, hkv, g, N, L, L)
-    q_step = qg.view(B, hkv, g, N, L, 1, d)
+    to_prefix = torch.matmul(qg, at_least_fp32(k_text).unsqueeze(2).transpose(-1, -2)).view(B, hkv, g, N, P, L)
+    q_step = qg.view(B, hkv, g, N, P, 1, d)
     to_branch = torch.matmul(q_step, at_least_fp32(k_branch).unsqueeze(2).transpose(-1, -2)).squeeze(-2)
-    prefix_visible = prefix_visibility(key_padding.bool(), window, slots)[:, None, None, None]  # [B, 1, 1, 1, L, L]
-    branch_visible = branch_visibility(slots, q.device, window)[-1].expand(B, 1, 1, 1, L, slots)
-    visible = torch.cat([prefix_visible.expand(B, 1, 1, 1, L, L), branch_visible], -1)
+    prefix_visible = prefix_visibility(key_padding.bool(), window, slots)  # [B, L, L]
+    if anchors is not None:
+        prefix_visible = at_anchors(prefix_visible, anchors)  # [B, M, L]
+    prefix_visible = prefix_visible[:, None, None, None]  # [B, 1, 1, 1, P, L]
+    branch_visible = branch_visibility(slots, q.device, window)[-1].expand(B, 1, 1, 1, P, slots)
+    visible = torch.cat([prefix_visible.expand(B, 1, 1, 1, P, L), branch_visible], -1)
     probs = _masked_softmax(capped(torch.cat([to_prefix, to_branch], dim=-1), softcap), visible, sinks)
     prefix_probs, branch_probs = probs.to(v_text.dtype).split([L, slots], dim=-1)
-    out = torch.matmul(prefix_probs.reshape(B, hkv, g, N * L, L), v_text.unsqueeze(2))
-    out = out.view(B, hkv, g, N, L, dv) + torch.matmul(branch_probs.unsqueeze(-2), v_branch.unsqueeze(2)).squeeze(-2)
-    return _ungrouped(out.reshape(B, hkv, g, N * L, dv))
+    out = torch.matmul(prefix_probs.reshape(B, hkv, g, N * P, L), v_text.unsqueeze(2))
+    out = out.view(B, hkv, g, N, P, dv) + torch.matmul(branch_probs.unsqueeze(-2), v_branch.unsqueeze(2)).squeeze(-2)
+    return _ungrouped(out.reshape(B, hkv, g, N * P, dv))

@@ -33,6 +33,10 @@ class ThoughtLayout:
       * ``"expanded"``: the call holds the L text tokens followed by the N*L*S branch tokens of
         the thought-expanded row; the gradient pass.
 
+    With ``anchors [B, M]`` (thinking at a fraction of the positions, quietstar.anchors) branches grow at the M anchor
+    positions of each row only: read L as M in the branch counts above (N*M tokens per sampling step, N*M*S branch
+    tokens), and branch m of a row sees the text up to and including its anchor's position. Eager attention only.
+
     The sampling phases (prefix, sample) take ``num_thought_tokens`` (T, the branch buffer's
     slots); the expanded phase takes ``branch_length`` (S = T + A + 1 tokens per branch).
     """
@@ -45,6 +49,7 @@ class ThoughtLayout:
     num_thought_tokens: int | None = None  # T, sampling phases only
     branch_length: int | None = None  # S, expanded phase only
     step: int = 0  # the sampling step m: this call's tokens are b_{.,m+1}
+    anchors: torch.Tensor | None = None  # [B, M] text position of each branch slot (-1: unused); None: every position
     text_cache: dict = field(default_factory=dict)  # layer_idx -> (k, v), each [B, Hkv, L, d]
     branch_cache: dict = field(default_factory=dict)  # layer_idx -> (k, v), each [B, Hkv, N, L, T, d]
     # The expanded phase's FlexAttention BlockMasks by sliding window (quietstar.ops.flex), built by the first layer
@@ -69,6 +74,11 @@ class ThoughtLayout:
     def num_text(self) -> int:
         return self.key_padding.shape[-1]
 
+    @property
+    def num_branch_positions(self) -> int:
+        """The positions that grow branches in each row: M with anchors, else L."""
+        return self.num_text if self.anchors is None else self.anchors.shape[-1]
+
     @functools.cached_property
     def padded(self) -> bool:
         """Whether any text key is padding: one device sync per model call, not one per layer."""
@@ -76,9 +86,9 @@ class ThoughtLayout:
 
     def expected_length(self) -> int:
         """Number of tokens a model call in this phase must hold."""
-        L, N = self.num_text, self.num_thoughts
+        L, N, P = self.num_text, self.num_thoughts, self.num_branch_positions
         if self.phase == "prefix":
             return L
         if self.phase == "sample":
-            return N * L
-        return L + N * L * self.branch_length
+            return N * P
+        return L + N * P * self.branch_length
