@@ -19,7 +19,7 @@ from transformers import set_seed
 from ..assets import AssetUnavailableError
 from ..training import QuietStarTrainer, build_datasets, build_model, parse_config
 from ..training.curriculum import longest_thought_lengths
-from ..training.checks import check_checkpoint_matches, check_gold_thoughts, check_positions
+from ..training.checks import check_checkpoint_matches, check_gold_thoughts, check_positions, check_thought_fraction
 from ..training.compute import step_cost
 from ..training.memory import check_memory, format_gib
 from ..training.run_files import check_output_dir, write_run_config
@@ -41,6 +41,7 @@ def prepare(argv: list[str] | None):
     model = build_model(model_args, quietstar_config, run.loss, run.attention, training_args.control)
     stages = training_args.thought_stages
     check_positions(model, data_args.max_length, stages)
+    check_thought_fraction(model, training_args.device.type)
     check_gold_thoughts(training_args.gold_thought_steps, data_args.dataset, data_args.multihop_hops,
                         quietstar_config.num_thought_tokens, stages)
     if training_args.resume_from_checkpoint:

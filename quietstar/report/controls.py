@@ -43,7 +43,8 @@ def positions_per_step(run_config: dict, thinking: bool) -> float:
     thoughts = run_config["QuietStarConfig"]
     gradient, sampling = positions_per_row("none" if thinking else "finetune", int(data["max_length"]),
                                            int(thoughts["num_thoughts"]), int(thoughts["num_thought_tokens"]),
-                                           int(thoughts["num_lookahead_tokens"]))
+                                           int(thoughts["num_lookahead_tokens"]),
+                                           float(thoughts.get("thought_fraction", 1.0)))
     return rows * (gradient + FORWARD_SHARE * sampling)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from ..attention.backends import supports_anchors
 from ..checkpoint import LM_CONFIG_FILE, read_saved_quietstar
 from .arguments import SYNTHETIC_MULTIHOP
 from .curriculum import longest_thought_lengths
@@ -14,7 +15,7 @@ ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_at
                        "intermediate_size", "vocab_size")
 # Quiet-STaR fields a checkpoint must share with the run that resumes it; the curriculum may change the lengths.
 THOUGHT_FIELDS = ("num_thought_tokens", "num_lookahead_tokens", "num_thoughts", "mixing", "start_thought_token",
-                  "end_thought_token", "thoughts")
+                  "end_thought_token", "thoughts", "thought_fraction")
 
 
 def check_positions(model, max_length: int, stages=()) -> None:
@@ -30,6 +31,16 @@ def check_positions(model, max_length: int, stages=()) -> None:
             f"{lookahead} needs {needed} positions, but the model has max_position_embeddings "
             f"{limit}. Lower max_length to at most {limit - needed + max_length}."
         )
+
+
+def check_thought_fraction(model, device_type: str) -> None:
+    """Thinking at anchor positions only (thought_fraction < 1) runs on the eager attention: refuse, before any step,
+    attention settings that would not run it on ``device_type``."""
+    if model.quietstar_config.thought_fraction < 1 and not supports_anchors(model.attention, device_type):
+        raise ValueError(f"thought_fraction {model.quietstar_config.thought_fraction} (thoughts at anchor positions "
+                         f"only) with attention_backend={model.attention.attention_backend!r}, "
+                         f"sus_c={model.attention.sus_c!r}: thought_fraction < 1 runs on the eager attention backend; "
+                         "set attention backend to eager (attention_backend: eager, without sus_c; auto picks it too).")
 
 
 def check_checkpoint_matches(model, checkpoint: str, curriculum: bool = False) -> None:

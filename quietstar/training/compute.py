@@ -2,7 +2,8 @@
 
 A Quiet-STaR step runs, per row of L tokens, a gradient pass (forward and backward) over L (1 + N S) positions
 (the text and N S branch tokens per position; docs/design.md §7) and a no-grad sampling pass over L + N L T
-positions (the text once, then T steps of N L tokens). A plain LM step runs the gradient pass over L positions. A
+positions (the text once, then T steps of N L tokens). Thinking at a fraction q of the positions
+(``thought_fraction``) puts branches at M = ceil(q L) positions only: L + N M S and L + N M T. A plain LM step runs the gradient pass over L positions. A
 forward costs about a third of a forward and backward, so a sampling position counts a third of a gradient position.
 Attention's cost beyond the per-token matmuls is left out (it grows with context length, which thoughts keep short).
 The null-thoughts control samples nothing; the finetune control is the plain step.
@@ -19,6 +20,7 @@ import argparse
 import math
 from dataclasses import dataclass
 
+from ..anchors import anchors_per_row
 from ..config import QuietStarConfig
 from .curriculum import Stage
 
@@ -44,21 +46,25 @@ class StepCost:
 
 
 def positions_per_row(control: str, max_length: int, num_thoughts: int, num_thought_tokens: int,
-                      num_lookahead_tokens: int) -> tuple[int, int]:
-    """(gradient-pass positions, sampling-pass positions) of one row of ``max_length`` tokens under ``control``."""
+                      num_lookahead_tokens: int, thought_fraction: float = 1.0) -> tuple[int, int]:
+    """(gradient-pass positions, sampling-pass positions) of one row of ``max_length`` tokens under ``control``;
+    sampled thoughts grow at ceil(``thought_fraction`` * L) positions (filler thoughts, which choose no anchors, at
+    all L)."""
     L, N, T = max_length, num_thoughts, num_thought_tokens
     if control == "finetune":
         return L, 0
     S = T + num_lookahead_tokens + 1
-    sampling = 0 if control == "null_thoughts" else L + N * L * T
-    return L * (1 + N * S), sampling
+    if control == "null_thoughts":
+        return L * (1 + N * S), 0
+    M = anchors_per_row(L, thought_fraction)
+    return L + N * M * S, L + N * M * T
 
 
 def step_cost(control: str, config: QuietStarConfig, stages: list[Stage], max_length: int, rows_per_step: int,
               max_steps: int) -> StepCost:
     """The :class:`StepCost` of a run; ``stages`` is its thought curriculum ([] for fixed lengths)."""
     def per_step(T: int, A: int) -> tuple[int, int]:
-        gradient, sampling = positions_per_row(control, max_length, config.num_thoughts, T, A)
+        gradient, sampling = positions_per_row(control, max_length, config.num_thoughts, T, A, config.thought_fraction)
         return gradient * rows_per_step, sampling * rows_per_step
 
     first = per_step(config.num_thought_tokens, config.num_lookahead_tokens)
