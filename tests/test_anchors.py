@@ -167,10 +167,12 @@ def test_anchored_branches_equal_the_plain_model_on_explicit_sequences(arch):
     assert checked == 2 * (4 + 3)
 
 
-def test_unused_anchor_slots_change_nothing():
-    """Row 1 has fewer anchors than row 0: whatever its unused slot holds, the loss and the gradients are the same."""
+@pytest.mark.parametrize("left_padding_rows", [(1,), ()], ids=["left", "right"])
+def test_unused_anchor_slots_change_nothing(left_padding_rows):
+    """Row 1 has fewer anchors than row 0: whatever its unused slot holds, the loss and the gradients are the same
+    (right-padded, the column an unused slot reads is a real position with scored targets)."""
     model = anchored_model()
-    ids, mask = batch()
+    ids, mask = padded_batch(lengths=(13, 9), left_padding_rows=left_padding_rows)
     out = model(ids, attention_mask=mask, labels=ids, generator=torch.Generator().manual_seed(2))
     out.loss.backward()
     want = [p.grad.clone() for p in model.parameters()]
