@@ -246,3 +246,17 @@ def test_sus_variance_layers_script_smoke_run(tmp_path, capsys):
         parts = [layer0[columns.index(f"kind:{kind}")] for kind in script.KINDS]
         assert sum(parts) == pytest.approx(layer0[all_column])  # the kinds partition the parameters
     assert "V_sus,all / V_mb" in capsys.readouterr().out
+
+
+def test_thought_fraction_benchmark_times_each_fraction_and_the_equal_compute_cell(tmp_path, capsys):
+    out = tmp_path / "thought_fraction.json"
+    rows = bench_script("thought_fraction").main(["--length", "16", "--thought-tokens", "2", "--lookahead", "2",
+                                                  "--hidden", "32", "--layers", "1", "--repeats", "1",
+                                                  "--fractions", "1", "0.25", "--out", str(out)])
+    # q = 1, q = 0.25, and q = 0.25 with T' = (2 + 2 + 1) / 0.25 - 3 = 17: as many branch tokens as q = 1.
+    assert [(row["thought_fraction"], row["num_thought_tokens"], row["anchors_per_row"]) for row in rows] == [
+        (1.0, 2, 16), (0.25, 2, 4), (0.25, 17, 4)]
+    assert rows[0]["branch_tokens_per_row"] == rows[2]["branch_tokens_per_row"] == 2 * 16 * 5
+    assert rows[1]["saved_for_backward_mib"] < rows[0]["saved_for_backward_mib"]
+    assert json.loads(out.read_text())["rows"] == rows
+    assert "| 0.25 | 17 |" in capsys.readouterr().out
