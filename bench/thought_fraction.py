@@ -102,8 +102,9 @@ def main(argv=None) -> list[dict]:
     if smallest < 1 and longer != args.thought_tokens:
         cells.append((smallest, longer))
     rows = [measure(q, T, args) for q, T in cells]
-    print(f"L = {args.length}, A = {args.lookahead}, N = {args.thoughts}, batch {args.batch_size}, hidden {args.hidden}, "
-          f"{args.layers} layers, eager attention; median of {args.repeats} steps (forward + backward)")
+    print(f"L = {args.length}, A = {args.lookahead}, N = {args.thoughts}, batch {args.batch_size}, "
+          f"hidden {args.hidden}, {args.layers} layers, eager attention; median of {args.repeats} steps "
+          "(forward + backward)")
     print(table(rows))
     if args.out:
         with open(args.out, "w") as f:

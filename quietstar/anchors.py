@@ -1,5 +1,5 @@
-"""Thinking where it matters (docs/design.md §7): thoughts at a fraction q (``QuietStarConfig.thought_fraction``) of the
-text positions only, the anchors, chosen where the base model is least sure of the next token.
+"""Thinking where it matters (docs/design.md §7): thoughts at a fraction q (``QuietStarConfig.thought_fraction``) of
+the text positions only, the anchors, chosen where the base model is least sure of the next token.
 
 Shapes: B batch, L text tokens, M anchor slots per row, N thought samples, A lookahead tokens, V vocabulary.
 
@@ -26,7 +26,8 @@ def next_token_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def anchor_counts(key_padding: torch.Tensor, eligible: torch.Tensor, fraction: float) -> torch.Tensor:
-    """M_b = ceil(q * real tokens of row b), at most its eligible positions: ``[B]``; key_padding/eligible ``[B, L]``."""
+    """M_b = ceil(q * real tokens of row b), at most its eligible positions: ``[B]``; key_padding and eligible
+    ``[B, L]``."""
     wanted = torch.ceil(key_padding.sum(dim=1).double() * fraction - 1e-9).long()  # 1e-9: 10 * 0.3 is 3, not 4
     return torch.minimum(wanted, eligible.sum(dim=1))
 

@@ -358,7 +358,8 @@ class QuietStarForCausalLM(nn.Module):
         sample_logits = mask_thought_tokens(self.head_logits(branch_hidden[..., :T, :]), self.thought_token_ids)
         thought_hidden = branch_hidden[..., T + 1 : T + 1 + A, :]  # [B, N, L or M, A, D]
         columns = torch.arange(L, device=input_ids.device) if anchors is None else anchor_columns(anchors)
-        shifted = (columns[..., None] + torch.arange(A, device=input_ids.device)).clamp(max=L - 1)  # h^base_{j+s}: [L, A] or [B, M, A]; out-of-row entries are never scored
+        # h^base_{j+s}: [L, A] or [B, M, A]; out-of-row entries are never scored
+        shifted = (columns[..., None] + torch.arange(A, device=input_ids.device)).clamp(max=L - 1)
         base_hidden = _ahead(text_hidden, shifted).unsqueeze(1).expand_as(thought_hidden)
         mixes_logits = cfg.mixing == "logprobs" or not self.head_is_affine
         needs_thought_logits = (output_logits or mixes_logits

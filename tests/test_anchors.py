@@ -21,6 +21,7 @@ from quietstar.losses import IGNORE_INDEX
 from quietstar.thoughts import expanded_pass, sample_anchored_thoughts
 from quietstar.training.checks import check_thought_fraction
 from quietstar.training.compute import positions_per_row
+from quietstar.training.memory import estimate_training_bytes
 
 Q = 0.3
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -293,3 +294,12 @@ def test_equal_compute_thought_tokens():
     longer = positions_per_row("none", L, 2, equal_compute_thought_tokens(4, 4, 0.25), 4, 0.25)
     assert full[0] == L + 2 * L * 9 and longer[0] == L + 2 * 24 * 36 == full[0]
     assert positions_per_row("none", L, 2, 4, 4, 0.25) == (L + 2 * 24 * 9, L + 2 * 24 * 4)
+
+
+def test_the_memory_estimate_counts_the_branches_at_anchors():
+    model = make_model()
+    full = estimate_training_bytes(model, 2, 40, torch.float32, False)
+    quarter = estimate_training_bytes(model, 2, 40, torch.float32, False, QuietStarConfig(
+        num_thought_tokens=3, num_lookahead_tokens=3, thought_fraction=0.25))
+    S = 3 + 3 + 1
+    assert quarter["activations"] * (40 + 2 * 40 * S) == full["activations"] * (40 + 2 * 10 * S)

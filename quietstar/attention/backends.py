@@ -2,10 +2,11 @@
 
 Each implementation of the thought layout's attention is one :class:`Backend` row: the layer features it implements
 (sliding windows, attention-logit soft-capping, attention sinks, values with their own head dim, dropout, padded
-rows, branches at anchor positions only), the devices it runs on and whether it has a SUS backward. :func:`resolve` turns :class:`AttentionSettings`
-on one device (and the query's head dim and dtype) into the candidates of each phase, in order of preference,
-computed once per model and device (and again when either changes). :func:`choose` takes, for one layer's call,
-the first candidate that implements the layer's features, or refuses naming the backend and the feature.
+rows, branches at anchor positions only), the devices it runs on and whether it has a SUS backward. :func:`resolve`
+turns :class:`AttentionSettings` on one device (and the query's head dim and dtype) into the candidates of each
+phase, in order of preference, computed once per model and device (and again when either changes). :func:`choose`
+takes, for one layer's call, the first candidate that implements the layer's features, or refuses naming the backend
+and the feature.
 """
 
 from __future__ import annotations

@@ -2,11 +2,12 @@
 
 A Quiet-STaR step runs, per row of L tokens, a gradient pass (forward and backward) over L (1 + N S) positions
 (the text and N S branch tokens per position; docs/design.md §7) and a no-grad sampling pass over L + N L T
-positions (the text once, then T steps of N L tokens). Thinking at a fraction q of the positions
-(``thought_fraction``) puts branches at M = ceil(q L) positions only: L + N M S and L + N M T. A plain LM step runs the gradient pass over L positions. A
-forward costs about a third of a forward and backward, so a sampling position counts a third of a gradient position.
-Attention's cost beyond the per-token matmuls is left out (it grows with context length, which thoughts keep short).
-The null-thoughts control samples nothing; the finetune control is the plain step.
+positions (the text once, then T steps of N L tokens); thinking at a fraction q of the positions
+(``thought_fraction``) puts branches at M = ceil(q L) positions only: L + N M S and L + N M T. A plain LM step runs
+the gradient pass over L positions. A forward costs about a third of a forward and backward, so a sampling position
+counts a third of a gradient position. Attention's cost beyond the per-token matmuls is left out (it grows with
+context length, which thoughts keep short). The null-thoughts control samples nothing; the finetune control is the
+plain step.
 
     python -m quietstar.training.compute runs/smollm2-135m-cpu
 

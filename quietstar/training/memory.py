@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from ..anchors import anchors_per_row
 from ..bf16 import resolve_bf16
 from .curriculum import longest_thought_lengths
 
@@ -27,8 +28,8 @@ FLOAT_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 def estimate_training_bytes(model, batch_size: int, max_length: int, compute_dtype: torch.dtype,
                             gradient_checkpointing: bool, quietstar_config=None, weight_shards: int = 1) -> dict[str, int]:
     """Estimated peak bytes by part (``weights_and_optimizer``, ``activations``, ``logits``) and ``total``, for the
-    thought lengths of ``quietstar_config`` (default: the model's); ``weight_shards`` processes share the weights
-    and optimizer state (FSDP)."""
+    thought lengths of ``quietstar_config`` (default: the model's), with branches at its ``thought_fraction`` of
+    the positions; ``weight_shards`` processes share the weights and optimizer state (FSDP)."""
     cfg, text_cfg = quietstar_config or model.quietstar_config, model.config
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
@@ -36,13 +37,15 @@ def estimate_training_bytes(model, batch_size: int, max_length: int, compute_dty
     intermediate = getattr(text_cfg, "intermediate_size", None) or 4 * hidden
     layers = text_cfg.num_hidden_layers
     branch = cfg.num_thought_tokens + cfg.num_lookahead_tokens + 1
-    tokens = batch_size * max_length * (1 + cfg.num_thoughts * branch)
+    thinking = anchors_per_row(max_length, cfg.thought_fraction)  # positions with branches: M, or L at q = 1
+    tokens = batch_size * (max_length + cfg.num_thoughts * thinking * branch)
     per_token_layer = (8 * hidden + 4 * intermediate) * FLOAT_BYTES.get(compute_dtype, 4)
     if gradient_checkpointing:
         activations = tokens * (per_token_layer + layers * hidden * FLOAT_BYTES.get(compute_dtype, 4))
     else:
         activations = tokens * layers * per_token_layer
-    scored = batch_size * max_length * (1 + cfg.num_thoughts * (cfg.num_thought_tokens + cfg.num_lookahead_tokens))
+    scored_per_branch = cfg.num_thought_tokens + cfg.num_lookahead_tokens
+    scored = batch_size * (max_length + cfg.num_thoughts * thinking * scored_per_branch)
     logits = scored * text_cfg.vocab_size * 4 * 3
     parts = {"weights_and_optimizer": (16 * trainable + 4 * frozen) // weight_shards, "activations": activations,
              "logits": logits}
