@@ -94,6 +94,18 @@ def test_anchors_skip_positions_whose_targets_are_not_scored():
     assert anchors.tolist() == [[0, 1, 9]]  # ceil(0.3 * 13) = 4 wanted; only 0, 1 and 9 (of 0..9) are eligible
 
 
+def test_thoughts_given_without_anchors_run_at_every_position():
+    """Scoring and evaluation hand the model thoughts at every position: a q < 1 model computes them all."""
+    model = anchored_model()
+    ids, mask = batch()
+    with torch.no_grad():
+        thoughts = model.sample_thoughts(ids, mask)
+        out = model(ids, attention_mask=mask, thoughts=thoughts)
+    assert out.anchors is None and out.logits.shape[2] == ids.shape[1]
+    with pytest.raises(ValueError, match="thoughts must have shape"):
+        model(ids, attention_mask=mask, thoughts=thoughts, anchors=torch.zeros(2, 4, dtype=torch.long))
+
+
 # ----------------------------------------------------------------------------------- q = 1: the same path
 def test_q_1_is_the_every_position_path_bit_for_bit():
     results = []
