@@ -145,8 +145,7 @@ def test_anchors_at_every_position_give_the_every_position_loss_and_gradients():
 @pytest.mark.parametrize("arch", ["llama", "mistral_window", "gemma2", "gpt_oss"])
 def test_anchored_branches_equal_the_plain_model_on_explicit_sequences(arch):
     """Sampling steps and the gradient pass, at anchors only (windows shorter than a branch, soft-capping and sinks
-    included):
-    each branch equals the plain model on text[:anchor + 1], <sot>, its thought, <eot>, its lookahead."""
+    included): each branch equals the plain model on text[:anchor + 1], <sot>, its thought, <eot>, its lookahead."""
     model = anchored_model(arch)
     cfg = model.quietstar_config
     T, A, S = cfg.num_thought_tokens, cfg.num_lookahead_tokens, cfg.branch_length
