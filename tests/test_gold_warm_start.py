@@ -162,15 +162,44 @@ def test_trainer_inserts_gold_thoughts_and_turns_the_policy_off_for_the_warm_sta
     assert logged == [1.0, 1.0, 0.0]
 
 
+def test_interleaved_gold_steps_follow_the_warm_start_on_their_interval(tmp_path):
+    args = training_args(tmp_path, gold_thought_steps=3, gold_thought_interval=4)
+    assert [step for step in range(16) if args.is_gold_step(step)] == [0, 1, 2, 3, 7, 11, 15]
+    args = training_args(tmp_path, gold_thought_steps=0, gold_thought_interval=3)
+    assert args.uses_gold_thoughts and [step for step in range(7) if args.is_gold_step(step)] == [0, 3, 6]
+    args = training_args(tmp_path, gold_thought_steps=2)
+    assert [step for step in range(6) if args.is_gold_step(step)] == [0, 1]
+    assert not training_args(tmp_path, gold_thought_steps=0).uses_gold_thoughts
+    with pytest.raises(ValueError, match="gold_thought_interval must be an integer >= 0"):
+        training_args(tmp_path, gold_thought_interval=-2)
+    with pytest.raises(ValueError, match="arms of the thinking run"):
+        training_args(tmp_path, gold_thought_steps=0, gold_thought_interval=2, control="null_thoughts")
+
+
+def test_trainer_interleaves_gold_steps_after_the_warm_start(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(ModelArguments(model_config=TINY_LM, tokenizer_name_or_path="builtin-bytes", peft=LORA),
+                        QuietStarConfig(num_thought_tokens=3, num_lookahead_tokens=1, num_thoughts=2,
+                                        text_path="thought_lora"))
+    train, _ = build_datasets(multihop_args(max_length=64), model.tokenizer, min_tokens=3, gold_intermediates=True)
+    args = training_args(tmp_path, max_steps=6, gold_thought_steps=1, gold_thought_interval=2)
+    trainer = QuietStarTrainer(model=model, args=args, train_dataset=train)
+    trainer.train()
+    logged = [entry["gold_thoughts"] for entry in trainer.state.log_history if "gold_thoughts" in entry]
+    policy = [entry["policy_weight"] for entry in trainer.state.log_history if "policy_weight" in entry]
+    assert logged == [1.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    assert [weight > 0 for weight in policy] == [False, False, True, False, True, False]
+
+
 def test_gold_thoughts_are_refused_where_they_cannot_apply(tmp_path):
-    check_gold_thoughts(0, "synthetic-arithmetic", 1, 1)  # off: nothing to check
+    check_gold_thoughts(False, "synthetic-arithmetic", 1, 1)  # off: nothing to check
     with pytest.raises(ValueError, match="dataset is 'synthetic-arithmetic'"):
-        check_gold_thoughts(5, "synthetic-arithmetic", 2, 4)
+        check_gold_thoughts(True, "synthetic-arithmetic", 2, 4)
     with pytest.raises(ValueError, match="no intermediate"):
-        check_gold_thoughts(5, "synthetic-multihop", 1, 4)
+        check_gold_thoughts(True, "synthetic-multihop", 1, 4)
     with pytest.raises(ValueError, match="at least 2"):
-        check_gold_thoughts(5, "synthetic-multihop", 3, 4, parse_curriculum(["0:4/1", "3:1/1"]))
-    check_gold_thoughts(5, "synthetic-multihop", 3, 2)
+        check_gold_thoughts(True, "synthetic-multihop", 3, 4, parse_curriculum(["0:4/1", "3:1/1"]))
+    check_gold_thoughts(True, "synthetic-multihop", 3, 2)
     with pytest.raises(ValueError, match="control: finetune inserts no"):
         training_args(tmp_path, control="finetune")
     with pytest.raises(ValueError, match="integer >= 0"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from quietstar.report.multihop_table import FOREST_PLOT, describe_arm, forest_rows, load_arms
+from quietstar.report.multihop_table import FOREST_PLOT, Arm, describe_arm, forest_rows, load_arms
 from quietstar.report.pooling import save_bundle
 from quietstar.report.tables import BUNDLE_SUFFIX, regenerate
 from test_results_tables import synthetic_runs
@@ -76,6 +76,11 @@ def test_arms_are_described_by_their_distinguishing_settings(tmp_path):
     assert describe_arm(arms["a-old"], 2) == "N=4, entropy 0.05; 60 steps, seed 3"
     assert describe_arm(arms["a-old"], 1) == "N=4, entropy 0.05, trained at k=2; 60 steps, seed 3"
     assert describe_arm(arms["b-gold"], 2) == "N=4, entropy 0.05, gold warm start 30 steps; 60 steps, seed 3"
+    # A checkpoint of a longer run says at which step it was scored; interleaved gold steps are part of the arm.
+    checkpoint = Arm("d", dict(arms["b-gold"].record, model="runs/x/checkpoint-30/"),
+                     run_config(gold_thought_steps=30, gold_thought_interval=2))
+    assert describe_arm(checkpoint, 2) == ("N=4, entropy 0.05, gold warm start 30 steps, then a gold step every 2; "
+                                           "step 30 of 60, seed 3")
     # No run_config: untrained, with the thought tokens it was scored with (N=1 is the scoring's, not said).
     assert describe_arm(arms["c-untrained"], 2) == 'untrained, T=5, thoughts start as " ->"'
 

@@ -42,7 +42,7 @@ def prepare(argv: list[str] | None):
     stages = training_args.thought_stages
     check_positions(model, data_args.max_length, stages)
     check_thought_fraction(model, training_args.device.type)
-    check_gold_thoughts(training_args.gold_thought_steps, data_args.dataset, data_args.multihop_hops,
+    check_gold_thoughts(training_args.uses_gold_thoughts, data_args.dataset, data_args.multihop_hops,
                         quietstar_config.num_thought_tokens, stages)
     if training_args.resume_from_checkpoint:
         check_checkpoint_matches(model, training_args.resume_from_checkpoint, curriculum=bool(stages))
@@ -57,7 +57,7 @@ def prepare(argv: list[str] | None):
         _, lookahead = longest_thought_lengths(quietstar_config, stages)
         train_dataset, eval_dataset = build_datasets(data_args, model.tokenizer, min_tokens=lookahead + 2,
                                                      seed=window_seed,
-                                                     gold_intermediates=training_args.gold_thought_steps > 0)
+                                                     gold_intermediates=training_args.uses_gold_thoughts)
     if training_args.should_save:
         rows = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
                 * training_args.world_size)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass
 
 from ..config import QuietStarConfig
@@ -114,10 +115,15 @@ def describe_arm(arm: Arm, hops: int) -> str:
     gold_steps = training.get("gold_thought_steps", 0)  # absent: written before the warm start existed (off)
     if gold_steps:
         parts.append(f"gold warm start {gold_steps} steps")
+    if training.get("gold_thought_interval", 0):
+        parts.append(f"then a gold step every {training['gold_thought_interval']}")
     trained_hops = config.get("DataArguments", {}).get("multihop_hops")
     if trained_hops is not None and trained_hops != hops:
         parts.append(f"trained at k={trained_hops}")
-    return f"{', '.join(parts) or 'library defaults'}; {training.get('max_steps')} steps, seed {training.get('seed')}"
+    checkpoint = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(str(arm.record.get("model", "")).rstrip("/")))
+    steps = f"step {checkpoint.group(1)} of {training.get('max_steps')}" if checkpoint else \
+        f"{training.get('max_steps')} steps"
+    return f"{', '.join(parts) or 'library defaults'}; {steps}, seed {training.get('seed')}"
 
 
 def _difference(comparison: dict) -> str:

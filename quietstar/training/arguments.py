@@ -244,6 +244,13 @@ class QuietStarTrainingArguments(TrainingArguments):
                           "The policy-weight schedule counts from step 0 as usual, so set policy_weight_warmup_steps "
                           "to at least this. 0: off."},
     )
+    gold_thought_interval: int = field(
+        default=0,
+        metadata={"help": "After the gold-thought warm start, every this many steps one more gold step (steps "
+                          "gold_thought_steps, + interval, + 2 x interval, ...): the reader keeps seeing thoughts that "
+                          "hold the intermediate while the policy, rewarded on the steps between, learns to write "
+                          "one. Like the warm start, an arm reported apart from the recipe. 0: off."},
+    )
     loss_term_grad_norm_steps: int = field(
         default=0,
         metadata={"help": "Every this many optimizer steps, log the gradient norm of each loss term (NLL, thought NLL, "
@@ -287,7 +294,7 @@ class QuietStarTrainingArguments(TrainingArguments):
                     "on its parameters instead."
                 )
         for name in ("policy_weight_warmup_steps", "policy_weight_ramp_steps", "loss_term_grad_norm_steps",
-                     "gold_thought_steps"):
+                     "gold_thought_steps", "gold_thought_interval"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
@@ -296,9 +303,9 @@ class QuietStarTrainingArguments(TrainingArguments):
         if self.control == "finetune" and self.thought_curriculum is not None:
             raise ValueError("control: finetune trains without thoughts, so a thought_curriculum means nothing there; "
                              "remove it (the equal-FLOPs factor is computed from the thinking run's own steps).")
-        if self.gold_thought_steps and self.control != "none":
-            raise ValueError(f"gold_thought_steps is an arm of the thinking run; control: {self.control} inserts no "
-                             "thoughts of its own. Set gold_thought_steps: 0 for the control.")
+        if self.uses_gold_thoughts and self.control != "none":
+            raise ValueError(f"gold_thought_steps and gold_thought_interval are arms of the thinking run; control: "
+                             f"{self.control} inserts no thoughts of its own. Set both to 0 for the control.")
         if self.thought_curriculum is not None:
             parse_curriculum(self.thought_curriculum)  # refuses a malformed schedule before anything runs
         self._resolve_bf16()
@@ -330,6 +337,19 @@ class QuietStarTrainingArguments(TrainingArguments):
     def thought_stages(self) -> list[Stage]:
         """``thought_curriculum`` as stages; [] without a curriculum."""
         return [] if self.thought_curriculum is None else parse_curriculum(self.thought_curriculum)
+
+    @property
+    def uses_gold_thoughts(self) -> bool:
+        """Whether some training step inserts the multi-hop task's gold thoughts (the batches must carry them)."""
+        return self.gold_thought_steps > 0 or self.gold_thought_interval > 0
+
+    def is_gold_step(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (0-based) trains on gold thoughts: the warm start, then every
+        gold_thought_interval-th step after it."""
+        if step < self.gold_thought_steps:
+            return True
+        interval = self.gold_thought_interval
+        return interval > 0 and (step - self.gold_thought_steps) % interval == 0
 
     def policy_weight_factor(self, step: int) -> float:
         """The fraction of policy_weight in force at optimizer step ``step`` (0-based): 0 during the warm-up, then

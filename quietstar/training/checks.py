@@ -62,17 +62,17 @@ def check_checkpoint_matches(model, checkpoint: str, curriculum: bool = False) -
                          "Resume with the configuration that wrote it, or start a new run in another output_dir.")
 
 
-def check_gold_thoughts(gold_thought_steps: int, dataset: str, hops: int, num_thought_tokens: int,
+def check_gold_thoughts(uses_gold_thoughts: bool, dataset: str, hops: int, num_thought_tokens: int,
                         stages=()) -> None:
     """Refuse a gold-thought warm start that has nothing to insert or no room for it: it needs the multi-hop task
     with k >= 2 (k - 1 intermediates) and thoughts of at least k - 1 tokens at every curriculum stage."""
-    if not gold_thought_steps:
+    if not uses_gold_thoughts:
         return
     if dataset != SYNTHETIC_MULTIHOP:
-        raise ValueError(f"gold_thought_steps inserts the multi-hop task's gold thoughts, but dataset is {dataset!r}; "
-                         f"use dataset: {SYNTHETIC_MULTIHOP}, or gold_thought_steps: 0.")
+        raise ValueError(f"gold_thought_steps / gold_thought_interval insert the multi-hop task's gold thoughts, but "
+                         f"dataset is {dataset!r}; use dataset: {SYNTHETIC_MULTIHOP}, or set both to 0.")
     if hops < 2:
-        raise ValueError(f"gold_thought_steps needs multihop_hops >= 2: at k = {hops} a query has no intermediate "
+        raise ValueError(f"Gold thoughts (gold_thought_steps, gold_thought_interval) need multihop_hops >= 2: at k = {hops} a query has no intermediate "
                          "entity to put in its thought.")
     shortest = min([num_thought_tokens, *(stage.num_thought_tokens for stage in stages)])
     if shortest < hops - 1:

@@ -12,9 +12,9 @@ What it changes:
 - every log is also appended to ``output_dir/metrics.jsonl`` (quietstar.training.run_files);
 - ``control`` (quietstar.training.controls): the finetune control's loss is the plain LM's NLL, the null-thoughts
   control has no policy loss; a model not built for the run's control is refused;
-- ``gold_thought_steps`` (the multi-hop task's gold-thought warm start): for those steps the batch's gold
-  intermediates replace the sampled thoughts at the query positions, and the policy loss, entropy bonus and
-  contrastive reward are off.
+- ``gold_thought_steps`` (the multi-hop task's gold-thought warm start) and ``gold_thought_interval`` (gold steps
+  interleaved after it): on those steps the batch's gold intermediates replace the sampled thoughts at the query
+  positions, and the policy loss, entropy bonus and contrastive reward are off.
 Supported: one device, or several with DDP, FSDP2 or DeepSpeed ZeRO 0-2 (``accelerate launch``). Under FSDP the
 full state dict is gathered for saving and scattered when resuming; under DeepSpeed the engine's own checkpoint
 restores the run. FSDP1, sharded FSDP state dicts, ZeRO-3 and LoRA with either are refused.
@@ -149,10 +149,10 @@ class QuietStarTrainer(Trainer):
         loss_config = self.scheduled_loss_config() if model.training else self.loss_config
         gold = inputs.pop("gold_intermediates", None)
         thoughts = None
-        gold_step = model.training and self.state.global_step < self.args.gold_thought_steps
+        gold_step = model.training and self.args.is_gold_step(self.state.global_step)
         if gold_step:
             if gold is None:
-                raise ValueError("gold_thought_steps needs batches with gold_intermediates: build the datasets with "
+                raise ValueError("gold_thought_steps / gold_thought_interval need batches with gold_intermediates: build the datasets with "
                                  "build_datasets(..., gold_intermediates=True) (dataset synthetic-multihop).")
             unwrapped = self.accelerator.unwrap_model(model)
             thoughts = insert_gold_thoughts(unwrapped.sample_thoughts(inputs["input_ids"], inputs.get("attention_mask")),
@@ -165,7 +165,7 @@ class QuietStarTrainer(Trainer):
         else:
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
                             labels=inputs["labels"], thoughts=thoughts, output_logits=False, loss_config=loss_config)
-        if model.training and self.args.gold_thought_steps:
+        if model.training and self.args.uses_gold_thoughts:
             outputs.metrics["gold_thoughts"] = float(gold_step)
         if model.training:
             outputs.metrics["policy_weight"] = loss_config.policy_weight
