@@ -28,13 +28,15 @@ def main(argv=None) -> list[str]:
     p.add_argument("--name", required=True, help="The experiment's name: docs/results/<name>.tokens.npz and .json.")
     p.add_argument("--results-dir", default=os.path.join(REPO, "docs", "results"))
     p.add_argument("--page", default=os.path.join(REPO, "docs", "results.md"), help="The page the tables go into.")
+    p.add_argument("--readme", default=os.path.join(REPO, "README.md"),
+                   help="A page whose <!-- generated:summary:NAME --> blocks get experiment NAME's headline table.")
     args = p.parse_args(argv)
     try:
         runs = load_runs(args.runs)
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"pool_seeds.py: error: {error}")
     save_bundle(os.path.join(args.results_dir, args.name + BUNDLE_SUFFIX), runs)
-    changed = regenerate(args.results_dir, args.page)
+    changed = regenerate(args.results_dir, args.page, summary_page_path=args.readme)
     print("\n".join(f"written: {path}" for path in changed) or "nothing changed")
     return changed
 

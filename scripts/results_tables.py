@@ -1,6 +1,7 @@
 """Regenerate every results table from the committed raw data (docs/results/*.tokens.npz, docs/results/multihop/*.json).
 
-    python scripts/results_tables.py            # write docs/results/<name>.json and the tables of docs/results.md
+    python scripts/results_tables.py            # write docs/results/<name>.json, the tables of docs/results.md and
+                                                # the README's summary blocks
     python scripts/results_tables.py --check    # exit 1 when a generated file is stale (tests/test_results_tables.py)
 
 The tables go between ``<!-- generated:<name> -->`` markers of the page; text outside them is left alone
@@ -25,9 +26,11 @@ def main(argv=None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results-dir", default=os.path.join(REPO, "docs", "results"))
     p.add_argument("--page", default=os.path.join(REPO, "docs", "results.md"))
+    p.add_argument("--readme", default=os.path.join(REPO, "README.md"),
+                   help="A page whose <!-- generated:summary:NAME --> blocks get experiment NAME's headline table.")
     p.add_argument("--check", action="store_true", help="Write nothing; exit 1 when a generated file is stale.")
     args = p.parse_args(argv)
-    stale = regenerate(args.results_dir, args.page, check=args.check)
+    stale = regenerate(args.results_dir, args.page, check=args.check, summary_page_path=args.readme)
     for path in stale:
         print(f"{'stale' if args.check else 'written'}: {os.path.relpath(path, REPO)}")
     if args.check and stale:
