@@ -28,9 +28,12 @@ def main(argv=None) -> list[str]:
     p.add_argument("--name", required=True, help="The experiment's name: docs/results/<name>.tokens.npz and .json.")
     p.add_argument("--results-dir", default=os.path.join(REPO, "docs", "results"))
     p.add_argument("--page", default=os.path.join(REPO, "docs", "results.md"), help="The page the tables go into.")
-    p.add_argument("--readme", default=os.path.join(REPO, "README.md"),
-                   help="A page whose <!-- generated:summary:NAME --> blocks get experiment NAME's headline table.")
+    p.add_argument("--readme", default=None,
+                   help="A page whose <!-- generated:summary:NAME --> blocks get experiment NAME's headline table "
+                        "(default: the repository's README.md when --results-dir is the repository's, else none).")
     args = p.parse_args(argv)
+    if args.readme is None and os.path.abspath(args.results_dir) == os.path.join(REPO, "docs", "results"):
+        args.readme = os.path.join(REPO, "README.md")
     try:
         runs = load_runs(args.runs)
     except (ValueError, FileNotFoundError) as error:

@@ -26,10 +26,13 @@ def main(argv=None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results-dir", default=os.path.join(REPO, "docs", "results"))
     p.add_argument("--page", default=os.path.join(REPO, "docs", "results.md"))
-    p.add_argument("--readme", default=os.path.join(REPO, "README.md"),
-                   help="A page whose <!-- generated:summary:NAME --> blocks get experiment NAME's headline table.")
+    p.add_argument("--readme", default=None,
+                   help="A page whose <!-- generated:summary:NAME --> blocks get experiment NAME's headline table "
+                        "(default: the repository's README.md when --results-dir is the repository's, else none).")
     p.add_argument("--check", action="store_true", help="Write nothing; exit 1 when a generated file is stale.")
     args = p.parse_args(argv)
+    if args.readme is None and os.path.abspath(args.results_dir) == os.path.join(REPO, "docs", "results"):
+        args.readme = os.path.join(REPO, "README.md")
     stale = regenerate(args.results_dir, args.page, check=args.check, summary_page_path=args.readme)
     for path in stale:
         print(f"{'stale' if args.check else 'written'}: {os.path.relpath(path, REPO)}")
