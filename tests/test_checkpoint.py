@@ -124,7 +124,8 @@ def test_the_reader_gives_the_saved_values_typed():
     written["quietstar"] = {k: v for k, v in written["quietstar"].items() if k not in RUN_FIELDS}
     dumped = saved.to_dict()
     newer = set(dumped["quietstar"]) - set(written["quietstar"])  # model fields added after this save was written
-    assert newer == {"thoughts"} and dumped["quietstar"]["thoughts"] == "sampled"  # ... at what the code did then
+    assert newer == {"thoughts", "thought_fraction"}  # ... at what the code did then:
+    assert dumped["quietstar"]["thoughts"] == "sampled" and dumped["quietstar"]["thought_fraction"] == 1.0
     dumped["quietstar"] = {k: v for k, v in dumped["quietstar"].items() if k not in newer}
     assert dumped == written  # what the writer writes, key for key
 

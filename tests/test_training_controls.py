@@ -166,9 +166,10 @@ def test_null_thoughts_feed_filler_everywhere_and_train_the_head(tmp_path, monke
     seen = []
     expanded = modeling_module.expanded_pass
 
-    def record(model_, input_ids, key_padding, thoughts):
+    def record(model_, input_ids, key_padding, thoughts, anchors=None):
+        assert anchors is None  # filler thoughts sit at every position
         seen.append((input_ids.shape, thoughts.clone()))
-        return expanded(model_, input_ids, key_padding, thoughts)
+        return expanded(model_, input_ids, key_padding, thoughts, anchors)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the null-thoughts control must not sample")
