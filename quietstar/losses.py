@@ -109,6 +109,14 @@ def base_nll_ahead(base_nll: torch.Tensor, num_lookahead: int) -> torch.Tensor:
     return base_nll[:, index.clamp(max=L - 1)]
 
 
+def check_anchored_loss(loss_config: QuietStarLossConfig, anchors) -> None:
+    """Refuse the position-contrastive reward for thoughts at anchors (``anchors`` not None): it replays every thought
+    at a later position, which anchors lack."""
+    if anchors is not None and loss_config.contrastive_reward_weight > 0:
+        raise ValueError("contrastive_reward_weight > 0 moves every thought to a later position, which thinking at "
+                         "anchor positions only (thought_fraction < 1) does not have; set one of them off.")
+
+
 def anchor_targets(targets: torch.Tensor, target_valid: torch.Tensor, anchors: torch.Tensor):
     """The lookahead targets ``[B, L, A]`` and their validity at each anchor slot of ``anchors [B, M]``: ``[B, M, A]``
     each; an unused slot's targets are never valid."""
@@ -264,9 +272,7 @@ def quietstar_loss(
         raise ValueError(f"reward_source={cfg.reward_source!r} with thought_nll_weight={cfg.thought_nll_weight} and "
                          f"mixing_prior_weight={cfg.mixing_prior_weight} needs thought_logits (the thought path's own "
                          "predictions); pass them.")
-    if anchors is not None and cfg.contrastive_reward_weight > 0:
-        raise ValueError("contrastive_reward_weight > 0 moves every thought to a later position, which thinking at "
-                         "anchor positions only (thought_fraction < 1) does not have; set one of them off.")
+    check_anchored_loss(cfg, anchors)
     num_lookahead = mixed_logits.shape[-2]
     targets, target_valid = lookahead_targets(labels, position_valid, num_lookahead)
     base_nll = token_nll(base_logits, targets[..., 0])

@@ -22,7 +22,7 @@ from .generation import GenerationOutput, generate
 from .head import LogitTransform, apply_output_head, decoder, hidden_width, output_head_names
 from .lora import THOUGHT_BRANCH_MASK, ThoughtTokenGate
 from .loss_config import QuietStarLossConfig
-from .losses import IGNORE_INDEX, lookahead_targets, quietstar_loss
+from .losses import IGNORE_INDEX, check_anchored_loss, lookahead_targets, quietstar_loss
 from .mixing import MixingHead, mix, thought_weight
 from .ops.precision import at_least_fp32
 from .ops.visibility import text_positions
@@ -345,9 +345,8 @@ class QuietStarForCausalLM(nn.Module):
         if tuple(thoughts.shape) != expected:
             raise ValueError(f"thoughts must have shape [B, N, {'L' if anchors is None else 'M'}, T] = {expected}, "
                              f"got {tuple(thoughts.shape)}.")
-        if anchors is not None and labels is not None and loss_config.contrastive_reward_weight > 0:
-            raise ValueError("contrastive_reward_weight > 0 moves every thought to a later position, which thinking "
-                             "at anchor positions only (thought_fraction < 1) does not have; set one of them off.")
+        if labels is not None:  # before the contrastive pass, which would replay anchored thoughts
+            check_anchored_loss(loss_config, anchors)
 
         moved_nll = None
         if labels is not None and loss_config.contrastive_reward_weight > 0:  # before the gradient pass: lower peak

@@ -157,16 +157,17 @@ def render_summary(name: str, result: dict, link: str) -> str:
                       markdown_table(header, rows)])
 
 
-def generated(results_dir: str, page_text: str, link_dir: str = "results") -> tuple[dict[str, str], str]:
-    """``({json file name: its text}, the page text with every generated block)`` from the bundles of
-    ``results_dir`` and the multi-hop records of its ``multihop`` folder (a block only when there are records or the
-    page has the block's markers); ``link_dir``: ``results_dir`` relative to the page."""
-    names = bundles(results_dir)
+def generated(results_dir: str, page_text: str, results: dict[str, dict],
+              link_dir: str = "results") -> tuple[dict[str, str], str]:
+    """``({json file name: its text}, the page text with every generated block)`` from the pooled experiments
+    ``results`` (:func:`pooled_results`) and the multi-hop records of the ``multihop`` folder of ``results_dir`` (a
+    block only when there are records or the page has the block's markers); ``link_dir``: ``results_dir`` relative to
+    the page."""
+    names = sorted(results)
     files = {}
     for name in names:
-        result = pooled_result(results_dir, name)
-        files[name + ".json"] = json.dumps(result, indent=2) + "\n"
-        page_text = replace_block(page_text, name, render_experiment(name, result))
+        files[name + ".json"] = json.dumps(results[name], indent=2) + "\n"
+        page_text = replace_block(page_text, name, render_experiment(name, results[name]))
     multihop = os.path.join(results_dir, MULTIHOP_DIR)
     arms = load_arms(multihop)
     if arms or block_text(page_text, "multihop") is not None:
@@ -174,21 +175,22 @@ def generated(results_dir: str, page_text: str, link_dir: str = "results") -> tu
     return files, replace_block(page_text, "provenance", provenance_block(results_dir, names))
 
 
-def pooled_result(results_dir: str, name: str) -> dict:
-    """Experiment ``name`` pooled from its committed bundle (deterministic: the bootstrap is seeded)."""
-    return pool_bundle(load_bundle(os.path.join(results_dir, name + BUNDLE_SUFFIX)), NUM_RESAMPLES)
+def pooled_results(results_dir: str) -> dict[str, dict]:
+    """Every experiment of ``results_dir`` pooled from its committed bundle, once (deterministic: the bootstrap is
+    seeded)."""
+    return {name: pool_bundle(load_bundle(os.path.join(results_dir, name + BUNDLE_SUFFIX)), NUM_RESAMPLES)
+            for name in bundles(results_dir)}
 
 
-def summary_page(results_dir: str, page_text: str, link: str) -> str:
-    """``page_text`` with each ``<!-- generated:summary:<name> -->`` block it holds filled from experiment
-    ``<name>``'s bundle; a block naming an experiment without one is refused."""
+def summary_page(results_dir: str, page_text: str, results: dict[str, dict], link: str) -> str:
+    """``page_text`` with each ``<!-- generated:summary:<name> -->`` block it holds filled from the pooled
+    experiment ``results[name]``; a block naming an experiment without a bundle is refused."""
     for name in re.findall(r"<!-- generated:summary:([\w.-]+) -->", page_text):
-        if not os.path.isfile(os.path.join(results_dir, name + BUNDLE_SUFFIX)):
+        if name not in results:
             raise ValueError(f"The page asks for the summary of {name!r}, but {results_dir} has no "
                              f"{name}{BUNDLE_SUFFIX}: pool its runs with scripts/pool_seeds.py --name {name}, or remove "
                              "the block.")
-        page_text = replace_block(page_text, f"summary:{name}",
-                                  render_summary(name, pooled_result(results_dir, name), link))
+        page_text = replace_block(page_text, f"summary:{name}", render_summary(name, results[name], link))
     return page_text
 
 
@@ -198,11 +200,12 @@ def regenerate(results_dir: str, page: str, check: bool = False, summary_page_pa
     multi-hop figure counts as changed when the multihop block changes or the figure is missing (module docstring)."""
     page_text = open(page).read() if os.path.isfile(page) else ""
     link_dir = os.path.relpath(results_dir, os.path.dirname(os.path.abspath(page))).replace(os.sep, "/")
-    files, new_page = generated(results_dir, page_text, link_dir)
+    results = pooled_results(results_dir)
+    files, new_page = generated(results_dir, page_text, results, link_dir)
     wanted = {os.path.join(results_dir, file): text for file, text in files.items()} | {page: new_page}
     if summary_page_path is not None and os.path.isfile(summary_page_path):
         link = os.path.relpath(page, os.path.dirname(os.path.abspath(summary_page_path))).replace(os.sep, "/")
-        wanted[summary_page_path] = summary_page(results_dir, open(summary_page_path).read(), link)
+        wanted[summary_page_path] = summary_page(results_dir, open(summary_page_path).read(), results, link)
     stale = []
     for path, text in wanted.items():
         current = open(path).read() if os.path.isfile(path) else None
