@@ -115,6 +115,21 @@ class QuietStarLossConfig:
                           "the model's num_lookahead_tokens, so its targets there are disjoint from its own). None: "
                           "num_lookahead_tokens."},
     )
+    hindsight_tokens: int = field(
+        default=0,
+        metadata={"help": "h: hindsight proposals (quietstar.hindsight). hindsight_thoughts of the N thoughts of each "
+                          "position are drawn by the model after it has also read the next h text tokens, the rest "
+                          "by the policy, and every loss term is reweighted to the policy by bounded importance "
+                          "weights, so that thoughts which explain what comes are tried more often. Costs T more "
+                          "gradient-free sampling steps (each thought replayed under the other view). Sampled on the "
+                          "eager attention; not with thought_fraction < 1. 0: off."},
+    )
+    hindsight_thoughts: int = field(
+        default=1,
+        metadata={"help": "K: how many of the N thoughts of each position the hindsight proposal draws when "
+                          "hindsight_tokens > 0; 1 <= K < num_thoughts: the policy keeps N - K draws, which bounds "
+                          "the importance weights by N / (N - K)."},
+    )
 
     def __post_init__(self):
         for name, allowed in (("reward_source", REWARD_SOURCES), ("reward_precision", REWARD_PRECISIONS),
@@ -140,6 +155,10 @@ class QuietStarLossConfig:
         for name in ("entropy_bonus_weight", "contrastive_reward_weight"):
             if isinstance(getattr(self, name), bool) or not getattr(self, name) >= 0:
                 raise ValueError(f"QuietStarLossConfig.{name} must be >= 0 (0 turns it off), got {getattr(self, name)!r}.")
+        for name, least in (("hindsight_tokens", 0), ("hindsight_thoughts", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"QuietStarLossConfig.{name} must be an integer >= {least}, got {value!r}.")
         shift = self.contrastive_shift
         if shift is not None and (not isinstance(shift, int) or isinstance(shift, bool) or shift < 1):
             raise ValueError(f"QuietStarLossConfig.contrastive_shift must be a positive integer (at least "
@@ -155,6 +174,19 @@ class QuietStarLossConfig:
                              f"{num_lookahead_tokens}: a thought moved fewer positions would be scored on some of "
                              "its own targets. Raise contrastive_shift, or set it to None (= num_lookahead_tokens).")
         return num_lookahead_tokens if shift is None else shift
+
+    def check_hindsight(self, num_thoughts: int, thought_fraction: float) -> None:
+        """Refuse hindsight proposals the model cannot draw: K >= N (the policy would draw nothing and the weights
+        would be unbounded) or thoughts at anchors (``thought_fraction`` < 1)."""
+        if self.hindsight_tokens == 0:
+            return
+        if self.hindsight_thoughts >= num_thoughts:
+            raise ValueError(f"QuietStarLossConfig.hindsight_thoughts = {self.hindsight_thoughts} must be below "
+                             f"num_thoughts = {num_thoughts}: the policy must draw some of the thoughts of each "
+                             "position. Lower hindsight_thoughts or raise num_thoughts.")
+        if thought_fraction < 1:
+            raise ValueError(f"hindsight_tokens > 0 samples proposals at every position, and thought_fraction = "
+                             f"{thought_fraction} thinks at anchors only; set one of them off.")
 
     def check_mixing(self, mixing: str) -> None:
         """Refuse the mixing prior on a model whose w is unbounded (``mixing``: the model config's mode): w could go

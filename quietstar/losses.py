@@ -71,14 +71,21 @@ def rewards(nll: torch.Tensor, valid: torch.Tensor):
 
 
 def advantages(reward: torch.Tensor, clip_negative: bool, normalization: str = "none", std_floor: float = 0.01,
-               position_valid: torch.Tensor | None = None) -> torch.Tensor:
+               position_valid: torch.Tensor | None = None, proposal_weights: torch.Tensor | None = None) -> torch.Tensor:
     """r_{j,n} = R_{j,n} - mean_n R_{j,n} ``[B, N, L]``; with ``normalization="batch_std"`` divided by the batch's
     standard deviation of r over valid positions ``[B, L]`` (at least ``std_floor``); clipped at 0 when
-    ``clip_negative``. Centred and unclipped, E[r | thought tokens] = 0 when rewards carry no information."""
-    advantage = reward - reward.mean(dim=1, keepdim=True)
+    ``clip_negative``. Centred and unclipped, E[r | thought tokens] = 0 when rewards carry no information.
+    ``proposal_weights [B, N, L]`` (importance weights of hindsight proposals, quietstar.hindsight): the mean and the
+    standard deviation are weighted by them, so that they estimate the policy's."""
+    if proposal_weights is None:
+        advantage = reward - reward.mean(dim=1, keepdim=True)
+    else:
+        total = proposal_weights.sum(dim=1, keepdim=True).clamp(min=torch.finfo(reward.dtype).tiny)
+        advantage = reward - (proposal_weights * reward).sum(dim=1, keepdim=True) / total
     if normalization == "batch_std":
         valid = (torch.ones_like(reward[:, 0], dtype=torch.bool) if position_valid is None else position_valid)
-        spread = masked_mean(advantage.square(), valid[:, None]).sqrt()  # r is centred: its RMS is its std
+        square = advantage.square() if proposal_weights is None else proposal_weights * advantage.square()
+        spread = masked_mean(square, valid[:, None]).sqrt()  # r is centred: its RMS is its std
         advantage = advantage / spread.clamp(min=std_floor)
     elif normalization != "none":
         raise ValueError(f"Unknown advantage normalization {normalization!r}; use 'none' or 'batch_std'.")
@@ -158,15 +165,19 @@ class _CategoricalEntropy(torch.autograd.Function):
         return -grad.unsqueeze(-1) * probs * (torch.where(probs > 0, logits, 0) - mean_logit)
 
 
-def entropy_loss(sample_logits: torch.Tensor, temperature: float, position_valid: torch.Tensor) -> torch.Tensor:
+def entropy_loss(sample_logits: torch.Tensor, temperature: float, position_valid: torch.Tensor,
+                 proposal_weights: torch.Tensor | None = None) -> torch.Tensor:
     """L_ent = -mean over valid j, all n and m of H(softmax(z_{j,m-1} / tau)), the entropy (nats) of the distribution
     each thought token was drawn from: minimising it keeps the thought policy exploring.
 
     sample_logits ``[B, N, L, T, V]`` (thought-token-masked, with gradient), tau the sampling temperature,
-    position_valid ``[B, L]`` (the positions that take part in L_RL).
+    position_valid ``[B, L]`` (the positions that take part in L_RL); ``proposal_weights [B, N, L]``: each thought's
+    importance weight (hindsight proposals).
     """
     logits = at_least_fp32(sample_logits)
     entropy = _CategoricalEntropy.apply(logits if temperature == 1 else logits / temperature)  # [B, N, L, T]
+    if proposal_weights is not None:
+        entropy = entropy * proposal_weights[..., None]
     return -masked_mean(entropy, position_valid[:, None, :, None])
 
 
@@ -226,6 +237,26 @@ def sampling_entropy(sample_logits: torch.Tensor, temperature: float, position_v
     return masked_mean(entropy, position_valid[:, None, ::stride, None]).item()
 
 
+def hindsight_metrics(proposal_weights: torch.Tensor, reward: torch.Tensor, position_valid: torch.Tensor,
+                      num_hindsight: int) -> dict:
+    """Diagnostics of hindsight proposals over the valid positions ``[B, L]``: the mean importance weight of the
+    proposals' thoughts and of the policy's (``proposal_weights [B, N, L]``, the first ``num_hindsight`` of N the
+    proposals), the effective sample size per position as a fraction of N, and how much more reward ``[B, N, L]`` a
+    proposal's thought earns than a policy thought of the same position (> 0: hindsight finds better thoughts)."""
+    if not position_valid.any():
+        return {}
+    rho = proposal_weights.float().permute(0, 2, 1)[position_valid]  # [valid positions, N]
+    rewards_here = reward.float().permute(0, 2, 1)[position_valid]
+    effective = rho.sum(dim=1).square() / rho.square().sum(dim=1).clamp(min=torch.finfo(rho.dtype).tiny)
+    return {
+        "hindsight_weight_mean": rho[:, :num_hindsight].mean().item(),
+        "hindsight_policy_thought_weight_mean": rho[:, num_hindsight:].mean().item(),
+        "hindsight_effective_fraction": (effective / rho.shape[1]).mean().item(),
+        "hindsight_reward_gain": (rewards_here[:, :num_hindsight].mean(dim=1)
+                                  - rewards_here[:, num_hindsight:].mean(dim=1)).mean().item(),
+    }
+
+
 def total_loss(terms: dict) -> torch.Tensor:
     """L = L_NLL + gamma * L_thought + lambda * L_RL (+ the optional terms the loss config turns on) from the weighted
     terms :func:`quietstar_loss` returns: the one place the objective is summed."""
@@ -246,6 +277,7 @@ def quietstar_loss(
     sample_temperature: float = 1.0,
     moved_nll=None,
     anchors=None,
+    proposal_weights=None,
 ):
     """The whole Quiet-STaR objective L = L_NLL + gamma * L_thought + lambda * L_RL, its terms and its metrics,
     weighed by ``loss_config`` (default: the recipe, ``QuietStarLossConfig()``).
@@ -263,6 +295,10 @@ def quietstar_loss(
     mixing_weights, thought_logits) hold the M anchor slots in place of the L positions: L_thought, the rewards, L_RL,
     the prior, the entropy bonus and their metrics run over anchors, and the mixed NLL of every other position is the
     base model's (w = 0 there).
+    ``proposal_weights [B, N, L]`` (hindsight proposals, quietstar.hindsight: the first ``hindsight_thoughts`` of each
+    position drawn with a view of the next tokens): every per-thought term (the mixed and thought-path NLLs, the
+    advantages' mean and spread, L_RL, the prior, the entropy bonus) is weighted by each thought's importance weight,
+    so that it estimates the policy's own.
     Returns ``(loss, metrics, terms)``: metrics a dict of floats, terms the weighted losses ``{"nll",
     "thought_nll", "policy"}`` and, when on, ``"mixing_prior"`` and ``"entropy"`` (tensors) whose
     :func:`total_loss` is ``loss`` (a trainer measures each one's gradient).
@@ -273,6 +309,9 @@ def quietstar_loss(
                          f"mixing_prior_weight={cfg.mixing_prior_weight} needs thought_logits (the thought path's own "
                          "predictions); pass them.")
     check_anchored_loss(cfg, anchors)
+    if proposal_weights is not None and anchors is not None:
+        raise ValueError("Hindsight proposals (proposal_weights) are drawn at every position, not at anchors.")
+    rho = None if proposal_weights is None else proposal_weights.detach()[..., None]  # [B, N, L, 1]
     num_lookahead = mixed_logits.shape[-2]
     targets, target_valid = lookahead_targets(labels, position_valid, num_lookahead)
     base_nll = token_nll(base_logits, targets[..., 0])
@@ -281,7 +320,8 @@ def quietstar_loss(
                                     else anchor_targets(targets, target_valid, anchors))
     mixed_nll = token_nll(mixed_logits, branch_targets[:, None].expand(mixed_logits.shape[:-1]))
     if anchors is None:
-        nll, per_step = nll_loss(base_nll, target_valid[..., 0], mixed_nll, target_valid, cfg.base_loss_weight)
+        weighted_mixed = mixed_nll if rho is None else mixed_nll * rho
+        nll, per_step = nll_loss(base_nll, target_valid[..., 0], weighted_mixed, target_valid, cfg.base_loss_weight)
     else:  # away from the anchors the mixed prediction is the base one
         ahead = base_nll_ahead(base_nll, num_lookahead)[:, None].expand(-1, mixed_nll.shape[1], -1, -1)
         nll, per_step = nll_loss(base_nll, target_valid[..., 0], into_positions(ahead, mixed_nll, anchors),
@@ -289,7 +329,8 @@ def quietstar_loss(
     needs_thought = cfg.needs_thought_logits
     thought_nll = (token_nll(thought_logits, branch_targets[:, None].expand(thought_logits.shape[:-1]))
                    if needs_thought else None)
-    thought_term = per_step_nll(thought_nll, branch_valid).mean() if needs_thought else nll.new_zeros(())
+    thought_term = (per_step_nll(thought_nll if rho is None else thought_nll * rho, branch_valid).mean()
+                    if needs_thought else nll.new_zeros(()))
     reward, reward_valid = rewards(thought_nll if cfg.reward_source == "thought" else mixed_nll, branch_valid)
     if cfg.contrastive_reward_weight > 0:
         if moved_nll is None:
@@ -301,19 +342,20 @@ def quietstar_loss(
         reward = contrastive_rewards(reward, moved_gain, cfg.contrastive_reward_weight)
         reward_valid = reward_valid & has_partner
     advantage = advantages(reward, cfg.clip_negative_advantage, cfg.advantage_normalization, cfg.advantage_std_floor,
-                           reward_valid)
+                           reward_valid, proposal_weights)
     logprobs = thought_logprobs(sample_logits, thoughts, cfg.reinforce_temperature)
-    rl = policy_loss(logprobs, advantage, reward_valid)
+    rl = policy_loss(logprobs, advantage if rho is None else advantage * rho[..., 0], reward_valid)
     terms = {"nll": nll, "thought_nll": cfg.thought_nll_weight * thought_term, "policy": cfg.policy_weight * rl}
     prior = None
     if cfg.mixing_prior_weight > 0:
         base_ahead = base_nll_ahead(base_nll, num_lookahead)
         base_ahead = base_ahead if anchors is None else at_anchors(base_ahead, anchors)
-        prior = mixing_prior(mixing_weights, thought_nll, base_ahead, branch_valid)
+        prior = mixing_prior(mixing_weights if rho is None else mixing_weights * rho, thought_nll, base_ahead,
+                             branch_valid)
         terms["mixing_prior"] = cfg.mixing_prior_weight * prior
     entropy_term = None
     if cfg.entropy_bonus_weight > 0:
-        entropy_term = entropy_loss(sample_logits, sample_temperature, reward_valid)
+        entropy_term = entropy_loss(sample_logits, sample_temperature, reward_valid, proposal_weights)
         terms["entropy"] = cfg.entropy_bonus_weight * entropy_term
     loss = total_loss(terms)
 
@@ -347,4 +389,6 @@ def quietstar_loss(
             own_gain = own_reward + lookahead_base_nll(base_nll, target_valid)[:, None]
             metrics["own_gain_mean"] = own_gain[valid].mean().item() if valid.any() else 0.0
             metrics["moved_gain_mean"] = moved_gain[valid].mean().item() if valid.any() else 0.0
+        if proposal_weights is not None:
+            metrics.update(hindsight_metrics(proposal_weights, reward, reward_valid, cfg.hindsight_thoughts))
     return loss, metrics, terms

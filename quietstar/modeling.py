@@ -19,6 +19,7 @@ from .compat import check_model_supported, check_new_embeddings, check_thought_l
 from .config import QuietStarConfig
 from .contrastive import moved_thought_nll
 from .generation import GenerationOutput, generate
+from .hindsight import sample_hindsight_thoughts
 from .head import LogitTransform, apply_output_head, decoder, hidden_width, output_head_names
 from .lora import THOUGHT_BRANCH_MASK, ThoughtTokenGate
 from .loss_config import QuietStarLossConfig
@@ -336,7 +337,13 @@ class QuietStarForCausalLM(nn.Module):
                              f"{A + 2}. Drop or merge short documents, or lower num_lookahead_tokens.")
         if anchors is not None and thoughts is None:
             raise ValueError("anchors= replays thoughts at given anchors; pass their thoughts [B, N, M, T] too.")
-        if thoughts is None and cfg.thought_fraction < 1 and cfg.thoughts == "sampled":
+        proposal_weights = None
+        if thoughts is None and labels is not None and loss_config.hindsight_tokens > 0 and cfg.thoughts == "sampled":
+            loss_config.check_hindsight(cfg.num_thoughts, cfg.thought_fraction)
+            thoughts, proposal_weights = sample_hindsight_thoughts(
+                self, input_ids, key_padding, loss_config.hindsight_tokens, loss_config.hindsight_thoughts,
+                temperature=cfg.thought_temperature, generator=generator)
+        elif thoughts is None and cfg.thought_fraction < 1 and cfg.thoughts == "sampled":
             anchors, thoughts = self.sample_anchored_thoughts(input_ids, attention_mask, labels, generator=generator)
         elif thoughts is None:
             thoughts = self.sample_thoughts(input_ids, attention_mask, generator=generator)
@@ -382,7 +389,7 @@ class QuietStarForCausalLM(nn.Module):
                               if thought_logits is not None else None)
             out.loss, out.metrics, out.loss_terms = self.objective(base_logits, mixed, sample_logits, thoughts, weights,
                                                                    labels, key_padding, masked_thought, loss_config,
-                                                                   moved_nll, anchors)
+                                                                   moved_nll, anchors, proposal_weights)
             out.metrics["mixing_head_live_units"] = self.mixing_head.live_unit_fraction(base_hidden, thought_hidden)
         return out
 
@@ -432,16 +439,17 @@ class QuietStarForCausalLM(nn.Module):
         return weights, mask_thought_tokens(mixed, self.thought_token_ids)
 
     def objective(self, base_logits, mixed, sample_logits, thoughts, weights, labels, key_padding, thought_logits=None,
-                  loss_config: QuietStarLossConfig | None = None, moved_nll=None, anchors=None):
+                  loss_config: QuietStarLossConfig | None = None, moved_nll=None, anchors=None, proposal_weights=None):
         """The Quiet-STaR loss, metrics and weighted loss terms (quietstar.losses.quietstar_loss), weighed by
         ``loss_config`` (default: ``self.loss_config``); ``moved_nll`` from quietstar.contrastive.moved_thought_nll
-        when the reward is position-contrastive; ``anchors [B, M]`` when the thoughts are at anchors."""
+        when the reward is position-contrastive; ``anchors [B, M]`` when the thoughts are at anchors;
+        ``proposal_weights [B, N, L]`` the importance weights of hindsight proposals (quietstar.hindsight)."""
         return quietstar_loss(
             mask_thought_tokens(base_logits, self.thought_token_ids), mixed, sample_logits, thoughts, weights,
             labels.masked_fill(~key_padding, IGNORE_INDEX), key_padding,
             self.loss_config if loss_config is None else loss_config,
             thought_logits=thought_logits, sample_temperature=self.quietstar_config.thought_temperature,
-            moved_nll=moved_nll, anchors=anchors,
+            moved_nll=moved_nll, anchors=anchors, proposal_weights=proposal_weights,
         )
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, do_sample=False, temperature=1.0,

@@ -75,14 +75,19 @@ def _text_pass(model, input_ids, key_padding):
     return layout, positions, hidden
 
 
-def _sampling_steps(model, layout, positions, temperature, greedy, generator, return_logits):
+def _sampling_steps(model, layout, positions, temperature, greedy, generator, return_logits, reach=None,
+                    forced=None, return_logprobs=False):
     """T steps of N*P tokens after :func:`_text_pass` (``layout`` holds its cache): thoughts ``[B, N, P, T]``, and with
     ``return_logits`` the logits they were drawn from ``[B, N, P, T, V]``. ``positions [B, P]``: the position ids of
-    the P positions that think."""
+    the P positions that think. ``reach [B, N, P]``: hindsight branches (quietstar.hindsight) that also read the next
+    reach tokens of text. ``forced [B, N, P, T]``: feed these thoughts instead of drawing. ``return_logprobs``: also
+    each token's log-probability at ``temperature`` ``[B, N, P, T]`` (instead of the logits)."""
     B, P = positions.shape
     N, T = layout.num_thoughts, layout.num_thought_tokens
     layout.phase = "sample"
-    step_positions = positions.repeat(1, N)  # [B, N*P], order (n, j)
+    layout.reach = reach
+    start = positions[:, None].expand(B, N, P) if reach is None else positions[:, None] + reach
+    step_positions = start.reshape(B, N * P)  # order (n, j)
     tokens = torch.full((B, N * P), model.thought_token_ids[0], dtype=torch.long, device=positions.device)
     thoughts = torch.empty(B, N, P, T, dtype=torch.long, device=positions.device)
     step_logits = []
@@ -95,11 +100,16 @@ def _sampling_steps(model, layout, positions, temperature, greedy, generator, re
             use_cache=False,
         ).last_hidden_state
         logits = mask_thought_tokens(model.head_logits(hidden), model.thought_token_ids)
-        tokens = draw(logits, temperature, greedy, generator)
+        tokens = draw(logits, temperature, greedy, generator) if forced is None else forced[..., m].reshape(B, N * P)
         thoughts[..., m] = tokens.view(B, N, P)
         if return_logits:
             step_logits.append(logits.view(B, N, P, -1))
-    return (thoughts, torch.stack(step_logits, dim=3)) if return_logits else thoughts
+        elif return_logprobs:
+            logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+            step_logits.append(logprobs.gather(-1, tokens.unsqueeze(-1)).view(B, N, P))
+    if return_logits or return_logprobs:
+        return thoughts, torch.stack(step_logits, dim=3)
+    return thoughts
 
 
 def branch_tokens(input_ids, thoughts, thought_token_ids, pad_token_id, num_lookahead, anchors=None):

@@ -2,8 +2,8 @@
 
 Each implementation of the thought layout's attention is one :class:`Backend` row: the layer features it implements
 (sliding windows, attention-logit soft-capping, attention sinks, values with their own head dim, dropout, padded
-rows, branches at anchor positions only), the devices it runs on and whether it has a SUS backward. :func:`resolve`
-turns :class:`AttentionSettings` on one device (and the query's head dim and dtype) into the candidates of each
+rows, branches at anchor positions only, hindsight branches that read text after their position), the devices it
+runs on and whether it has a SUS backward. :func:`resolve` turns :class:`AttentionSettings` on one device (and the query's head dim and dtype) into the candidates of each
 phase, in order of preference, computed once per model and device (and again when either changes). :func:`choose`
 takes, for one layer's call, the first candidate that implements the layer's features, or refuses naming the backend
 and the feature.
@@ -19,7 +19,7 @@ import torch
 from ..ops import flash_cpu, flex, sus
 from .settings import AttentionSettings
 
-FEATURES = ("windows", "softcap", "sinks", "value_head_dim", "dropout", "padding", "anchors")
+FEATURES = ("windows", "softcap", "sinks", "value_head_dim", "dropout", "padding", "anchors", "hindsight")
 
 
 @dataclass(frozen=True)
@@ -36,21 +36,25 @@ class Backend:
     dropout: bool
     padding: bool  # rows with padding keys
     anchors: bool  # branches at anchor positions only (thought_fraction < 1, quietstar.anchors)
+    hindsight: bool  # sampling branches that read text after their position (quietstar.hindsight)
     devices: tuple[str, ...]
     sus: bool  # a SUS backward (sus_c)
 
 
 BACKENDS = {backend.name: backend for backend in (
     Backend("eager", "the eager attention", windows=True, softcap=True, sinks=True, value_head_dim=True, dropout=True,
-            padding=True, anchors=True, devices=("cpu", "cuda"), sus=False),
+            padding=True, anchors=True, hindsight=True, devices=("cpu", "cuda"), sus=False),
     Backend("flash_cpu", "the CPU flash path", windows=True, softcap=False, sinks=True, value_head_dim=True,
-            dropout=False, padding=False, anchors=False, devices=("cpu",), sus=False),
+            dropout=False, padding=False, anchors=False, hindsight=False, devices=("cpu",), sus=False),
     Backend("flex", "attention_backend='flex' (FlexAttention)", windows=True, softcap=True, sinks=False,
-            value_head_dim=False, dropout=False, padding=True, anchors=False, devices=("cuda",), sus=False),
+            value_head_dim=False, dropout=False, padding=True, anchors=False,
+            hindsight=False, devices=("cuda",), sus=False),
     Backend("sus_torch", "the 'torch' SUS attention (sus_c)", windows=True, softcap=True, sinks=False,
-            value_head_dim=False, dropout=False, padding=True, anchors=False, devices=("cpu", "cuda"), sus=True),
+            value_head_dim=False, dropout=False, padding=True, anchors=False,
+            hindsight=False, devices=("cpu", "cuda"), sus=True),
     Backend("sus_triton", "the 'triton' SUS attention (sus_c)", windows=True, softcap=True, sinks=False,
-            value_head_dim=False, dropout=False, padding=True, anchors=False, devices=("cuda",), sus=True),
+            value_head_dim=False, dropout=False, padding=True, anchors=False,
+            hindsight=False, devices=("cuda",), sus=True),
 )}
 
 
@@ -65,6 +69,7 @@ class LayerFeatures:
     dropout: bool = False
     padding: bool = False
     anchors: bool = False
+    hindsight: bool = False
 
 
 @dataclass(frozen=True)
@@ -169,10 +174,13 @@ def refusal(backend: Backend, feature: str, detail: str | None = None) -> str:
         "windows": "This model uses sliding-window attention",
         "padding": "This call has padding keys",
         "anchors": "This model thinks at anchor positions only (thought_fraction < 1)",
+        "hindsight": "This call samples hindsight proposals (hindsight_tokens > 0)",
     }[feature]
     if feature == "anchors":
         fix = ("thought_fraction < 1 runs on the eager attention backend; set attention backend to eager "
                "(attention_backend='eager' without sus_c; 'auto' picks it too)")
+    elif feature == "hindsight":
+        fix = "hindsight proposals are sampled on the eager attention backend, which 'auto' picks for them"
     elif feature == "dropout":
         fix = "set the model's attention_dropout to 0, or use attention_backend='eager' without sus_c"
     else:

@@ -81,12 +81,13 @@ def quietstar_attention(
     return gradient_pass_attention(query, key, value, layout, scaling, dropout, **rule), None
 
 
-def _features(query, value_head_dim, padded, dropout, window, softcap, sinks,
-              anchors=False) -> tuple[LayerFeatures, Callable]:
+def _features(query, value_head_dim, padded, dropout, window, softcap, sinks, anchors=False,
+              hindsight=False) -> tuple[LayerFeatures, Callable]:
     """What a call asks of a backend, and how a refusal describes each feature (called only to refuse)."""
     own_value_dim = value_head_dim not in (None, query.shape[-1])
     features = LayerFeatures(windows=window is not None, softcap=softcap is not None, sinks=sinks is not None,
-                             value_head_dim=own_value_dim, dropout=dropout > 0, padding=padded, anchors=anchors)
+                             value_head_dim=own_value_dim, dropout=dropout > 0, padding=padded, anchors=anchors,
+                             hindsight=hindsight)
 
     def detail(feature: str) -> str | None:
         return {"dropout": f"{dropout}", "softcap": f"cap {softcap}", "windows": f"window {window}",
@@ -106,7 +107,7 @@ def resolve_backend(layout: ThoughtLayout, query: torch.Tensor, dropout: float, 
     plan = resolve(layout.attention, query.device.type, query.shape[-1], query.dtype)
     candidates = plan.gradient if layout.phase == "expanded" else plan.sampling
     features, detail = _features(query, value_head_dim, layout.padded, dropout, window, softcap, sinks,
-                                 anchors=layout.anchors is not None)
+                                 anchors=layout.anchors is not None, hindsight=layout.reach is not None)
     return choose(candidates, features, query, layout.key_padding, dropout, detail).name
 
 
@@ -159,7 +160,7 @@ def sampling_step_attention(layer: int, query, key, value, layout: ThoughtLayout
     if resolve_backend(layout, query, 0.0, window, softcap, sinks=sinks) == "flash_cpu":
         return flash_cpu.sample_step_attention(query, k_text, v_text, k_branch, v_branch, scaling, window, sinks)
     return eager.sample_step_attention(query, k_text, v_text, k_branch, v_branch, layout.key_padding, scaling,
-                                       window, softcap, sinks, layout.anchors)
+                                       window, softcap, sinks, layout.anchors, layout.reach)
 
 
 def gradient_pass_attention(query, key, value, layout: ThoughtLayout, scaling, dropout, window=None, softcap=None,

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from ..anchors import at_anchors
 from ..ops.precision import at_least_fp32, wide_dtype
-from ..ops.visibility import branch_visibility, in_window, prefix_visibility, text_positions
+from ..ops.visibility import (branch_visibility, in_window, prefix_visibility, reaching_prefix_visibility,
+                              text_positions)
 from .layout import ThoughtLayout
 
 
@@ -149,12 +150,13 @@ def expanded_attention(q, k, v, layout: ThoughtLayout, scaling, dropout=0.0, win
 
 
 def sample_step_attention(q, k_text, v_text, k_branch, v_branch, key_padding, scaling, window=None, softcap=None,
-                          sinks=None, anchors=None):
+                          sinks=None, anchors=None, reach=None):
     """One sampling step (no gradient): the N*P queries b_{j,m+1} ``[B, H, N*P, d]`` (P = L, or the M positions of
     ``anchors [B, M]``) attend to the text prefix ``k_text [B, Hkv, L, d]``, ``v_text [B, Hkv, L, dv]`` (keys 0..j
     that are not padding, ``key_padding [B, L]``) and to their own branch slots 0..m, ``k_branch [B, Hkv, N, P, m+1,
-    d]``, ``v_branch [B, Hkv, N, P, m+1, dv]``, within the window of their position pos_j + 1 + m. Returns
-    ``[B, N*P, H, dv]``.
+    d]``, ``v_branch [B, Hkv, N, P, m+1, dv]``, within the window of their position pos_j + 1 + m. With ``reach [B, N,
+    P]`` (hindsight proposals; not with anchors) branch (n, j) also sees text keys j+1..j+reach, and sits at position
+    pos_j + reach + 1 + m. Returns ``[B, N*P, H, dv]``.
     """
     B, hkv, N, P, slots, d = k_branch.shape
     L, dv = k_text.shape[2], v_branch.shape[-1]
@@ -163,12 +165,17 @@ def sample_step_attention(q, k_text, v_text, k_branch, v_branch, key_padding, sc
     to_prefix = torch.matmul(qg, at_least_fp32(k_text).unsqueeze(2).transpose(-1, -2)).view(B, hkv, g, N, P, L)
     q_step = qg.view(B, hkv, g, N, P, 1, d)
     to_branch = torch.matmul(q_step, at_least_fp32(k_branch).unsqueeze(2).transpose(-1, -2)).squeeze(-2)
-    prefix_visible = prefix_visibility(key_padding.bool(), window, slots)  # [B, L, L]
-    if anchors is not None:
-        prefix_visible = at_anchors(prefix_visible, anchors)  # [B, M, L]
-    prefix_visible = prefix_visible[:, None, None, None]  # [B, 1, 1, 1, P, L]
-    branch_visible = branch_visibility(slots, q.device, window)[-1].expand(B, 1, 1, 1, P, slots)
-    visible = torch.cat([prefix_visible.expand(B, 1, 1, 1, P, L), branch_visible], -1)
+    if reach is not None:
+        if anchors is not None:
+            raise ValueError("Hindsight proposals (reach) are sampled at every position, not at anchors.")
+        prefix_visible = reaching_prefix_visibility(key_padding.bool(), reach, window, slots)[:, None, None]
+    else:
+        prefix_visible = prefix_visibility(key_padding.bool(), window, slots)  # [B, L, L]
+        if anchors is not None:
+            prefix_visible = at_anchors(prefix_visible, anchors)  # [B, M, L]
+        prefix_visible = prefix_visible[:, None, None, None]  # [B, 1, 1, 1, P, L]
+    branch_visible = branch_visibility(slots, q.device, window)[-1].expand(B, 1, 1, N, P, slots)
+    visible = torch.cat([prefix_visible.expand(B, 1, 1, N, P, L), branch_visible], -1)
     probs = _masked_softmax(capped(torch.cat([to_prefix, to_branch], dim=-1), softcap), visible, sinks)
     prefix_probs, branch_probs = probs.to(v_text.dtype).split([L, slots], dim=-1)
     out = torch.matmul(prefix_probs.reshape(B, hkv, g, N * P, L), v_text.unsqueeze(2))

@@ -37,6 +37,9 @@ class ThoughtLayout:
     positions of each row only: read L as M in the branch counts above (N*M tokens per sampling step, N*M*S branch
     tokens), and branch m of a row sees the text up to and including its anchor's position. Eager attention only.
 
+    With ``reach [B, N, P]`` (hindsight proposals, quietstar.hindsight; sample phase only) branch (n, j) also sees the
+    next reach[n, j] text tokens, and its tokens sit after them (position ids pos_j + reach + 1 + m). Eager attention.
+
     The sampling phases (prefix, sample) take ``num_thought_tokens`` (T, the branch buffer's
     slots); the expanded phase takes ``branch_length`` (S = T + A + 1 tokens per branch).
     """
@@ -50,6 +53,7 @@ class ThoughtLayout:
     branch_length: int | None = None  # S, expanded phase only
     step: int = 0  # the sampling step m: this call's tokens are b_{.,m+1}
     anchors: torch.Tensor | None = None  # [B, M] text position of each branch slot (-1: unused); None: every position
+    reach: torch.Tensor | None = None  # [B, N, P] text tokens after its position each branch sees; None: none
     text_cache: dict = field(default_factory=dict)  # layer_idx -> (k, v), each [B, Hkv, L, d]
     branch_cache: dict = field(default_factory=dict)  # layer_idx -> (k, v), each [B, Hkv, N, L, T, d]
     # The expanded phase's FlexAttention BlockMasks by sliding window (quietstar.ops.flex), built by the first layer
@@ -65,6 +69,9 @@ class ThoughtLayout:
             needed, unused = "num_thought_tokens", "branch_length"
         if getattr(self, unused) is not None:
             raise ValueError(f"ThoughtLayout.{unused} does not apply to the {self.phase!r} phase; pass {needed}.")
+        if self.reach is not None and self.phase != "sample":
+            raise ValueError(f"ThoughtLayout.reach (hindsight proposals) applies to the 'sample' phase only, not to "
+                             f"{self.phase!r}.")
         value = getattr(self, needed)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"The {self.phase!r} phase needs ThoughtLayout.{needed}, a positive integer; "

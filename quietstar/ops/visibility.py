@@ -57,3 +57,22 @@ def branch_visibility(length: int, device: torch.device, window: int | None = No
     slots = torch.arange(length, device=device)
     gap = slots[:, None] - slots[None, :]
     return (gap >= 0) & in_window(gap, window)
+
+
+def reaching_prefix_visibility(key_padding: torch.Tensor, reach: torch.Tensor, window: int | None = None,
+                               offset: int = 1) -> torch.Tensor:
+    """Which text keys a hindsight branch token sees: ``[B, N, P, L]`` bool for branches that also read ``reach
+    [B, N, P]`` text tokens after their position j (quietstar.hindsight; P = L here). Entry (n, j, i) = i <= j +
+    reach[n, j] and x_i is not padding; the branch token sits at position id pos_j + reach + ``offset`` (slot
+    ``offset`` - 1 of a branch that starts after x_{j+reach}), so a window reaches back from there. With reach 0 this
+    is :func:`prefix_visibility` at ``offset``.
+    """
+    length = key_padding.shape[-1]
+    columns = torch.arange(length, device=key_padding.device)
+    last_seen = columns.view(1, 1, -1, 1) + reach[..., None]  # [B, N, P, 1]
+    visible = (columns.view(1, 1, 1, -1) <= last_seen) & key_padding[:, None, None, :]
+    if window is None:
+        return visible
+    positions = text_positions(key_padding)
+    gap = positions[:, None, :, None] + reach[..., None] + offset - positions[:, None, None, :]
+    return visible & in_window(gap, window)
