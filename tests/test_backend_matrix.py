@@ -31,7 +31,8 @@ needs_flash = pytest.mark.skipif(flash_cpu._flash is None, reason="this torch ha
 
 # What each backend implements, written out independently of quietstar.attention.backends.BACKENDS.
 IMPLEMENTS = {
-    "eager": {"windows", "softcap", "sinks", "value_head_dim", "dropout", "padding", "anchors"},
+    "eager": {"windows", "softcap", "sinks", "value_head_dim", "dropout", "padding", "anchors",
+              "hindsight"},
     "flash_cpu": {"windows", "sinks", "value_head_dim"},
     "flex": {"windows", "softcap", "padding"},
     "sus_torch": {"windows", "softcap", "padding"},

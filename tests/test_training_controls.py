@@ -33,6 +33,7 @@ from quietstar.training import (
     synthetic_arithmetic_documents,
 )
 from quietstar.training.compute import equal_flops_steps, positions_per_row, step_cost
+from quietstar.report.controls import positions_per_step
 from quietstar.training.controls import plain_lm_output
 from quietstar.training.curriculum import parse_curriculum
 from quietstar.training.run_files import read_run_config
@@ -277,6 +278,25 @@ def test_step_cost_follows_a_curriculum_and_the_controls():
     assert positions_per_row("null_thoughts", 10, 2, 4, 2) == (10 * 15, 0)
     assert positions_per_row("finetune", 10, 2, 4, 2) == (10, 0)
     assert step_cost("none", config, [], 10, 3, -1).training_token_positions is None
+
+
+def test_step_cost_counts_the_passes_the_mechanisms_add():
+    """L = 10, N = 2, T = 4, S = 7: hindsight replays the N L T sampled tokens; the contrastive reward runs the
+    expanded row L + N L S once more without gradient."""
+    assert positions_per_row("none", 10, 2, 4, 2) == (150, 90)
+    assert positions_per_row("none", 10, 2, 4, 2, hindsight=True) == (150, 170)
+    assert positions_per_row("none", 10, 2, 4, 2, contrastive=True) == (150, 240)
+    config = QuietStarConfig(num_thought_tokens=4, num_lookahead_tokens=2, num_thoughts=2)
+    cost = step_cost("none", config, [], 10, 1, 1, QuietStarLossConfig(hindsight_tokens=1))
+    assert cost.sampling_token_positions_per_step == 170
+    run_config = {"QuietStarTrainingArguments": {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 1,
+                                                 "max_steps": 1},
+                  "DataArguments": {"max_length": 10},
+                  "QuietStarConfig": {"num_thoughts": 2, "num_thought_tokens": 4, "num_lookahead_tokens": 2},
+                  "QuietStarLossConfig": {"hindsight_tokens": 1, "contrastive_reward_weight": 0.0}}
+    assert positions_per_step(run_config, thinking=True) == pytest.approx(150 + 170 / 3)
+    del run_config["QuietStarLossConfig"]  # a run written before the mechanisms
+    assert positions_per_step(run_config, thinking=True) == pytest.approx(150 + 90 / 3)
 
 
 # -------------------------------------------------------------------------------------------- bounded mixing

@@ -62,7 +62,7 @@ def prepare(argv: list[str] | None):
         rows = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
                 * training_args.world_size)
         cost = step_cost(training_args.control, model.quietstar_config, stages, data_args.max_length, rows,
-                         training_args.max_steps)
+                         training_args.max_steps, run.loss)
         # The model's config: what the run trains with once its control is applied.
         write_run_config(training_args.output_dir, model_args, data_args, model.quietstar_config, training_args,
                          run.loss, run.attention, cost)

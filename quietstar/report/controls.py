@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
-from ..training.compute import FORWARD_SHARE, positions_per_row
+from ..training.compute import FORWARD_SHARE, loss_mechanisms, positions_per_row
 from ..training.run_files import read_run_config
 
 CONTROLS = ("finetune", "finetune_flops", "null_trained")
@@ -44,7 +44,8 @@ def positions_per_step(run_config: dict, thinking: bool) -> float:
     gradient, sampling = positions_per_row("none" if thinking else "finetune", int(data["max_length"]),
                                            int(thoughts["num_thoughts"]), int(thoughts["num_thought_tokens"]),
                                            int(thoughts["num_lookahead_tokens"]),
-                                           float(thoughts.get("thought_fraction", 1.0)))
+                                           float(thoughts.get("thought_fraction", 1.0)),
+                                           **loss_mechanisms(run_config.get("QuietStarLossConfig", {})))
     return rows * (gradient + FORWARD_SHARE * sampling)
 
 

@@ -37,6 +37,8 @@ ARM_SETTINGS = (
     ("QuietStarConfig", "thought_fraction", lambda v: f"thoughts at {v:g} of positions"),
     ("QuietStarLossConfig", "entropy_bonus_weight", lambda v: f"entropy {v:g}"),
     ("QuietStarLossConfig", "contrastive_reward_weight", lambda v: f"contrastive {v:g}"),
+    ("QuietStarLossConfig", "hindsight_tokens", lambda v: f"hindsight proposals h={v}"),
+    ("QuietStarLossConfig", "hindsight_thoughts", lambda v: f"K={v} proposals"),
 )
 
 

@@ -3,7 +3,10 @@
 A Quiet-STaR step runs, per row of L tokens, a gradient pass (forward and backward) over L (1 + N S) positions
 (the text and N S branch tokens per position; docs/design.md §7) and a no-grad sampling pass over L + N L T
 positions (the text once, then T steps of N L tokens); thinking at a fraction q of the positions
-(``thought_fraction``) puts branches at M = ceil(q L) positions only: L + N M S and L + N M T. A plain LM step runs
+(``thought_fraction``) puts branches at M = ceil(q L) positions only: L + N M S and L + N M T. Two mechanisms add
+no-grad forwards: hindsight proposals (``hindsight_tokens``) replay every thought under the other view (N M T more),
+and the position-contrastive reward (``contrastive_reward_weight``) a second thought-expanded pass (L + N M S more).
+A plain LM step runs
 the gradient pass over L positions. A forward costs about a third of a forward and backward, so a sampling position
 counts a third of a gradient position. Attention's cost beyond the per-token matmuls is left out (it grows with
 context length, which thoughts keep short). The null-thoughts control samples nothing; the finetune control is the
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 
 from ..anchors import anchors_per_row
 from ..config import QuietStarConfig
+from ..loss_config import QuietStarLossConfig
 from .curriculum import Stage
 
 FORWARD_SHARE = 1 / 3  # a forward over a position, as a share of a forward and backward
@@ -47,10 +51,12 @@ class StepCost:
 
 
 def positions_per_row(control: str, max_length: int, num_thoughts: int, num_thought_tokens: int,
-                      num_lookahead_tokens: int, thought_fraction: float = 1.0) -> tuple[int, int]:
-    """(gradient-pass positions, sampling-pass positions) of one row of ``max_length`` tokens under ``control``;
+                      num_lookahead_tokens: int, thought_fraction: float = 1.0, *, hindsight: bool = False,
+                      contrastive: bool = False) -> tuple[int, int]:
+    """(gradient-pass positions, no-grad forward positions) of one row of ``max_length`` tokens under ``control``;
     sampled thoughts grow at ceil(``thought_fraction`` * L) positions (filler thoughts, which choose no anchors, at
-    all L)."""
+    all L). ``hindsight``/``contrastive``: the loss config draws hindsight proposals / computes the
+    position-contrastive reward (module doc)."""
     L, N, T = max_length, num_thoughts, num_thought_tokens
     if control == "finetune":
         return L, 0
@@ -58,14 +64,19 @@ def positions_per_row(control: str, max_length: int, num_thoughts: int, num_thou
     if control == "null_thoughts":
         return L * (1 + N * S), 0
     M = anchors_per_row(L, thought_fraction)
-    return L + N * M * S, L + N * M * T
+    forward = L + N * M * T * (2 if hindsight else 1) + (L + N * M * S if contrastive else 0)
+    return L + N * M * S, forward
 
 
 def step_cost(control: str, config: QuietStarConfig, stages: list[Stage], max_length: int, rows_per_step: int,
-              max_steps: int) -> StepCost:
-    """The :class:`StepCost` of a run; ``stages`` is its thought curriculum ([] for fixed lengths)."""
+              max_steps: int, loss_config: QuietStarLossConfig | None = None) -> StepCost:
+    """The :class:`StepCost` of a run; ``stages`` is its thought curriculum ([] for fixed lengths); ``loss_config``
+    the run's (its mechanisms that add passes)."""
+    mechanisms = loss_mechanisms(loss_config.to_dict() if loss_config is not None else {})
+
     def per_step(T: int, A: int) -> tuple[int, int]:
-        gradient, sampling = positions_per_row(control, max_length, config.num_thoughts, T, A, config.thought_fraction)
+        gradient, sampling = positions_per_row(control, max_length, config.num_thoughts, T, A, config.thought_fraction,
+                                               **mechanisms)
         return gradient * rows_per_step, sampling * rows_per_step
 
     first = per_step(config.num_thought_tokens, config.num_lookahead_tokens)
@@ -79,6 +90,13 @@ def step_cost(control: str, config: QuietStarConfig, stages: list[Stage], max_le
             gradient, sampling = per_step(stage.num_thought_tokens, stage.num_lookahead_tokens)
             total += steps * (gradient + FORWARD_SHARE * sampling)
     return StepCost(control, rows_per_step, max_length, max_steps, *first, total)
+
+
+def loss_mechanisms(loss_fields: dict) -> dict:
+    """The passes a loss config adds (keywords of :func:`positions_per_row`), from its fields (a run_config.json's
+    "QuietStarLossConfig" section; older runs lack the fields: none)."""
+    return dict(hindsight=int(loss_fields.get("hindsight_tokens") or 0) > 0,
+                contrastive=float(loss_fields.get("contrastive_reward_weight") or 0) > 0)
 
 
 def equal_flops_steps(cost: dict) -> tuple[float, int]:
