@@ -6,20 +6,37 @@ Every run must have been reported (scripts/report.py) on the same held-out docum
 runs are refused. Writes the raw data, ``docs/results/<name>.tokens.npz`` (the per-token NLL and mixing weight of
 every view of every run: quietstar.report.pooling.save_bundle), then regenerates from the committed raw data alone
 everything scripts/results_tables.py writes: ``docs/results/<name>.json`` and the tables of the results page.
+With ``--offdomain`` it also commits each run's GSM8K and CommonsenseQA records (``eval/*.json`` and
+``run_config.json``) to ``docs/results/offdomain/<name>/seed<k>/`` (quietstar.report.offdomain_table).
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
+import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from quietstar.report.offdomain_table import OFFDOMAIN_DIR  # noqa: E402
 from quietstar.report.pooling import load_runs, save_bundle  # noqa: E402
 from quietstar.report.tables import BUNDLE_SUFFIX, regenerate  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def copy_offdomain(run_dir: str, folder: str) -> None:
+    """Copy the run's evaluation records and run_config.json into ``folder`` (replacing what it held)."""
+    records = sorted(glob.glob(os.path.join(run_dir, "eval", "*.json")))
+    if not records:
+        sys.exit(f"pool_seeds.py: error: {run_dir}/eval holds no evaluation records; report the run with "
+                 "--gsm8k-items / --csqa-items first, or leave out --offdomain.")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    for path in [*records, os.path.join(run_dir, "run_config.json")]:
+        shutil.copy(path, folder)
 
 
 def main(argv=None) -> list[str]:
@@ -31,6 +48,8 @@ def main(argv=None) -> list[str]:
     p.add_argument("--readme", default=None,
                    help="A page whose <!-- generated:summary:NAME --> blocks get experiment NAME's headline table "
                         "(default: the repository's README.md when --results-dir is the repository's, else none).")
+    p.add_argument("--offdomain", action="store_true",
+                   help="Also commit each run's GSM8K / CommonsenseQA evaluation records (its eval/ folder).")
     args = p.parse_args(argv)
     if args.readme is None and os.path.abspath(args.results_dir) == os.path.join(REPO, "docs", "results"):
         args.readme = os.path.join(REPO, "README.md")
@@ -39,6 +58,9 @@ def main(argv=None) -> list[str]:
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"pool_seeds.py: error: {error}")
     save_bundle(os.path.join(args.results_dir, args.name + BUNDLE_SUFFIX), runs)
+    if args.offdomain:
+        for seed, run in runs["seeds"].items():
+            copy_offdomain(run["run"], os.path.join(args.results_dir, OFFDOMAIN_DIR, args.name, f"seed{seed}"))
     changed = regenerate(args.results_dir, args.page, summary_page_path=args.readme)
     print("\n".join(f"written: {path}" for path in changed) or "nothing changed")
     return changed

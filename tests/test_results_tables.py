@@ -118,3 +118,45 @@ def test_replace_block_appends_or_replaces_only_its_own_block():
     text = replace_block(text, "a", "three")
     assert text == ("intro\n\n<!-- generated:a -->\nthree\n<!-- /generated:a -->\nmiddle\n\n"
                     "<!-- generated:b -->\ntwo\n<!-- /generated:b -->\n")
+
+
+def write_offdomain_records(folder, shift_thoughts: float):
+    """GSM8K and CommonsenseQA records of one seed: 40 items; with thoughts = base + ``shift_thoughts`` + noise."""
+    from quietstar.evaluation.result import EvalResult
+
+    rng = np.random.default_rng(1)
+    os.makedirs(folder, exist_ok=True)
+    for task in ("gsm8k", "commonsense_qa"):
+        base = rng.uniform(0.1, 0.6, size=40)
+        views = {"before": base, "after_no_thoughts": base, "after_w_zero": base,
+                 "after_null": base - 0.02 + rng.normal(scale=0.002, size=40),
+                 "after_thoughts": base + shift_thoughts + rng.normal(scale=0.002, size=40)}
+        for view, scores in views.items():
+            weight = None if view in ("before", "after_no_thoughts", "after_w_zero") else dict(
+                positions=100, mean=0.25, q05=0.01, q25=0.1, q50=0.2, q75=0.4, q95=0.7)
+            EvalResult(task=task, protocol="paper", score=float(scores.mean()), n=40, baseline=view in (
+                "before", "after_no_thoughts"), items=[{"score": float(s)} for s in scores],
+                mixing_weight=weight).save(os.path.join(folder, f"{task}_{view}.json"))
+
+
+@pytest.mark.parametrize("shift,outcome", [(-0.05, "missed"), (0.0, "met")])
+def test_the_offdomain_block_is_written_from_the_records_and_checks_the_target(tmp_path, shift, outcome):
+    from quietstar.report.evaluations import with_item_intervals
+    from quietstar.report.offdomain_table import load_seed
+
+    results = tmp_path / "results"
+    folder = results / "offdomain" / "mix" / "seed0"
+    write_offdomain_records(str(folder), shift)
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n")
+    assert str(page) in regenerate(str(results), str(page))
+    text = page.read_text()
+    assert "<!-- generated:offdomain -->" in text and "#### mix" in text
+    views = with_item_intervals(load_seed(str(folder))["gsm8k"], NUM_RESAMPLES, seed=0)
+    change = views["after_thoughts"].minus_before
+    assert format_interval(change, 4) in text
+    assert f"with thoughts − base = {format_interval(change, 4)}; the target (upper end above -0.002) is {outcome}" \
+        in text
+    assert (change["high"] > -0.002) == (outcome == "met")
+    assert "0.250 (0.010 … 0.700)" in text  # w recorded for the thinking views
+    assert regenerate(str(results), str(page), check=True) == []

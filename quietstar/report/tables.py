@@ -7,7 +7,9 @@ markdown tables into a results page between ``<!-- generated:<name> -->`` and ``
 ``<!-- generated:provenance -->`` block lists the held-out results in ``docs/results/`` that have no raw data (their
 numbers cannot be regenerated). A ``<!-- generated:multihop -->`` block holds the multi-hop task's tables, from the
 records of ``scripts/multihop_eval.py`` in ``docs/results/multihop/`` (quietstar.report.multihop_table), and their
-forest plot ``docs/results/multihop/arms.png``. A second page (the README) may hold ``<!-- generated:summary:<name> -->``
+forest plot ``docs/results/multihop/arms.png``. A ``<!-- generated:offdomain -->`` block holds GSM8K and
+CommonsenseQA under every view, from the evaluation records in ``docs/results/offdomain/``
+(quietstar.report.offdomain_table). A second page (the README) may hold ``<!-- generated:summary:<name> -->``
 blocks: the headline differences of experiment ``<name>`` (:func:`render_summary`), filled only where the page
 asks for them. ``python scripts/results_tables.py`` runs it; ``--check`` says what is
 stale. The check compares the text files only: the figure is redrawn whenever the multihop block changes (its
@@ -22,6 +24,8 @@ import os
 import re
 
 from .markdown import DIFFERENCE_HEADER, DIFFERENCES, HELDOUT_VIEWS, controls_text, difference_rows, markdown_table, weights_text
+from .offdomain_table import OFFDOMAIN_DIR, experiments
+from .offdomain_table import render_block as render_offdomain_block
 from .multihop_table import FOREST_HOPS, FOREST_PLOT, forest_rows, load_arms, render_block
 from .pooling import load_bundle, pool_bundle
 from .stats import format_interval, verdict
@@ -160,8 +164,9 @@ def render_summary(name: str, result: dict, link: str) -> str:
 def generated(results_dir: str, page_text: str, results: dict[str, dict],
               link_dir: str = "results") -> tuple[dict[str, str], str]:
     """``({json file name: its text}, the page text with every generated block)`` from the pooled experiments
-    ``results`` (:func:`pooled_results`) and the multi-hop records of the ``multihop`` folder of ``results_dir`` (a
-    block only when there are records or the page has the block's markers); ``link_dir``: ``results_dir`` relative to
+    ``results`` (:func:`pooled_results`), the multi-hop records of the ``multihop`` folder of ``results_dir`` and the
+    evaluation records of its ``offdomain`` folder (each block only when there are records or the page has the
+    block's markers); ``link_dir``: ``results_dir`` relative to
     the page."""
     names = sorted(results)
     files = {}
@@ -172,6 +177,10 @@ def generated(results_dir: str, page_text: str, results: dict[str, dict],
     arms = load_arms(multihop)
     if arms or block_text(page_text, "multihop") is not None:
         page_text = replace_block(page_text, "multihop", render_block(arms, multihop, f"{link_dir}/{MULTIHOP_DIR}"))
+    offdomain = os.path.join(results_dir, OFFDOMAIN_DIR)
+    if experiments(offdomain) or block_text(page_text, "offdomain") is not None:
+        page_text = replace_block(page_text, "offdomain",
+                                  render_offdomain_block(offdomain, f"{link_dir}/{OFFDOMAIN_DIR}"))
     return files, replace_block(page_text, "provenance", provenance_block(results_dir, names))
 
 
