@@ -159,4 +159,21 @@ def test_the_offdomain_block_is_written_from_the_records_and_checks_the_target(t
         in text
     assert (change["high"] > -0.002) == (outcome == "met")
     assert "0.250 (0.010 … 0.700)" in text  # w recorded for the thinking views
+    assert "vacuously" not in text
     assert regenerate(str(results), str(page), check=True) == []
+
+
+def test_a_target_met_with_the_thoughts_switched_off_is_said_to_be_met_vacuously(tmp_path):
+    from quietstar.evaluation.result import EvalResult
+
+    folder = tmp_path / "results" / "offdomain" / "mix" / "seed0"
+    write_offdomain_records(str(folder), 0.0)
+    path = folder / "gsm8k_after_thoughts.json"
+    result = EvalResult.load(path)
+    result.mixing_weight = dict(positions=100, mean=1e-12, q05=0.0, q25=0.0, q50=0.0, q75=0.0, q95=1e-10)
+    result.save(path)
+    page = tmp_path / "results.md"
+    regenerate(str(tmp_path / "results"), str(page))
+    text = page.read_text()
+    assert "(upper end above -0.002) is met, vacuously: w is below 0.001" in text
+    assert "(upper end above -0.01) is met." in text  # CommonsenseQA's w is not switched off

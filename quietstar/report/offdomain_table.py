@@ -6,7 +6,8 @@ run's ``eval/<task>_<view>.json`` records (quietstar.evaluation.EvalResult, one 
 scripts/report.py, copied by ``scripts/pool_seeds.py --offdomain``) and its ``run_config.json``. The table gives each
 view's score with a bootstrap interval over items, its paired change from the base model and the mixing weight w,
 and says whether the target holds: with thoughts no worse than the base model, the upper end of the interval of
-(with thoughts − base) above :data:`TARGETS` (probability of the gold answer, paper protocol).
+(with thoughts − base) above :data:`TARGETS` (probability of the gold answer, paper protocol); a target met because w
+is about 0 everywhere (:data:`SWITCHED_OFF`) is said to be met vacuously.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .stats import format_interval, verdict
 OFFDOMAIN_DIR = "offdomain"
 TARGETS = {"gsm8k": -0.002, "commonsense_qa": -0.01}  # the issue's bound on (with thoughts − base)
 NUM_RESAMPLES = 2000
+SWITCHED_OFF = 1e-3  # a 95 % quantile of w below this: the thoughts are switched off, the target holds vacuously
 
 
 def experiments(folder: str) -> list[str]:
@@ -47,8 +49,13 @@ def target_text(task: str, views: dict) -> str:
         return f"{TASK_TITLES[task]}: no with-thoughts and base views, target not checked."
     change = views["after_thoughts"].minus_before
     met = change["high"] > TARGETS[task]
-    return (f"{TASK_TITLES[task]}: with thoughts − base = {format_interval(change, 4)}; the target (upper end above "
-            f"{TARGETS[task]}) is {'met' if met else 'missed'}.")
+    text = (f"{TASK_TITLES[task]}: with thoughts − base = {format_interval(change, 4)}; the target (upper end above "
+            f"{TARGETS[task]}) is {'met' if met else 'missed'}")
+    w = views["after_thoughts"].result.mixing_weight
+    if w and w["q95"] < SWITCHED_OFF:
+        text += (f", vacuously: w is below {SWITCHED_OFF:g} at 95 % of the scored positions, so the model is the base "
+                 "model there and thinking is switched off")
+    return text + "."
 
 
 def render_experiment(name: str, folder: str, link: str) -> str:
