@@ -71,7 +71,8 @@ def rewards(nll: torch.Tensor, valid: torch.Tensor):
 
 
 def advantages(reward: torch.Tensor, clip_negative: bool, normalization: str = "none", std_floor: float = 0.01,
-               position_valid: torch.Tensor | None = None, proposal_weights: torch.Tensor | None = None) -> torch.Tensor:
+               position_valid: torch.Tensor | None = None,
+               proposal_weights: torch.Tensor | None = None) -> torch.Tensor:
     """r_{j,n} = R_{j,n} - mean_n R_{j,n} ``[B, N, L]``; with ``normalization="batch_std"`` divided by the batch's
     standard deviation of r over valid positions ``[B, L]`` (at least ``std_floor``); clipped at 0 when
     ``clip_negative``. Centred and unclipped, E[r | thought tokens] = 0 when rewards carry no information.
@@ -311,7 +312,7 @@ def quietstar_loss(
     check_anchored_loss(cfg, anchors)
     if proposal_weights is not None and anchors is not None:
         raise ValueError("Hindsight proposals (proposal_weights) are drawn at every position, not at anchors.")
-    rho = None if proposal_weights is None else proposal_weights.detach()[..., None]  # [B, N, L, 1]
+    rho = None if proposal_weights is None else proposal_weights.detach()  # [B, N, L]
     num_lookahead = mixed_logits.shape[-2]
     targets, target_valid = lookahead_targets(labels, position_valid, num_lookahead)
     base_nll = token_nll(base_logits, targets[..., 0])
@@ -320,7 +321,7 @@ def quietstar_loss(
                                     else anchor_targets(targets, target_valid, anchors))
     mixed_nll = token_nll(mixed_logits, branch_targets[:, None].expand(mixed_logits.shape[:-1]))
     if anchors is None:
-        weighted_mixed = mixed_nll if rho is None else mixed_nll * rho
+        weighted_mixed = mixed_nll if rho is None else mixed_nll * rho[..., None]
         nll, per_step = nll_loss(base_nll, target_valid[..., 0], weighted_mixed, target_valid, cfg.base_loss_weight)
     else:  # away from the anchors the mixed prediction is the base one
         ahead = base_nll_ahead(base_nll, num_lookahead)[:, None].expand(-1, mixed_nll.shape[1], -1, -1)
@@ -329,7 +330,7 @@ def quietstar_loss(
     needs_thought = cfg.needs_thought_logits
     thought_nll = (token_nll(thought_logits, branch_targets[:, None].expand(thought_logits.shape[:-1]))
                    if needs_thought else None)
-    thought_term = (per_step_nll(thought_nll if rho is None else thought_nll * rho, branch_valid).mean()
+    thought_term = (per_step_nll(thought_nll if rho is None else thought_nll * rho[..., None], branch_valid).mean()
                     if needs_thought else nll.new_zeros(()))
     reward, reward_valid = rewards(thought_nll if cfg.reward_source == "thought" else mixed_nll, branch_valid)
     if cfg.contrastive_reward_weight > 0:
@@ -342,20 +343,20 @@ def quietstar_loss(
         reward = contrastive_rewards(reward, moved_gain, cfg.contrastive_reward_weight)
         reward_valid = reward_valid & has_partner
     advantage = advantages(reward, cfg.clip_negative_advantage, cfg.advantage_normalization, cfg.advantage_std_floor,
-                           reward_valid, proposal_weights)
+                           reward_valid, rho)
     logprobs = thought_logprobs(sample_logits, thoughts, cfg.reinforce_temperature)
-    rl = policy_loss(logprobs, advantage if rho is None else advantage * rho[..., 0], reward_valid)
+    rl = policy_loss(logprobs, advantage if rho is None else advantage * rho, reward_valid)
     terms = {"nll": nll, "thought_nll": cfg.thought_nll_weight * thought_term, "policy": cfg.policy_weight * rl}
     prior = None
     if cfg.mixing_prior_weight > 0:
         base_ahead = base_nll_ahead(base_nll, num_lookahead)
         base_ahead = base_ahead if anchors is None else at_anchors(base_ahead, anchors)
-        prior = mixing_prior(mixing_weights if rho is None else mixing_weights * rho, thought_nll, base_ahead,
-                             branch_valid)
+        weighted_w = mixing_weights if rho is None else mixing_weights * rho[..., None]
+        prior = mixing_prior(weighted_w, thought_nll, base_ahead, branch_valid)
         terms["mixing_prior"] = cfg.mixing_prior_weight * prior
     entropy_term = None
     if cfg.entropy_bonus_weight > 0:
-        entropy_term = entropy_loss(sample_logits, sample_temperature, reward_valid, proposal_weights)
+        entropy_term = entropy_loss(sample_logits, sample_temperature, reward_valid, rho)
         terms["entropy"] = cfg.entropy_bonus_weight * entropy_term
     loss = total_loss(terms)
 
@@ -389,6 +390,6 @@ def quietstar_loss(
             own_gain = own_reward + lookahead_base_nll(base_nll, target_valid)[:, None]
             metrics["own_gain_mean"] = own_gain[valid].mean().item() if valid.any() else 0.0
             metrics["moved_gain_mean"] = moved_gain[valid].mean().item() if valid.any() else 0.0
-        if proposal_weights is not None:
-            metrics.update(hindsight_metrics(proposal_weights, reward, reward_valid, cfg.hindsight_thoughts))
+        if rho is not None:
+            metrics.update(hindsight_metrics(rho, reward, reward_valid, cfg.hindsight_thoughts))
     return loss, metrics, terms

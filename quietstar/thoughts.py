@@ -17,6 +17,7 @@ import torch
 
 from .anchors import anchor_columns, anchor_counts, at_anchors, choose_anchors, next_token_entropy
 from .attention import ThoughtLayout
+from .losses import thought_logprobs
 from .vocab import mask_thought_tokens
 
 
@@ -105,8 +106,7 @@ def _sampling_steps(model, layout, positions, temperature, greedy, generator, re
         if return_logits:
             step_logits.append(logits.view(B, N, P, -1))
         elif return_logprobs:
-            logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
-            step_logits.append(logprobs.gather(-1, tokens.unsqueeze(-1)).view(B, N, P))
+            step_logits.append(thought_logprobs(logits, tokens, temperature).view(B, N, P))
     if return_logits or return_logprobs:
         return thoughts, torch.stack(step_logits, dim=3)
     return thoughts

@@ -121,7 +121,10 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 TRAINING_METRICS = ("loss", "base_nll", "mixed_nll_0", "thought_nll_loss", "reward_mean", "reward_std",
                     "positive_advantage_fraction", "tied_reward_fraction", "mixing_weight_mean",
                     "zero_mixing_weight_fraction", "mixing_head_live_units", "thought_entropy", "policy_loss",
-                    "policy_weight")
+                    "policy_weight",
+                    # the mechanisms' own, where a run logs them
+                    "entropy_loss", "own_gain_mean", "moved_gain_mean", "hindsight_reward_gain",
+                    "hindsight_weight_mean", "hindsight_effective_fraction")
 
 
 def training_quarters(entries: list[dict]) -> dict | None:

@@ -166,8 +166,7 @@ def generated(results_dir: str, page_text: str, results: dict[str, dict],
     """``({json file name: its text}, the page text with every generated block)`` from the pooled experiments
     ``results`` (:func:`pooled_results`), the multi-hop records of the ``multihop`` folder of ``results_dir`` and the
     evaluation records of its ``offdomain`` folder (each block only when there are records or the page has the
-    block's markers); ``link_dir``: ``results_dir`` relative to
-    the page."""
+    block's markers); ``link_dir``: ``results_dir`` relative to the page."""
     names = sorted(results)
     files = {}
     for name in names:

@@ -6,10 +6,9 @@ positions (the text once, then T steps of N L tokens); thinking at a fraction q 
 (``thought_fraction``) puts branches at M = ceil(q L) positions only: L + N M S and L + N M T. Two mechanisms add
 no-grad forwards: hindsight proposals (``hindsight_tokens``) replay every thought under the other view (N M T more),
 and the position-contrastive reward (``contrastive_reward_weight``) a second thought-expanded pass (L + N M S more).
-A plain LM step runs
-the gradient pass over L positions. A forward costs about a third of a forward and backward, so a sampling position
-counts a third of a gradient position. Attention's cost beyond the per-token matmuls is left out (it grows with
-context length, which thoughts keep short). The null-thoughts control samples nothing; the finetune control is the
+A plain LM step runs the gradient pass over L positions. A forward costs about a third of a forward and backward, so
+a sampling position counts a third of a gradient position. Attention's cost beyond the per-token matmuls is left out
+(it grows with context length, which thoughts keep short). The null-thoughts control samples nothing; the finetune control is the
 plain step.
 
     python -m quietstar.training.compute runs/smollm2-135m-cpu
