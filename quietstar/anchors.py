@@ -59,6 +59,13 @@ def at_anchors(values: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     return values.gather(1, index.expand(*anchors.shape, *values.shape[2:]))
 
 
+def anchor_mask(anchors: torch.Tensor, length: int) -> torch.Tensor:
+    """``anchors [B, M]`` as the ``[B, L]`` boolean mask of the positions that think (``length`` = L)."""
+    mask = torch.zeros(anchors.shape[0], length + 1, dtype=torch.bool, device=anchors.device)
+    mask.scatter_(1, anchors.masked_fill(anchors == UNUSED, length), True)  # unused slots mark a spare column
+    return mask[:, :length]
+
+
 def into_positions(full: torch.Tensor, values: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """``full [B, N, L, A]`` with the positions of the used anchor slots replaced by ``values [B, N, M, A]``
     (differentiable in both)."""

@@ -14,7 +14,9 @@ Thoughts for scoring come from a :class:`ThoughtSource`, one of :data:`THOUGHT_S
   scored on and none it was trained to predict there.
 
 A position with no such thought (the other document is shorter; j < gap) is not scored: its log-probabilities are
-NaN, and comparisons leave it out and count it. A scorer uses one thought per position unless asked to average the
+NaN, and comparisons leave it out and count it. A model that thinks at a fraction q < 1 of the positions
+(``thought_fraction``) is scored as it trains: every view's thoughts act only at the anchors the training rule
+chooses from the text (:func:`scoring_anchors`), and every other position takes the text path's prediction (w = 0). A scorer uses one thought per position unless asked to average the
 N thoughts (an ensemble, which gains by Jensen's inequality alone and must be labelled as such).
 """
 
@@ -25,6 +27,7 @@ import math
 import numpy as np
 import torch
 
+from .anchors import anchor_counts, anchor_mask, choose_anchors, next_token_entropy
 from .vocab import mask_thought_tokens
 
 THOUGHT_SOURCES = ("sampled", "null", "other_document", "causal_shuffle")
@@ -153,6 +156,27 @@ class ThoughtSource:
         raise ValueError(f"Unknown thought source {kind!r}; use one of {', '.join(THOUGHT_SOURCES)}.")
 
 
+def thinks_at_anchors(model) -> bool:
+    """Whether ``model`` thinks at anchors only: ``thought_fraction`` < 1 with sampled thoughts (a model trained with
+    filler thoughts chose no anchors; it thought everywhere)."""
+    cfg = model.quietstar_config
+    return cfg.thought_fraction < 1 and cfg.thoughts == "sampled"
+
+
+def scoring_anchors(model, text_logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Where a model with ``thought_fraction`` q < 1 thinks when scoring: ``[B, L]`` bool, the ceil(q * n_b) positions
+    of row b (n_b real tokens) of highest next-token entropy of its text path (``text_logits [B, L, V]``, thought
+    tokens masked), among the positions whose next token is real: training's rule (quietstar.anchors), with the one
+    token scoring reads ahead in place of training's A."""
+    key_padding = attention_mask.bool()
+    eligible = key_padding.clone()
+    eligible[:, :-1] &= key_padding[:, 1:]
+    eligible[:, -1] = False
+    entropy = next_token_entropy(mask_thought_tokens(text_logits, model.thought_token_ids))
+    counts = anchor_counts(key_padding, eligible, model.quietstar_config.thought_fraction)
+    return anchor_mask(choose_anchors(entropy, eligible, counts), key_padding.shape[1])
+
+
 def weight_summary(weights: np.ndarray) -> dict:
     """The mixing weight w over scored positions: ``{"positions", "mean", "q05", "q25", "q50", "q75", "q95"}``."""
     weights = np.asarray(weights, dtype=np.float64)
@@ -175,6 +199,10 @@ class ThoughtScorer:
     LM, which is the base model only when the text path was protected (never the base model by assignment). Its
     thoughts are filler: the text path does not attend to them.
 
+    A model that thinks at anchors only (:func:`thinks_at_anchors`) is scored there with thoughts and with its text
+    path's prediction elsewhere (:func:`scoring_anchors`; w = 0 there); ``last_anchors [B, L]`` holds the last batch's
+    anchors (None for a model that thinks everywhere).
+
     ``weights`` collects the mixing weight w (s = 0, every thought) at each scored position: a real position with a
     real next token (:func:`weight_summary` summarises it); ``last_weights [B, L]``: the last batch's w (the mean of
     the N thoughts'), NaN where not usable.
@@ -191,6 +219,7 @@ class ThoughtScorer:
         self.source = source.get("null" if zero_weight else thoughts)
         self.weights: list[np.ndarray] = []
         self.last_weights: torch.Tensor | None = None
+        self.last_anchors: torch.Tensor | None = None
 
     @torch.no_grad()
     def __call__(self, input_ids, attention_mask, shared_prefix: int = 0):
@@ -205,12 +234,17 @@ class ThoughtScorer:
             log_probs = mask_thought_tokens(out.base_logits, self.model.thought_token_ids).float().log_softmax(-1)
         else:
             weights = out.mixing_weights[..., 0].float()  # [B, N, L], s = 0
+            log_probs = out.logits[:, :, :, 0].float().log_softmax(-1)  # [B, N, L, V]
+            if thinks_at_anchors(self.model):
+                self.last_anchors = thinks = scoring_anchors(self.model, out.base_logits, attention_mask)
+                text = mask_thought_tokens(out.base_logits, self.model.thought_token_ids).float().log_softmax(-1)
+                log_probs = torch.where(thinks[:, None, :, None], log_probs, text[:, None])
+                weights = weights * thinks[:, None]
             self.last_weights = weights.mean(dim=1).masked_fill(~usable, float("nan"))
             scored = attention_mask.bool() & usable
             scored[:, :-1] &= attention_mask[:, 1:].bool()
             scored[:, -1] = False
             self.weights.append(weights.transpose(1, 2)[scored].flatten().cpu().numpy())
-            log_probs = out.logits[:, :, :, 0].float().log_softmax(-1)  # [B, N, L, V]
             log_probs = torch.logsumexp(log_probs, dim=1) - math.log(log_probs.shape[1])
         return log_probs.masked_fill(~usable[..., None], float("nan"))
 

@@ -8,6 +8,7 @@ term against a slow per-position sum in which positions without thoughts take th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -18,6 +19,7 @@ from conftest import make_model, padded_batch, randomize_mixing_head, transforme
 from quietstar import AttentionSettings, QuietStarConfig
 from quietstar.anchors import UNUSED, equal_compute_thought_tokens
 from quietstar.losses import IGNORE_INDEX
+from quietstar.scoring import BaseScorer, ThoughtScorer, ThoughtSource, configure_for_scoring
 from quietstar.thoughts import expanded_pass, sample_anchored_thoughts
 from quietstar.training.checks import check_thought_fraction
 from quietstar.training.compute import positions_per_row
@@ -95,7 +97,8 @@ def test_anchors_skip_positions_whose_targets_are_not_scored():
 
 
 def test_thoughts_given_without_anchors_run_at_every_position():
-    """Scoring and evaluation hand the model thoughts at every position: a q < 1 model computes them all."""
+    """Scoring and evaluation hand the model thoughts at every position: a q < 1 model computes them all (the scorer
+    then keeps the anchors' predictions)."""
     model = anchored_model()
     ids, mask = batch()
     with torch.no_grad():
@@ -315,3 +318,46 @@ def test_the_memory_estimate_counts_the_branches_at_anchors():
         num_thought_tokens=3, num_lookahead_tokens=3, thought_fraction=0.25))
     S = 3 + 3 + 1
     assert quarter["activations"] * (40 + 2 * 40 * S) == full["activations"] * (40 + 2 * 10 * S)
+
+
+# -------------------------------------------------------------------------------------------------- scoring
+def test_scoring_thinks_at_the_anchors_training_chooses_and_reads_the_text_path_elsewhere():
+    """A q < 1 model is scored as it trains: with its thought at the ceil(q n) positions of highest text-path entropy
+    among those with a real next token, and with the plain LM's prediction (w = 0) everywhere else."""
+    model = anchored_model()
+    configure_for_scoring(model)
+    ids, mask = batch()
+    source = ThoughtSource(model, torch.Generator().manual_seed(3))
+    scorer = ThoughtScorer(model, source=source)
+    scored = scorer(ids, mask)
+    text = BaseScorer(model.base, model.thought_token_ids)(ids, mask)
+    anchored_config = model.quietstar_config
+    model.quietstar_config = dataclasses.replace(anchored_config, thought_fraction=1.0)
+    everywhere = ThoughtScorer(model, source=source)(ids, mask)  # the same thoughts, mixed at every position
+    model.quietstar_config = anchored_config
+    for b in range(ids.shape[0]):
+        columns = mask[b].nonzero().flatten().tolist()
+        n = len(columns)
+        logits = plain_logits(model, ids[b][mask[b].bool()])
+        keep = [v for v in range(logits.shape[-1]) if v not in model.thought_token_ids]
+        entropy = torch.distributions.Categorical(logits=logits[:, keep].double()).entropy()
+        count = math.ceil(round(Q * n, 9))
+        expected = sorted(columns[j] for j in sorted(range(n - 1), key=lambda j: -entropy[j].item())[:count])
+        assert scorer.last_anchors[b].nonzero().flatten().tolist() == expected, b
+        others = [c for c in columns[:-1] if c not in expected]
+        torch.testing.assert_close(scored[b, expected], everywhere[b, expected], **TOL)
+        torch.testing.assert_close(scored[b, others], text[b, others], **TOL)
+        # The check can fail: where the model does not think, a thought would have changed its prediction.
+        assert not torch.allclose(everywhere[b, others], text[b, others], **TOL)
+        assert (scorer.last_weights[b, others] == 0).all() and (scorer.last_weights[b, expected] != 0).all()
+
+
+def test_scoring_a_filler_trained_q_below_1_model_thinks_everywhere():
+    """A model trained with filler thoughts chose no anchors in training, so it is scored with thoughts everywhere."""
+    model = anchored_model(thoughts="filler")
+    configure_for_scoring(model)
+    ids, mask = batch()
+    scorer = ThoughtScorer(model, thoughts="null")
+    scorer(ids, mask)
+    assert scorer.last_anchors is None
+    assert (scorer.last_weights[0, :-1] != 0).all()
