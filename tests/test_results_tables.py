@@ -177,3 +177,33 @@ def test_a_target_met_with_the_thoughts_switched_off_is_said_to_be_met_vacuously
     text = page.read_text()
     assert "(upper end above -0.002) is met, vacuously: w is below 0.001" in text
     assert "(upper end above -0.01) is met." in text  # CommonsenseQA's w is not switched off
+
+
+def test_the_offdomain_comparison_sets_each_experiment_beside_its_math_bundle(tmp_path):
+    """One row per experiment and seed: the prior weight from its run_config.json, both targets, the last-quarter w
+    of its training logs and its MATH differences, read from the bundle of the same name (none: "—")."""
+    from quietstar.report.tables import pooled_results
+
+    results = tmp_path / "results"
+    for name, shift, prior in (("mix", -0.05, 0.5), ("other", 0.0, 0.0)):
+        folder = results / "offdomain" / name / "seed0"
+        write_offdomain_records(str(folder), shift)
+        config = {"QuietStarConfig": {"mixing": "bounded"}, "QuietStarLossConfig": {"mixing_prior_weight": prior}}
+        (folder / "run_config.json").write_text(json.dumps(config))
+    runs = synthetic_runs(seeds=("0",))
+    runs["seeds"]["0"]["nll"]["finetune_flops"] = runs["seeds"]["0"]["nll"]["finetune"] - 0.1
+    save_bundle(str(results / f"mix{BUNDLE_SUFFIX}"), runs)
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n")
+    regenerate(str(results), str(page))
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in page.read_text().splitlines()
+            if line.startswith("| mix | 0 |") or line.startswith("| other | 0 |")}
+    pooled = pooled_results(str(results))["mix"]
+    differences = pooled["seeds"]["0"]["differences"]
+    last_w = pooled["training"]["0"]["last"]["mixing_weight_mean"]
+    assert rows["mix"].startswith(f"| mix | 0 | bounded | 0.5 | {last_w:.3g} | ")
+    assert " missed | " in rows["mix"]  # GSM8K: 0.05 below base
+    assert format_interval(differences["real_minus_null"]["all"]) in rows["mix"]
+    assert format_interval(differences["real_minus_finetune_flops"]["all"]) in rows["mix"]
+    assert rows["other"].startswith("| other | 0 | bounded | 0 | — | ") and rows["other"].endswith("| — | — |")
+    assert rows["other"].count(" met |") == 2

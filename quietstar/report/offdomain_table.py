@@ -8,10 +8,16 @@ view's score with a bootstrap interval over items, its paired change from the ba
 and says whether the target holds: with thoughts no worse than the base model, the upper end of the interval of
 (with thoughts − base) above :data:`TARGETS` (probability of the gold answer, paper protocol); a target met because w
 is about 0 everywhere (:data:`SWITCHED_OFF`) is said to be met vacuously.
+
+The block opens with the experiments side by side (:func:`render_comparison`): per seed its mixing mode and prior
+weight (from ``run_config.json``), w at the end of training, both targets, and, where the experiment's pooled MATH
+bundle of the same name exists (``docs/results/<name>.tokens.npz``), the MATH gains the issue asks to keep: real −
+null thoughts and real − the plain fine-tune at equal FLOPs, all held-out tokens.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 from ..evaluation.result import EvalResult
@@ -43,32 +49,96 @@ def load_seed(folder: str) -> dict[str, dict[str, EvalResult]]:
     return results
 
 
+def seed_views(folder: str) -> dict[str, dict[str, dict]]:
+    """``{seed folder name: {task: ViewEvaluations by view}}`` of one experiment's folder, seeds with records only."""
+    out = {}
+    for seed in sorted(os.listdir(folder)):
+        results = load_seed(os.path.join(folder, seed))
+        if results:
+            out[seed] = {task: with_item_intervals(task_results, NUM_RESAMPLES, seed=0)
+                         for task, task_results in results.items()}
+    return out
+
+
+def switched_off(views: dict) -> bool:
+    """Whether w is below :data:`SWITCHED_OFF` at 95 % of the with-thoughts view's scored positions."""
+    w = views["after_thoughts"].result.mixing_weight
+    return bool(w) and w["q95"] < SWITCHED_OFF
+
+
+def target_outcome(task: str, views: dict) -> str | None:
+    """"met", "met, vacuously" or "missed" for ``task`` (``views``: ViewEvaluations of one seed); None when the
+    with-thoughts or base view is missing."""
+    if "after_thoughts" not in views or views["after_thoughts"].minus_before is None:
+        return None
+    if views["after_thoughts"].minus_before["high"] <= TARGETS[task]:
+        return "missed"
+    return "met, vacuously" if switched_off(views) else "met"
+
+
 def target_text(task: str, views: dict) -> str:
     """Whether the with-thoughts view meets the target on ``task`` (``views``: ViewEvaluations of one seed)."""
-    if "after_thoughts" not in views or views["after_thoughts"].minus_before is None:
+    outcome = target_outcome(task, views)
+    if outcome is None:
         return f"{TASK_TITLES[task]}: no with-thoughts and base views, target not checked."
     change = views["after_thoughts"].minus_before
-    met = change["high"] > TARGETS[task]
     text = (f"{TASK_TITLES[task]}: with thoughts − base = {format_interval(change, 4)}; the target (upper end above "
-            f"{TARGETS[task]}) is {'met' if met else 'missed'}")
-    w = views["after_thoughts"].result.mixing_weight
-    if w and w["q95"] < SWITCHED_OFF:
+            f"{TARGETS[task]}) is {outcome.split(',')[0]}")
+    if outcome == "met, vacuously":
         text += (f", vacuously: w is below {SWITCHED_OFF:g} at 95 % of the scored positions, so the model is the base "
                  "model there and thinking is switched off")
     return text + "."
 
 
-def render_experiment(name: str, folder: str, link: str) -> str:
-    """The markdown of one experiment: per seed, every task and view."""
+def run_settings(seed_folder: str) -> tuple[str, str]:
+    """``(mixing mode, prior weight)`` as text from the seed's ``run_config.json`` ("—" when it is missing)."""
+    path = os.path.join(seed_folder, "run_config.json")
+    if not os.path.isfile(path):
+        return "—", "—"
+    with open(path) as f:
+        config = json.load(f)
+    return (str(config.get("QuietStarConfig", {}).get("mixing", "—")),
+            f"{config.get('QuietStarLossConfig', {}).get('mixing_prior_weight', '—'):g}")
+
+
+def _target_cell(task: str, tasks: dict) -> str:
+    views = tasks.get(task)
+    if views is None or target_outcome(task, views) is None:
+        return "—"
+    return f"{format_interval(views['after_thoughts'].minus_before, 4)} {target_outcome(task, views)}"
+
+
+def _math_cell(differences: dict, key: str) -> str:
+    entry = differences.get(key)
+    return f"{format_interval(entry['all'])} {verdict(entry['all'])}" if entry else "—"
+
+
+def render_comparison(folder: str, views_by_name: dict, results: dict) -> str:
+    """The experiments side by side (module docstring); ``views_by_name``: :func:`seed_views` of each experiment,
+    ``results``: the pooled MATH bundles by name (quietstar.report.tables.pooled_results)."""
+    rows = []
+    for name, seeds in views_by_name.items():
+        bundle = results.get(name, {})
+        for seed, tasks in seeds.items():
+            key = seed.removeprefix("seed")
+            differences = bundle.get("seeds", {}).get(key, {}).get("differences", {})
+            w = bundle.get("training", {}).get(key, {}).get("last", {}).get("mixing_weight_mean")
+            rows.append([name, key, *run_settings(os.path.join(folder, name, seed)),
+                         "—" if w is None else f"{w:.3g}", _target_cell("gsm8k", tasks),
+                         _target_cell("commonsense_qa", tasks), _math_cell(differences, "real_minus_null"),
+                         _math_cell(differences, "real_minus_finetune_flops")])
+    return markdown_table(["experiment", "seed", "mixing", "prior weight", "w, last quarter of training",
+                           "GSM8K: with thoughts − base", "CommonsenseQA: with thoughts − base",
+                           "MATH: real − null thoughts", "MATH: real − plain fine-tune (equal FLOPs)"], rows)
+
+
+def render_experiment(name: str, folder: str, link: str, seeds: dict | None = None) -> str:
+    """The markdown of one experiment: per seed, every task and view (``seeds``: its :func:`seed_views`, computed
+    when not given)."""
     parts = [f"#### {name}", ""]
-    for seed in sorted(os.listdir(folder)):
-        seed_folder = os.path.join(folder, seed)
-        results = load_seed(seed_folder)
-        if not results:
-            continue
+    for seed, tasks in (seed_views(folder) if seeds is None else seeds).items():
         rows, targets = [], []
-        for task, task_results in results.items():
-            views = with_item_intervals(task_results, NUM_RESAMPLES, seed=0)
+        for task, views in tasks.items():
             for view, label in VIEWS:
                 if view not in views:
                     continue
@@ -85,12 +155,18 @@ def render_experiment(name: str, folder: str, link: str) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
-def render_block(folder: str, link: str) -> str:
-    """The generated block: every experiment of ``folder`` (``link``: the folder relative to the page)."""
+def render_block(folder: str, link: str, results: dict | None = None) -> str:
+    """The generated block: the experiments of ``folder`` side by side, then each in full (``link``: the folder
+    relative to the page; ``results``: the pooled MATH bundles by name, for the comparison's MATH columns)."""
     names = experiments(folder)
     head = (f"Generated by `python scripts/results_tables.py` from the evaluation records in `{link}/` (paper "
             "protocol: the mean probability of the gold answer renormalised over the valid answer tokens, one thought "
             "per position; bootstrap 95 % intervals over items, and the paired change from the base model).")
     if not names:
         return head + "\n\nNo records yet.\n"
-    return "\n".join([head, "", *[render_experiment(name, os.path.join(folder, name), link) for name in names]])
+    views = {name: seed_views(os.path.join(folder, name)) for name in names}
+    comparison = ("Side by side (the MATH columns: the experiment's pooled bundle of the same name, per seed, all "
+                  "held-out tokens, nats per token, bootstrap 95 % intervals over documents; w: the training logs' "
+                  "mean over the last quarter of the run):")
+    return "\n".join([head, "", comparison, "", render_comparison(folder, views, results or {}), "",
+                      *[render_experiment(name, os.path.join(folder, name), link, views[name]) for name in names]])

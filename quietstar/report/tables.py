@@ -179,7 +179,7 @@ def generated(results_dir: str, page_text: str, results: dict[str, dict],
     offdomain = os.path.join(results_dir, OFFDOMAIN_DIR)
     if experiments(offdomain) or block_text(page_text, "offdomain") is not None:
         page_text = replace_block(page_text, "offdomain",
-                                  render_offdomain_block(offdomain, f"{link_dir}/{OFFDOMAIN_DIR}"))
+                                  render_offdomain_block(offdomain, f"{link_dir}/{OFFDOMAIN_DIR}", results))
     return files, replace_block(page_text, "provenance", provenance_block(results_dir, names))
 
 
