@@ -17,6 +17,7 @@ from .config import BOUNDED_MIXING_MODES
 REWARD_SOURCES = ("mixed", "thought")
 REWARD_PRECISIONS = ("fp32", "autocast")
 ADVANTAGE_NORMALIZATIONS = ("none", "batch_std")
+MIXING_PRIOR_REFERENCES = ("thought", "mixed")
 
 # The official code's loss settings (docs/design.md §1): a preset, not the default (QuietStarLossConfig.official).
 OFFICIAL_LOSS = dict(reinforce_temperature=3.0, clip_negative_advantage=True, policy_weight=1e6, reward_source="mixed",
@@ -94,6 +95,15 @@ class QuietStarLossConfig:
                           "0 wherever the thought path does not beat the base prediction. Needs a bounded w (the "
                           "model's mixing: bounded or logprobs). 0: no prior."},
     )
+    mixing_prior_reference: str = field(
+        default="thought",
+        metadata={"help": f"One of {MIXING_PRIOR_REFERENCES}: the prediction the prior compares with the base one. "
+                          "'thought': the thought path alone, max(0, NLL_thought - NLL_base), as the issue states "
+                          "it; it charges w wherever the thought path alone loses, which at small scale is almost "
+                          "everywhere. 'mixed': the mixed prediction, max(0, NLL_mixed - NLL_base), which is itself "
+                          "about w times the thought path's loss, so it charges high w where mixing hurts and "
+                          "vanishes as w -> 0 (it cannot switch thinking off where it never hurt)."},
+    )
     entropy_bonus_weight: float = field(
         default=0.0,
         metadata={"help": "eta: weight of the entropy bonus L_ent = -mean entropy (nats) of the distributions the "
@@ -133,7 +143,8 @@ class QuietStarLossConfig:
 
     def __post_init__(self):
         for name, allowed in (("reward_source", REWARD_SOURCES), ("reward_precision", REWARD_PRECISIONS),
-                              ("advantage_normalization", ADVANTAGE_NORMALIZATIONS)):
+                              ("advantage_normalization", ADVANTAGE_NORMALIZATIONS),
+                              ("mixing_prior_reference", MIXING_PRIOR_REFERENCES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"QuietStarLossConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         if not self.advantage_std_floor > 0:
@@ -199,7 +210,8 @@ class QuietStarLossConfig:
     @property
     def needs_thought_logits(self) -> bool:
         """Whether the loss reads the thought path's own predictions (its reward, its NLL term or the mixing prior)."""
-        return self.reward_source == "thought" or self.thought_nll_weight > 0 or self.mixing_prior_weight > 0
+        return (self.reward_source == "thought" or self.thought_nll_weight > 0
+                or (self.mixing_prior_weight > 0 and self.mixing_prior_reference == "thought"))
 
     @classmethod
     def official(cls, **overrides) -> "QuietStarLossConfig":

@@ -132,16 +132,19 @@ def anchor_targets(targets: torch.Tensor, target_valid: torch.Tensor, anchors: t
     return at_anchors(targets, anchors), valid
 
 
-def mixing_prior(weights: torch.Tensor, thought_nll: torch.Tensor, base_nll: torch.Tensor,
+def mixing_prior(weights: torch.Tensor, path_nll: torch.Tensor, base_nll: torch.Tensor,
                  valid: torch.Tensor) -> torch.Tensor:
-    """L_prior = mean over valid (b, n, j, s) of w_{j,s} * max(0, l_thought - l_base), NLLs detached: it pulls w towards
-    0 exactly where the thought path does not beat the base prediction, and is zero where it does. With logit mixing
-    and w in [0, 1] (convexity of the NLL in the logits) it bounds how much mixing can cost over the base model:
-    l_mix - l_base <= w (l_thought - l_base) <= w max(0, l_thought - l_base).
+    """L_prior = mean over valid (b, n, j, s) of w_{j,s} * max(0, l_path - l_base), NLLs detached: it pulls w towards 0
+    exactly where the compared prediction does not beat the base one, and is zero where it does.
 
-    weights/thought_nll ``[B, N, L, A]``, base_nll ``[B, L, A]`` (:func:`base_nll_ahead`), valid ``[B, L, A]``.
+    ``path_nll`` is the reference's NLL (``mixing_prior_reference``). The thought path alone ('thought'): with logit
+    mixing and w in [0, 1] (convexity of the NLL in the logits) it bounds how much mixing can cost over the base
+    model, l_mix - l_base <= w (l_thought - l_base) <= w max(0, l_thought - l_base). The mixed prediction ('mixed'):
+    l_mix - l_base is itself about w times the thought path's excess, so the pull grows with w and vanishes at w = 0.
+
+    weights/path_nll ``[B, N, L, A]``, base_nll ``[B, L, A]`` (:func:`base_nll_ahead`), valid ``[B, L, A]``.
     """
-    excess = (thought_nll.detach() - base_nll.detach()[:, None]).clamp(min=0)
+    excess = (path_nll.detach() - base_nll.detach()[:, None]).clamp(min=0)
     return masked_mean(weights * excess, valid[:, None])
 
 
@@ -287,7 +290,8 @@ def quietstar_loss(
     (the thought-token-masked logits each c_{j,m} was sampled from), thoughts ``[B, N, L, T]``,
     mixing_weights ``[B, N, L, A]`` (weight on the thought path), labels ``[B, L]``,
     position_valid ``[B, L]``; thought_logits ``[B, N, L, A, V]`` (lm_head(h_thought), thought-token-masked) is
-    needed when ``reward_source="thought"``, ``thought_nll_weight > 0`` or ``mixing_prior_weight > 0``;
+    needed when ``reward_source="thought"``, ``thought_nll_weight > 0`` or a prior on the thought path
+    (``mixing_prior_weight > 0``, ``mixing_prior_reference="thought"``);
     ``sample_temperature``: the temperature the thoughts were sampled at (for the entropy bonus and diagnostic).
     ``contrastive_reward_weight`` alpha > 0 makes the rewards position-contrastive (:func:`contrastive_rewards`) with
     ``moved_nll [B, N, L, A]``, the NLL of the reward source after each thought moved ``contrastive_shift``
@@ -352,7 +356,8 @@ def quietstar_loss(
         base_ahead = base_nll_ahead(base_nll, num_lookahead)
         base_ahead = base_ahead if anchors is None else at_anchors(base_ahead, anchors)
         weighted_w = mixing_weights if rho is None else mixing_weights * rho[..., None]
-        prior = mixing_prior(weighted_w, thought_nll, base_ahead, branch_valid)
+        reference = thought_nll if cfg.mixing_prior_reference == "thought" else mixed_nll
+        prior = mixing_prior(weighted_w, reference, base_ahead, branch_valid)
         terms["mixing_prior"] = cfg.mixing_prior_weight * prior
     entropy_term = None
     if cfg.entropy_bonus_weight > 0:

@@ -27,7 +27,8 @@ import math
 import numpy as np
 import torch
 
-from .anchors import anchor_counts, anchor_mask, choose_anchors, next_token_entropy
+from .anchors import anchor_mask, at_anchors, into_positions
+from .thoughts import text_anchors
 from .vocab import mask_thought_tokens
 
 THOUGHT_SOURCES = ("sampled", "null", "other_document", "causal_shuffle")
@@ -163,18 +164,16 @@ def thinks_at_anchors(model) -> bool:
     return cfg.thought_fraction < 1 and cfg.thoughts == "sampled"
 
 
-def scoring_anchors(model, text_logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Where a model with ``thought_fraction`` q < 1 thinks when scoring: ``[B, L]`` bool, the ceil(q * n_b) positions
-    of row b (n_b real tokens) of highest next-token entropy of its text path (``text_logits [B, L, V]``, thought
-    tokens masked), among the positions whose next token is real: training's rule (quietstar.anchors), with the one
-    token scoring reads ahead in place of training's A."""
+def scoring_anchors(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Where a model with ``thought_fraction`` q < 1 thinks when scoring: ``anchors [B, M]``
+    (quietstar.anchors), the ceil(q * n_b) positions of row b (n_b real tokens) of highest next-token entropy of
+    its text path, among the positions whose next token is real: training's rule, with the one token scoring reads
+    ahead in place of training's A (quietstar.thoughts.text_anchors)."""
     key_padding = attention_mask.bool()
     eligible = key_padding.clone()
     eligible[:, :-1] &= key_padding[:, 1:]
     eligible[:, -1] = False
-    entropy = next_token_entropy(mask_thought_tokens(text_logits, model.thought_token_ids))
-    counts = anchor_counts(key_padding, eligible, model.quietstar_config.thought_fraction)
-    return anchor_mask(choose_anchors(entropy, eligible, counts), key_padding.shape[1])
+    return text_anchors(model, input_ids, key_padding, eligible)
 
 
 def weight_summary(weights: np.ndarray) -> dict:
@@ -229,17 +228,22 @@ class ThoughtScorer:
         if shared_prefix > 0:
             thoughts = thoughts.clone()
             thoughts[:, :, :shared_prefix] = thoughts[:1, :, :shared_prefix]
-        out = self.model(input_ids, attention_mask=attention_mask, thoughts=thoughts, output_logits=False)
+        anchors = None
+        if not self.zero_weight and thinks_at_anchors(self.model):
+            anchors = scoring_anchors(self.model, input_ids, attention_mask)  # [B, M]
+            thoughts = at_anchors(thoughts.transpose(1, 2), anchors).transpose(1, 2)  # [B, N, M, T]
+            self.last_anchors = anchor_mask(anchors, input_ids.shape[1])
+        out = self.model(input_ids, attention_mask=attention_mask, thoughts=thoughts, anchors=anchors,
+                         output_logits=False)
         if self.zero_weight:
             log_probs = mask_thought_tokens(out.base_logits, self.model.thought_token_ids).float().log_softmax(-1)
         else:
-            weights = out.mixing_weights[..., 0].float()  # [B, N, L], s = 0
-            log_probs = out.logits[:, :, :, 0].float().log_softmax(-1)  # [B, N, L, V]
-            if thinks_at_anchors(self.model):
-                self.last_anchors = thinks = scoring_anchors(self.model, out.base_logits, attention_mask)
+            weights = out.mixing_weights[..., 0].float()  # [B, N, L or M], s = 0
+            log_probs = out.logits[:, :, :, 0].float().log_softmax(-1)  # [B, N, L or M, V]
+            if anchors is not None:  # the text path's prediction (w = 0) wherever the model does not think
                 text = mask_thought_tokens(out.base_logits, self.model.thought_token_ids).float().log_softmax(-1)
-                log_probs = torch.where(thinks[:, None, :, None], log_probs, text[:, None])
-                weights = weights * thinks[:, None]
+                log_probs = into_positions(text[:, None].expand(-1, log_probs.shape[1], -1, -1), log_probs, anchors)
+                weights = into_positions(torch.zeros_like(log_probs[..., :1]), weights[..., None], anchors)[..., 0]
             self.last_weights = weights.mean(dim=1).masked_fill(~usable, float("nan"))
             scored = attention_mask.bool() & usable
             scored[:, :-1] &= attention_mask[:, 1:].bool()

@@ -57,12 +57,26 @@ def sample_anchored_thoughts(model, input_ids, key_padding, eligible, *, tempera
     highest entropy; q is the model's ``thought_fraction``.
     """
     layout, positions, hidden = _text_pass(model, input_ids, key_padding)
-    entropy = next_token_entropy(mask_thought_tokens(model.head_logits(hidden), model.thought_token_ids))
-    fraction = model.quietstar_config.thought_fraction
-    layout.anchors = choose_anchors(entropy, eligible, anchor_counts(key_padding, eligible, fraction))
+    layout.anchors = _choose_anchors(model, hidden, key_padding, eligible)
     sampled = _sampling_steps(model, layout, at_anchors(positions, layout.anchors), temperature, greedy, generator,
                               return_logits)
     return (layout.anchors, *sampled) if return_logits else (layout.anchors, sampled)
+
+
+@torch.no_grad()
+def text_anchors(model, input_ids, key_padding, eligible):
+    """The anchors ``[B, M]`` :func:`sample_anchored_thoughts` would choose, without sampling (scoring: the views
+    place their own thoughts there). One causal text pass."""
+    _, _, hidden = _text_pass(model, input_ids, key_padding)
+    return _choose_anchors(model, hidden, key_padding, eligible)
+
+
+def _choose_anchors(model, hidden, key_padding, eligible):
+    """Each row's ceil(q * real tokens) ``eligible`` positions of highest next-token entropy of the text pass's final
+    hidden states ``[B, L, D]`` (thought tokens masked): ``anchors [B, M]``."""
+    entropy = next_token_entropy(mask_thought_tokens(model.head_logits(hidden), model.thought_token_ids))
+    fraction = model.quietstar_config.thought_fraction
+    return choose_anchors(entropy, eligible, anchor_counts(key_padding, eligible, fraction))
 
 
 def _text_pass(model, input_ids, key_padding):

@@ -53,7 +53,8 @@ def thought_reward(model, h_base, real, at, thought):
         mixed_nlls.append(nll)
         thought_nlls.append(thought_nll)
         base_nll = F.cross_entropy(masked(base_logits, model), real[at + 1 + s])
-        prior_terms.append(w * (thought_nll - base_nll).detach().clamp(min=0))
+        compared = thought_nll if loss.mixing_prior_reference == "thought" else nll
+        prior_terms.append(w * (compared - base_nll).detach().clamp(min=0))
         reward = reward - (thought_nll if loss.reward_source == "thought" else nll).detach()
     return reward, h, mixed_nlls, thought_nlls, prior_terms
 
@@ -67,7 +68,7 @@ def reference_loss(model, ids, mask, thoughts):
     base_terms, mixed_terms, thought_terms = [], [[] for _ in range(A)], [[] for _ in range(A)]
     scored = []  # (advantage before normalisation, logprobs of the thought's T tokens)
     entropies = []  # entropy of each thought token's sampling distribution, at the positions of L_RL
-    prior_terms = []  # w * max(0, thought NLL - base NLL) of every valid target
+    prior_terms = []  # w * max(0, thought (or mixed) NLL - base NLL) of every valid target
     with transformers_eager(model):
         for b in range(ids.shape[0]):
             columns = mask[b].nonzero().flatten()
@@ -139,6 +140,8 @@ RECIPES = {
     "entropy_contrastive": dict(entropy_bonus_weight=0.7, thought_temperature=0.8, contrastive_reward_weight=0.6),
     "entropy_contrastive_mixed": dict(entropy_bonus_weight=0.3, reward_source="mixed", contrastive_reward_weight=1.3,
                                       contrastive_shift=3),
+    # the prior against the mixed prediction (with a bounded w; on "logits" mixing no prior is added)
+    "prior_on_mixed": dict(mixing_prior_reference="mixed"),
 }
 
 

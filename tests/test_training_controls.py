@@ -381,6 +381,26 @@ def test_mixing_prior_pushes_w_down_exactly_where_thoughts_lose_and_equals_a_loo
     assert not torch.allclose(unshifted, prior)
 
 
+def test_the_prior_on_the_mixed_prediction_is_at_most_w_times_the_thought_path_prior():
+    """Logit mixing is convex in the NLL: l_mix - l_base <= w (l_thought - l_base). At the bounded start (w = 0.01
+    everywhere) the prior against the mixed prediction is therefore at most 0.01 x the one against the thought path:
+    it vanishes with w instead of switching thinking off."""
+    with pytest.raises(ValueError, match="mixing_prior_reference must be one of"):
+        QuietStarLossConfig(mixing_prior_reference="base")
+    ids, mask = padded_batch(lengths=(9, 9), left_padding_rows=())
+    priors = {}
+    for reference in ("thought", "mixed"):
+        model = make_model(mixing="bounded", mixing_prior_weight=1.0, mixing_prior_reference=reference)
+        out = model(ids, attention_mask=mask, labels=ids, generator=torch.Generator().manual_seed(4))
+        assert torch.allclose(out.mixing_weights, torch.full_like(out.mixing_weights, BOUNDED_START_WEIGHT))
+        priors[reference] = out.metrics["mixing_prior_loss"]
+    assert 0 < priors["mixed"] <= BOUNDED_START_WEIGHT * priors["thought"] * (1 + 1e-5)
+    # Only the thought-path prior needs the thought path's own logits.
+    without = dict(mixing_prior_weight=1.0, reward_source="mixed", thought_nll_weight=0.0)
+    assert QuietStarLossConfig(**without).needs_thought_logits
+    assert not QuietStarLossConfig(**without, mixing_prior_reference="mixed").needs_thought_logits
+
+
 def test_the_loss_adds_the_weighted_prior_and_the_trainer_keeps_its_weight(tmp_path):
     model = make_model(mixing="bounded", mixing_prior_weight=3.0, thought_nll_weight=0.5, policy_weight=2.0)
     ids, mask = padded_batch(lengths=(9, 9), left_padding_rows=())
