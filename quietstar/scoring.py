@@ -16,8 +16,9 @@ Thoughts for scoring come from a :class:`ThoughtSource`, one of :data:`THOUGHT_S
 A position with no such thought (the other document is shorter; j < gap) is not scored: its log-probabilities are
 NaN, and comparisons leave it out and count it. A model that thinks at a fraction q < 1 of the positions
 (``thought_fraction``) is scored as it trains: every view's thoughts act only at the anchors the training rule
-chooses from the text (:func:`scoring_anchors`), and every other position takes the text path's prediction (w = 0). A scorer uses one thought per position unless asked to average the
-N thoughts (an ensemble, which gains by Jensen's inequality alone and must be labelled as such).
+chooses from the text (:func:`scoring_anchors`), and every other position takes the text path's prediction (w = 0).
+A scorer uses one thought per position unless asked to average the N thoughts (an ensemble, which gains by Jensen's
+inequality alone and must be labelled as such).
 """
 
 from __future__ import annotations
