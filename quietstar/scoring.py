@@ -170,11 +170,16 @@ def scoring_anchors(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     (quietstar.anchors), the ceil(q * n_b) positions of row b (n_b real tokens) of highest next-token entropy of
     its text path, among the positions whose next token is real: training's rule, with the one token scoring reads
     ahead in place of training's A (quietstar.thoughts.text_anchors)."""
-    key_padding = attention_mask.bool()
-    eligible = key_padding.clone()
-    eligible[:, :-1] &= key_padding[:, 1:]
-    eligible[:, -1] = False
-    return text_anchors(model, input_ids, key_padding, eligible)
+    return text_anchors(model, input_ids, attention_mask.bool(), has_real_next_token(attention_mask))
+
+
+def has_real_next_token(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` bool: real positions whose next token is real too (the positions a next-token score exists for)."""
+    real = attention_mask.bool()
+    out = real.clone()
+    out[:, :-1] &= real[:, 1:]
+    out[:, -1] = False
+    return out
 
 
 def weight_summary(weights: np.ndarray) -> dict:
@@ -246,9 +251,7 @@ class ThoughtScorer:
                 log_probs = into_positions(text[:, None].expand(-1, log_probs.shape[1], -1, -1), log_probs, anchors)
                 weights = into_positions(torch.zeros_like(log_probs[..., :1]), weights[..., None], anchors)[..., 0]
             self.last_weights = weights.mean(dim=1).masked_fill(~usable, float("nan"))
-            scored = attention_mask.bool() & usable
-            scored[:, :-1] &= attention_mask[:, 1:].bool()
-            scored[:, -1] = False
+            scored = has_real_next_token(attention_mask) & usable
             self.weights.append(weights.transpose(1, 2)[scored].flatten().cpu().numpy())
             log_probs = torch.logsumexp(log_probs, dim=1) - math.log(log_probs.shape[1])
         return log_probs.masked_fill(~usable[..., None], float("nan"))

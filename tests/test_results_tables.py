@@ -188,7 +188,8 @@ def test_the_offdomain_comparison_sets_each_experiment_beside_its_math_bundle(tm
     for name, shift, prior in (("mix", -0.05, 0.5), ("other", 0.0, 0.0)):
         folder = results / "offdomain" / name / "seed0"
         write_offdomain_records(str(folder), shift)
-        config = {"QuietStarConfig": {"mixing": "bounded"}, "QuietStarLossConfig": {"mixing_prior_weight": prior}}
+        loss = {"mixing_prior_weight": prior, "mixing_prior_reference": "mixed"}
+        config = {"QuietStarConfig": {"mixing": "bounded"}, "QuietStarLossConfig": loss}
         (folder / "run_config.json").write_text(json.dumps(config))
     runs = synthetic_runs(seeds=("0",))
     runs["seeds"]["0"]["nll"]["finetune_flops"] = runs["seeds"]["0"]["nll"]["finetune"] - 0.1
@@ -201,7 +202,7 @@ def test_the_offdomain_comparison_sets_each_experiment_beside_its_math_bundle(tm
     pooled = pooled_results(str(results))["mix"]
     differences = pooled["seeds"]["0"]["differences"]
     last_w = pooled["training"]["0"]["last"]["mixing_weight_mean"]
-    assert rows["mix"].startswith(f"| mix | 0 | bounded | 0.5 | {last_w:.3g} | ")
+    assert rows["mix"].startswith(f"| mix | 0 | bounded | 0.5 (against the mixed prediction) | {last_w:.3g} | ")
     assert " missed | " in rows["mix"]  # GSM8K: 0.05 below base
     assert format_interval(differences["real_minus_null"]["all"]) in rows["mix"]
     assert format_interval(differences["real_minus_finetune_flops"]["all"]) in rows["mix"]

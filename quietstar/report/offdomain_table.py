@@ -91,21 +91,27 @@ def target_text(task: str, views: dict) -> str:
 
 
 def run_settings(seed_folder: str) -> tuple[str, str]:
-    """``(mixing mode, prior weight)`` as text from the seed's ``run_config.json`` ("—" when it is missing)."""
+    """``(mixing mode, prior)`` as text from the seed's ``run_config.json``: the prior's weight, and the prediction it
+    compares with the base one when that is not the thought path ("—" for what is missing)."""
     path = os.path.join(seed_folder, "run_config.json")
     if not os.path.isfile(path):
         return "—", "—"
     with open(path) as f:
         config = json.load(f)
-    return (str(config.get("QuietStarConfig", {}).get("mixing", "—")),
-            f"{config.get('QuietStarLossConfig', {}).get('mixing_prior_weight', '—'):g}")
+    loss = config.get("QuietStarLossConfig", {})
+    weight = loss.get("mixing_prior_weight")
+    prior = "—" if weight is None else f"{weight:g}"
+    if weight and loss.get("mixing_prior_reference", "thought") != "thought":
+        prior += f" (against the {loss['mixing_prior_reference']} prediction)"
+    return str(config.get("QuietStarConfig", {}).get("mixing", "—")), prior
 
 
 def _target_cell(task: str, tasks: dict) -> str:
     views = tasks.get(task)
-    if views is None or target_outcome(task, views) is None:
+    outcome = None if views is None else target_outcome(task, views)
+    if outcome is None:
         return "—"
-    return f"{format_interval(views['after_thoughts'].minus_before, 4)} {target_outcome(task, views)}"
+    return f"{format_interval(views['after_thoughts'].minus_before, 4)} {outcome}"
 
 
 def _math_cell(differences: dict, key: str) -> str:
