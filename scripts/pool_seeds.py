@@ -8,6 +8,14 @@ every view of every run: quietstar.report.pooling.save_bundle), then regenerates
 everything scripts/results_tables.py writes: ``docs/results/<name>.json`` and the tables of the results page.
 With ``--offdomain`` it also commits each run's GSM8K and CommonsenseQA records (``eval/*.json`` and
 ``run_config.json``) to ``docs/results/offdomain/<name>/seed<k>/`` (quietstar.report.offdomain_table).
+With ``--extend`` the runs join the seeds already committed under ``<name>`` (trained on another machine or in an
+earlier session, their run folders gone) instead of replacing them:
+
+    python scripts/pool_seeds.py runs/mix/prior-mixed-seed1 runs/mix/prior-mixed-seed2 --name math-mix-prior-mixed \
+        --offdomain --extend
+
+With ``--offdomain-only`` the runs' off-domain records are committed beside the experiment's other seeds (runs
+reported with ``--heldout-documents 0``, which leave no held-out data); the bundle is left as it is.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from quietstar.report.offdomain_table import OFFDOMAIN_DIR  # noqa: E402
-from quietstar.report.pooling import load_runs, save_bundle  # noqa: E402
+from quietstar.report.pooling import extend_runs, load_bundle, load_runs, run_seed, save_bundle  # noqa: E402
 from quietstar.report.tables import BUNDLE_SUFFIX, regenerate  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,17 +58,39 @@ def main(argv=None) -> list[str]:
                         "(default: the repository's README.md when --results-dir is the repository's, else none).")
     p.add_argument("--offdomain", action="store_true",
                    help="Also commit each run's GSM8K / CommonsenseQA evaluation records (its eval/ folder).")
+    p.add_argument("--extend", action="store_true",
+                   help="Add the runs to the seeds already committed in docs/results/<name>.tokens.npz (kept as they "
+                        "are, with their off-domain records) instead of replacing the bundle.")
+    p.add_argument("--offdomain-only", action="store_true",
+                   help="Commit only the runs' GSM8K / CommonsenseQA records, beside the seeds already committed "
+                        "(runs reported without a held-out set); the bundle is left as it is.")
     args = p.parse_args(argv)
     if args.readme is None and os.path.abspath(args.results_dir) == os.path.join(REPO, "docs", "results"):
         args.readme = os.path.join(REPO, "README.md")
+    if args.offdomain_only:
+        for run_dir in args.runs:
+            seed_folder = f"seed{run_seed(run_dir)}"
+            copy_offdomain(run_dir, os.path.join(args.results_dir, OFFDOMAIN_DIR, args.name, seed_folder))
+        return finish(args)
+    bundle = os.path.join(args.results_dir, args.name + BUNDLE_SUFFIX)
+    if args.extend and not os.path.isfile(bundle):
+        sys.exit(f"pool_seeds.py: error: --extend adds to {bundle}, which does not exist; pool without --extend.")
     try:
-        runs = load_runs(args.runs)
+        added = load_runs(args.runs)
+        runs = extend_runs(load_bundle(bundle), bundle, added) if args.extend else added
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"pool_seeds.py: error: {error}")
-    save_bundle(os.path.join(args.results_dir, args.name + BUNDLE_SUFFIX), runs)
+    save_bundle(bundle, runs)
     if args.offdomain:
-        for seed, run in runs["seeds"].items():
+        if not args.extend:  # the bundle was replaced: so are the records of seeds it no longer holds
+            shutil.rmtree(os.path.join(args.results_dir, OFFDOMAIN_DIR, args.name), ignore_errors=True)
+        for seed, run in added["seeds"].items():
             copy_offdomain(run["run"], os.path.join(args.results_dir, OFFDOMAIN_DIR, args.name, f"seed{seed}"))
+    return finish(args)
+
+
+def finish(args) -> list[str]:
+    """Regenerate everything written from the committed raw data; say what changed."""
     changed = regenerate(args.results_dir, args.page, summary_page_path=args.readme)
     print("\n".join(f"written: {path}" for path in changed) or "nothing changed")
     return changed

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -444,6 +445,24 @@ def test_controlled_views_and_pooling(tmp_path):
     other, _, _ = heldout_run(tmp_path, "other", 2, windows[:-1])
     with pytest.raises(ValueError, match="another held-out set than .*seed0"):
         pool_runs([run0, other])
+    # --extend: a seed pooled on its own, then another added after its folder is gone, gives the bundle of both.
+    extended = tmp_path / "extended"
+    kept = tmp_path / "kept-seed0"
+    shutil.copytree(run0, kept)
+    pool_seeds.main([str(kept), "--name", "exp", "--results-dir", str(extended), "--page", str(tmp_path / "e.md")])
+    shutil.rmtree(kept)
+    pool_seeds.main([run1, "--name", "exp", "--results-dir", str(extended), "--page", str(tmp_path / "e.md"),
+                     "--extend"])
+    joined = load_bundle(str(extended / "exp.tokens.npz"))
+    assert list(joined["seeds"]) == ["0", "1"] and joined["seeds"]["0"]["run"] == str(kept)
+    assert pool_bundle(joined, 200) == pool_bundle(load_bundle(str(results / "exp.tokens.npz")), 200) | {
+        "runs": [str(kept), run1]}
+    # Extending refuses a seed already committed, another held-out set, and a bundle that is not there.
+    for runs, message in (([run0], "seed 0 .* is already in"), ([other], "another held-out set than")):
+        with pytest.raises(SystemExit, match=message):
+            pool_seeds.main([*runs, "--name", "exp", "--results-dir", str(extended), "--extend"])
+    with pytest.raises(SystemExit, match="does not exist; pool without --extend"):
+        pool_seeds.main([run1, "--name", "absent", "--results-dir", str(extended), "--extend"])
 
 
 # ----------------------------------------------------------------------------------------------- statistics

@@ -16,6 +16,16 @@ from quietstar.report.tables import BUNDLE_SUFFIX, NUM_RESAMPLES, regenerate, re
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def load_script(name: str):
+    """scripts/<name>.py as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_the_committed_results_page_and_files_are_what_the_generator_writes():
     stale = regenerate(os.path.join(REPO, "docs", "results"), os.path.join(REPO, "docs", "results.md"), check=True,
                        summary_page_path=os.path.join(REPO, "README.md"))
@@ -120,22 +130,23 @@ def test_replace_block_appends_or_replaces_only_its_own_block():
                     "<!-- generated:b -->\ntwo\n<!-- /generated:b -->\n")
 
 
-def write_offdomain_records(folder, shift_thoughts: float):
-    """GSM8K and CommonsenseQA records of one seed: 40 items; with thoughts = base + ``shift_thoughts`` + noise."""
+def write_offdomain_records(folder, shift_thoughts: float, noise_seed: int = 1):
+    """GSM8K and CommonsenseQA records of one seed: 40 items; with thoughts = base + ``shift_thoughts`` + noise (the
+    base scores are the same for every ``noise_seed``)."""
     from quietstar.evaluation.result import EvalResult
 
-    rng = np.random.default_rng(1)
+    rng, noise = np.random.default_rng(1), np.random.default_rng(noise_seed)
     os.makedirs(folder, exist_ok=True)
     for task in ("gsm8k", "commonsense_qa"):
         base = rng.uniform(0.1, 0.6, size=40)
         views = {"before": base, "after_no_thoughts": base, "after_w_zero": base,
-                 "after_null": base - 0.02 + rng.normal(scale=0.002, size=40),
-                 "after_thoughts": base + shift_thoughts + rng.normal(scale=0.002, size=40)}
+                 "after_null": base - 0.02 + noise.normal(scale=0.002, size=40),
+                 "after_thoughts": base + shift_thoughts + noise.normal(scale=0.002, size=40)}
         for view, scores in views.items():
             weight = None if view in ("before", "after_no_thoughts", "after_w_zero") else dict(
                 positions=100, mean=0.25, q05=0.01, q25=0.1, q50=0.2, q75=0.4, q95=0.7)
             EvalResult(task=task, protocol="paper", score=float(scores.mean()), n=40, baseline=view in (
-                "before", "after_no_thoughts"), items=[{"score": float(s)} for s in scores],
+                "before", "after_no_thoughts"), items=[{"index": i, "score": float(s)} for i, s in enumerate(scores)],
                 mixing_weight=weight).save(os.path.join(folder, f"{task}_{view}.json"))
 
 
@@ -208,3 +219,48 @@ def test_the_offdomain_comparison_sets_each_experiment_beside_its_math_bundle(tm
     assert format_interval(differences["real_minus_finetune_flops"]["all"]) in rows["mix"]
     assert rows["other"].startswith("| other | 0 | bounded | 0 | — | ") and rows["other"].endswith("| — | — |")
     assert rows["other"].count(" met |") == 2
+
+
+def test_seeds_of_an_offdomain_experiment_are_pooled_per_item_and_over_seeds(tmp_path):
+    """Two seeds or more get a pooled row: the seeds' mean change per item, its interval over items (on which the
+    target is checked) and a t-interval over the seeds' means; seeds on other items are refused."""
+    from quietstar.report.evaluations import with_item_intervals
+    from quietstar.report.offdomain_table import NUM_RESAMPLES as ITEM_RESAMPLES, load_seed, pooled_change
+    from quietstar.report.stats import across_seeds_interval, paired_bootstrap
+
+    results = tmp_path / "results"
+    experiment = results / "offdomain" / "mix"
+    for seed, shift in ((0, 0.0), (1, -0.004)):
+        write_offdomain_records(str(experiment / f"seed{seed}"), shift, noise_seed=10 + seed)
+    # The third seed was reported off-domain only (no held-out data): pool_seeds.py --offdomain-only commits it.
+    run = tmp_path / "runs" / "mix-seed2"
+    write_offdomain_records(str(run / "eval"), -0.005, noise_seed=12)
+    (run / "run_config.json").write_text(json.dumps({"QuietStarTrainingArguments": {"seed": 2}}))
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n")
+    pool_seeds = load_script("pool_seeds")
+    written = pool_seeds.main([str(run), "--name", "mix", "--results-dir", str(results), "--page", str(page),
+                               "--offdomain-only"])
+    assert written == [str(page)] and not list(results.glob("*.tokens.npz"))
+    assert sorted(os.listdir(experiment / "seed2")) == sorted(os.listdir(run / "eval")) + ["run_config.json"]
+    assert sorted(os.listdir(experiment)) == ["seed0", "seed1", "seed2"]  # the committed seeds stay
+    text = page.read_text()
+    seeds = {f"seed{k}": load_seed(str(experiment / f"seed{k}")) for k in range(3)}
+    changes = [np.array([i["score"] for i in seeds[s]["gsm8k"]["after_thoughts"].items])
+               - np.array([i["score"] for i in seeds[s]["gsm8k"]["before"].items]) for s in seeds]
+    expected = paired_bootstrap(np.mean(changes, axis=0), np.arange(40), num_resamples=ITEM_RESAMPLES)
+    spread = across_seeds_interval([change.mean() for change in changes])
+    views = {s: {task: with_item_intervals(r, ITEM_RESAMPLES, seed=0) for task, r in seeds[s].items()} for s in seeds}
+    pooled = pooled_change("gsm8k", views)
+    assert pooled["items"] == pytest.approx(expected)
+    assert pooled["across_seeds"]["mean"] == pytest.approx(spread["mean"])
+    assert pooled["outcome"] == ("met" if expected["high"] > -0.002 else "missed") == "missed"  # mean shift -0.003
+    assert f"| mix | pooled (3 seeds) | — | — | — | {format_interval(expected, 4)} missed |" in text
+    assert "over seeds (Student t on the seeds' means " in text and format_interval(spread, 4) in text
+    assert "seed0 ([records]" in text and text.count("| mix | ") == 4  # three seeds and the pooled row
+    # One seed alone is not pooled; seeds scored on other items (or from another base model) are refused.
+    assert pooled_change("gsm8k", {"seed0": views["seed0"]}) is None
+    moved = views["seed1"]["gsm8k"]["after_thoughts"].result
+    moved.items = [{**item, "index": item["index"] + 1} for item in moved.items]
+    with pytest.raises(ValueError, match="gsm8k: seed1 was scored on other items"):
+        pooled_change("gsm8k", views)

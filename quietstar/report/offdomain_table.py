@@ -12,7 +12,10 @@ is about 0 everywhere (:data:`SWITCHED_OFF`) is said to be met vacuously.
 The block opens with the experiments side by side (:func:`render_comparison`): per seed its mixing mode and prior
 weight (from ``run_config.json``), w at the end of training, both targets, and, where the experiment's pooled MATH
 bundle of the same name exists (``docs/results/<name>.tokens.npz``), the MATH gains the issue asks to keep: real −
-null thoughts and real − the plain fine-tune at equal FLOPs, all held-out tokens.
+null thoughts and real − the plain fine-tune at equal FLOPs, all held-out tokens. An experiment with two seeds or more
+gets a pooled row (:func:`pooled_change`): per item, the seeds' mean change from the base model, with its bootstrap
+interval over items (the target is checked on it), and, in its own line, a Student-t interval over the seeds' means:
+the spread a new seed would show on these items.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+
 from ..evaluation.result import EvalResult
 from .evaluations import TASKS, with_item_intervals
 from .markdown import TASK_TITLES, VIEWS, markdown_table
-from .stats import format_interval, verdict
+from .stats import across_seeds_interval, format_interval, paired_bootstrap, verdict
 
 OFFDOMAIN_DIR = "offdomain"
 TARGETS = {"gsm8k": -0.002, "commonsense_qa": -0.01}  # the issue's bound on (with thoughts − base)
@@ -90,6 +95,36 @@ def target_text(task: str, views: dict) -> str:
     return text + "."
 
 
+def pooled_change(task: str, seeds: dict) -> dict | None:
+    """``{"seeds", "items", "across_seeds", "outcome"}`` for ``task`` over the seeds of one experiment that have its
+    with-thoughts and base views (``seeds``: :func:`seed_views`); None with fewer than two. ``items``: the mean over
+    seeds of each item's (with thoughts − base) with a bootstrap interval over items; ``across_seeds``: a t-interval
+    over the seeds' mean changes; ``outcome``: the target checked on ``items`` (vacuously met when every seed's
+    thoughts are switched off). Raises ValueError when the seeds were
+    scored on different items or from different base models."""
+    usable = {seed: tasks[task] for seed, tasks in seeds.items()
+              if task in tasks and tasks[task].get("after_thoughts") and tasks[task]["after_thoughts"].minus_before}
+    if len(usable) < 2:
+        return None
+    changes, first = [], None
+    for seed, views in usable.items():
+        items = views["after_thoughts"].result.items
+        base = np.array([item["score"] for item in views["before"].result.items])
+        indices = [item["index"] for item in items]
+        if first is None:
+            first = (seed, indices, base)
+        elif indices != first[1] or not np.allclose(base, first[2], atol=1e-6):
+            raise ValueError(f"{task}: {seed} was scored on other items or from another base model than {first[0]}; "
+                             "pool only seeds of one experiment evaluated on the same items.")
+        changes.append(np.array([item["score"] for item in items]) - base)
+    per_item = np.mean(changes, axis=0)
+    interval = paired_bootstrap(per_item, np.arange(len(per_item)), num_resamples=NUM_RESAMPLES, seed=0)
+    return {"seeds": len(usable), "items": interval,
+            "across_seeds": across_seeds_interval([float(change.mean()) for change in changes]),
+            "outcome": ("missed" if interval["high"] <= TARGETS[task] else
+                        "met, vacuously" if all(switched_off(views) for views in usable.values()) else "met")}
+
+
 def run_settings(seed_folder: str) -> tuple[str, str]:
     """``(mixing mode, prior)`` as text from the seed's ``run_config.json``: the prior's weight, and the prediction it
     compares with the base one when that is not the thought path ("—" for what is missing)."""
@@ -133,16 +168,36 @@ def render_comparison(folder: str, views_by_name: dict, results: dict) -> str:
                          "—" if w is None else f"{w:.3g}", _target_cell("gsm8k", tasks),
                          _target_cell("commonsense_qa", tasks), _math_cell(differences, "real_minus_null"),
                          _math_cell(differences, "real_minus_finetune_flops")])
+        pooled = {task: pooled_change(task, seeds) for task in TASKS}
+        if any(pooled.values()):
+            count = max(entry["seeds"] for entry in pooled.values() if entry)
+            math_seeds = len(bundle.get("seeds", {}))
+            math = bundle["pooled"]["differences"] if math_seeds >= 2 else {}
+            note = f" ({math_seeds} seeds)" if math and math_seeds != count else ""
+            rows.append([name, f"pooled ({count} seeds)", *run_settings(os.path.join(folder, name, next(iter(seeds)))),
+                         "—", *[f"{format_interval(entry['items'], 4)} {entry['outcome']}" if entry else "—"
+                                for entry in pooled.values()],
+                         *[_math_cell(math, key) + (note if key in math else "")
+                           for key in ("real_minus_null", "real_minus_finetune_flops")]])
     return markdown_table(["experiment", "seed", "mixing", "prior weight", "w, last quarter of training",
                            "GSM8K: with thoughts − base", "CommonsenseQA: with thoughts − base",
                            "MATH: real − null thoughts", "MATH: real − plain fine-tune (equal FLOPs)"], rows)
 
 
 def render_experiment(name: str, folder: str, link: str, seeds: dict | None = None) -> str:
-    """The markdown of one experiment: per seed, every task and view (``seeds``: its :func:`seed_views`, computed
-    when not given)."""
+    """The markdown of one experiment: over its seeds when it has two or more (:func:`pooled_change`), then per seed,
+    every task and view (``seeds``: its :func:`seed_views`, computed when not given)."""
+    seeds = seed_views(folder) if seeds is None else seeds
     parts = [f"#### {name}", ""]
-    for seed, tasks in (seed_views(folder) if seeds is None else seeds).items():
+    pooled = {task: pooled_change(task, seeds) for task in TASKS}
+    lines = [f"- {TASK_TITLES[task]}, {entry['seeds']} seeds: with thoughts − base = "
+             f"{format_interval(entry['items'], 4)} (seeds' mean per item, interval over items; the target is "
+             f"{entry['outcome']}); over seeds (Student t on the seeds' means "
+             f"{', '.join(f'{value:+.4f}' for value in entry['across_seeds']['per_seed'])}): "
+             f"{format_interval(entry['across_seeds'], 4)}." for task, entry in pooled.items() if entry]
+    if lines:
+        parts += ["Pooled over seeds:", "", *lines, ""]
+    for seed, tasks in seeds.items():
         rows, targets = [], []
         for task, views in tasks.items():
             for view, label in VIEWS:

@@ -26,7 +26,8 @@ from .stats import across_seeds_interval
 TOKENS_FILE = "heldout_tokens.npz"
 
 
-def _run_seed(run_dir: str) -> str:
+def run_seed(run_dir: str) -> str:
+    """The seed a run was trained with (its run_config.json), else its folder's name."""
     path = os.path.join(run_dir, "run_config.json")
     if os.path.isfile(path):
         with open(path) as f:
@@ -34,10 +35,25 @@ def _run_seed(run_dir: str) -> str:
     return os.path.basename(os.path.normpath(run_dir))
 
 
+def check_poolable(label: str, data: dict, first_label: str, first: dict) -> None:
+    """Refuse to pool ``data`` (named ``label``) with ``first``: a ValueError naming both when they were scored on
+    different held-out sets, with different views, or from different base models."""
+    if data["fingerprint"] != first["fingerprint"]:
+        raise ValueError(f"{label} was scored on another held-out set than {first_label}: {data['fingerprint']!r} "
+                         f"vs {first['fingerprint']!r}. Report every run on the same documents (same "
+                         "--heldout-data, --heldout-documents and max_length) before pooling.")
+    if set(data["nll"]) != set(first["nll"]):
+        raise ValueError(f"{label} has the views {sorted(data['nll'])}, {first_label} has {sorted(first['nll'])}; "
+                         "report them with the same options (and controls) before pooling.")
+    if "base" in data["nll"] and not np.allclose(data["nll"]["base"], first["nll"]["base"], atol=1e-4):
+        raise ValueError(f"{label} and {first_label} started from different base models (their base-model NLL "
+                         "differs); pool only seeds of one experiment.")
+
+
 def load_runs(run_dirs: list[str]) -> dict:
-    """The per-token data of every run, checked to be poolable: ``{"fingerprint", "documents", "seeds": {seed:
-    {"run", "nll", "weights", "controls", "metrics"}}}`` (``metrics``: the run's training logs, metrics.jsonl). Refuses runs scored on different held-out sets, with different views,
-    or from different base models."""
+    """The per-token data of every run, checked to be poolable (:func:`check_poolable`): ``{"fingerprint",
+    "documents", "seeds": {seed: {"run", "nll", "weights", "controls", "metrics"}}}`` (``metrics``: the run's
+    training logs, metrics.jsonl)."""
     if not run_dirs:
         raise ValueError("Give at least one run folder.")
     loaded = []
@@ -48,24 +64,30 @@ def load_runs(run_dirs: list[str]) -> dict:
         loaded.append((run_dir, load_token_nll(path)))
     first_dir, first = loaded[0]
     for run_dir, data in loaded[1:]:
-        if data["fingerprint"] != first["fingerprint"]:
-            raise ValueError(f"{run_dir} was scored on another held-out set than {first_dir}: {data['fingerprint']!r} "
-                             f"vs {first['fingerprint']!r}. Report every run on the same documents (same "
-                             "--heldout-data, --heldout-documents and max_length) before pooling.")
-        if set(data["nll"]) != set(first["nll"]):
-            raise ValueError(f"{run_dir} has the views {sorted(data['nll'])}, {first_dir} has {sorted(first['nll'])}; "
-                             "report them with the same options (and controls) before pooling.")
-        if "base" in data["nll"] and not np.allclose(data["nll"]["base"], first["nll"]["base"], atol=1e-4):
-            raise ValueError(f"{run_dir} and {first_dir} started from different base models (their base-model NLL "
-                             "differs); pool only seeds of one experiment.")
+        check_poolable(run_dir, data, first_dir, first)
     seeds = {}
     for run_dir, data in loaded:
-        seed = _run_seed(run_dir)
+        seed = run_seed(run_dir)
         if seed in seeds:
             raise ValueError(f"{run_dir} and {seeds[seed]['run']} have the same seed {seed}; pool different seeds.")
         seeds[seed] = {"run": run_dir, "nll": data["nll"], "weights": data["weights"], "controls": data["controls"],
                        "metrics": [entry for entry in read_metrics(run_dir) if "loss" in entry]}
     return {"fingerprint": first["fingerprint"], "documents": first["documents"], "seeds": seeds}
+
+
+def extend_runs(committed: dict, committed_label: str, added: dict) -> dict:
+    """``committed`` (:func:`load_bundle` data, named ``committed_label``) with the seeds of ``added``
+    (:func:`load_runs` data) joined to it: seeds trained and reported on other machines or in other sessions pool
+    with those already committed, whose run folders need not exist any more. Refuses what :func:`load_runs` refuses,
+    and a seed that is in both."""
+    for seed, run in added["seeds"].items():
+        if seed in committed["seeds"]:
+            raise ValueError(f"seed {seed} ({run['run']}) is already in {committed_label}; pool different seeds, or "
+                             "pool every run again without extending.")
+        check_poolable(run["run"], {"fingerprint": added["fingerprint"], "nll": run["nll"]}, committed_label,
+                       {"fingerprint": committed["fingerprint"],
+                        "nll": next(iter(committed["seeds"].values()))["nll"]})
+    return {**committed, "seeds": {**committed["seeds"], **added["seeds"]}}
 
 
 def save_bundle(path: str, runs: dict) -> None:
