@@ -100,8 +100,8 @@ def pooled_change(task: str, seeds: dict) -> dict | None:
     with-thoughts and base views (``seeds``: :func:`seed_views`); None with fewer than two. ``items``: the mean over
     seeds of each item's (with thoughts − base) with a bootstrap interval over items; ``across_seeds``: a t-interval
     over the seeds' mean changes; ``outcome``: the target checked on ``items`` (vacuously met when every seed's
-    thoughts are switched off). Raises ValueError when the seeds were
-    scored on different items or from different base models."""
+    thoughts are switched off). Raises ValueError when the seeds were scored on different items or from different
+    base models."""
     usable = {seed: tasks[task] for seed, tasks in seeds.items()
               if task in tasks and tasks[task].get("after_thoughts") and tasks[task]["after_thoughts"].minus_before}
     if len(usable) < 2:
