@@ -31,12 +31,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from quietstar.report.offdomain_table import OFFDOMAIN_DIR  # noqa: E402
 from quietstar.report.pooling import extend_runs, load_bundle, load_runs, run_seed, save_bundle  # noqa: E402
 from quietstar.report.tables import BUNDLE_SUFFIX, regenerate  # noqa: E402
+from quietstar.training.run_files import METRICS_FILE  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def copy_offdomain(run_dir: str, folder: str) -> None:
-    """Copy the run's evaluation records and run_config.json into ``folder`` (replacing what it held)."""
+    """Copy the run's evaluation records, run_config.json and training logs (metrics.jsonl, for w over training) into
+    ``folder`` (replacing what it held)."""
     records = sorted(glob.glob(os.path.join(run_dir, "eval", "*.json")))
     if not records:
         sys.exit(f"pool_seeds.py: error: {run_dir}/eval holds no evaluation records; report the run with "
@@ -45,6 +47,9 @@ def copy_offdomain(run_dir: str, folder: str) -> None:
     os.makedirs(folder)
     for path in [*records, os.path.join(run_dir, "run_config.json")]:
         shutil.copy(path, folder)
+    metrics = os.path.join(run_dir, METRICS_FILE)
+    if os.path.isfile(metrics):
+        shutil.copy(metrics, folder)
 
 
 def main(argv=None) -> list[str]:

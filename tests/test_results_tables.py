@@ -236,13 +236,16 @@ def test_seeds_of_an_offdomain_experiment_are_pooled_per_item_and_over_seeds(tmp
     run = tmp_path / "runs" / "mix-seed2"
     write_offdomain_records(str(run / "eval"), -0.005, noise_seed=12)
     (run / "run_config.json").write_text(json.dumps({"QuietStarTrainingArguments": {"seed": 2}}))
+    logs = [{"step": step, "loss": 1.0, "mixing_weight_mean": step / 100} for step in range(1, 9)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in logs))
     page = tmp_path / "results.md"
     page.write_text("# Results\n")
     pool_seeds = load_script("pool_seeds")
     written = pool_seeds.main([str(run), "--name", "mix", "--results-dir", str(results), "--page", str(page),
                                "--offdomain-only"])
     assert written == [str(page)] and not list(results.glob("*.tokens.npz"))
-    assert sorted(os.listdir(experiment / "seed2")) == sorted(os.listdir(run / "eval")) + ["run_config.json"]
+    assert sorted(os.listdir(experiment / "seed2")) == sorted(os.listdir(run / "eval")) + ["metrics.jsonl",
+                                                                                          "run_config.json"]
     assert sorted(os.listdir(experiment)) == ["seed0", "seed1", "seed2"]  # the committed seeds stay
     text = page.read_text()
     seeds = {f"seed{k}": load_seed(str(experiment / f"seed{k}")) for k in range(3)}
@@ -258,6 +261,8 @@ def test_seeds_of_an_offdomain_experiment_are_pooled_per_item_and_over_seeds(tmp
     assert f"| mix | pooled (3 seeds) | — | — | — | {format_interval(expected, 4)} missed |" in text
     assert "over seeds (Student t on the seeds' means " in text and format_interval(spread, 4) in text
     assert "seed0 ([records]" in text and text.count("| mix | ") == 4  # three seeds and the pooled row
+    # w over the last quarter of training: from the logs committed beside the off-domain-only seed (steps 7 and 8).
+    assert "| mix | 2 | — | — | 0.075 |" in text and "| mix | 0 | — | — | — |" in text
     # One seed alone is not pooled; seeds scored on other items (or from another base model) are refused.
     assert pooled_change("gsm8k", {"seed0": views["seed0"]}) is None
     moved = views["seed1"]["gsm8k"]["after_thoughts"].result

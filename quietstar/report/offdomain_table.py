@@ -10,7 +10,8 @@ and says whether the target holds: with thoughts no worse than the base model, t
 is about 0 everywhere (:data:`SWITCHED_OFF`) is said to be met vacuously.
 
 The block opens with the experiments side by side (:func:`render_comparison`): per seed its mixing mode and prior
-weight (from ``run_config.json``), w at the end of training, both targets, and, where the experiment's pooled MATH
+weight (from ``run_config.json``), w at the end of training (from the bundle's training logs, else the
+``metrics.jsonl`` copied beside the records), both targets, and, where the experiment's pooled MATH
 bundle of the same name exists (``docs/results/<name>.tokens.npz``), the MATH gains the issue asks to keep: real −
 null thoughts and real − the plain fine-tune at equal FLOPs, all held-out tokens. An experiment with two seeds or more
 gets a pooled row (:func:`pooled_change`): per item, the seeds' mean change from the base model, with its bootstrap
@@ -27,7 +28,8 @@ import numpy as np
 
 from ..evaluation.result import EvalResult
 from .evaluations import TASKS, with_item_intervals
-from .markdown import TASK_TITLES, VIEWS, markdown_table
+from ..training.run_files import read_metrics
+from .markdown import TASK_TITLES, VIEWS, markdown_table, training_quarters
 from .stats import across_seeds_interval, format_interval, paired_bootstrap, verdict
 
 OFFDOMAIN_DIR = "offdomain"
@@ -160,10 +162,14 @@ def render_comparison(folder: str, views_by_name: dict, results: dict) -> str:
     rows = []
     for name, seeds in views_by_name.items():
         bundle = results.get(name, {})
+        weights = []
         for seed, tasks in seeds.items():
             key = seed.removeprefix("seed")
             differences = bundle.get("seeds", {}).get(key, {}).get("differences", {})
-            w = bundle.get("training", {}).get(key, {}).get("last", {}).get("mixing_weight_mean")
+            training = bundle.get("training", {}).get(key) or training_quarters(
+                read_metrics(os.path.join(folder, name, seed)))  # a seed reported off-domain only
+            w = (training or {}).get("last", {}).get("mixing_weight_mean")
+            weights.append(w)
             rows.append([name, key, *run_settings(os.path.join(folder, name, seed)),
                          "—" if w is None else f"{w:.3g}", _target_cell("gsm8k", tasks),
                          _target_cell("commonsense_qa", tasks), _math_cell(differences, "real_minus_null"),
@@ -175,8 +181,9 @@ def render_comparison(folder: str, views_by_name: dict, results: dict) -> str:
             math = bundle["pooled"]["differences"] if math_seeds >= 2 else {}
             note = f" ({math_seeds} seeds)" if math and math_seeds != count else ""
             rows.append([name, f"pooled ({count} seeds)", *run_settings(os.path.join(folder, name, next(iter(seeds)))),
-                         "—", *[f"{format_interval(entry['items'], 4)} {entry['outcome']}" if entry else "—"
-                                for entry in pooled.values()],
+                         "—" if None in weights else f"{np.mean(weights):.3g} (seeds' mean)",
+                         *[f"{format_interval(entry['items'], 4)} {entry['outcome']}" if entry else "—"
+                           for entry in pooled.values()],
                          *[_math_cell(math, key) + (note if key in math else "")
                            for key in ("real_minus_null", "real_minus_finetune_flops")]])
     return markdown_table(["experiment", "seed", "mixing", "prior weight", "w, last quarter of training",
