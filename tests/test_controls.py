@@ -1,5 +1,5 @@
 """The evaluation controls: the thought views (null, other-document, causal shuffle, w = 0), the trained controls
-(finetune, null-trained), the hardest-tokens rule, paired bootstrap intervals, pooling seeds and the raw-data bundle."""
+(finetune, null-trained), the hardest-tokens rule, pooling seeds and the raw-data bundle (the statistics themselves: tests/test_stats.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from quietstar.report.heldout import (batches, binned_change, check_controls_dif
                                       heldout_token_nll, save_token_nll, token_documents)
 from quietstar.report.markdown import controls_text, heldout_section
 from quietstar.report.pooling import load_bundle, load_runs, pool_bundle, pool_runs, save_bundle
-from quietstar.report.stats import across_seeds_interval, paired_bootstrap, student_t_quantile, verdict
+from quietstar.report.stats import paired_bootstrap
 from quietstar.scoring import (BaseScorer, ThoughtScorer, ThoughtSource, causal_sources, configure_for_scoring,
                                document_derangement, gather_thoughts, null_thoughts, other_document_sources,
                                weight_summary)
@@ -463,49 +463,3 @@ def test_controlled_views_and_pooling(tmp_path):
             pool_seeds.main([*runs, "--name", "exp", "--results-dir", str(extended), "--extend"])
     with pytest.raises(SystemExit, match="does not exist; pool without --extend"):
         pool_seeds.main([run1, "--name", "absent", "--results-dir", str(extended), "--extend"])
-
-
-# ----------------------------------------------------------------------------------------------- statistics
-def test_paired_bootstrap_mean_and_coverage():
-    """The mean is the token-weighted mean; intervals over documents cover a true zero about 95 % of the time when
-    tokens of a document share an effect (which a token-level bootstrap would under-cover)."""
-    rng = np.random.default_rng(0)
-    documents = np.repeat(np.arange(40), 20)
-    difference = rng.normal(size=800)
-    result = paired_bootstrap(difference, documents, num_resamples=500)
-    assert result["mean"] == pytest.approx(difference.mean())
-    # The interval is the spread of document-resampled means: about mean +- 1.96 * sd(document means) / sqrt(40).
-    document_means = difference.reshape(40, 20).mean(axis=1)
-    half = 1.96 * document_means.std(ddof=1) / np.sqrt(40)
-    assert result["low"] == pytest.approx(result["mean"] - half, abs=0.3 * half)
-    assert result["high"] == pytest.approx(result["mean"] + half, abs=0.3 * half)
-    assert paired_bootstrap(np.full(800, 0.25), documents) == {"mean": 0.25, "low": 0.25, "high": 0.25}
-    covered = 0
-    for trial in range(200):
-        effect = rng.normal(size=40)[documents] + rng.normal(size=800) * 0.5  # documents share an effect, mean 0
-        interval = paired_bootstrap(effect, documents, num_resamples=400, seed=trial)
-        covered += interval["low"] <= 0 <= interval["high"]
-    assert 0.88 <= covered / 200 <= 0.99
-    subset = np.zeros(800, dtype=bool)
-    subset[:100] = True
-    assert paired_bootstrap(difference, documents, subset)["mean"] == pytest.approx(difference[:100].mean())
-    assert verdict({"mean": -1, "low": -2, "high": -0.5}) == "better"
-    assert verdict({"mean": 0, "low": -1, "high": 1}) == "not distinguishable"
-
-
-def test_student_t_quantiles_and_seed_intervals():
-    # Reference values from statistical tables.
-    for probability, dof, expected in [(0.975, 1, 12.7062047), (0.975, 2, 4.3026527), (0.975, 10, 2.2281389),
-                                       (0.995, 4, 4.6040949), (0.975, 1000, 1.9623391)]:
-        assert student_t_quantile(probability, dof) == pytest.approx(expected, abs=1e-6)
-    spread = across_seeds_interval([1.0, 2.0, 6.0])  # mean 3, sd sqrt(7)
-    half = 4.3026527 * np.sqrt(7.0) / np.sqrt(3.0)
-    assert (spread["mean"], spread["low"], spread["high"]) == pytest.approx((3.0, 3.0 - half, 3.0 + half))
-    with pytest.raises(ValueError, match="at least two seeds"):
-        across_seeds_interval([1.0])
-
-
-def test_rounding_differences_are_not_verdicts():
-    assert verdict({"mean": 2e-8, "low": 5e-9, "high": 4e-8}, lower_is_better=False) == "identical up to rounding"
-    assert verdict({"mean": 0.01, "low": 0.005, "high": 0.02}, lower_is_better=False) == "better"
-    assert verdict({"mean": 0.01, "low": 0.005, "high": 0.02}) == "worse"

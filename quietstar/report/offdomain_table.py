@@ -156,9 +156,10 @@ def _math_cell(differences: dict, key: str) -> str:
     return f"{format_interval(entry['all'])} {verdict(entry['all'])}" if entry else "—"
 
 
-def render_comparison(folder: str, views_by_name: dict, results: dict) -> str:
+def render_comparison(folder: str, views_by_name: dict, pooled_by_name: dict, results: dict) -> str:
     """The experiments side by side (module docstring); ``views_by_name``: :func:`seed_views` of each experiment,
-    ``results``: the pooled MATH bundles by name (quietstar.report.tables.pooled_results)."""
+    ``pooled_by_name``: its :func:`pooled_change` by task, ``results``: the pooled MATH bundles by name
+    (quietstar.report.tables.pooled_results)."""
     rows = []
     for name, seeds in views_by_name.items():
         bundle = results.get(name, {})
@@ -174,7 +175,7 @@ def render_comparison(folder: str, views_by_name: dict, results: dict) -> str:
                          "—" if w is None else f"{w:.3g}", _target_cell("gsm8k", tasks),
                          _target_cell("commonsense_qa", tasks), _math_cell(differences, "real_minus_null"),
                          _math_cell(differences, "real_minus_finetune_flops")])
-        pooled = {task: pooled_change(task, seeds) for task in TASKS}
+        pooled = pooled_by_name[name]
         if any(pooled.values()):
             count = max(entry["seeds"] for entry in pooled.values() if entry)
             math_seeds = len(bundle.get("seeds", {}))
@@ -191,12 +192,10 @@ def render_comparison(folder: str, views_by_name: dict, results: dict) -> str:
                            "MATH: real − null thoughts", "MATH: real − plain fine-tune (equal FLOPs)"], rows)
 
 
-def render_experiment(name: str, folder: str, link: str, seeds: dict | None = None) -> str:
-    """The markdown of one experiment: over its seeds when it has two or more (:func:`pooled_change`), then per seed,
-    every task and view (``seeds``: its :func:`seed_views`, computed when not given)."""
-    seeds = seed_views(folder) if seeds is None else seeds
+def render_experiment(name: str, link: str, seeds: dict, pooled: dict) -> str:
+    """The markdown of one experiment: over its seeds when it has two or more (``pooled``: :func:`pooled_change` by
+    task), then per seed, every task and view (``seeds``: its :func:`seed_views`)."""
     parts = [f"#### {name}", ""]
-    pooled = {task: pooled_change(task, seeds) for task in TASKS}
     lines = [f"- {TASK_TITLES[task]}, {entry['seeds']} seeds: with thoughts − base = "
              f"{format_interval(entry['items'], 4)} (seeds' mean per item, interval over items; the target is "
              f"{entry['outcome']}); over seeds (Student t on the seeds' means "
@@ -236,5 +235,6 @@ def render_block(folder: str, link: str, results: dict | None = None) -> str:
     comparison = ("Side by side (the MATH columns: the experiment's pooled bundle of the same name, per seed, all "
                   "held-out tokens, nats per token, bootstrap 95 % intervals over documents; w: the training logs' "
                   "mean over the last quarter of the run):")
-    return "\n".join([head, "", comparison, "", render_comparison(folder, views, results or {}), "",
-                      *[render_experiment(name, os.path.join(folder, name), link, views[name]) for name in names]])
+    pooled = {name: {task: pooled_change(task, seeds) for task in TASKS} for name, seeds in views.items()}
+    return "\n".join([head, "", comparison, "", render_comparison(folder, views, pooled, results or {}), "",
+                      *[render_experiment(name, link, views[name], pooled[name]) for name in names]])
