@@ -5,8 +5,9 @@
     python scripts/results_tables.py --check    # exit 1 when a generated file is stale (tests/test_results_tables.py)
 
 The tables go between ``<!-- generated:<name> -->`` markers of the page; text outside them is left alone
-(quietstar.report.tables). The multi-hop block also redraws docs/results/multihop/arms.png when the block changes;
-``--check`` compares text only (a missing figure is reported, PNG bytes are never compared).
+(quietstar.report.tables). The multi-hop and off-domain blocks also redraw their figures (docs/results/multihop/arms.png,
+docs/results/offdomain/w_vs_change.png) when the block changes; ``--check`` compares text only (a missing figure is
+reported, PNG bytes are never compared).
 """
 
 from __future__ import annotations

@@ -243,7 +243,8 @@ def test_seeds_of_an_offdomain_experiment_are_pooled_per_item_and_over_seeds(tmp
     pool_seeds = load_script("pool_seeds")
     written = pool_seeds.main([str(run), "--name", "mix", "--results-dir", str(results), "--page", str(page),
                                "--offdomain-only"])
-    assert written == [str(page)] and not list(results.glob("*.tokens.npz"))
+    assert written == [str(page), str(experiment.parent / "w_vs_change.png")]
+    assert not list(results.glob("*.tokens.npz"))
     assert sorted(os.listdir(experiment / "seed2")) == sorted(os.listdir(run / "eval")) + ["metrics.jsonl",
                                                                                           "run_config.json"]
     assert sorted(os.listdir(experiment)) == ["seed0", "seed1", "seed2"]  # the committed seeds stay
@@ -269,3 +270,40 @@ def test_seeds_of_an_offdomain_experiment_are_pooled_per_item_and_over_seeds(tmp
     moved.items = [{**item, "index": item["index"] + 1} for item in moved.items]
     with pytest.raises(ValueError, match="gsm8k: seed1 was scored on other items"):
         pooled_change("gsm8k", views)
+
+
+def test_the_offdomain_figure_and_correlation_set_each_runs_loss_beside_its_w(tmp_path):
+    """Each seed's change is set beside its mean w on the task: Spearman's rho over the seeds that think (a switched-off
+    seed is drawn, hollow, but left out of rho), and the figure is drawn when missing and reported by --check."""
+    from quietstar.evaluation.result import EvalResult
+
+    results = tmp_path / "results"
+    experiment = results / "offdomain" / "mix"
+    shifts, weights = (-0.001, -0.003, -0.002, 0.0), (0.05, 0.30, 0.20, 1e-12)
+    for seed, (shift, w) in enumerate(zip(shifts, weights)):
+        folder = experiment / f"seed{seed}"
+        write_offdomain_records(str(folder), shift, noise_seed=20 + seed)
+        for task in ("gsm8k", "commonsense_qa"):
+            path = folder / f"{task}_after_thoughts.json"
+            result = EvalResult.load(path)
+            result.mixing_weight = dict(positions=100, mean=w, q05=w / 10, q25=w / 2, q50=w, q75=w, q95=w * 1.5)
+            result.save(path)
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n")
+    figure = experiment.parent / "w_vs_change.png"
+    assert str(figure) in regenerate(str(results), str(page)) and figure.stat().st_size > 0
+    text = page.read_text()
+    changes = []
+    for seed in range(3):  # seed 3 is switched off (w below 0.001 at 95 % of positions)
+        scores = {view: np.array([i["score"] for i in EvalResult.load(experiment / f"seed{seed}" /
+                                                                       f"gsm8k_{view}.json").items])
+                  for view in ("after_thoughts", "before")}
+        changes.append((scores["after_thoughts"] - scores["before"]).mean())
+    rank = lambda v: np.argsort(np.argsort(v)).astype(float)  # noqa: E731
+    rho = np.corrcoef(rank(np.array(weights[:3])), rank(np.array(changes)))[0, 1]
+    assert rho == pytest.approx(-1.0)  # the shifts were chosen to fall with w
+    assert f"- GSM8K: Spearman's ρ(w, with thoughts − base) = {rho:+.2f} over 3 runs" in text
+    assert "](results/offdomain/w_vs_change.png)" in text
+    assert regenerate(str(results), str(page), check=True) == []
+    figure.unlink()
+    assert regenerate(str(results), str(page), check=True) == [str(figure)] and not figure.exists()

@@ -1,12 +1,14 @@
 """The statistics of the reports (quietstar.report.stats): the paired bootstrap over documents (its mean, width and
-coverage), Student-t quantiles and intervals over seeds against table values, and what counts as a verdict."""
+coverage), Student-t quantiles and intervals over seeds against table values, what counts as a verdict, and the rank
+correlation against an exact permutation test."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from quietstar.report.stats import across_seeds_interval, paired_bootstrap, student_t_quantile, verdict
+from quietstar.report.stats import (across_seeds_interval, paired_bootstrap, rank_correlation, student_t_quantile,
+                                    verdict)
 
 
 def test_paired_bootstrap_mean_and_coverage():
@@ -52,3 +54,29 @@ def test_rounding_differences_are_not_verdicts():
     assert verdict({"mean": 2e-8, "low": 5e-9, "high": 4e-8}, lower_is_better=False) == "identical up to rounding"
     assert verdict({"mean": 0.01, "low": 0.005, "high": 0.02}, lower_is_better=False) == "better"
     assert verdict({"mean": 0.01, "low": 0.005, "high": 0.02}) == "worse"
+
+
+def test_rank_correlation_is_spearmans_rho_with_a_permutation_p_value():
+    """rho is Pearson's correlation of the ranks (ties: mean ranks, worked by hand); p matches the exact test that
+    enumerates every permutation of 6 values."""
+    import itertools
+
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40])["rho"] == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, 4], [0.4, 0.3, 0.2, -5])["rho"] == pytest.approx(-1.0)
+    # Ties: y's ranks are 1, 2.5, 2.5, 4 and x's 1, 2, 3, 4.
+    tied_y = np.array([1.0, 2.5, 2.5, 4.0])
+    expected = np.corrcoef([1.0, 2.0, 3.0, 4.0], tied_y)[0, 1]
+    assert rank_correlation([5, 6, 7, 8], [0.1, 0.7, 0.7, 0.9])["rho"] == pytest.approx(expected)
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=6), rng.normal(size=6)
+    rank = lambda v: np.argsort(np.argsort(v)).astype(float)  # noqa: E731 (no ties here)
+    observed = np.corrcoef(rank(x), rank(y))[0, 1]
+    exact = np.mean([abs(np.corrcoef(rank(x), np.array(order))[0, 1]) >= abs(observed) - 1e-12
+                     for order in itertools.permutations(rank(y))])
+    result = rank_correlation(x, y, num_permutations=20000)
+    assert result["rho"] == pytest.approx(observed) and result["n"] == 6
+    assert result["p"] == pytest.approx(exact, abs=0.02)
+    with pytest.raises(ValueError, match="same length >= 3"):
+        rank_correlation([1, 2], [1, 2])
+    with pytest.raises(ValueError, match="not constant"):
+        rank_correlation([1, 2, 3], [4, 4, 4])

@@ -17,6 +17,10 @@ null thoughts and real − the plain fine-tune at equal FLOPs, all held-out toke
 gets a pooled row (:func:`pooled_change`): per item, the seeds' mean change from the base model, with its bootstrap
 interval over items (the target is checked on it), and, in its own line, a Student-t interval over the seeds' means:
 the spread a new seed would show on these items.
+
+How much each run loses is set beside how much it thinks on the task (:func:`w_change_points`): the figure
+:data:`W_FIGURE` (drawn by quietstar.report.tables.regenerate) and Spearman's rank correlation of w with the change
+over every seed whose thoughts are not switched off.
 """
 
 from __future__ import annotations
@@ -30,12 +34,13 @@ from ..evaluation.result import EvalResult
 from .evaluations import TASKS, with_item_intervals
 from ..training.run_files import read_metrics
 from .markdown import TASK_TITLES, VIEWS, markdown_table, training_quarters
-from .stats import across_seeds_interval, format_interval, paired_bootstrap, verdict
+from .stats import across_seeds_interval, format_interval, paired_bootstrap, rank_correlation, verdict
 
 OFFDOMAIN_DIR = "offdomain"
 TARGETS = {"gsm8k": -0.002, "commonsense_qa": -0.01}  # the issue's bound on (with thoughts − base)
 NUM_RESAMPLES = 2000
 SWITCHED_OFF = 1e-3  # a 95 % quantile of w below this: the thoughts are switched off, the target holds vacuously
+W_FIGURE = "w_vs_change.png"
 
 
 def experiments(folder: str) -> list[str]:
@@ -125,6 +130,39 @@ def pooled_change(task: str, seeds: dict) -> dict | None:
             "across_seeds": across_seeds_interval([float(change.mean()) for change in changes]),
             "outcome": ("missed" if interval["high"] <= TARGETS[task] else
                         "met, vacuously" if all(switched_off(views) for views in usable.values()) else "met")}
+
+
+def w_change_points(views_by_name: dict) -> list[dict]:
+    """One point per experiment, seed and task whose with-thoughts view records w and has a base view:
+    ``{"experiment", "seed", "task", "w", "change", "switched_off"}``; ``w``: the mean mixing weight over the task's
+    scored positions, ``change``: with thoughts − base with its interval over items (``views_by_name``:
+    :func:`seed_views` of each experiment)."""
+    points = []
+    for name, seeds in views_by_name.items():
+        for seed, tasks in seeds.items():
+            for task, views in tasks.items():
+                thoughts = views.get("after_thoughts")
+                if thoughts is None or thoughts.minus_before is None or not thoughts.result.mixing_weight:
+                    continue
+                points.append({"experiment": name, "seed": seed.removeprefix("seed"), "task": task,
+                               "w": float(thoughts.result.mixing_weight["mean"]), "change": thoughts.minus_before,
+                               "switched_off": switched_off(views)})
+    return points
+
+
+def w_correlation_text(points: list[dict]) -> str:
+    """A sentence per task: Spearman's rho of w with (with thoughts − base) over the points that think (their
+    thoughts not switched off), with its permutation p-value; tasks with fewer than 3 such points are skipped."""
+    lines = []
+    for task in TASKS:
+        thinking = [p for p in points if p["task"] == task and not p["switched_off"]]
+        if len(thinking) < 3 or len({p["w"] for p in thinking}) < 2:
+            continue
+        result = rank_correlation([p["w"] for p in thinking], [p["change"]["mean"] for p in thinking])
+        lines.append(f"- {TASK_TITLES[task]}: Spearman's ρ(w, with thoughts − base) = {result['rho']:+.2f} over "
+                     f"{result['n']} runs (permutation p = {result['p']:.3f}; below 0: the more the model thinks on "
+                     "the task, the more it loses).")
+    return "\n".join(lines)
 
 
 def run_settings(seed_folder: str) -> tuple[str, str]:
@@ -236,5 +274,14 @@ def render_block(folder: str, link: str, results: dict | None = None) -> str:
                   "held-out tokens, nats per token, bootstrap 95 % intervals over documents; w: the training logs' "
                   "mean over the last quarter of the run):")
     pooled = {name: {task: pooled_change(task, seeds) for task in TASKS} for name, seeds in views.items()}
+    points = w_change_points(views)
+    figure = []
+    if points:
+        figure = ["How much each run loses against how much it thinks on the task (every experiment and seed; w: the "
+                  "mean over the task's scored positions; switched-off runs hollow; dashed: the target):", "",
+                  f"![with thoughts − base against w]({link}/{W_FIGURE})", ""]
+        correlation = w_correlation_text(points)
+        if correlation:
+            figure += ["Over the runs whose thoughts are not switched off:", "", correlation, ""]
     return "\n".join([head, "", comparison, "", render_comparison(folder, views, pooled, results or {}), "",
-                      *[render_experiment(name, link, views[name], pooled[name]) for name in names]])
+                      *figure, *[render_experiment(name, link, views[name], pooled[name]) for name in names]])

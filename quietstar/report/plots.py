@@ -144,3 +144,27 @@ def plot_multihop_arms(rows: list[tuple[str, dict[str, dict]]], title: str, path
     axis.set(xlabel="difference of the answer's log p (nats), 95 % interval over documents", title=title)
     axis.legend(loc="best", fontsize="small")
     return _save(figure, path)
+
+
+def plot_offdomain_w(points: list[dict], targets: dict[str, float], titles: dict[str, str], path: str) -> str:
+    """One panel per task of ``targets``: each run's (with thoughts − base) with its interval against its mean w on the
+    task (``points``: quietstar.report.offdomain_table.w_change_points), one colour per experiment, hollow where the
+    thoughts are switched off; a solid line at 0 and a dashed one at the task's target."""
+    names = sorted({p["experiment"] for p in points})
+    figure, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4.2), squeeze=False)
+    for axis, (task, target) in zip(axes[0], targets.items()):
+        for number, name in enumerate(names):
+            chosen = [p for p in points if p["task"] == task and p["experiment"] == name]
+            for point in chosen:
+                change = point["change"]
+                axis.errorbar([point["w"]], [change["mean"]], yerr=[[change["mean"] - change["low"]],
+                                                                   [change["high"] - change["mean"]]],
+                              fmt="o", color=f"C{number}", capsize=3,
+                              markerfacecolor="none" if point["switched_off"] else f"C{number}",
+                              label=name if point is chosen[0] else None)
+        axis.axhline(0.0, color="grey", linewidth=0.8)
+        axis.axhline(target, color="red", linewidth=0.8, linestyle="--")
+        axis.set(xlabel="mean mixing weight w on the task", ylabel="with thoughts − base (p of the gold answer)",
+                 title=titles.get(task, task))
+    axes[0][0].legend(loc="lower left", fontsize="small")
+    return _save(figure, path)

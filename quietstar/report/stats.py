@@ -114,3 +114,31 @@ def paired_bootstrap_ratio(numerator: np.ndarray, denominator: np.ndarray, docum
     tail = (1 - confidence) / 2
     return {"mean": float(top.sum() / bottom.sum()), "low": float(np.quantile(ratios, tail)),
             "high": float(np.quantile(ratios, 1 - tail))}
+
+
+def rank_correlation(x, y, num_permutations: int = 10000, seed: int = 0) -> dict:
+    """Spearman's rank correlation of ``x`` and ``y`` (``[n]`` each, n >= 3; ties get their mean rank) with a two-sided
+    permutation p-value: the share of ``num_permutations`` seeded shuffles of y whose |rho| reaches the observed one
+    (the observed pairing counted once, so p > 0). Returns ``{"rho", "p", "n"}``."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1 or len(x) < 3:
+        raise ValueError(f"A rank correlation needs two 1-d arrays of the same length >= 3, got {x.shape} and "
+                         f"{y.shape}.")
+
+    def ranks(values):
+        order = values.argsort(kind="stable")
+        rank = np.empty(len(values))
+        rank[order] = np.arange(len(values), dtype=np.float64)
+        for value in np.unique(values):  # ties: their mean rank
+            tied = values == value
+            rank[tied] = rank[tied].mean()
+        return rank - rank.mean()
+
+    rx, ry = ranks(x), ranks(y)
+    scale = np.sqrt((rx ** 2).sum() * (ry ** 2).sum())
+    if scale == 0:
+        raise ValueError("A rank correlation needs x and y that are not constant.")
+    rho = float(rx @ ry / scale)
+    shuffles = np.random.default_rng(seed).permuted(np.tile(ry, (num_permutations, 1)), axis=1)
+    reached = int((np.abs(shuffles @ rx / scale) >= abs(rho) - 1e-12).sum())
+    return {"rho": rho, "p": (reached + 1) / (num_permutations + 1), "n": len(x)}

@@ -9,11 +9,12 @@ numbers cannot be regenerated). A ``<!-- generated:multihop -->`` block holds th
 records of ``scripts/multihop_eval.py`` in ``docs/results/multihop/`` (quietstar.report.multihop_table), and their
 forest plot ``docs/results/multihop/arms.png``. A ``<!-- generated:offdomain -->`` block holds GSM8K and
 CommonsenseQA under every view, from the evaluation records in ``docs/results/offdomain/``
-(quietstar.report.offdomain_table). A second page (the README) may hold ``<!-- generated:summary:<name> -->``
+(quietstar.report.offdomain_table), and its figure of each run's change against its w,
+``docs/results/offdomain/w_vs_change.png``. A second page (the README) may hold ``<!-- generated:summary:<name> -->``
 blocks: the headline differences of experiment ``<name>`` (:func:`render_summary`), filled only where the page
 asks for them. ``python scripts/results_tables.py`` runs it; ``--check`` says what is
-stale. The check compares the text files only: the figure is redrawn whenever the multihop block changes (its
-numbers are the block's) or it is missing, and check mode reports it then, never by comparing PNG bytes (matplotlib
+stale. The check compares the text files only: a figure is redrawn whenever its block changes (its numbers are
+the block's) or it is missing, and check mode reports it then, never by comparing PNG bytes (matplotlib
 versions draw the same figure differently).
 """
 
@@ -23,8 +24,9 @@ import json
 import os
 import re
 
-from .markdown import DIFFERENCE_HEADER, DIFFERENCES, HELDOUT_VIEWS, controls_text, difference_rows, markdown_table, weights_text
-from .offdomain_table import OFFDOMAIN_DIR, experiments
+from .markdown import (DIFFERENCE_HEADER, DIFFERENCES, HELDOUT_VIEWS, TASK_TITLES, controls_text, difference_rows,
+                       markdown_table, weights_text)
+from .offdomain_table import OFFDOMAIN_DIR, TARGETS, W_FIGURE, experiments, seed_views, w_change_points
 from .offdomain_table import render_block as render_offdomain_block
 from .multihop_table import FOREST_HOPS, FOREST_PLOT, forest_rows, load_arms, render_block
 from .pooling import load_bundle, pool_bundle
@@ -222,6 +224,17 @@ def regenerate(results_dir: str, page: str, check: bool = False, summary_page_pa
             if not check:
                 with open(path, "w") as f:
                     f.write(text)
+    offdomain = os.path.join(results_dir, OFFDOMAIN_DIR)
+    figure = os.path.join(offdomain, W_FIGURE)
+    if experiments(offdomain) and (block_text(page_text, "offdomain") != block_text(new_page, "offdomain")
+                                   or not os.path.isfile(figure)):
+        points = w_change_points({name: seed_views(os.path.join(offdomain, name)) for name in experiments(offdomain)})
+        if points:
+            stale.append(figure)
+            if not check:
+                from .plots import plot_offdomain_w  # matplotlib only when a figure is drawn
+
+                plot_offdomain_w(points, TARGETS, TASK_TITLES, figure)
     multihop = os.path.join(results_dir, MULTIHOP_DIR)
     figure = os.path.join(multihop, FOREST_PLOT)
     rows = forest_rows(load_arms(multihop))
