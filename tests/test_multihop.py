@@ -277,8 +277,46 @@ def test_views_with_a_zero_mixing_head_equal_the_lm_alone():
         values = {record["mixed"]["logp"][view] for view in VIEWS}
         assert max(values) - min(values) < 1e-5
         assert record["thought_path"]["logp"]["gold"] != record["thought_path"]["logp"]["null"]
+        assert "at_anchor" not in record  # it thinks everywhere: no rule to report
+    assert summarize([{"document": r["row"]} | r for r in records], num_resamples=20)["deployed"] is None
     with pytest.raises(ValueError, match="one thought per position"):
         score_documents(make_model("llama", num_thought_tokens=T), mixed_documents(byte_tokenizer()))
+
+
+def test_a_model_thinking_at_anchors_says_where_its_rule_thinks_and_scores_itself_as_deployed():
+    """A q < 1 model thinks at an answer only where its rule chooses the position: the ceil(q n) positions of highest
+    next-token entropy of the plain LM (computed here on each row alone, transformers' eager attention) among those
+    with a real next token. Each record says whether the rule chose its answer position; as deployed, the model's
+    prediction there is the learned view where chosen and the LM alone elsewhere."""
+    import math
+
+    fraction = 0.2
+    model = make_model("llama", num_thought_tokens=T, thought_fraction=fraction)
+    randomize_mixing_head(model, scale=2.0)
+    configure_for_scoring(model)
+    documents = mixed_documents(byte_tokenizer())
+    records = score_documents(model, documents, torch.Generator().manual_seed(0))
+    chosen = []
+    for row, document in enumerate(documents):
+        ids = torch.tensor(document.input_ids)
+        with torch.no_grad(), transformers_eager(model):
+            logits = model.base(inputs_embeds=model.embed(ids[None])).logits[0]
+        keep = [v for v in range(logits.shape[-1]) if v not in model.thought_token_ids]
+        entropy = torch.distributions.Categorical(logits=logits[:, keep].double()).entropy()
+        count = math.ceil(round(fraction * len(ids), 9))
+        expected = sorted(range(len(ids) - 1), key=lambda j: -entropy[j].item())[:count]
+        for query, record in zip(document.queries, [r for r in records if r["row"] == row]):
+            assert record["at_anchor"] == (query.answer_index - 1 in expected), (row, query.answer_index)
+            chosen.append(record["at_anchor"])
+    assert any(chosen) and not all(chosen)  # the check can fail both ways
+    summary = summarize([{"document": r["row"]} | r for r in records], num_resamples=50)
+    deployed = [r["mixed"]["logp"]["learned" if r["at_anchor"] else "no_thoughts"] for r in records]
+    change = [d - r["mixed"]["logp"]["no_thoughts"] for d, r in zip(deployed, records)]
+    assert summary["deployed"]["answer_at_anchor"]["mean"] == pytest.approx(np.mean(chosen))
+    assert summary["deployed"]["logp"]["mean"] == pytest.approx(np.mean(deployed))
+    assert summary["deployed"]["logp - no_thoughts"]["mean"] == pytest.approx(np.mean(change))
+    assert any(c != 0 for c in change) and all(c == 0 for c, a in zip(change, chosen) if not a)
+    assert "the model's rule chose" in evaluation.markdown_table({"hops": {2: summary}})
 
 
 # ------------------------------------------------------------------------------------------------- statistics

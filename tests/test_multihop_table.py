@@ -141,3 +141,20 @@ def test_bundle_blocks_still_regenerate_beside_the_multihop_block(tmp_path):
     text = page.read_text()
     assert "<!-- generated:exp -->" in text and "<!-- generated:provenance -->" in text and "`b-gold`" in text
     assert regenerate(str(results), str(page), check=True) == []
+
+
+def test_an_arm_thinking_at_anchors_gets_its_deployed_line(tmp_path):
+    """A record with a ``deployed`` summary (a q < 1 model) gets one line under the tables with its numbers; the others
+    get none."""
+    results, multihop, page = write_results(tmp_path)
+    anchored = record({2: 0.5})
+    anchored["hops"]["2"]["deployed"] = {"answer_at_anchor": interval(0.375, 0.25, 0.5),
+                                         "logp - no_thoughts": interval(-0.02, -0.04, -0.005),
+                                         "accuracy - no_thoughts": interval(0.0, -0.05, 0.05)}
+    (multihop / "d-anchors.json").write_text(json.dumps(anchored))
+    regenerate(str(results), str(page))
+    text = page.read_text()
+    lines = [line for line in text.splitlines() if line.startswith("- `")]
+    assert lines == ["- `d-anchors`, k = 2: the rule chose 0.375 [0.250, 0.500] of the answer positions; as deployed − "
+                     "no thoughts: log p -0.020 [-0.040, -0.005] worse, accuracy +0.000 [-0.050, +0.050] not "
+                     "distinguishable."]

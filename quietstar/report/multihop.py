@@ -14,10 +14,15 @@ view; every view is scored with one thought per position (A = 1, N = 1) from the
 * ``gold_wrong``: the same with k - 1 other entities of the document, outside the query's chain.
 
 A position's mixed prediction depends on its own thought only, so each view changes the thoughts at the query
-positions alone. For each view: the mean log p of the answer and the accuracy among the document's entities (argmax
-over their tokens); paired differences with bootstrap intervals over documents; the fraction of the gold - null gap
-that learned thoughts close; and the content check: how often a learned thought contains an intermediate entity's
-token, against the chance rate of containing one of the decoys (k - 1 random other entities of the document).
+positions alone. The views score a thought at every answer position; a model that thinks at anchors only
+(``thought_fraction`` < 1) would think at an answer only where its rule chooses it (quietstar.scoring.scoring_anchors),
+so for such a model each record also says whether the rule chose the answer position, and the summary adds the model
+as deployed: the learned view where the rule chose the position, the text path's prediction (no thoughts) elsewhere.
+
+For each view: the mean log p of the answer and the accuracy among the document's entities (argmax over their
+tokens); paired differences with bootstrap intervals over documents; the fraction of the gold - null gap that learned
+thoughts close; and the content check: how often a learned thought contains an intermediate entity's token, against
+the chance rate of containing one of the decoys (k - 1 random other entities of the document).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import numpy as np
 import torch
 
 from ..padding import right_pad
+from ..scoring import scoring_anchors, thinks_at_anchors
 from .stats import format_interval, paired_bootstrap, paired_bootstrap_ratio, verdict
 from ..tasks.multihop import MultihopDocument, MultihopGenerator, MultihopSpec, gold_thought
 from ..vocab import mask_thought_tokens
@@ -106,6 +112,7 @@ def score_documents(model, documents: Sequence[MultihopDocument], generator: tor
     device = next(model.parameters()).device
     input_ids, attention_mask = right_pad([d.input_ids for d in documents], model.pad_token_id, device)
     learned = model.sample_thoughts(input_ids, attention_mask, generator=generator, greedy=greedy)
+    anchors = scoring_anchors(model, input_ids, attention_mask) if thinks_at_anchors(model) else None  # [B, M]
     log_probs = {path: {} for path in PATHS}  # path -> view -> [B, L, V]
     for view in THOUGHT_VIEWS:
         thoughts = view_thoughts(view, learned, documents, model.filler_token_id)
@@ -133,6 +140,8 @@ def score_documents(model, documents: Sequence[MultihopDocument], generator: tor
             thought = learned[row, 0, position].tolist()
             record["thought"], record["thought_text"] = thought, model.tokenizer.decode(thought)
             record["contains_answer"] = query.answer.token_id in thought
+            if anchors is not None:
+                record["at_anchor"] = bool((anchors[row] == position).any())
             if query.intermediates:
                 record["contains_intermediate"] = any(e.token_id in thought for e in query.intermediates)
                 record["contains_decoy"] = any(e.token_id in thought for e in query.decoys)
@@ -182,7 +191,26 @@ def summarize(records: Sequence[dict], num_resamples: int = 2000) -> dict:
     answers = np.asarray([r["contains_answer"] for r in records], dtype=np.float64)
     return {"num_documents": len(np.unique(documents)), "num_queries": len(records),
             **{path: _path_summary(records, path, documents, num_resamples) for path in PATHS},
-            "content": content, "contains_answer": _interval(answers, documents, num_resamples)}
+            "content": content, "contains_answer": _interval(answers, documents, num_resamples),
+            "deployed": _deployed_summary(records, documents, num_resamples)}
+
+
+def _deployed_summary(records: Sequence[dict], documents: np.ndarray, num_resamples: int) -> dict | None:
+    """For a model that thinks at anchors only (records with ``at_anchor``; None otherwise): how often its rule chose
+    the answer position, and its mixed prediction as deployed (learned where chosen, no thoughts elsewhere): log p
+    and accuracy, and their change from no thoughts, with intervals over documents."""
+    if "at_anchor" not in records[0]:
+        return None
+    chosen = np.asarray([r["at_anchor"] for r in records])
+    out = {"answer_at_anchor": _interval(chosen.astype(np.float64), documents, num_resamples)}
+    for key, metric in (("logp", "logp"), ("correct", "accuracy")):
+        learned, plain = (np.asarray([r["mixed"][key][view] for r in records], dtype=np.float64)
+                          for view in ("learned", "no_thoughts"))
+        deployed = np.where(chosen, learned, plain)
+        change = _interval(deployed - plain, documents, num_resamples)
+        out[metric] = _interval(deployed, documents, num_resamples)
+        out[f"{metric} - no_thoughts"] = change | {"verdict": verdict(change, lower_is_better=False)}
+    return out
 
 
 def evaluate_multihop(model, settings: MultihopEvalSettings) -> dict:
@@ -227,5 +255,16 @@ def markdown_table(result: dict) -> str:
             lines.append(f"learned thought contains an intermediate: {format_interval(content['intermediate'])}; "
                          f"a decoy (chance): {format_interval(content['chance'])}; difference "
                          f"{format_interval(content['intermediate - chance'])}  ")
-        lines += [f"learned thought contains the answer: {format_interval(summary['contains_answer'])}", ""]
+        lines.append(f"learned thought contains the answer: {format_interval(summary['contains_answer'])}  ")
+        deployed = summary.get("deployed")
+        if deployed:
+            change = deployed["logp - no_thoughts"]
+            lines.append(f"thinking at its anchors only, the model's rule chose "
+                         f"{format_interval(deployed['answer_at_anchor'])} of the answer positions; as deployed "
+                         "(learned thought where chosen, no thoughts elsewhere), mixed prediction: log p "
+                         f"{format_interval(deployed['logp'])}, − no thoughts {format_interval(change)} "
+                         f"{change['verdict']}; "
+                         f"accuracy {format_interval(deployed['accuracy'])}, − no thoughts "
+                         f"{format_interval(deployed['accuracy - no_thoughts'])}  ")
+        lines.append("")
     return "\n".join(lines)

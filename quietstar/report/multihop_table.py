@@ -162,6 +162,15 @@ def arm_row(arm: Arm, hops: int, folder: str, link_dir: str) -> list[str]:
             _links(arm, folder, link_dir)]
 
 
+def deployed_line(arm: Arm, hops: str) -> str:
+    """A list item: how often the rule of ``arm`` (a model that thinks at anchors only) chose the answer position at
+    k = ``hops``, and its change from no thoughts as deployed."""
+    deployed = arm.record["hops"][hops]["deployed"]
+    return (f"- `{arm.name}`, k = {hops}: the rule chose {_fraction(deployed['answer_at_anchor'])} of the answer "
+            f"positions; as deployed − no thoughts: log p {_difference(deployed['logp - no_thoughts'])}, accuracy "
+            f"{_difference(deployed['accuracy - no_thoughts'])}.")
+
+
 def render_block(arms: list[Arm], folder: str, link_dir: str) -> str:
     """The markdown of the ``multihop`` block: one table per k present in ``arms`` (read from ``folder``; links
     relative to the page: ``link_dir``), and the figure when some arm has k = FOREST_HOPS."""
@@ -179,6 +188,12 @@ def render_block(arms: list[Arm], folder: str, link_dir: str) -> str:
         rows = [arm_row(arm, hops, folder, link_dir) for arm in arms if str(hops) in arm.record["hops"]]
         parts += [f"k = {hops}:", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER),
                   *("| " + " | ".join(row) + " |" for row in rows), ""]
+    deployed = [deployed_line(arm, hops) for arm in arms for hops in sorted(arm.record["hops"], key=int)
+                if arm.record["hops"][hops].get("deployed")]
+    if deployed:
+        parts += ["Arms that think at anchors only score a thought at every answer position above; as deployed they "
+                  "think at an answer only where their rule chooses it (the learned view there, the LM alone "
+                  "elsewhere; mixed prediction):", "", *deployed, ""]
     if forest_rows(arms):
         caption = f"learned − shuffled and gold − gold-wrong per arm, k = {FOREST_HOPS}"
         parts += [f"![{caption}]({link_dir}/{FOREST_PLOT})", ""]

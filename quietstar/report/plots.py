@@ -147,8 +147,8 @@ def plot_multihop_arms(rows: list[tuple[str, dict[str, dict]]], title: str, path
 
 
 def plot_offdomain_w(points: list[dict], targets: dict[str, float], titles: dict[str, str], path: str) -> str:
-    """One panel per task of ``targets``: each run's (with thoughts − base) with its interval against its mean w on the
-    task (``points``: quietstar.report.offdomain_table.w_change_points), one colour per experiment, hollow where the
+    """One panel per task of ``targets``: each run's (with thoughts − base) with its interval against its mean w on
+    the task (``points``: quietstar.report.offdomain_table.w_change_points), one colour per experiment, hollow where the
     thoughts are switched off; a solid line at 0 and a dashed one at the task's target."""
     names = sorted({p["experiment"] for p in points})
     figure, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4.2), squeeze=False)
