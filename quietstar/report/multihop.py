@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..padding import right_pad
 from ..scoring import scoring_anchors, thinks_at_anchors
@@ -223,7 +224,7 @@ def evaluate_multihop(model, settings: MultihopEvalSettings) -> dict:
         device = next(model.parameters()).device
         sampler = torch.Generator(device=device).manual_seed(settings.sampling_seed)
         records = []
-        for first in range(0, len(documents), settings.batch_size):
+        for first in tqdm(range(0, len(documents), settings.batch_size), desc=f"multi-hop k = {hops}", unit="batch"):
             batch = documents[first : first + settings.batch_size]
             records += [{"document": first + record.pop("row")} | record
                         for record in score_documents(model, batch, sampler, settings.greedy_thoughts)]
